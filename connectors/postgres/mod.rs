@@ -1,0 +1,5 @@
+//! PostgreSQL: the upserting answer sink and its dead-letter table.
+
+pub mod sink;
+
+pub use sink::{PostgresTarget, PostgresWriter};

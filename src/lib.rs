@@ -1,0 +1,18 @@
+//! sluice: a streaming inference engine on timely dataflow. Requests come from files (and, later,
+//! Kafka and Pub/Sub), are batched through ONNX Runtime models by a per-process inference service,
+//! and every answer is written, keyed by its request ID, to durable sinks, exactly once in effect.
+#![forbid(unsafe_code)]
+
+pub mod batcher;
+#[path = "../connectors/mod.rs"]
+pub mod connectors;
+pub mod inference;
+pub mod metrics;
+pub mod operators;
+pub mod ortlib;
+pub mod progress;
+pub mod record;
+pub mod runtime;
+pub mod sql;
+pub mod tasks;
+pub mod topology;

@@ -1,0 +1,74 @@
+//! Every metric name sluice emits, in one place, and the Prometheus exporter.
+//!
+//! Names follow `sluice_<subsystem>_<name>_<unit>`; counters end in `_total`. Labels stay low in
+//! cardinality: a connector name, a dead-letter reason, a sink kind.
+
+use crate::record::DeadReason;
+use std::net::SocketAddr;
+
+/// Records read by a source. Label: `connector`.
+pub const SOURCE_RECORDS: &str = "sluice_source_records_total";
+/// Answers made durable by the sinks.
+pub const ANSWERS: &str = "sluice_sink_answers_total";
+/// Dead letters, by `reason`.
+pub const DEAD_LETTERS: &str = "sluice_dead_letters_total";
+/// Units (windows, rows) per model run.
+pub const BATCH_SIZE: &str = "sluice_inference_batch_size";
+/// Seconds one model run took.
+pub const INFERENCE_LATENCY: &str = "sluice_inference_latency_seconds";
+/// Units waiting for the model.
+pub const INFERENCE_QUEUE: &str = "sluice_inference_queue_depth";
+/// Seconds from ingest to a durable answer.
+pub const END_TO_END_LATENCY: &str = "sluice_end_to_end_latency_seconds";
+/// Epochs a source has opened that the sinks have not yet made durable.
+pub const EPOCHS_IN_FLIGHT: &str = "sluice_source_epochs_in_flight";
+/// Sink write failures that were retried. Label: `sink`.
+pub const SINK_RETRIES: &str = "sluice_sink_retries_total";
+/// Seconds one sink epoch write took. Label: `sink`.
+pub const SINK_WRITE_LATENCY: &str = "sluice_sink_write_seconds";
+
+/// Installs the Prometheus exporter on `addr` and registers every metric with a description.
+pub fn install(addr: SocketAddr) -> Result<(), String> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full(BATCH_SIZE.to_string()),
+            &[
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+            ],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Suffix("_seconds".to_string()),
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ],
+            )
+        })
+        .and_then(|b| b.install())
+        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(SOURCE_RECORDS, "Records read by a source.");
+    describe_counter!(ANSWERS, "Answers made durable by the sinks.");
+    describe_counter!(DEAD_LETTERS, "Records refused, by reason.");
+    describe_histogram!(BATCH_SIZE, "Units per model run.");
+    describe_histogram!(INFERENCE_LATENCY, "Seconds per model run.");
+    describe_gauge!(INFERENCE_QUEUE, "Units waiting for the model.");
+    describe_histogram!(
+        END_TO_END_LATENCY,
+        "Seconds from ingest to a durable answer."
+    );
+    describe_gauge!(EPOCHS_IN_FLIGHT, "Epochs not yet durable at the sinks.");
+    describe_counter!(SINK_RETRIES, "Sink writes retried after an error.");
+    describe_histogram!(SINK_WRITE_LATENCY, "Seconds per sink epoch write.");
+    for reason in DeadReason::ALL {
+        metrics::counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(0);
+    }
+}

@@ -1,0 +1,176 @@
+//! The durable sink operator: gathers each epoch's answers and dead letters, and once the epoch is
+//! complete hands it to a sink thread that writes it to every configured sink, retrying with
+//! backoff until it is durable. The operator holds a capability on its (empty) output until then,
+//! so a probe on that output says exactly which epochs are durable.
+
+use crate::connectors::{EpochBatch, SinkError, SinkWriter};
+use crate::progress::Progress;
+use crate::record::{now_ms, Answer, DeadLetter};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::Stream;
+
+/// An epoch made durable: its number and what it held.
+struct Ack {
+    epoch: u64,
+    answers: u64,
+    dead: u64,
+}
+
+/// Writes `answers` and `dead` through `writers`. The returned stream carries no data; probe it to
+/// learn which epochs are durable.
+pub fn durable_sink<'s>(
+    answers: Stream<'s, u64, Vec<Answer>>,
+    dead: Stream<'s, u64, Vec<DeadLetter>>,
+    writers: Vec<Box<dyn SinkWriter>>,
+    progress: Arc<Progress>,
+) -> Stream<'s, u64, Vec<()>> {
+    let scope = answers.scope();
+    let worker_index = scope.index();
+    let mut builder = OperatorBuilder::new("DurableSink".to_owned(), scope);
+    let mut ans_in = builder.new_input(answers, Pipeline);
+    let mut dead_in = builder.new_input(dead, Pipeline);
+    let (out, stream) = builder.new_output::<Vec<()>>();
+    let _out = OutputBuilder::<_, CapacityContainerBuilder<Vec<()>>>::from(out);
+    let address = builder.operator_info().address.to_vec();
+    let activator = scope.worker().sync_activator_for(address);
+
+    let (batch_tx, batch_rx) = crossbeam_channel::unbounded::<EpochBatch>();
+    let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Ack>();
+    let thread = std::thread::Builder::new()
+        .name(format!("sluice-sink-{worker_index}"))
+        .spawn(move || write_loop(writers, batch_rx, ack_tx, activator))
+        .expect("cannot start a sink thread");
+
+    builder.build(move |_initial| {
+        let mut thread = Some(thread);
+        let mut batch_tx = Some(batch_tx);
+        let mut buffered: BTreeMap<u64, (Capability<u64>, EpochBatch)> = BTreeMap::new();
+        let mut writing: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+        move |frontiers| {
+            ans_in.for_each(|cap, data| {
+                let Some(&t) = cap.least() else { return };
+                let entry = buffered.entry(t).or_insert_with(|| {
+                    (
+                        cap.delayed(&t, 0),
+                        EpochBatch {
+                            epoch: t,
+                            ..Default::default()
+                        },
+                    )
+                });
+                entry.1.answers.append(data);
+            });
+            dead_in.for_each(|cap, data| {
+                let Some(&t) = cap.least() else { return };
+                let entry = buffered.entry(t).or_insert_with(|| {
+                    (
+                        cap.delayed(&t, 0),
+                        EpochBatch {
+                            epoch: t,
+                            ..Default::default()
+                        },
+                    )
+                });
+                entry.1.dead.append(data);
+            });
+            // Hand over every complete epoch, oldest first.
+            while let Some((&t, _)) = buffered.first_key_value() {
+                if frontiers.iter().any(|f| f.frontier().less_equal(&t)) {
+                    break;
+                }
+                let (cap, batch) = buffered.remove(&t).expect("first key exists");
+                writing.insert(t, cap);
+                if let Some(tx) = &batch_tx {
+                    tx.send(batch)
+                        .expect("the sink thread outlives the operator");
+                }
+            }
+            while let Ok(ack) = ack_rx.try_recv() {
+                writing.remove(&ack.epoch);
+                progress.answered.fetch_add(ack.answers, Ordering::Relaxed);
+                progress.dead.fetch_add(ack.dead, Ordering::Relaxed);
+            }
+            // All input is in and durable: stop the sink thread.
+            if buffered.is_empty()
+                && writing.is_empty()
+                && frontiers.iter().all(|f| f.frontier().is_empty())
+            {
+                batch_tx = None;
+                if let Some(t) = thread.take() {
+                    let _ = t.join();
+                }
+            }
+        }
+    });
+    stream
+}
+
+fn write_loop(
+    mut writers: Vec<Box<dyn SinkWriter>>,
+    rx: crossbeam_channel::Receiver<EpochBatch>,
+    acks: crossbeam_channel::Sender<Ack>,
+    activator: timely::scheduling::SyncActivator,
+) {
+    while let Ok(batch) = rx.recv() {
+        for writer in writers.iter_mut() {
+            write_with_retry(writer.as_mut(), &batch);
+        }
+        let now = now_ms();
+        for a in &batch.answers {
+            metrics::histogram!(crate::metrics::END_TO_END_LATENCY)
+                .record(now.saturating_sub(a.ingest_ms) as f64 / 1000.0);
+        }
+        metrics::counter!(crate::metrics::ANSWERS).increment(batch.answers.len() as u64);
+        for d in &batch.dead {
+            metrics::counter!(crate::metrics::DEAD_LETTERS, "reason" => d.reason.as_str())
+                .increment(1);
+        }
+        let _ = acks.send(Ack {
+            epoch: batch.epoch,
+            answers: batch.answers.len() as u64,
+            dead: batch.dead.len() as u64,
+        });
+        let _ = activator.activate();
+    }
+}
+
+/// Writes until the sink accepts the epoch: nothing is dropped. Transient errors back off
+/// exponentially up to 10 s; a fatal error stops the process, since no later write can succeed.
+fn write_with_retry(writer: &mut dyn SinkWriter, batch: &EpochBatch) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        match writer.write(batch) {
+            Ok(()) => {
+                metrics::histogram!(crate::metrics::SINK_WRITE_LATENCY, "sink" => writer.kind())
+                    .record(started.elapsed().as_secs_f64());
+                return;
+            }
+            Err(SinkError::Transient(e)) => {
+                metrics::counter!(crate::metrics::SINK_RETRIES, "sink" => writer.kind())
+                    .increment(1);
+                tracing::warn!(
+                    sink = writer.kind(),
+                    epoch = batch.epoch,
+                    "write failed, retrying in {:?}: {e}",
+                    delay
+                );
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(SinkError::Fatal(e)) => {
+                tracing::error!(sink = writer.kind(), "cannot write: {e}");
+                eprintln!("error: {} sink: {e}", writer.kind());
+                std::process::exit(2);
+            }
+        }
+    }
+}

@@ -1,0 +1,447 @@
+//! `extractive_qa`: tokenize question and context with HF tokenizers, split long contexts into
+//! strided windows, run a start/end-logit model, and choose the best span across the windows the
+//! way the transformers question-answering pipeline does.
+
+use super::{Refusal, Task};
+use crate::inference::Model;
+use crate::record::{Column, ColumnKind, DeadReason, Value};
+use crate::topology::Padding;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+/// A question about a context.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct QaRequest {
+    pub question: String,
+    pub context: String,
+}
+
+/// One window of token ids, the unit the model runs on.
+pub struct Window {
+    pub ids: Vec<i64>,
+    pub type_ids: Vec<i64>,
+}
+
+/// Start and end logits of one window, one per real (unpadded) token.
+pub struct WindowLogits {
+    pub start: Vec<f32>,
+    pub end: Vec<f32>,
+}
+
+/// The chosen span: character offsets into the context (Unicode scalar values, as Python counts).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Span {
+    pub answer: String,
+    pub start: usize,
+    pub end: usize,
+    pub score: f64,
+}
+
+/// Settings of the task.
+#[derive(Clone, Debug)]
+pub struct QaSettings {
+    pub max_seq_len: usize,
+    pub doc_stride: usize,
+    pub max_answer_len: usize,
+}
+
+/// The extractive QA task.
+pub struct ExtractiveQa {
+    tokenizer: Tokenizer,
+    settings: QaSettings,
+    cls_id: Option<u32>,
+    label: String,
+}
+
+const COLUMNS: &[Column] = &[
+    Column {
+        name: "answer",
+        kind: ColumnKind::Text,
+    },
+    Column {
+        name: "start_char",
+        kind: ColumnKind::Int,
+    },
+    Column {
+        name: "end_char",
+        kind: ColumnKind::Int,
+    },
+    Column {
+        name: "score",
+        kind: ColumnKind::Float,
+    },
+];
+
+impl ExtractiveQa {
+    /// Loads the tokenizer and sets its truncation to strided windows.
+    pub fn new(tokenizer_path: &Path, settings: QaSettings, label: String) -> Result<Self, String> {
+        let mut tokenizer = Tokenizer::from_file(tokenizer_path)
+            .map_err(|e| format!("cannot load tokenizer {}: {e}", tokenizer_path.display()))?;
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                direction: TruncationDirection::Right,
+                max_length: settings.max_seq_len,
+                strategy: TruncationStrategy::OnlySecond,
+                stride: settings.doc_stride,
+            }))
+            .map_err(|e| format!("cannot set truncation: {e}"))?;
+        tokenizer.with_padding(None);
+        let cls_id = ["[CLS]", "<s>", "<cls>"]
+            .iter()
+            .find_map(|t| tokenizer.token_to_id(t));
+        Ok(ExtractiveQa {
+            tokenizer,
+            settings,
+            cls_id,
+            label,
+        })
+    }
+
+    /// Tokenizes into windows: the first encoding, then its overflowing windows, as transformers orders them.
+    pub fn windows(&self, request: &QaRequest) -> Result<Vec<Encoding>, Refusal> {
+        let encoding = self
+            .tokenizer
+            .encode_char_offsets((request.question.as_str(), request.context.as_str()), true)
+            .map_err(|e| {
+                (
+                    DeadReason::QuestionTooLong,
+                    format!(
+                        "cannot fit question and context into windows of {} tokens: {e}",
+                        self.settings.max_seq_len
+                    ),
+                )
+            })?;
+        let mut windows = vec![encoding.clone()];
+        windows.extend(encoding.get_overflowing().iter().cloned());
+        for w in &mut windows {
+            w.get_overflowing_mut().clear();
+        }
+        Ok(windows)
+    }
+
+    /// Picks the best span across windows, as the transformers pipeline does (top_k = 1,
+    /// handle_impossible_answer = false, align_to_words = true).
+    pub fn best_span(
+        &self,
+        context: &str,
+        windows: &[Encoding],
+        logits: &[WindowLogits],
+    ) -> Option<Span> {
+        let mut best: Option<(f64, &Encoding, usize, usize)> = None;
+        for (enc, lg) in windows.iter().zip(logits) {
+            if let Some((s, e, score)) =
+                select_span(enc, lg, self.cls_id, self.settings.max_answer_len)
+            {
+                if best.as_ref().is_none_or(|b| score > b.0) {
+                    best = Some((score, enc, s, e));
+                }
+            }
+        }
+        let (score, enc, s, e) = best?;
+        let (start, end) = span_chars(enc, s, e);
+        let answer: String = context
+            .chars()
+            .skip(start)
+            .take(end.saturating_sub(start))
+            .collect();
+        Some(Span {
+            answer,
+            start,
+            end,
+            score,
+        })
+    }
+}
+
+/// The transformers pipeline's `select_starts_ends` + `decode_spans` for one window: mask
+/// non-context tokens (keeping CLS), softmax each of start and end, zero the first token, and take
+/// the highest `p(start) * p(end)` with `start <= end < start + max_answer_len`.
+pub fn select_span(
+    enc: &Encoding,
+    lg: &WindowLogits,
+    cls_id: Option<u32>,
+    max_answer_len: usize,
+) -> Option<(usize, usize, f64)> {
+    let n = lg.start.len().min(enc.len());
+    if n == 0 {
+        return None;
+    }
+    let seq = enc.get_sequence_ids();
+    let ids = enc.get_ids();
+    let desired: Vec<bool> = (0..n)
+        .map(|i| seq[i] == Some(1) || Some(ids[i]) == cls_id)
+        .collect();
+    let probs = |logits: &[f32]| -> Vec<f32> {
+        let masked: Vec<f32> = (0..n)
+            .map(|i| if desired[i] { logits[i] } else { -10000.0 })
+            .collect();
+        let max = masked.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let exps: Vec<f32> = masked.iter().map(|x| (x - max).exp()).collect();
+        let sum: f32 = pairwise_sum(&exps);
+        exps.iter().map(|x| x / sum).collect()
+    };
+    let mut p_start = probs(&lg.start);
+    let mut p_end = probs(&lg.end);
+    p_start[0] = 0.0;
+    p_end[0] = 0.0;
+    let mut best = (0usize, 0usize, f32::NEG_INFINITY);
+    for (s, ps) in p_start.iter().enumerate() {
+        let last = (s + max_answer_len).min(n);
+        for (e, pe) in p_end.iter().enumerate().take(last).skip(s) {
+            let score = ps * pe;
+            if score > best.2 {
+                best = (s, e, score);
+            }
+        }
+    }
+    let (s, e, score) = best;
+    if desired[s] && desired[e] {
+        Some((s, e, score as f64))
+    } else {
+        None
+    }
+}
+
+/// numpy's pairwise summation for float32, so sums match the Python reference bit for bit where possible.
+fn pairwise_sum(x: &[f32]) -> f32 {
+    if x.len() < 8 {
+        let mut s = 0.0f32;
+        for v in x {
+            s += v;
+        }
+        return s;
+    }
+    if x.len() <= 128 {
+        let mut r = [0.0f32; 8];
+        r.copy_from_slice(&x[..8]);
+        let mut i = 8;
+        while i + 8 <= x.len() {
+            for j in 0..8 {
+                r[j] += x[i + j];
+            }
+            i += 8;
+        }
+        let mut res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        while i < x.len() {
+            res += x[i];
+            i += 1;
+        }
+        return res;
+    }
+    let mut half = x.len() / 2;
+    half -= half % 8;
+    pairwise_sum(&x[..half]) + pairwise_sum(&x[half..])
+}
+
+/// Character offsets of tokens `s..=e`, widened to whole words as the pipeline's `align_to_words` does.
+fn span_chars(enc: &Encoding, s: usize, e: usize) -> (usize, usize) {
+    let offsets = enc.get_offsets();
+    let word_span = |t: usize| {
+        enc.token_to_word(t)
+            .and_then(|(seq, w)| enc.word_to_chars(w, seq))
+    };
+    match (word_span(s), word_span(e)) {
+        (Some(ws), Some(we)) => (ws.0, we.1),
+        _ => (offsets[s].0, offsets[e].1),
+    }
+}
+
+impl Task for ExtractiveQa {
+    type Request = QaRequest;
+    type Model = QaModel;
+    type Prepared = Vec<Encoding>;
+
+    fn output_columns(&self) -> &'static [Column] {
+        COLUMNS
+    }
+
+    fn model_label(&self) -> &str {
+        &self.label
+    }
+
+    fn decode_fields(
+        &self,
+        fields: &[(&str, &str)],
+    ) -> Result<(QaRequest, Vec<(String, String)>), Refusal> {
+        let get = |name: &str| fields.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        let question = get("question").ok_or((
+            DeadReason::MissingColumn,
+            "no `question` column".to_string(),
+        ))?;
+        let context =
+            get("context").ok_or((DeadReason::MissingColumn, "no `context` column".to_string()))?;
+        if question.trim().is_empty() {
+            return Err((DeadReason::EmptyField, "`question` is empty".into()));
+        }
+        if context.trim().is_empty() {
+            return Err((DeadReason::EmptyField, "`context` is empty".into()));
+        }
+        let passthrough = fields
+            .iter()
+            .filter(|(k, _)| !matches!(*k, "question" | "context" | "id"))
+            .map(|(k, v)| {
+                let name = if COLUMNS.iter().any(|c| c.name == *k)
+                    || matches!(*k, "model" | "updated_at")
+                {
+                    format!("input_{k}")
+                } else {
+                    k.to_string()
+                };
+                (name, v.to_string())
+            })
+            .collect();
+        Ok((
+            QaRequest {
+                question: question.to_string(),
+                context: context.to_string(),
+            },
+            passthrough,
+        ))
+    }
+
+    fn prepare(&self, request: &QaRequest) -> Result<(Vec<Encoding>, Vec<Window>), Refusal> {
+        let windows = self.windows(request)?;
+        let units = windows
+            .iter()
+            .map(|w| Window {
+                ids: w.get_ids().iter().map(|&i| i as i64).collect(),
+                type_ids: w.get_type_ids().iter().map(|&i| i as i64).collect(),
+            })
+            .collect();
+        Ok((windows, units))
+    }
+
+    fn finish(
+        &self,
+        request: &QaRequest,
+        windows: Vec<Encoding>,
+        outs: Vec<WindowLogits>,
+    ) -> Vec<Value> {
+        match self.best_span(&request.context, &windows, &outs) {
+            Some(span) => vec![
+                Value::Text(span.answer),
+                Value::Int(span.start as i64),
+                Value::Int(span.end as i64),
+                Value::Float(span.score),
+            ],
+            None => vec![
+                Value::Text(String::new()),
+                Value::Int(0),
+                Value::Int(0),
+                Value::Float(0.0),
+            ],
+        }
+    }
+}
+
+/// The ONNX start/end-logit model.
+pub struct QaModel {
+    session: ort::session::Session,
+    has_type_ids: bool,
+    padding: Padding,
+    max_seq_len: usize,
+    pad_id: i64,
+    invariant: bool,
+}
+
+impl QaModel {
+    /// Loads the model and checks its inputs and outputs.
+    pub fn load(
+        path: &Path,
+        padding: Padding,
+        max_seq_len: usize,
+        intra_threads: usize,
+        invariant: bool,
+    ) -> Result<Self, String> {
+        let env = crate::ortlib::environment()?;
+        let mut builder = ort::session::Session::builder(env)
+            .map_err(|e| format!("cannot create an ONNX Runtime session: {e}"))?;
+        if intra_threads > 0 {
+            builder = builder
+                .with_intra_threads(intra_threads)
+                .map_err(|e| format!("cannot set intra_threads: {e}"))?;
+        }
+        let session = builder
+            .commit_from_file(path)
+            .map_err(|e| format!("cannot load model {}: {e}", path.display()))?;
+        let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+        let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+        for need in ["input_ids", "attention_mask"] {
+            if !inputs.contains(&need) {
+                return Err(format!("model {} has no `{need}` input (it has {inputs:?}); export a QA model with Hugging Face Optimum", path.display()));
+            }
+        }
+        for need in ["start_logits", "end_logits"] {
+            if !outputs.contains(&need) {
+                return Err(format!("model {} has no `{need}` output (it has {outputs:?}); export a QA model with Hugging Face Optimum", path.display()));
+            }
+        }
+        let has_type_ids = inputs.contains(&"token_type_ids");
+        Ok(QaModel {
+            session,
+            has_type_ids,
+            padding,
+            max_seq_len,
+            pad_id: 0,
+            invariant,
+        })
+    }
+}
+
+impl Model for QaModel {
+    type Unit = Window;
+    type Out = WindowLogits;
+
+    fn cost(unit: &Window) -> usize {
+        unit.ids.len()
+    }
+
+    fn batch_invariant(&self) -> bool {
+        self.invariant
+    }
+
+    fn run(&mut self, units: &[&Window]) -> Result<Vec<WindowLogits>, String> {
+        use ort::value::Tensor;
+        let longest = units.iter().map(|u| u.ids.len()).max().unwrap_or(0);
+        let width = match self.padding {
+            Padding::Longest => longest,
+            Padding::Max => self.max_seq_len.max(longest),
+        };
+        let b = units.len();
+        let mut ids = vec![self.pad_id; b * width];
+        let mut mask = vec![0i64; b * width];
+        let mut types = vec![0i64; b * width];
+        for (r, u) in units.iter().enumerate() {
+            let row = r * width;
+            ids[row..row + u.ids.len()].copy_from_slice(&u.ids);
+            mask[row..row + u.ids.len()].fill(1);
+            types[row..row + u.type_ids.len()].copy_from_slice(&u.type_ids);
+        }
+        let shape = vec![b as i64, width as i64];
+        let t = |v: Vec<i64>| {
+            Tensor::from_array((shape.clone(), v))
+                .map_err(|e| format!("cannot build input tensor: {e}"))
+        };
+        let outputs = if self.has_type_ids {
+            self.session.run(ort::inputs!["input_ids" => t(ids)?, "attention_mask" => t(mask)?, "token_type_ids" => t(types)?])
+        } else {
+            self.session.run(ort::inputs!["input_ids" => t(ids)?, "attention_mask" => t(mask)?])
+        }
+        .map_err(|e| format!("model run failed: {e}"))?;
+        let (_, start) = outputs["start_logits"]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| format!("bad start_logits: {e}"))?;
+        let (_, end) = outputs["end_logits"]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| format!("bad end_logits: {e}"))?;
+        Ok(units
+            .iter()
+            .enumerate()
+            .map(|(r, u)| WindowLogits {
+                start: start[r * width..r * width + u.ids.len()].to_vec(),
+                end: end[r * width..r * width + u.ids.len()].to_vec(),
+            })
+            .collect())
+    }
+}

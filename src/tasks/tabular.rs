@@ -1,0 +1,382 @@
+//! `tabular`: each named model input is fed from the record field of the same name, with its dtype
+//! taken from the model's metadata, so a pipeline exported with skl2onnx (one-hot encoding inside
+//! the graph) needs no feature code. The first output (or the configured one) is the prediction.
+
+use super::{Refusal, Task};
+use crate::inference::Model;
+use crate::record::{Column, ColumnKind, DeadReason, Value};
+use ort::value::{TensorElementType, ValueType};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// One feature value, typed as the model input wants it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Feature {
+    Int(i64),
+    /// An `f64`, kept as its bits so requests can be ordered and hashed.
+    Float(u64),
+    Text(String),
+}
+
+/// A row of features in the model's input order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TabularRequest {
+    pub features: Vec<Feature>,
+}
+
+/// The element kind an input takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputKind {
+    I64,
+    I32,
+    F32,
+    F64,
+    Str,
+}
+
+/// A model input: its name, element kind and rank (1 for `[N]`, 2 for `[N, 1]`).
+#[derive(Clone, Debug)]
+pub struct InputSpec {
+    pub name: String,
+    pub kind: InputKind,
+    pub rank: usize,
+}
+
+const COLUMNS: &[Column] = &[Column {
+    name: "prediction",
+    kind: ColumnKind::Float,
+}];
+
+/// Reads the model's inputs and picks its prediction output.
+fn describe(
+    session: &ort::session::Session,
+    output: Option<&str>,
+) -> Result<(Vec<InputSpec>, String), String> {
+    let mut specs = Vec::new();
+    for input in session.inputs() {
+        let (kind, rank) = match input.dtype() {
+            ValueType::Tensor { ty, shape, .. } => {
+                let kind = match ty {
+                    TensorElementType::Int64 => InputKind::I64,
+                    TensorElementType::Int32 => InputKind::I32,
+                    TensorElementType::Float32 => InputKind::F32,
+                    TensorElementType::Float64 => InputKind::F64,
+                    TensorElementType::String => InputKind::Str,
+                    other => return Err(format!("input `{}` has element type {other:?}; tabular supports int64, int32, float, double and string", input.name())),
+                };
+                let rank = shape.len();
+                if !(1..=2).contains(&rank) || (rank == 2 && shape[1] > 1) {
+                    return Err(format!("input `{}` has shape {shape:?}; tabular feeds one value per row ([N] or [N, 1])", input.name()));
+                }
+                (kind, rank)
+            }
+            other => {
+                return Err(format!(
+                    "input `{}` is {other:?}, not a tensor",
+                    input.name()
+                ))
+            }
+        };
+        specs.push(InputSpec {
+            name: input.name().to_string(),
+            kind,
+            rank,
+        });
+    }
+    let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+    let out = match output {
+        Some(o) if names.contains(&o) => o.to_string(),
+        Some(o) => return Err(format!("model has no output `{o}` (it has {names:?})")),
+        None => names.first().ok_or("model has no outputs")?.to_string(),
+    };
+    Ok((specs, out))
+}
+
+fn load_session(path: &Path, intra_threads: usize) -> Result<ort::session::Session, String> {
+    let env = crate::ortlib::environment()?;
+    let mut builder = ort::session::Session::builder(env)
+        .map_err(|e| format!("cannot create an ONNX Runtime session: {e}"))?;
+    if intra_threads > 0 {
+        builder = builder
+            .with_intra_threads(intra_threads)
+            .map_err(|e| format!("cannot set intra_threads: {e}"))?;
+    }
+    builder
+        .commit_from_file(path)
+        .map_err(|e| format!("cannot load model {}: {e}", path.display()))
+}
+
+/// The tabular task.
+pub struct Tabular {
+    specs: Vec<InputSpec>,
+    label: String,
+}
+
+impl Tabular {
+    /// Reads the model's input names and dtypes.
+    pub fn new(model: &Path, output: Option<&str>, label: String) -> Result<Self, String> {
+        let session = load_session(model, 1)?;
+        let (specs, _) = describe(&session, output)?;
+        Ok(Tabular { specs, label })
+    }
+
+    /// The model inputs, in order.
+    pub fn specs(&self) -> &[InputSpec] {
+        &self.specs
+    }
+
+    fn feature_from_json(spec: &InputSpec, v: &serde_json::Value) -> Result<Feature, Refusal> {
+        let wrong = |want: &str| {
+            (
+                DeadReason::WrongType,
+                format!("field `{}` must be {want}, got {v}", spec.name),
+            )
+        };
+        match spec.kind {
+            InputKind::I64 | InputKind::I32 => v
+                .as_i64()
+                .map(Feature::Int)
+                .ok_or_else(|| wrong("an integer")),
+            InputKind::F32 | InputKind::F64 => v
+                .as_f64()
+                .map(|x| Feature::Float(x.to_bits()))
+                .ok_or_else(|| wrong("a number")),
+            InputKind::Str => match v {
+                serde_json::Value::String(s) => Ok(Feature::Text(s.clone())),
+                serde_json::Value::Number(n) if n.is_i64() => Ok(Feature::Text(n.to_string())),
+                _ => Err(wrong("a string")),
+            },
+        }
+    }
+
+    fn feature_from_text(spec: &InputSpec, s: &str) -> Result<Feature, Refusal> {
+        let wrong = |want: &str| {
+            (
+                DeadReason::WrongType,
+                format!("field `{}` must be {want}, got `{s}`", spec.name),
+            )
+        };
+        let t = s.trim();
+        match spec.kind {
+            InputKind::I64 | InputKind::I32 => t
+                .parse::<i64>()
+                .map(Feature::Int)
+                .map_err(|_| wrong("an integer")),
+            InputKind::F32 | InputKind::F64 => t
+                .parse::<f64>()
+                .map(|x| Feature::Float(x.to_bits()))
+                .map_err(|_| wrong("a number")),
+            InputKind::Str => Ok(Feature::Text(s.to_string())),
+        }
+    }
+
+    /// Decodes a JSON object: one field per model input.
+    pub fn decode_object(
+        &self,
+        obj: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<TabularRequest, Refusal> {
+        let mut features = Vec::with_capacity(self.specs.len());
+        for spec in &self.specs {
+            let v = obj.get(&spec.name).ok_or_else(|| {
+                (
+                    DeadReason::MissingField,
+                    format!("no field `{}`", spec.name),
+                )
+            })?;
+            features.push(Self::feature_from_json(spec, v)?);
+        }
+        Ok(TabularRequest { features })
+    }
+}
+
+impl Task for Tabular {
+    type Request = TabularRequest;
+    type Model = TabularModel;
+    type Prepared = ();
+
+    fn output_columns(&self) -> &'static [Column] {
+        COLUMNS
+    }
+
+    fn model_label(&self) -> &str {
+        &self.label
+    }
+
+    fn decode_fields(
+        &self,
+        fields: &[(&str, &str)],
+    ) -> Result<(TabularRequest, Vec<(String, String)>), Refusal> {
+        let mut features = Vec::with_capacity(self.specs.len());
+        for spec in &self.specs {
+            let v = fields
+                .iter()
+                .find(|(k, _)| *k == spec.name)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| {
+                    (
+                        DeadReason::MissingColumn,
+                        format!("no `{}` column", spec.name),
+                    )
+                })?;
+            features.push(Self::feature_from_text(spec, v)?);
+        }
+        let passthrough = fields
+            .iter()
+            .filter(|(k, _)| *k != "id" && !self.specs.iter().any(|s| s.name == *k))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Ok((TabularRequest { features }, passthrough))
+    }
+
+    fn decode_json(
+        &self,
+        obj: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<TabularRequest, Refusal> {
+        self.decode_object(obj)
+    }
+
+    fn prepare(&self, request: &TabularRequest) -> Result<((), Vec<TabularRequest>), Refusal> {
+        Ok(((), vec![request.clone()]))
+    }
+
+    fn finish(&self, _request: &TabularRequest, _prepared: (), outs: Vec<f64>) -> Vec<Value> {
+        vec![Value::Float(outs.first().copied().unwrap_or(f64::NAN))]
+    }
+}
+
+/// The ONNX model behind the tabular task.
+pub struct TabularModel {
+    session: ort::session::Session,
+    specs: Vec<InputSpec>,
+    output: String,
+}
+
+impl TabularModel {
+    pub fn load(path: &Path, output: Option<&str>, intra_threads: usize) -> Result<Self, String> {
+        let session = load_session(path, intra_threads)?;
+        let (specs, output) = describe(&session, output)?;
+        Ok(TabularModel {
+            session,
+            specs,
+            output,
+        })
+    }
+}
+
+impl Model for TabularModel {
+    type Unit = TabularRequest;
+    type Out = f64;
+
+    fn cost(_unit: &TabularRequest) -> usize {
+        1
+    }
+
+    fn batch_invariant(&self) -> bool {
+        true
+    }
+
+    fn run(&mut self, units: &[&TabularRequest]) -> Result<Vec<f64>, String> {
+        use ort::value::{DynValue, Tensor};
+        let n = units.len();
+        let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(self.specs.len());
+        for (i, spec) in self.specs.iter().enumerate() {
+            let shape: Vec<i64> = if spec.rank == 2 {
+                vec![n as i64, 1]
+            } else {
+                vec![n as i64]
+            };
+            let err = |e: ort::Error| format!("cannot build input `{}`: {e}", spec.name);
+            let value: DynValue = match spec.kind {
+                InputKind::I64 => Tensor::from_array((
+                    shape,
+                    units
+                        .iter()
+                        .map(|u| as_i64(&u.features[i]))
+                        .collect::<Vec<i64>>(),
+                ))
+                .map_err(err)?
+                .into_dyn(),
+                InputKind::I32 => Tensor::from_array((
+                    shape,
+                    units
+                        .iter()
+                        .map(|u| as_i64(&u.features[i]) as i32)
+                        .collect::<Vec<i32>>(),
+                ))
+                .map_err(err)?
+                .into_dyn(),
+                InputKind::F32 => Tensor::from_array((
+                    shape,
+                    units
+                        .iter()
+                        .map(|u| as_f64(&u.features[i]) as f32)
+                        .collect::<Vec<f32>>(),
+                ))
+                .map_err(err)?
+                .into_dyn(),
+                InputKind::F64 => Tensor::from_array((
+                    shape,
+                    units
+                        .iter()
+                        .map(|u| as_f64(&u.features[i]))
+                        .collect::<Vec<f64>>(),
+                ))
+                .map_err(err)?
+                .into_dyn(),
+                InputKind::Str => Tensor::from_string_array((
+                    shape,
+                    units
+                        .iter()
+                        .map(|u| as_text(&u.features[i]))
+                        .collect::<Vec<String>>()
+                        .as_slice(),
+                ))
+                .map_err(err)?
+                .into_dyn(),
+            };
+            inputs.push((spec.name.clone(), value));
+        }
+        let outputs = self
+            .session
+            .run(inputs)
+            .map_err(|e| format!("model run failed: {e}"))?;
+        let out = &outputs[self.output.as_str()];
+        if let Ok((_, v)) = out.try_extract_tensor::<f32>() {
+            return Ok(v.iter().take(n).map(|x| *x as f64).collect());
+        }
+        if let Ok((_, v)) = out.try_extract_tensor::<f64>() {
+            return Ok(v.iter().take(n).copied().collect());
+        }
+        if let Ok((_, v)) = out.try_extract_tensor::<i64>() {
+            return Ok(v.iter().take(n).map(|x| *x as f64).collect());
+        }
+        Err(format!(
+            "output `{}` is not a float, double or int64 tensor",
+            self.output
+        ))
+    }
+}
+
+fn as_i64(f: &Feature) -> i64 {
+    match f {
+        Feature::Int(i) => *i,
+        Feature::Float(b) => f64::from_bits(*b) as i64,
+        Feature::Text(s) => s.parse().unwrap_or(0),
+    }
+}
+
+fn as_f64(f: &Feature) -> f64 {
+    match f {
+        Feature::Int(i) => *i as f64,
+        Feature::Float(b) => f64::from_bits(*b),
+        Feature::Text(s) => s.parse().unwrap_or(f64::NAN),
+    }
+}
+
+fn as_text(f: &Feature) -> String {
+    match f {
+        Feature::Int(i) => i.to_string(),
+        Feature::Float(b) => f64::from_bits(*b).to_string(),
+        Feature::Text(s) => s.clone(),
+    }
+}

@@ -1,0 +1,525 @@
+//! The topology file: what a pipeline reads, which task and model it runs, how it batches and
+//! where it writes. Parsing refuses unknown fields; validation names the file, the field and the fix.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A refused topology: the file, the field, what is wrong and how to fix it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopologyError {
+    pub file: String,
+    pub field: String,
+    pub message: String,
+    pub hint: String,
+}
+
+impl fmt::Display for TopologyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: field `{}`: {}\n  hint: {}",
+            self.file, self.field, self.message, self.hint
+        )
+    }
+}
+
+impl std::error::Error for TopologyError {}
+
+/// A whole pipeline.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    /// Pipeline name; used for the default output folder and in logs.
+    pub name: String,
+    /// Where requests come from.
+    pub source: SourceConfig,
+    /// What the model computes.
+    pub task: TaskConfig,
+    /// Dynamic batching in the per-process inference service.
+    #[serde(default)]
+    pub batching: BatchingConfig,
+    /// Timely workers, epochs and backpressure.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// Where answers and dead letters go. Empty means the embedded default: JSON lines in `out/<name>/`.
+    #[serde(default)]
+    pub sinks: Vec<SinkConfig>,
+    /// Prometheus metrics endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// A source of requests, tagged by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// CSV files: one file, a glob, or a directory of `*.csv`.
+    Csv {
+        /// File, glob or directory.
+        path: String,
+        /// A field longer than this many bytes is a dead letter (`oversize_field`).
+        #[serde(default = "default_max_field_bytes")]
+        max_field_bytes: usize,
+    },
+}
+
+fn default_max_field_bytes() -> usize {
+    100_000
+}
+
+/// The task and its model, tagged by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TaskConfig {
+    /// Extractive question answering over `question` and `context`.
+    ExtractiveQa {
+        /// ONNX model with inputs `input_ids`, `attention_mask` (and optionally `token_type_ids`) and
+        /// outputs `start_logits`, `end_logits`.
+        model: PathBuf,
+        /// HF tokenizers `tokenizer.json`.
+        tokenizer: PathBuf,
+        /// Tokens per window, question and special tokens included.
+        #[serde(default = "default_max_seq_len")]
+        max_seq_len: usize,
+        /// Tokens of overlap between consecutive context windows.
+        #[serde(default = "default_doc_stride")]
+        doc_stride: usize,
+        /// Longest answer span, in tokens.
+        #[serde(default = "default_max_answer_len")]
+        max_answer_len: usize,
+        /// Model name written with each answer; defaults to the model's folder name.
+        #[serde(default)]
+        model_name: Option<String>,
+    },
+}
+
+fn default_max_seq_len() -> usize {
+    384
+}
+fn default_doc_stride() -> usize {
+    128
+}
+fn default_max_answer_len() -> usize {
+    30
+}
+
+/// How the inference service forms batches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingConfig {
+    /// Most units (QA windows, tabular rows) per model run.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Longest wait, after the first unit arrives, for a batch to fill.
+    #[serde(default = "default_max_delay_ms")]
+    pub max_delay_ms: u64,
+    /// `longest` pads each batch only to its longest unit and groups units of similar length;
+    /// `max` pads every unit to the task's maximum (for comparison runs).
+    #[serde(default)]
+    pub padding: Padding,
+    /// Whether answers are independent of which units share a batch. `auto` says no for models
+    /// with dynamic quantization (their activation scale spans the whole batch), which then run
+    /// one unit per model call so every answer is reproducible.
+    #[serde(default)]
+    pub batch_invariant: BatchInvariance,
+    /// ONNX Runtime intra-op threads; 0 means one per core.
+    #[serde(default)]
+    pub intra_threads: usize,
+}
+
+/// Padding strategy for variable-length units.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Padding {
+    #[default]
+    Longest,
+    Max,
+}
+
+/// Whether batching may change a unit's output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchInvariance {
+    #[default]
+    Auto,
+    Yes,
+    No,
+}
+
+fn default_max_batch() -> usize {
+    8
+}
+fn default_max_delay_ms() -> u64 {
+    5
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        BatchingConfig {
+            max_batch: default_max_batch(),
+            max_delay_ms: default_max_delay_ms(),
+            padding: Padding::default(),
+            batch_invariant: BatchInvariance::default(),
+            intra_threads: 0,
+        }
+    }
+}
+
+/// Worker threads, epochs and backpressure.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Timely worker threads in this process (overridden by `--workers`).
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// A source closes an epoch after this many records.
+    #[serde(default = "default_epoch_records")]
+    pub epoch_records: usize,
+    /// A source pauses when this many of its epochs are not yet durable at the sinks.
+    #[serde(default = "default_max_epochs_in_flight")]
+    pub max_epochs_in_flight: u64,
+    /// Show a progress bar for finite inputs when stderr is a terminal.
+    #[serde(default = "default_true")]
+    pub progress: bool,
+}
+
+fn default_workers() -> usize {
+    1
+}
+fn default_epoch_records() -> usize {
+    256
+}
+fn default_max_epochs_in_flight() -> u64 {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            workers: default_workers(),
+            epoch_records: default_epoch_records(),
+            max_epochs_in_flight: default_max_epochs_in_flight(),
+            progress: true,
+        }
+    }
+}
+
+/// A sink, tagged by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// JSON lines: `answers.w<worker>.jsonl` and `dead_letters.w<worker>.jsonl` in `dir`.
+    Jsonl {
+        /// Output folder; created if missing.
+        dir: PathBuf,
+    },
+    /// PostgreSQL: one upserted row per request ID, written in one transaction per epoch.
+    Postgres {
+        /// Connection string, e.g. `postgres://user:pass@127.0.0.1:5432/db`. `${VAR}` is read from the environment.
+        url: String,
+        /// Answer table; created if missing. Any name is allowed; it is always quoted.
+        table: String,
+        /// Dead-letter table; created if missing.
+        #[serde(default = "default_dead_letter_table")]
+        dead_letter_table: String,
+        /// Schema holding both tables.
+        #[serde(default = "default_schema")]
+        schema: String,
+    },
+}
+
+fn default_dead_letter_table() -> String {
+    "dead_letters".to_string()
+}
+fn default_schema() -> String {
+    "public".to_string()
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address to serve `/metrics` on; omit to serve none.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+impl Topology {
+    /// Reads, parses and validates a topology file.
+    pub fn load(path: &Path) -> Result<Topology, TopologyError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| TopologyError {
+            file: file.clone(),
+            field: "(file)".into(),
+            message: format!("cannot read the file: {e}"),
+            hint: "pass the path of a topology .toml file, e.g. topologies/qa_csv.toml".into(),
+        })?;
+        Topology::parse(&file, &text)
+    }
+
+    /// Parses and validates topology text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Topology, TopologyError> {
+        let topology: Topology = toml::from_str(text).map_err(|e| parse_error(file, text, e))?;
+        topology.validate(file)?;
+        Ok(topology)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), TopologyError> {
+        let err = |field: &str, message: String, hint: &str| TopologyError {
+            file: file.to_string(),
+            field: field.to_string(),
+            message,
+            hint: hint.to_string(),
+        };
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(err(
+                "name",
+                format!("`{}` is not a usable name", self.name),
+                "use letters, digits, `_` and `-`, e.g. name = \"qa_csv\"",
+            ));
+        }
+        match &self.source {
+            SourceConfig::Csv {
+                path,
+                max_field_bytes,
+            } => {
+                if path.is_empty() {
+                    return Err(err(
+                        "source.path",
+                        "is empty".into(),
+                        "give a CSV file, a glob like `data/*.csv`, or a directory",
+                    ));
+                }
+                if *max_field_bytes == 0 {
+                    return Err(err(
+                        "source.max_field_bytes",
+                        "must be at least 1".into(),
+                        "set it to the largest field you accept, e.g. 100000",
+                    ));
+                }
+            }
+        }
+        match &self.task {
+            TaskConfig::ExtractiveQa {
+                model,
+                tokenizer,
+                max_seq_len,
+                doc_stride,
+                max_answer_len,
+                ..
+            } => {
+                if !model.is_file() {
+                    return Err(err("task.model", format!("no file at `{}`", model.display()), "point it at an ONNX QA model, e.g. models/minilm-squad/model.onnx (relative paths resolve from the current directory)"));
+                }
+                if !tokenizer.is_file() {
+                    return Err(err("task.tokenizer", format!("no file at `{}`", tokenizer.display()), "point it at the model's HF tokenizer.json, e.g. models/minilm-squad/tokenizer.json"));
+                }
+                if *max_seq_len < 32 {
+                    return Err(err(
+                        "task.max_seq_len",
+                        format!("{max_seq_len} is too short for a question and a context"),
+                        "use 384 (the default) or another value of at least 32",
+                    ));
+                }
+                if *doc_stride >= *max_seq_len {
+                    return Err(err(
+                        "task.doc_stride",
+                        format!("{doc_stride} is not below max_seq_len {max_seq_len}"),
+                        "use a stride well below max_seq_len, e.g. 128 for 384",
+                    ));
+                }
+                if *max_answer_len == 0 {
+                    return Err(err(
+                        "task.max_answer_len",
+                        "must be at least 1".into(),
+                        "use 30 (the default)",
+                    ));
+                }
+            }
+        }
+        if self.batching.max_batch == 0 {
+            return Err(err(
+                "batching.max_batch",
+                "must be at least 1".into(),
+                "set the most units per model run, e.g. 8",
+            ));
+        }
+        if self.batching.max_delay_ms > 60_000 {
+            return Err(err(
+                "batching.max_delay_ms",
+                format!("{} ms is over a minute", self.batching.max_delay_ms),
+                "use a few milliseconds, e.g. 5",
+            ));
+        }
+        if self.runtime.workers == 0 {
+            return Err(err(
+                "runtime.workers",
+                "must be at least 1".into(),
+                "use 1 or the number of cores",
+            ));
+        }
+        if self.runtime.epoch_records == 0 {
+            return Err(err(
+                "runtime.epoch_records",
+                "must be at least 1".into(),
+                "use e.g. 256",
+            ));
+        }
+        if self.runtime.max_epochs_in_flight == 0 {
+            return Err(err(
+                "runtime.max_epochs_in_flight",
+                "must be at least 1".into(),
+                "use e.g. 4",
+            ));
+        }
+        for (i, sink) in self.sinks.iter().enumerate() {
+            if let SinkConfig::Postgres {
+                url,
+                table,
+                dead_letter_table,
+                schema,
+            } = sink
+            {
+                if url.is_empty() {
+                    return Err(err(
+                        &format!("sinks[{i}].url"),
+                        "is empty".into(),
+                        "use postgres://user:password@host:5432/database",
+                    ));
+                }
+                for (field, name) in [
+                    ("table", table),
+                    ("dead_letter_table", dead_letter_table),
+                    ("schema", schema),
+                ] {
+                    if let Err(why) = crate::sql::check_identifier(name) {
+                        return Err(err(
+                            &format!("sinks[{i}].{field}"),
+                            why,
+                            "use 1 to 63 bytes with no NUL or control characters, e.g. qa_answers",
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(listen) = &self.metrics.listen {
+            if listen.parse::<SocketAddr>().is_err() {
+                return Err(err(
+                    "metrics.listen",
+                    format!("`{listen}` is not an address"),
+                    "use host:port, e.g. 127.0.0.1:9464",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_error(file: &str, text: &str, e: toml::de::Error) -> TopologyError {
+    let message = e.message().to_string();
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+    let field = field_from_message(&message).unwrap_or_else(|| "(syntax)".to_string());
+    let hint = if message.contains("unknown field") {
+        "remove the field or fix its spelling; the message lists the fields allowed here"
+            .to_string()
+    } else if message.contains("unknown variant") {
+        "use one of the listed `type` values".to_string()
+    } else if message.contains("missing field") {
+        "add the field; see topologies/ for complete examples".to_string()
+    } else {
+        "check the TOML syntax and value types against topologies/qa_csv.toml".to_string()
+    };
+    TopologyError {
+        file: match line {
+            Some(l) => format!("{file}:{l}"),
+            None => file.to_string(),
+        },
+        field,
+        message,
+        hint,
+    }
+}
+
+fn field_from_message(message: &str) -> Option<String> {
+    let start = message.find('`')?;
+    let rest = &message[start + 1..];
+    let end = rest.find('`')?;
+    Some(rest[..end].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qa(extra: &str) -> String {
+        format!(
+            r#"name = "t"
+[source]
+type = "csv"
+path = "samples/questions.csv"
+[task]
+type = "extractive_qa"
+model = "Cargo.toml"
+tokenizer = "Cargo.toml"
+{extra}"#
+        )
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_file_and_field() {
+        let e = Topology::parse("t.toml", &qa("max_batchh = 3")).unwrap_err();
+        assert!(e.file.starts_with("t.toml:"), "{e}");
+        assert_eq!(e.field, "max_batchh");
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn zero_batch_is_refused_with_hint() {
+        let e = Topology::parse("t.toml", &(qa("") + "[batching]\nmax_batch = 0\n")).unwrap_err();
+        assert_eq!(e.field, "batching.max_batch");
+        assert!(e.hint.contains("e.g. 8"));
+    }
+
+    #[test]
+    fn missing_model_file_names_the_field() {
+        let text = qa("").replace("model = \"Cargo.toml\"", "model = \"nope.onnx\"");
+        let e = Topology::parse("t.toml", &text).unwrap_err();
+        assert_eq!(e.field, "task.model");
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let t = Topology::parse("t.toml", &qa("")).unwrap();
+        assert_eq!(t.batching.max_batch, 8);
+        match t.task {
+            TaskConfig::ExtractiveQa {
+                max_seq_len,
+                doc_stride,
+                max_answer_len,
+                ..
+            } => {
+                assert_eq!((max_seq_len, doc_stride, max_answer_len), (384, 128, 30));
+            }
+        }
+        assert!(t.sinks.is_empty());
+    }
+
+    #[test]
+    fn bad_metrics_address_is_refused() {
+        let e =
+            Topology::parse("t.toml", &(qa("") + "[metrics]\nlisten = \"nowhere\"\n")).unwrap_err();
+        assert_eq!(e.field, "metrics.listen");
+    }
+}
