@@ -34,39 +34,12 @@ fn read_questions(path: &Path, n: usize) -> (String, Vec<(String, QaRequest)>) {
     }
     let header = rdr[0].clone();
     let rows: Vec<String> = rdr[1..].iter().take(n).cloned().collect();
-    let parsed = sluice::connectors::files::csv::parse_rows(
-        &rows
-            .iter()
-            .map(|r| r.trim_end_matches('\n').as_bytes())
-            .collect::<Vec<_>>(),
-        3,
-    )
-    .unwrap();
+    let parsed = sluice::connectors::files::csv::parse_rows(&rows.iter().map(|r| r.trim_end_matches('\n').as_bytes()).collect::<Vec<_>>(), 3).unwrap();
     let csv = format!("{header}{}", rows.join(""));
-    (
-        csv,
-        parsed
-            .into_iter()
-            .map(|r| {
-                (
-                    r[0].clone(),
-                    QaRequest {
-                        question: r[1].clone(),
-                        context: r[2].clone(),
-                    },
-                )
-            })
-            .collect(),
-    )
+    (csv, parsed.into_iter().map(|r| (r[0].clone(), QaRequest { question: r[1].clone(), context: r[2].clone() })).collect())
 }
 
-fn raw_ort(
-    model: &Path,
-    padding: Padding,
-    windows: &[Window],
-    invariant: bool,
-    max_batch: usize,
-) -> f64 {
+fn raw_ort(model: &Path, padding: Padding, windows: &[Window], invariant: bool, max_batch: usize) -> f64 {
     let mut m = QaModel::load(model, padding, 384, 0, invariant).unwrap();
     let size = if invariant { max_batch } else { 1 };
     let mut sorted: Vec<&Window> = windows.iter().collect();
@@ -81,82 +54,41 @@ fn raw_ort(
 }
 
 fn pg_reachable(url: &str) -> bool {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        tokio_postgres::connect(url, tokio_postgres::NoTls)
-            .await
-            .is_ok()
-    })
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async { tokio_postgres::connect(url, tokio_postgres::NoTls).await.is_ok() })
 }
 
 fn main() {
-    let n: usize = std::env::var("SLUICE_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
-    let model = std::env::var("SLUICE_BENCH_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| repo().join("models/minilm-squad/model.onnx"));
+    let n: usize = std::env::var("SLUICE_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let model = std::env::var("SLUICE_BENCH_MODEL").map(PathBuf::from).unwrap_or_else(|_| repo().join("models/minilm-squad/model.onnx"));
     let tokenizer = repo().join("models/minilm-squad/tokenizer.json");
     let (csv, questions) = read_questions(&repo().join("tests/data/squad_dev.csv"), n);
-    let task = ExtractiveQa::new(
-        &tokenizer,
-        QaSettings {
-            max_seq_len: 384,
-            doc_stride: 128,
-            max_answer_len: 30,
-        },
-        "bench".into(),
-    )
-    .unwrap();
-    let windows: Vec<Window> = questions
-        .iter()
-        .flat_map(|(_, q)| task.prepare(q).unwrap().1)
-        .collect();
+    let task = ExtractiveQa::new(&tokenizer, QaSettings { max_seq_len: 384, doc_stride: 128, max_answer_len: 30 }, "bench".into()).unwrap();
+    let windows: Vec<Window> = questions.iter().flat_map(|(_, q)| task.prepare(q).unwrap().1).collect();
     let real_tokens: usize = windows.iter().map(|w| w.ids.len()).sum();
     let invariant = !sluice::tasks::uses_dynamic_quantization(&model);
     println!(
         "model {} ({}), {} questions, {} windows, {:.0} real tokens per window of 384",
         model.display(),
-        if invariant {
-            "batch-invariant"
-        } else {
-            "dynamic int8: one window per run"
-        },
+        if invariant { "batch-invariant" } else { "dynamic int8: one window per run" },
         questions.len(),
         windows.len(),
         real_tokens as f64 / windows.len() as f64
     );
 
     // Warm up ORT once so no variant pays the first-run cost.
-    raw_ort(
-        &model,
-        Padding::Longest,
-        &windows[..windows.len().min(8)],
-        invariant,
-        8,
-    );
+    raw_ort(&model, Padding::Longest, &windows[..windows.len().min(8)], invariant, 8);
     let fixed = raw_ort(&model, Padding::Max, &windows, invariant, 8);
     let same = raw_ort(&model, Padding::Longest, &windows, invariant, 8);
 
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("bench.csv");
     std::fs::write(&input, csv).unwrap();
-    let pg = std::env::var("SLUICE_PG_URL")
-        .unwrap_or_else(|_| "postgres://sluice:sluice@127.0.0.1:5432/sluice".into());
+    let pg = std::env::var("SLUICE_PG_URL").unwrap_or_else(|_| "postgres://sluice:sluice@127.0.0.1:5432/sluice".into());
     let (sink, sink_name) = if pg_reachable(&pg) {
         (format!("[[sinks]]\ntype = \"postgres\"\nurl = \"{pg}\"\ntable = \"bench_qa_answers\"\ndead_letter_table = \"bench_dead_letters\"\n"), "Postgres")
     } else {
-        (
-            format!(
-                "[[sinks]]\ntype = \"jsonl\"\ndir = \"{}\"\n",
-                dir.path().join("out").display()
-            ),
-            "JSON lines (no Postgres reachable)",
-        )
+        (format!("[[sinks]]\ntype = \"jsonl\"\ndir = \"{}\"\n", dir.path().join("out").display()), "JSON lines (no Postgres reachable)")
     };
     let text = format!(
         "name = \"bench\"\n[source]\ntype = \"csv\"\npath = \"{}\"\n[task]\ntype = \"extractive_qa\"\nmodel = \"{}\"\ntokenizer = \"{}\"\n[batching]\nmax_batch = 8\nmax_delay_ms = 2\n[runtime]\nworkers = 1\nepoch_records = 64\nprogress = false\n{sink}",
@@ -172,18 +104,9 @@ fn main() {
     println!();
     println!("| variant | windows/s | pipeline ÷ variant |");
     println!("|---|---|---|");
-    println!(
-        "| raw ORT, padded to 384 | {fixed:.1} | {:.2}× |",
-        pipeline / fixed
-    );
-    println!(
-        "| raw ORT, the pipeline's batches | {same:.1} | {:.2}× |",
-        pipeline / same
-    );
+    println!("| raw ORT, padded to 384 | {fixed:.1} | {:.2}× |", pipeline / fixed);
+    println!("| raw ORT, the pipeline's batches | {same:.1} | {:.2}× |", pipeline / same);
     println!("| sluice CSV → {sink_name} | {pipeline:.1} | 1.00× |");
     println!();
-    println!(
-        "questions/s through the pipeline: {:.1}",
-        summary.answered as f64 / summary.elapsed.as_secs_f64()
-    );
+    println!("questions/s through the pipeline: {:.1}", summary.answered as f64 / summary.elapsed.as_secs_f64());
 }

@@ -1,7 +1,8 @@
-//! Connectors to external systems, one folder per system: `files` (CSV in, JSON lines out) and
-//! `postgres` (upserting sink).
+//! Connectors to external systems, one folder per system: `files` (CSV in, JSON lines out),
+//! `kafka` (partition-owning source, results sink, request client) and `postgres` (upserting sink).
 
 pub mod files;
+pub mod kafka;
 pub mod postgres;
 
 use crate::record::{Answer, DeadLetter};
@@ -12,6 +13,8 @@ pub struct EpochBatch {
     pub epoch: u64,
     pub answers: Vec<Answer>,
     pub dead: Vec<DeadLetter>,
+    /// Source offsets reached by this epoch; a transactional sink stores them with the answers.
+    pub offsets: Vec<kafka::source::SourceOffset>,
 }
 
 /// A sink error, with a retry hint.
@@ -31,4 +34,9 @@ pub trait SinkWriter: Send + 'static {
     fn kind(&self) -> &'static str;
     /// Writes the epoch; must be idempotent, as an epoch is written again after a failure.
     fn write(&mut self, batch: &EpochBatch) -> Result<(), SinkError>;
+    /// Whether this sink stores source offsets with the answers. It is written last in each epoch,
+    /// so offsets only become durable after every other sink holds the epoch's answers.
+    fn stores_offsets(&self) -> bool {
+        false
+    }
 }

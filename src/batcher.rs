@@ -41,21 +41,14 @@ pub fn collect<U>(rx: &Receiver<U>, policy: &BatchPolicy) -> Option<Vec<U>> {
 
 /// Sorts units by cost (stable, so equal costs keep arrival order) and cuts them into batches of
 /// at most `max_batch`, so each batch holds units of similar length.
-pub fn group_by_cost<U>(
-    mut units: Vec<U>,
-    cost: impl Fn(&U) -> usize,
-    max_batch: usize,
-) -> Vec<Vec<U>> {
+pub fn group_by_cost<U>(mut units: Vec<U>, cost: impl Fn(&U) -> usize, max_batch: usize) -> Vec<Vec<U>> {
     units.sort_by_key(|u| cost(u));
     let mut batches = Vec::with_capacity(units.len().div_ceil(max_batch.max(1)));
     let mut current = Vec::with_capacity(max_batch);
     for unit in units {
         current.push(unit);
         if current.len() == max_batch.max(1) {
-            batches.push(std::mem::replace(
-                &mut current,
-                Vec::with_capacity(max_batch),
-            ));
+            batches.push(std::mem::replace(&mut current, Vec::with_capacity(max_batch)));
         }
     }
     if !current.is_empty() {
@@ -75,30 +68,19 @@ mod tests {
             tx.send(i).unwrap();
         }
         drop(tx);
-        let policy = BatchPolicy {
-            max_batch: 3,
-            max_delay: Duration::from_secs(60),
-            lookahead: 1,
-        };
+        let policy = BatchPolicy { max_batch: 3, max_delay: Duration::from_secs(60), lookahead: 1 };
         let started = Instant::now();
         assert_eq!(collect(&rx, &policy), Some(vec![0, 1, 2]));
         assert_eq!(collect(&rx, &policy), Some(vec![3, 4]));
         assert_eq!(collect(&rx, &policy), None);
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "a full batch never waits for max_delay"
-        );
+        assert!(started.elapsed() < Duration::from_secs(30), "a full batch never waits for max_delay");
     }
 
     #[test]
     fn returns_a_partial_batch_after_max_delay() {
         let (tx, rx) = crossbeam_channel::unbounded();
         tx.send(7).unwrap();
-        let policy = BatchPolicy {
-            max_batch: 8,
-            max_delay: Duration::from_millis(20),
-            lookahead: 1,
-        };
+        let policy = BatchPolicy { max_batch: 8, max_delay: Duration::from_millis(20), lookahead: 1 };
         assert_eq!(collect(&rx, &policy), Some(vec![7]));
         drop(tx);
         assert_eq!(collect(&rx, &policy), None);
@@ -110,11 +92,7 @@ mod tests {
         for i in 0..10 {
             tx.send(i).unwrap();
         }
-        let policy = BatchPolicy {
-            max_batch: 2,
-            max_delay: Duration::from_millis(1),
-            lookahead: 4,
-        };
+        let policy = BatchPolicy { max_batch: 2, max_delay: Duration::from_millis(1), lookahead: 4 };
         assert_eq!(collect(&rx, &policy).unwrap().len(), 8);
     }
 

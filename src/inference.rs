@@ -60,10 +60,7 @@ pub struct InferenceHandle<M: Model> {
 
 impl<M: Model> Clone for InferenceHandle<M> {
     fn clone(&self) -> Self {
-        InferenceHandle {
-            tx: self.tx.clone(),
-            queued: self.queued.clone(),
-        }
+        InferenceHandle { tx: self.tx.clone(), queued: self.queued.clone() }
     }
 }
 
@@ -72,19 +69,10 @@ impl<M: Model> InferenceHandle<M> {
     pub fn submit(&self, ticket: u64, units: Vec<M::Unit>, reply: &Arc<ReplyTo<M::Out>>) {
         self.queued.fetch_add(units.len() as i64, Ordering::Relaxed);
         for (index, unit) in units.into_iter().enumerate() {
-            if let Err(err) = self.tx.send(Job {
-                unit,
-                ticket,
-                index,
-                reply: reply.clone(),
-            }) {
+            if let Err(err) = self.tx.send(Job { unit, ticket, index, reply: reply.clone() }) {
                 // The service is gone (a model thread panicked): answer with an error, never drop.
                 let job = err.into_inner();
-                let _ = job.reply.tx.send(Completion {
-                    ticket,
-                    index: job.index,
-                    result: Err("inference service stopped".into()),
-                });
+                let _ = job.reply.tx.send(Completion { ticket, index: job.index, result: Err("inference service stopped".into()) });
             }
         }
     }
@@ -92,11 +80,7 @@ impl<M: Model> InferenceHandle<M> {
 
 /// Starts `threads` model threads, each with its own model from `factory`. Returns the handle and
 /// the threads to join after the last handle is dropped.
-pub fn start<M, F>(
-    threads: usize,
-    policy: BatchPolicy,
-    factory: F,
-) -> Result<(InferenceHandle<M>, Vec<JoinHandle<()>>), String>
+pub fn start<M, F>(threads: usize, policy: BatchPolicy, factory: F) -> Result<(InferenceHandle<M>, Vec<JoinHandle<()>>), String>
 where
     M: Model,
     F: Fn() -> Result<M, String>,
@@ -117,24 +101,17 @@ where
     Ok((InferenceHandle { tx, queued }, joins))
 }
 
-fn serve<M: Model>(
-    mut model: M,
-    rx: Receiver<Job<M::Unit, M::Out>>,
-    policy: BatchPolicy,
-    queued: Arc<AtomicI64>,
-) {
+fn serve<M: Model>(mut model: M, rx: Receiver<Job<M::Unit, M::Out>>, policy: BatchPolicy, queued: Arc<AtomicI64>) {
     let invariant = model.batch_invariant();
     let run_size = if invariant { policy.max_batch } else { 1 };
     while let Some(jobs) = batcher::collect(&rx, &policy) {
         queued.fetch_sub(jobs.len() as i64, Ordering::Relaxed);
-        metrics::gauge!(crate::metrics::INFERENCE_QUEUE)
-            .set(queued.load(Ordering::Relaxed).max(0) as f64);
+        metrics::gauge!(crate::metrics::INFERENCE_QUEUE).set(queued.load(Ordering::Relaxed).max(0) as f64);
         for batch in batcher::group_by_cost(jobs, |j| M::cost(&j.unit), run_size) {
             let units: Vec<&M::Unit> = batch.iter().map(|j| &j.unit).collect();
             let started = Instant::now();
             let outs = model.run(&units);
-            metrics::histogram!(crate::metrics::INFERENCE_LATENCY)
-                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!(crate::metrics::INFERENCE_LATENCY).record(started.elapsed().as_secs_f64());
             metrics::histogram!(crate::metrics::BATCH_SIZE).record(units.len() as f64);
             deliver(batch, outs);
         }
@@ -146,21 +123,13 @@ fn deliver<U, O>(batch: Vec<Job<U, O>>, outs: Result<Vec<O>, String>) {
     let mut outs = match outs {
         Ok(outs) if outs.len() == batch.len() => outs.into_iter().map(Ok).collect::<Vec<_>>(),
         Ok(outs) => {
-            let msg = format!(
-                "model returned {} outputs for {} units",
-                outs.len(),
-                batch.len()
-            );
+            let msg = format!("model returned {} outputs for {} units", outs.len(), batch.len());
             batch.iter().map(|_| Err(msg.clone())).collect()
         }
         Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
     };
     for (job, result) in batch.into_iter().zip(outs.drain(..)) {
-        let _ = job.reply.tx.send(Completion {
-            ticket: job.ticket,
-            index: job.index,
-            result,
-        });
+        let _ = job.reply.tx.send(Completion { ticket: job.ticket, index: job.index, result });
         let ptr = Arc::as_ptr(&job.reply);
         if !woken.contains(&ptr) {
             woken.push(ptr);
@@ -200,18 +169,8 @@ mod tests {
     fn run_service(invariant: bool) -> (Vec<(u64, usize, usize)>, Vec<usize>) {
         let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let s2 = sizes.clone();
-        let policy = BatchPolicy {
-            max_batch: 4,
-            max_delay: Duration::from_millis(20),
-            lookahead: 2,
-        };
-        let (handle, joins) = start(1, policy, move || {
-            Ok(Doubler {
-                sizes: s2.clone(),
-                invariant,
-            })
-        })
-        .unwrap();
+        let policy = BatchPolicy { max_batch: 4, max_delay: Duration::from_millis(20), lookahead: 2 };
+        let (handle, joins) = start(1, policy, move || Ok(Doubler { sizes: s2.clone(), invariant })).unwrap();
         let (reply, rx) = ReplyTo::new(None);
         handle.submit(1, vec![5, 1, 3], &reply);
         handle.submit(2, vec![2, 4, 6, 8, 10], &reply);
@@ -233,19 +192,7 @@ mod tests {
     #[test]
     fn every_unit_gets_its_own_result_back() {
         let (got, sizes) = run_service(true);
-        assert_eq!(
-            got,
-            vec![
-                (1, 0, 10),
-                (1, 1, 2),
-                (1, 2, 6),
-                (2, 0, 4),
-                (2, 1, 8),
-                (2, 2, 12),
-                (2, 3, 16),
-                (2, 4, 20)
-            ]
-        );
+        assert_eq!(got, vec![(1, 0, 10), (1, 1, 2), (1, 2, 6), (2, 0, 4), (2, 1, 8), (2, 2, 12), (2, 3, 16), (2, 4, 20)]);
         assert_eq!(sizes.iter().sum::<usize>(), 8);
         assert!(sizes.iter().all(|s| *s <= 4), "{sizes:?}");
     }

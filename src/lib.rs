@@ -1,17 +1,20 @@
-//! sluice: a streaming inference engine on timely dataflow. Requests come from files (and, later,
-//! Kafka and Pub/Sub), are batched through ONNX Runtime models by a per-process inference service,
+//! sluice: a streaming inference engine on timely dataflow. Requests come from files, Kafka or a
+//! built-in generator, are batched through ONNX Runtime models by a per-process inference service,
 //! and every answer is written, keyed by its request ID, to durable sinks, exactly once in effect.
 #![forbid(unsafe_code)]
 
 pub mod batcher;
 #[path = "../connectors/mod.rs"]
 pub mod connectors;
+pub mod generator;
 pub mod inference;
+pub mod loadgen;
 pub mod metrics;
 pub mod operators;
 pub mod ortlib;
 pub mod progress;
 pub mod record;
+pub mod rides;
 pub mod runtime;
 pub mod sql;
 pub mod tasks;

@@ -1,17 +1,15 @@
-//! The `sluice` command line: run, validate and check topologies.
+//! The `sluice` command line: run, validate and check topologies; send a request; generate load.
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use sluice::connectors::kafka::client::RequestClient;
 use sluice::runtime::{self, RunOptions};
-use sluice::topology::Topology;
+use sluice::topology::{TaskConfig, Topology};
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Parser)]
-#[command(
-    name = "sluice",
-    version,
-    about = "Streaming inference on timely dataflow and ONNX Runtime"
-)]
+#[command(name = "sluice", version, about = "Streaming inference on timely dataflow and ONNX Runtime")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,14 +38,47 @@ enum Command {
     Validate { topology: PathBuf },
     /// Validate a topology and load its model and tokenizer, to check the environment.
     Check { topology: PathBuf },
+    /// Publish one request with a fresh ID and print the answer that carries that ID.
+    Request {
+        #[arg(long, default_value = "127.0.0.1:19092")]
+        brokers: String,
+        /// Requests topic.
+        #[arg(long, default_value = "rides")]
+        topic: String,
+        /// Results topic.
+        #[arg(long, default_value = "ride-durations")]
+        results: String,
+        /// The request as a JSON object, e.g. '{"PULocationID": 161, "DOLocationID": 236, "trip_distance": 2.1}'.
+        #[arg(long)]
+        json: String,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Publish generated rides at a rate and report throughput, latency percentiles, lost and duplicate answers.
+    Loadgen {
+        #[arg(long, default_value = "127.0.0.1:19092")]
+        brokers: String,
+        #[arg(long, default_value = "rides")]
+        topic: String,
+        #[arg(long, default_value = "ride-durations")]
+        results: String,
+        /// Rides to send.
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        /// Rides per second; 0 sends as fast as possible.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// How long to wait for the last answers after the last send.
+        #[arg(long, default_value_t = 10_000)]
+        drain_ms: u64,
+    },
 }
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")))
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = real_main() {
@@ -58,13 +89,7 @@ fn main() {
 
 fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Run {
-            topology,
-            workers,
-            process,
-            hostfile,
-            no_progress,
-        } => {
+        Command::Run { topology, workers, process, hostfile, no_progress } => {
             let t = Topology::load(&topology)?;
             let hosts = match hostfile {
                 Some(f) => std::fs::read_to_string(&f)
@@ -77,17 +102,9 @@ fn real_main() -> anyhow::Result<()> {
                 None => Vec::new(),
             };
             if !hosts.is_empty() && process >= hosts.len() {
-                bail!(
-                    "--process {process} is not below the {} hosts in the hostfile",
-                    hosts.len()
-                );
+                bail!("--process {process} is not below the {} hosts in the hostfile", hosts.len());
             }
-            let opts = RunOptions {
-                workers,
-                process,
-                hosts,
-                progress: !no_progress,
-            };
+            let opts = RunOptions { workers, process, hosts, progress: !no_progress };
             let s = runtime::run(&t, &opts).map_err(anyhow::Error::msg)?;
             let secs = s.elapsed.as_secs_f64();
             println!(
@@ -114,36 +131,37 @@ fn real_main() -> anyhow::Result<()> {
             sluice::ortlib::environment().map_err(anyhow::Error::msg)?;
             println!("onnx runtime: ok");
             match &t.task {
-                sluice::topology::TaskConfig::ExtractiveQa {
-                    model,
-                    tokenizer,
-                    max_seq_len,
-                    doc_stride,
-                    max_answer_len,
-                    ..
-                } => {
-                    sluice::tasks::extractive_qa::QaModel::load(
-                        model,
-                        t.batching.padding,
-                        *max_seq_len,
-                        0,
-                        true,
-                    )
-                    .map_err(anyhow::Error::msg)?;
+                TaskConfig::ExtractiveQa { model, tokenizer, max_seq_len, doc_stride, max_answer_len, .. } => {
+                    sluice::tasks::extractive_qa::QaModel::load(model, t.batching.padding, *max_seq_len, 0, true).map_err(anyhow::Error::msg)?;
                     println!("model {}: ok", model.display());
-                    let settings = sluice::tasks::extractive_qa::QaSettings {
-                        max_seq_len: *max_seq_len,
-                        doc_stride: *doc_stride,
-                        max_answer_len: *max_answer_len,
-                    };
-                    sluice::tasks::extractive_qa::ExtractiveQa::new(
-                        tokenizer,
-                        settings,
-                        String::new(),
-                    )
-                    .map_err(anyhow::Error::msg)?;
+                    let settings =
+                        sluice::tasks::extractive_qa::QaSettings { max_seq_len: *max_seq_len, doc_stride: *doc_stride, max_answer_len: *max_answer_len };
+                    sluice::tasks::extractive_qa::ExtractiveQa::new(tokenizer, settings, String::new()).map_err(anyhow::Error::msg)?;
                     println!("tokenizer {}: ok", tokenizer.display());
                 }
+                TaskConfig::Tabular { model, output, .. } => {
+                    let task = sluice::tasks::tabular::Tabular::new(model, output.as_deref(), String::new()).map_err(anyhow::Error::msg)?;
+                    let inputs: Vec<String> = task.specs().iter().map(|s| format!("{} ({:?})", s.name, s.kind)).collect();
+                    println!("model {}: ok; inputs {}", model.display(), inputs.join(", "));
+                }
+            }
+            Ok(())
+        }
+        Command::Request { brokers, topic, results, json, timeout_ms } => {
+            let payload: serde_json::Value = serde_json::from_str(&json).context("--json must be a JSON object")?;
+            let obj = payload.as_object().context("--json must be a JSON object")?.clone();
+            let client = RequestClient::connect(&brokers, &topic, &results)?;
+            let (id, answer) = client.request(obj, Duration::from_millis(timeout_ms))?;
+            println!("{}", serde_json::json!({"request_id": id, "answer": answer}));
+            Ok(())
+        }
+        Command::Loadgen { brokers, topic, results, count, rate, seed, drain_ms } => {
+            let spec =
+                sluice::loadgen::LoadSpec { brokers, requests_topic: topic, results_topic: results, count, rate, seed, drain: Duration::from_millis(drain_ms) };
+            let report = sluice::loadgen::run(&spec).map_err(anyhow::Error::msg)?;
+            println!("{report}");
+            if report.lost > 0 {
+                bail!("{} requests got no answer", report.lost);
             }
             Ok(())
         }

@@ -32,19 +32,11 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     PrometheusBuilder::new()
         .with_http_listener(addr)
-        .set_buckets_for_metric(
-            Matcher::Full(BATCH_SIZE.to_string()),
-            &[
-                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
-            ],
-        )
+        .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.to_string()), &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0])
         .and_then(|b| {
             b.set_buckets_for_metric(
                 Matcher::Suffix("_seconds".to_string()),
-                &[
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0,
-                ],
+                &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
             )
         })
         .and_then(|b| b.install())
@@ -61,10 +53,7 @@ fn describe() {
     describe_histogram!(BATCH_SIZE, "Units per model run.");
     describe_histogram!(INFERENCE_LATENCY, "Seconds per model run.");
     describe_gauge!(INFERENCE_QUEUE, "Units waiting for the model.");
-    describe_histogram!(
-        END_TO_END_LATENCY,
-        "Seconds from ingest to a durable answer."
-    );
+    describe_histogram!(END_TO_END_LATENCY, "Seconds from ingest to a durable answer.");
     describe_gauge!(EPOCHS_IN_FLIGHT, "Epochs not yet durable at the sinks.");
     describe_counter!(SINK_RETRIES, "Sink writes retried after an error.");
     describe_histogram!(SINK_WRITE_LATENCY, "Seconds per sink epoch write.");

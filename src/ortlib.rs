@@ -14,19 +14,9 @@ pub fn candidates() -> Vec<PathBuf> {
     if let Ok(p) = std::env::var("ORT_DYLIB_PATH") {
         out.push(PathBuf::from(p));
     }
-    let cache = std::env::var("SLUICE_CACHE")
-        .map(PathBuf::from)
-        .ok()
-        .or_else(|| {
-            std::env::var("HOME")
-                .ok()
-                .map(|h| PathBuf::from(h).join(".cache/sluice"))
-        });
+    let cache = std::env::var("SLUICE_CACHE").map(PathBuf::from).ok().or_else(|| std::env::var("HOME").ok().map(|h| PathBuf::from(h).join(".cache/sluice")));
     if let Some(cache) = cache {
-        if let Ok(entries) = glob::glob(&format!(
-            "{}/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*",
-            cache.display()
-        )) {
+        if let Ok(entries) = glob::glob(&format!("{}/venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*", cache.display())) {
             let mut found: Vec<PathBuf> = entries.flatten().collect();
             found.sort();
             out.extend(found.into_iter().rev());

@@ -8,17 +8,9 @@ use std::fmt;
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum SourcePos {
     /// A data row of a file: `row` counts data rows from 1 (the header is not a row).
-    File {
-        file: String,
-        row: u64,
-        byte_offset: u64,
-    },
+    File { file: String, row: u64, byte_offset: u64 },
     /// A Kafka message.
-    Kafka {
-        topic: String,
-        partition: i32,
-        offset: i64,
-    },
+    Kafka { topic: String, partition: i32, offset: i64 },
     /// A record made by a built-in generator.
     Generated { seq: u64 },
 }
@@ -37,9 +29,7 @@ impl SourcePos {
     pub fn position(&self) -> String {
         match self {
             SourcePos::File { row, .. } => format!("row {row}"),
-            SourcePos::Kafka {
-                partition, offset, ..
-            } => format!("partition {partition} offset {offset}"),
+            SourcePos::Kafka { partition, offset, .. } => format!("partition {partition} offset {offset}"),
             SourcePos::Generated { seq } => format!("seq {seq}"),
         }
     }
@@ -177,8 +167,5 @@ pub struct DeadLetter {
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

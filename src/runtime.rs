@@ -1,20 +1,26 @@
 //! Builds and runs a topology: starts the inference service, assembles the timely dataflow on
-//! every worker (source → key by ID → infer → durable sink, with dead letters beside), and waits
-//! until finite input is fully durable.
+//! every worker (source → [key by ID for files] → infer → durable sink, with dead letters and
+//! source offsets beside), and waits until finite input is durable or a signal stops it.
 
 use crate::batcher::BatchPolicy;
 use crate::connectors::files::csv::{csv_source, CsvSettings};
 use crate::connectors::files::{self, jsonl::JsonlWriter, InputFile};
+use crate::connectors::kafka::sink::KafkaWriter;
+use crate::connectors::kafka::source::{kafka_source, KafkaSettings};
+use crate::connectors::postgres::sink::expand_env;
 use crate::connectors::postgres::{PostgresTarget, PostgresWriter};
 use crate::connectors::SinkWriter;
+use crate::generator::{generator_source, GeneratorSettings};
 use crate::inference::{self, InferenceHandle};
 use crate::operators::{infer::infer, key_by_id::key_by_id, sink::durable_sink};
 use crate::progress::{self, Progress};
 use crate::tasks::extractive_qa::{ExtractiveQa, QaModel, QaSettings};
+use crate::tasks::tabular::{Tabular, TabularModel};
 use crate::tasks::{self, Task};
-use crate::topology::{BatchInvariance, SinkConfig, SourceConfig, TaskConfig, Topology};
+use crate::topology::{BatchInvariance, SinkConfig, SourceConfig, StartFrom, TaskConfig, Topology};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use timely::dataflow::operators::{Concat, Probe};
@@ -47,41 +53,28 @@ pub struct Summary {
 /// The sinks a topology writes to: its own, or the embedded default (JSON lines in `out/<name>`).
 pub fn resolve_sinks(topology: &Topology) -> Vec<SinkConfig> {
     if topology.sinks.is_empty() {
-        vec![SinkConfig::Jsonl {
-            dir: PathBuf::from("out").join(&topology.name),
-        }]
+        vec![SinkConfig::Jsonl { dir: PathBuf::from("out").join(&topology.name) }]
     } else {
         topology.sinks.clone()
     }
 }
 
-/// Runs a topology to completion (for finite sources).
+/// Runs a topology until its finite input is durable, or until SIGTERM/SIGINT: then sources
+/// stop reading, the batches in flight drain, the sinks commit, and the run returns.
 pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, String> {
     if let Some(listen) = &topology.metrics.listen {
         crate::metrics::install(listen.parse().map_err(|e| format!("metrics.listen: {e}"))?)?;
     }
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone()).map_err(|e| format!("cannot handle signals: {e}"))?;
+    }
+    let policy = policy(topology);
+    let threads = topology.batching.intra_threads;
     match &topology.task {
-        TaskConfig::ExtractiveQa {
-            model,
-            tokenizer,
-            max_seq_len,
-            doc_stride,
-            max_answer_len,
-            model_name,
-        } => {
-            let name = model_name.clone().unwrap_or_else(|| {
-                model
-                    .parent()
-                    .and_then(|p| p.file_name())
-                    .map(|n| n.to_string_lossy().to_string())
-                    .unwrap_or_else(|| "model".into())
-            });
-            let label = tasks::model_label(&name, model)?;
-            let settings = QaSettings {
-                max_seq_len: *max_seq_len,
-                doc_stride: *doc_stride,
-                max_answer_len: *max_answer_len,
-            };
+        TaskConfig::ExtractiveQa { model, tokenizer, max_seq_len, doc_stride, max_answer_len, model_name } => {
+            let label = tasks::model_label(&model_name_or_folder(model_name, model), model)?;
+            let settings = QaSettings { max_seq_len: *max_seq_len, doc_stride: *doc_stride, max_answer_len: *max_answer_len };
             let task = Arc::new(ExtractiveQa::new(tokenizer, settings, label)?);
             let invariant = match topology.batching.batch_invariant {
                 BatchInvariance::Auto => !tasks::uses_dynamic_quantization(model),
@@ -91,17 +84,21 @@ pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, String> {
             if !invariant {
                 tracing::info!("{} uses dynamic quantization: running one window per model call so answers do not depend on batch-mates", model.display());
             }
-            let policy = policy(topology);
-            let (padding, seq, threads) = (
-                topology.batching.padding,
-                *max_seq_len,
-                topology.batching.intra_threads,
-            );
+            let (padding, seq) = (topology.batching.padding, *max_seq_len);
             let model = model.clone();
-            let (handle, joins) = inference::start(1, policy, move || {
-                QaModel::load(&model, padding, seq, threads, invariant)
-            })?;
-            let summary = run_dataflow(topology, opts, task, handle);
+            let (handle, joins) = inference::start(1, policy, move || QaModel::load(&model, padding, seq, threads, invariant))?;
+            let summary = run_dataflow(topology, opts, task, handle, stop);
+            for j in joins {
+                let _ = j.join();
+            }
+            summary
+        }
+        TaskConfig::Tabular { model, output, model_name } => {
+            let label = tasks::model_label(&model_name_or_folder(model_name, model), model)?;
+            let task = Arc::new(Tabular::new(model, output.as_deref(), label)?);
+            let (model, output) = (model.clone(), output.clone());
+            let (handle, joins) = inference::start(1, policy, move || TabularModel::load(&model, output.as_deref(), threads))?;
+            let summary = run_dataflow(topology, opts, task, handle, stop);
             for j in joins {
                 let _ = j.join();
             }
@@ -110,55 +107,35 @@ pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, String> {
     }
 }
 
+fn model_name_or_folder(name: &Option<String>, model: &std::path::Path) -> String {
+    name.clone().unwrap_or_else(|| model.parent().and_then(|p| p.file_name()).map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into()))
+}
+
 /// The batching policy of a topology.
 pub fn policy(topology: &Topology) -> BatchPolicy {
-    BatchPolicy {
-        max_batch: topology.batching.max_batch,
-        max_delay: Duration::from_millis(topology.batching.max_delay_ms),
-        lookahead: 4,
-    }
+    BatchPolicy { max_batch: topology.batching.max_batch, max_delay: Duration::from_millis(topology.batching.max_delay_ms), lookahead: 4 }
 }
 
 fn timely_config(workers: usize, opts: &RunOptions) -> timely::Config {
     let communication = if opts.hosts.len() > 1 {
-        timely::CommunicationConfig::Cluster {
-            threads: workers,
-            process: opts.process,
-            addresses: opts.hosts.clone(),
-            report: false,
-            zerocopy: false,
-        }
+        timely::CommunicationConfig::Cluster { threads: workers, process: opts.process, addresses: opts.hosts.clone(), report: false, zerocopy: false }
     } else if workers == 1 {
         timely::CommunicationConfig::Thread
     } else {
         timely::CommunicationConfig::Process(workers)
     };
-    timely::Config {
-        communication,
-        worker: timely::WorkerConfig::default(),
-    }
+    timely::Config { communication, worker: timely::WorkerConfig::default() }
 }
 
-fn make_writers<T: Task>(
-    sinks: &[SinkConfig],
-    pipeline: &str,
-    worker: usize,
-    task: &T,
-) -> Result<Vec<Box<dyn SinkWriter>>, String> {
+fn make_writers<T: Task>(sinks: &[SinkConfig], pipeline: &str, worker: usize, task: &T) -> Result<Vec<Box<dyn SinkWriter>>, String> {
     let mut out: Vec<Box<dyn SinkWriter>> = Vec::new();
     for s in sinks {
         match s {
-            SinkConfig::Jsonl { dir } => out.push(Box::new(JsonlWriter::open(
-                dir,
-                worker,
-                task.output_columns(),
-            )?)),
-            SinkConfig::Postgres {
-                url,
-                table,
-                dead_letter_table,
-                schema,
-            } => out.push(Box::new(PostgresWriter::new(
+            SinkConfig::Jsonl { dir } => out.push(Box::new(JsonlWriter::open(dir, worker, task.output_columns())?)),
+            SinkConfig::Kafka { brokers, topic, dead_letter_topic, idempotent } => {
+                out.push(Box::new(KafkaWriter::new(&expand_env(brokers), topic, dead_letter_topic.as_deref(), *idempotent, task.output_columns())?))
+            }
+            SinkConfig::Postgres { url, table, dead_letter_table, schema } => out.push(Box::new(PostgresWriter::new(
                 PostgresTarget {
                     url: url.clone(),
                     schema: schema.clone(),
@@ -173,44 +150,39 @@ fn make_writers<T: Task>(
     Ok(out)
 }
 
+/// A source as each worker builds it.
+#[derive(Clone)]
+enum SourcePlan {
+    Csv { files: Vec<InputFile>, settings: CsvSettings },
+    Kafka(KafkaSettings),
+    Generator(GeneratorSettings),
+}
+
 fn run_dataflow<T: Task>(
     topology: &Topology,
     opts: &RunOptions,
     task: Arc<T>,
     handle: InferenceHandle<T::Model>,
+    stop: Arc<AtomicBool>,
 ) -> Result<Summary, String> {
     let workers = opts.workers.unwrap_or(topology.runtime.workers).max(1);
-    let (path, max_field_bytes) = match &topology.source {
-        SourceConfig::Csv {
-            path,
-            max_field_bytes,
-        } => (path.clone(), *max_field_bytes),
-    };
-    let files: Vec<InputFile> = files::expand(&path)?;
+    let rt = &topology.runtime;
     let sinks = resolve_sinks(topology);
     let mut outputs = Vec::new();
+    let mut resume: HashMap<i32, i64> = HashMap::new();
     for s in &sinks {
         match s {
             SinkConfig::Jsonl { dir } => {
                 // This process's workers replace what an earlier run wrote.
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
                 for w in opts.process * workers..(opts.process + 1) * workers {
-                    for f in [
-                        format!("answers.w{w}.jsonl"),
-                        format!("dead_letters.w{w}.jsonl"),
-                    ] {
+                    for f in [format!("answers.w{w}.jsonl"), format!("dead_letters.w{w}.jsonl")] {
                         let _ = std::fs::remove_file(dir.join(f));
                     }
                 }
                 outputs.push(format!("{}/", dir.display()));
             }
-            SinkConfig::Postgres {
-                url,
-                table,
-                dead_letter_table,
-                schema,
-            } => {
+            SinkConfig::Postgres { url, table, dead_letter_table, schema } => {
                 let target = PostgresTarget {
                     url: url.clone(),
                     schema: schema.clone(),
@@ -218,53 +190,72 @@ fn run_dataflow<T: Task>(
                     dead_letter_table: dead_letter_table.clone(),
                     pipeline: topology.name.clone(),
                 };
-                let mut probe = PostgresWriter::new(target, task.output_columns())?;
-                probe.connect_now().map_err(|e| format!("postgres sink: {e}\n  hint: start Postgres (scripts/pg.sh starts a local one) and check sinks.url"))?;
+                let mut pg = PostgresWriter::new(target, task.output_columns())?;
+                pg.connect_now().map_err(|e| format!("postgres sink: {e}\n  hint: start Postgres (scripts/pg.sh starts a local one) and check sinks.url"))?;
+                if let SourceConfig::Kafka { topic, .. } = &topology.source {
+                    resume = pg.load_offsets(topic).map_err(|e| format!("cannot read stored offsets: {e}"))?;
+                }
                 outputs.push(format!("postgres table {schema}.{table} (dead letters in {schema}.{dead_letter_table})"));
+            }
+            SinkConfig::Kafka { topic, dead_letter_topic, .. } => {
+                outputs.push(format!("kafka topic {topic}{}", dead_letter_topic.as_ref().map(|d| format!(" (dead letters in {d})")).unwrap_or_default()));
             }
         }
     }
-    let progress = Arc::new(Progress::default());
-    let bar = progress::spawn_bar(progress.clone(), opts.progress && topology.runtime.progress);
-    let settings = CsvSettings {
-        max_field_bytes,
-        epoch_records: topology.runtime.epoch_records,
-        max_epochs_in_flight: topology.runtime.max_epochs_in_flight,
+    let plan = match &topology.source {
+        SourceConfig::Csv { path, max_field_bytes } => SourcePlan::Csv {
+            files: files::expand(path)?,
+            settings: CsvSettings { max_field_bytes: *max_field_bytes, epoch_records: rt.epoch_records, max_epochs_in_flight: rt.max_epochs_in_flight },
+        },
+        SourceConfig::Kafka { brokers, topic, group_id, id, max_message_bytes, epoch_ms, start, idle_exit_ms } => SourcePlan::Kafka(KafkaSettings {
+            brokers: expand_env(brokers),
+            topic: topic.clone(),
+            group_id: group_id.clone().unwrap_or_else(|| format!("sluice-{}", topology.name)),
+            id_from: id.clone(),
+            max_message_bytes: *max_message_bytes,
+            epoch_records: rt.epoch_records,
+            epoch_ms: *epoch_ms,
+            max_epochs_in_flight: rt.max_epochs_in_flight,
+            start_latest: *start == StartFrom::Latest,
+            idle_exit: idle_exit_ms.map(Duration::from_millis),
+            resume,
+        }),
+        SourceConfig::Generator { count, rate, seed } => SourcePlan::Generator(GeneratorSettings {
+            count: *count,
+            rate: *rate,
+            seed: *seed,
+            epoch_records: rt.epoch_records,
+            max_epochs_in_flight: rt.max_epochs_in_flight,
+        }),
     };
+    let progress = Arc::new(Progress::default());
+    let bar = progress::spawn_bar(progress.clone(), opts.progress && rt.progress);
     let started = Instant::now();
     let name = topology.name.clone();
     let p2 = progress.clone();
-    let guards = timely::execute(
-        timely_config(workers, opts),
-        move |worker| -> Result<(), String> {
-            let index = worker.index();
-            let peers = worker.peers();
-            let mine: Vec<InputFile> = files
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| i % peers == index)
-                .map(|(_, f)| f.clone())
-                .collect();
-            let writers = make_writers(&sinks, &name, index, task.as_ref())?;
-            let durable = ProbeHandle::new();
-            worker.dataflow::<u64, _, _>(|scope| {
-                let (requests, bad) = csv_source(
-                    scope,
-                    mine,
-                    task.clone(),
-                    settings.clone(),
-                    durable.clone(),
-                    p2.clone(),
-                );
-                let latest = key_by_id(requests);
-                let (answers, refused) = infer(latest, task.clone(), handle.clone());
-                let dead = bad.concat(refused);
-                durable_sink(answers, dead, writers, p2.clone()).probe_with(&durable);
-            });
-            while worker.step_or_park(None) {}
-            Ok(())
-        },
-    )?;
+    let guards = timely::execute(timely_config(workers, opts), move |worker| -> Result<(), String> {
+        let index = worker.index();
+        let peers = worker.peers();
+        let writers = make_writers(&sinks, &name, index, task.as_ref())?;
+        let durable = ProbeHandle::new();
+        worker.dataflow::<u64, _, _>(|scope| {
+            let (requests, bad, offsets) = match plan.clone() {
+                SourcePlan::Csv { files, settings } => {
+                    let mine: Vec<InputFile> = files.into_iter().enumerate().filter(|(i, _)| i % peers == index).map(|(_, f)| f).collect();
+                    let (requests, bad, offsets) = csv_source(scope, mine, task.clone(), settings, durable.clone(), p2.clone());
+                    // File rows become a differential collection keyed by ID: one answer per ID.
+                    (key_by_id(requests), bad, offsets)
+                }
+                SourcePlan::Kafka(settings) => kafka_source(scope, settings, task.clone(), durable.clone(), stop.clone(), p2.clone()),
+                SourcePlan::Generator(settings) => generator_source(scope, settings, task.clone(), durable.clone(), stop.clone(), p2.clone()),
+            };
+            let (answers, refused) = infer(requests, task.clone(), handle.clone());
+            let dead = bad.concat(refused);
+            durable_sink(answers, dead, offsets, writers, p2.clone()).probe_with(&durable);
+        });
+        while worker.step_or_park(None) {}
+        Ok(())
+    })?;
     let results = guards.join();
     progress.finished.store(true, Ordering::Relaxed);
     if let Some(b) = bar {

@@ -7,16 +7,10 @@ pub fn check_identifier(name: &str) -> Result<(), String> {
         return Err("is empty".into());
     }
     if name.len() > 63 {
-        return Err(format!(
-            "`{name}` is {} bytes; PostgreSQL truncates identifiers past 63",
-            name.len()
-        ));
+        return Err(format!("`{name}` is {} bytes; PostgreSQL truncates identifiers past 63", name.len()));
     }
     if name.chars().any(|c| c == '\0' || c.is_control()) {
-        return Err(format!(
-            "`{}` holds a NUL or control character",
-            name.escape_debug()
-        ));
+        return Err(format!("`{}` holds a NUL or control character", name.escape_debug()));
     }
     Ok(())
 }
@@ -46,10 +40,7 @@ mod tests {
 
     #[test]
     fn quotes_are_doubled() {
-        assert_eq!(
-            quote_ident(r#"a"; DROP TABLE x; --"#),
-            r#""a""; DROP TABLE x; --""#
-        );
+        assert_eq!(quote_ident(r#"a"; DROP TABLE x; --"#), r#""a""; DROP TABLE x; --""#);
         assert_eq!(qualified("public", "t"), r#""public"."t""#);
     }
 

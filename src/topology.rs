@@ -17,11 +17,7 @@ pub struct TopologyError {
 
 impl fmt::Display for TopologyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}: field `{}`: {}\n  hint: {}",
-            self.file, self.field, self.message, self.hint
-        )
+        write!(f, "{}: field `{}`: {}\n  hint: {}", self.file, self.field, self.message, self.hint)
     }
 }
 
@@ -63,6 +59,63 @@ pub enum SourceConfig {
         #[serde(default = "default_max_field_bytes")]
         max_field_bytes: usize,
     },
+    /// Kafka: partitions are owned by timely workers (partition % workers == worker index).
+    Kafka {
+        /// Bootstrap servers, e.g. `127.0.0.1:19092`. `${VAR}` is read from the environment.
+        brokers: String,
+        /// Topic of requests.
+        topic: String,
+        /// Consumer group the offsets are committed under (for lag monitoring only).
+        #[serde(default)]
+        group_id: Option<String>,
+        /// Where the request ID comes from: `{ from = "field", name = "request_id" }`, `{ from = "key" }`,
+        /// `{ from = "header", name = "..." }` or `{ from = "position" }`. Without one it is topic/partition/offset.
+        #[serde(default)]
+        id: crate::connectors::kafka::IdFrom,
+        /// A larger message is a dead letter (`oversize_message`).
+        #[serde(default = "default_max_message_bytes")]
+        max_message_bytes: usize,
+        /// Close an epoch after this many milliseconds (or `runtime.epoch_records` messages).
+        #[serde(default = "default_epoch_ms")]
+        epoch_ms: u64,
+        /// Where partitions with no stored offset start: `earliest` or `latest`.
+        #[serde(default)]
+        start: StartFrom,
+        /// Stop after this long with no new message (benchmarks, tests); omit to run forever.
+        #[serde(default)]
+        idle_exit_ms: Option<u64>,
+    },
+    /// The built-in ride generator (no server needed).
+    Generator {
+        /// Rides to generate; omit for an endless stream.
+        #[serde(default)]
+        count: Option<u64>,
+        /// Rides per second across the process; omit for as fast as possible.
+        #[serde(default)]
+        rate: Option<f64>,
+        /// Seed of the deterministic generator.
+        #[serde(default = "default_seed")]
+        seed: u64,
+    },
+}
+
+/// Where a partition without a stored offset starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartFrom {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+fn default_max_message_bytes() -> usize {
+    65_536
+}
+fn default_epoch_ms() -> u64 {
+    50
+}
+fn default_seed() -> u64 {
+    1
 }
 
 fn default_max_field_bytes() -> usize {
@@ -89,6 +142,17 @@ pub enum TaskConfig {
         /// Longest answer span, in tokens.
         #[serde(default = "default_max_answer_len")]
         max_answer_len: usize,
+        /// Model name written with each answer; defaults to the model's folder name.
+        #[serde(default)]
+        model_name: Option<String>,
+    },
+    /// Tabular prediction: each model input is fed from the record field of the same name.
+    Tabular {
+        /// ONNX model (e.g. an sklearn pipeline exported with skl2onnx).
+        model: PathBuf,
+        /// Output holding the prediction; defaults to the model's first output.
+        #[serde(default)]
+        output: Option<String>,
         /// Model name written with each answer; defaults to the model's folder name.
         #[serde(default)]
         model_name: Option<String>,
@@ -231,6 +295,19 @@ pub enum SinkConfig {
         #[serde(default = "default_schema")]
         schema: String,
     },
+    /// Kafka: answers keyed by request ID (also in a `request_id` header); at-least-once.
+    Kafka {
+        /// Bootstrap servers. `${VAR}` is read from the environment.
+        brokers: String,
+        /// Results topic.
+        topic: String,
+        /// Dead-letter topic; omit to keep dead letters in the other sinks only.
+        #[serde(default)]
+        dead_letter_topic: Option<String>,
+        /// Use Kafka's idempotent producer.
+        #[serde(default = "default_true")]
+        idempotent: bool,
+    },
 }
 
 fn default_dead_letter_table() -> String {
@@ -270,59 +347,55 @@ impl Topology {
     }
 
     fn validate(&self, file: &str) -> Result<(), TopologyError> {
-        let err = |field: &str, message: String, hint: &str| TopologyError {
-            file: file.to_string(),
-            field: field.to_string(),
-            message,
-            hint: hint.to_string(),
-        };
-        if self.name.is_empty()
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(err(
-                "name",
-                format!("`{}` is not a usable name", self.name),
-                "use letters, digits, `_` and `-`, e.g. name = \"qa_csv\"",
-            ));
+        let err =
+            |field: &str, message: String, hint: &str| TopologyError { file: file.to_string(), field: field.to_string(), message, hint: hint.to_string() };
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(err("name", format!("`{}` is not a usable name", self.name), "use letters, digits, `_` and `-`, e.g. name = \"qa_csv\""));
         }
         match &self.source {
-            SourceConfig::Csv {
-                path,
-                max_field_bytes,
-            } => {
+            SourceConfig::Csv { path, max_field_bytes } => {
                 if path.is_empty() {
-                    return Err(err(
-                        "source.path",
-                        "is empty".into(),
-                        "give a CSV file, a glob like `data/*.csv`, or a directory",
-                    ));
+                    return Err(err("source.path", "is empty".into(), "give a CSV file, a glob like `data/*.csv`, or a directory"));
                 }
                 if *max_field_bytes == 0 {
-                    return Err(err(
-                        "source.max_field_bytes",
-                        "must be at least 1".into(),
-                        "set it to the largest field you accept, e.g. 100000",
-                    ));
+                    return Err(err("source.max_field_bytes", "must be at least 1".into(), "set it to the largest field you accept, e.g. 100000"));
+                }
+            }
+            SourceConfig::Kafka { brokers, topic, max_message_bytes, epoch_ms, .. } => {
+                if brokers.is_empty() {
+                    return Err(err("source.brokers", "is empty".into(), "use host:port of a broker, e.g. 127.0.0.1:19092"));
+                }
+                if topic.is_empty() {
+                    return Err(err("source.topic", "is empty".into(), "name the requests topic, e.g. rides"));
+                }
+                if *max_message_bytes == 0 {
+                    return Err(err("source.max_message_bytes", "must be at least 1".into(), "use e.g. 65536"));
+                }
+                if *epoch_ms == 0 {
+                    return Err(err("source.epoch_ms", "must be at least 1".into(), "use e.g. 50"));
+                }
+            }
+            SourceConfig::Generator { rate, .. } => {
+                if rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
+                    return Err(err("source.rate", "must be above 0".into(), "omit it for full speed, or give rides per second, e.g. 5000"));
                 }
             }
         }
         match &self.task {
-            TaskConfig::ExtractiveQa {
-                model,
-                tokenizer,
-                max_seq_len,
-                doc_stride,
-                max_answer_len,
-                ..
-            } => {
+            TaskConfig::ExtractiveQa { model, tokenizer, max_seq_len, doc_stride, max_answer_len, .. } => {
                 if !model.is_file() {
-                    return Err(err("task.model", format!("no file at `{}`", model.display()), "point it at an ONNX QA model, e.g. models/minilm-squad/model.onnx (relative paths resolve from the current directory)"));
+                    return Err(err(
+                        "task.model",
+                        format!("no file at `{}`", model.display()),
+                        "point it at an ONNX QA model, e.g. models/minilm-squad/model.onnx (relative paths resolve from the current directory)",
+                    ));
                 }
                 if !tokenizer.is_file() {
-                    return Err(err("task.tokenizer", format!("no file at `{}`", tokenizer.display()), "point it at the model's HF tokenizer.json, e.g. models/minilm-squad/tokenizer.json"));
+                    return Err(err(
+                        "task.tokenizer",
+                        format!("no file at `{}`", tokenizer.display()),
+                        "point it at the model's HF tokenizer.json, e.g. models/minilm-squad/tokenizer.json",
+                    ));
                 }
                 if *max_seq_len < 32 {
                     return Err(err(
@@ -339,86 +412,54 @@ impl Topology {
                     ));
                 }
                 if *max_answer_len == 0 {
-                    return Err(err(
-                        "task.max_answer_len",
-                        "must be at least 1".into(),
-                        "use 30 (the default)",
-                    ));
+                    return Err(err("task.max_answer_len", "must be at least 1".into(), "use 30 (the default)"));
+                }
+            }
+            TaskConfig::Tabular { model, .. } => {
+                if !model.is_file() {
+                    return Err(err("task.model", format!("no file at `{}`", model.display()), "point it at an ONNX model, e.g. models/rides/model.onnx"));
                 }
             }
         }
         if self.batching.max_batch == 0 {
-            return Err(err(
-                "batching.max_batch",
-                "must be at least 1".into(),
-                "set the most units per model run, e.g. 8",
-            ));
+            return Err(err("batching.max_batch", "must be at least 1".into(), "set the most units per model run, e.g. 8"));
         }
         if self.batching.max_delay_ms > 60_000 {
-            return Err(err(
-                "batching.max_delay_ms",
-                format!("{} ms is over a minute", self.batching.max_delay_ms),
-                "use a few milliseconds, e.g. 5",
-            ));
+            return Err(err("batching.max_delay_ms", format!("{} ms is over a minute", self.batching.max_delay_ms), "use a few milliseconds, e.g. 5"));
         }
         if self.runtime.workers == 0 {
-            return Err(err(
-                "runtime.workers",
-                "must be at least 1".into(),
-                "use 1 or the number of cores",
-            ));
+            return Err(err("runtime.workers", "must be at least 1".into(), "use 1 or the number of cores"));
         }
         if self.runtime.epoch_records == 0 {
-            return Err(err(
-                "runtime.epoch_records",
-                "must be at least 1".into(),
-                "use e.g. 256",
-            ));
+            return Err(err("runtime.epoch_records", "must be at least 1".into(), "use e.g. 256"));
         }
         if self.runtime.max_epochs_in_flight == 0 {
-            return Err(err(
-                "runtime.max_epochs_in_flight",
-                "must be at least 1".into(),
-                "use e.g. 4",
-            ));
+            return Err(err("runtime.max_epochs_in_flight", "must be at least 1".into(), "use e.g. 4"));
         }
         for (i, sink) in self.sinks.iter().enumerate() {
-            if let SinkConfig::Postgres {
-                url,
-                table,
-                dead_letter_table,
-                schema,
-            } = sink
-            {
-                if url.is_empty() {
+            if let SinkConfig::Kafka { brokers, topic, .. } = sink {
+                if brokers.is_empty() || topic.is_empty() {
                     return Err(err(
-                        &format!("sinks[{i}].url"),
-                        "is empty".into(),
-                        "use postgres://user:password@host:5432/database",
+                        &format!("sinks[{i}]"),
+                        "needs `brokers` and `topic`".into(),
+                        "e.g. brokers = \"127.0.0.1:19092\", topic = \"ride-durations\"",
                     ));
                 }
-                for (field, name) in [
-                    ("table", table),
-                    ("dead_letter_table", dead_letter_table),
-                    ("schema", schema),
-                ] {
+            }
+            if let SinkConfig::Postgres { url, table, dead_letter_table, schema } = sink {
+                if url.is_empty() {
+                    return Err(err(&format!("sinks[{i}].url"), "is empty".into(), "use postgres://user:password@host:5432/database"));
+                }
+                for (field, name) in [("table", table), ("dead_letter_table", dead_letter_table), ("schema", schema)] {
                     if let Err(why) = crate::sql::check_identifier(name) {
-                        return Err(err(
-                            &format!("sinks[{i}].{field}"),
-                            why,
-                            "use 1 to 63 bytes with no NUL or control characters, e.g. qa_answers",
-                        ));
+                        return Err(err(&format!("sinks[{i}].{field}"), why, "use 1 to 63 bytes with no NUL or control characters, e.g. qa_answers"));
                     }
                 }
             }
         }
         if let Some(listen) = &self.metrics.listen {
             if listen.parse::<SocketAddr>().is_err() {
-                return Err(err(
-                    "metrics.listen",
-                    format!("`{listen}` is not an address"),
-                    "use host:port, e.g. 127.0.0.1:9464",
-                ));
+                return Err(err("metrics.listen", format!("`{listen}` is not an address"), "use host:port, e.g. 127.0.0.1:9464"));
             }
         }
         Ok(())
@@ -427,13 +468,10 @@ impl Topology {
 
 fn parse_error(file: &str, text: &str, e: toml::de::Error) -> TopologyError {
     let message = e.message().to_string();
-    let line = e
-        .span()
-        .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+    let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
     let field = field_from_message(&message).unwrap_or_else(|| "(syntax)".to_string());
     let hint = if message.contains("unknown field") {
-        "remove the field or fix its spelling; the message lists the fields allowed here"
-            .to_string()
+        "remove the field or fix its spelling; the message lists the fields allowed here".to_string()
     } else if message.contains("unknown variant") {
         "use one of the listed `type` values".to_string()
     } else if message.contains("missing field") {
@@ -503,23 +541,39 @@ tokenizer = "Cargo.toml"
     fn defaults_fill_in() {
         let t = Topology::parse("t.toml", &qa("")).unwrap();
         assert_eq!(t.batching.max_batch, 8);
-        match t.task {
-            TaskConfig::ExtractiveQa {
-                max_seq_len,
-                doc_stride,
-                max_answer_len,
-                ..
-            } => {
-                assert_eq!((max_seq_len, doc_stride, max_answer_len), (384, 128, 30));
-            }
-        }
+        let TaskConfig::ExtractiveQa { max_seq_len, doc_stride, max_answer_len, .. } = t.task else { panic!("a QA task") };
+        assert_eq!((max_seq_len, doc_stride, max_answer_len), (384, 128, 30));
         assert!(t.sinks.is_empty());
     }
 
     #[test]
+    fn kafka_source_and_sinks_parse_with_defaults() {
+        let text = r#"name = "k"
+[source]
+type = "kafka"
+brokers = "127.0.0.1:19092"
+topic = "rides"
+id = { from = "key" }
+[task]
+type = "tabular"
+model = "Cargo.toml"
+[[sinks]]
+type = "kafka"
+brokers = "127.0.0.1:19092"
+topic = "out"
+"#;
+        let t = Topology::parse("k.toml", text).unwrap();
+        let SourceConfig::Kafka { id, epoch_ms, start, .. } = t.source else { panic!("kafka source") };
+        assert_eq!(id, crate::connectors::kafka::IdFrom::Key);
+        assert_eq!((epoch_ms, start), (50, StartFrom::Earliest));
+        assert!(matches!(&t.sinks[0], SinkConfig::Kafka { idempotent: true, .. }));
+        let bad = text.replace("id = { from = \"key\" }", "id = { from = \"nowhere\" }");
+        assert!(Topology::parse("k.toml", &bad).is_err());
+    }
+
+    #[test]
     fn bad_metrics_address_is_refused() {
-        let e =
-            Topology::parse("t.toml", &(qa("") + "[metrics]\nlisten = \"nowhere\"\n")).unwrap_err();
+        let e = Topology::parse("t.toml", &(qa("") + "[metrics]\nlisten = \"nowhere\"\n")).unwrap_err();
         assert_eq!(e.field, "metrics.listen");
     }
 }

@@ -13,75 +13,37 @@ fn pg_sink(table: &str, dead: &str) -> String {
 }
 
 fn query(sql: &str) -> Vec<tokio_postgres::Row> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(&pg_url(), NoTls)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "Postgres at {} is not reachable (run scripts/pg.sh): {e}",
-                    pg_url()
-                )
-            });
+        let (client, conn) =
+            tokio_postgres::connect(&pg_url(), NoTls).await.unwrap_or_else(|e| panic!("Postgres at {} is not reachable (run scripts/pg.sh): {e}", pg_url()));
         tokio::spawn(conn);
-        client
-            .query(sql, &[])
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        client.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
     })
 }
 
 fn exec(sql: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(&pg_url(), NoTls)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "Postgres at {} is not reachable (run scripts/pg.sh): {e}",
-                    pg_url()
-                )
-            });
+        let (client, conn) =
+            tokio_postgres::connect(&pg_url(), NoTls).await.unwrap_or_else(|e| panic!("Postgres at {} is not reachable (run scripts/pg.sh): {e}", pg_url()));
         tokio::spawn(conn);
-        client
-            .batch_execute(sql)
-            .await
-            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
     })
 }
 
 #[test]
 fn creates_tables_and_a_rerun_leaves_exactly_the_same_rows() {
     exec("DROP TABLE IF EXISTS it_rerun_answers; DROP TABLE IF EXISTS it_rerun_dead;");
-    let text = qa_topology(
-        "it_rerun",
-        &repo().join("samples/questions.csv"),
-        &pg_sink("it_rerun_answers", "it_rerun_dead"),
-        "",
-    );
+    let text = qa_topology("it_rerun", &repo().join("samples/questions.csv"), &pg_sink("it_rerun_answers", "it_rerun_dead"), "");
     let first = run(&text, 1);
     assert_eq!((first.answered, first.dead_letters), (22, 3));
-    let cols: Vec<String> = query("SELECT column_name::text FROM information_schema.columns WHERE table_name = 'it_rerun_answers' ORDER BY ordinal_position").iter().map(|r| r.get(0)).collect();
-    for c in [
-        "id",
-        "answer",
-        "start_char",
-        "end_char",
-        "score",
-        "model",
-        "updated_at",
-        "topic",
-    ] {
-        assert!(
-            cols.contains(&c.to_string()),
-            "column {c} missing from {cols:?}"
-        );
+    let cols: Vec<String> = query("SELECT column_name::text FROM information_schema.columns WHERE table_name = 'it_rerun_answers' ORDER BY ordinal_position")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for c in ["id", "answer", "start_char", "end_char", "score", "model", "updated_at", "topic"] {
+        assert!(cols.contains(&c.to_string()), "column {c} missing from {cols:?}");
     }
     let pk: Vec<String> = query("SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'it_rerun_answers'::regclass AND i.indisprimary").iter().map(|r| r.get(0)).collect();
     assert_eq!(pk, vec!["id".to_string()]);
@@ -94,18 +56,9 @@ fn creates_tables_and_a_rerun_leaves_exactly_the_same_rows() {
     let second = run(&text, 2);
     assert_eq!(second.answered, 22);
     let after = snapshot();
-    assert_eq!(
-        before, after,
-        "a rerun (even on 2 workers) leaves every row, updated_at included, unchanged"
-    );
-    let dead: i64 = query("SELECT count(*) FROM it_rerun_dead")
-        .first()
-        .unwrap()
-        .get(0);
-    assert_eq!(
-        dead, 3,
-        "dead letters are upserted by position, not duplicated"
-    );
+    assert_eq!(before, after, "a rerun (even on 2 workers) leaves every row, updated_at included, unchanged");
+    let dead: i64 = query("SELECT count(*) FROM it_rerun_dead").first().unwrap().get(0);
+    assert_eq!(dead, 3, "dead letters are upserted by position, not duplicated");
 }
 
 #[test]
@@ -122,25 +75,12 @@ fn dead_letters_keep_reason_position_and_original_bytes() {
     bytes.extend_from_slice(format!("big,Huge?,{}\n", "z".repeat(200)).as_bytes());
     bytes.extend_from_slice(b"ok2,When?,It was 1843.\n");
     std::fs::write(&input, &bytes).unwrap();
-    let text = qa_topology(
-        "it_dead",
-        &input,
-        &pg_sink("it_dead_answers", "it_dead_letters"),
-        "",
-    )
-    .replace(
-        "type = \"csv\"\n",
-        "type = \"csv\"\nmax_field_bytes = 100\n",
-    );
+    let text = qa_topology("it_dead", &input, &pg_sink("it_dead_answers", "it_dead_letters"), "")
+        .replace("type = \"csv\"\n", "type = \"csv\"\nmax_field_bytes = 100\n");
     let s = run(&text, 1);
     assert_eq!((s.answered, s.dead_letters), (2, 5));
-    let rows = query(
-        "SELECT source, position, reason, detail, raw FROM it_dead_letters ORDER BY position",
-    );
-    let got: Vec<(String, String, String)> = rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
+    let rows = query("SELECT source, position, reason, detail, raw FROM it_dead_letters ORDER BY position");
+    let got: Vec<(String, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
     assert_eq!(
         got,
         vec![
@@ -153,43 +93,22 @@ fn dead_letters_keep_reason_position_and_original_bytes() {
     );
     let raw: Vec<u8> = rows[0].get(4);
     assert_eq!(raw, b"u1,Bad \xff bytes?,Some context.".to_vec());
-    let ids: Vec<String> = query("SELECT id FROM it_dead_answers ORDER BY id")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(
-        ids,
-        vec!["ok1", "ok2"],
-        "the worker kept going past the bad rows"
-    );
+    let ids: Vec<String> = query("SELECT id FROM it_dead_answers ORDER BY id").iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, vec!["ok1", "ok2"], "the worker kept going past the bad rows");
 }
 
 #[test]
 fn a_hostile_table_name_is_quoted_not_executed() {
     let hostile = r#"qa"; DROP TABLE it_victim; --"#;
-    exec(&format!("CREATE TABLE IF NOT EXISTS it_victim (x int); DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS it_hostile_dead;", sluice::sql::quote_ident(hostile)));
-    let text = qa_topology(
-        "it_hostile",
-        &repo().join("samples/questions.csv"),
-        &pg_sink(hostile, "it_hostile_dead"),
-        "",
-    );
+    exec(&format!(
+        "CREATE TABLE IF NOT EXISTS it_victim (x int); DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS it_hostile_dead;",
+        sluice::sql::quote_ident(hostile)
+    ));
+    let text = qa_topology("it_hostile", &repo().join("samples/questions.csv"), &pg_sink(hostile, "it_hostile_dead"), "");
     let s = run(&text, 1);
     assert_eq!(s.answered, 22);
-    let victim: i64 = query("SELECT count(*) FROM pg_tables WHERE tablename = 'it_victim'")
-        .first()
-        .unwrap()
-        .get(0);
+    let victim: i64 = query("SELECT count(*) FROM pg_tables WHERE tablename = 'it_victim'").first().unwrap().get(0);
     assert_eq!(victim, 1, "the victim table survives");
-    let n: i64 = query(&format!(
-        "SELECT count(*) FROM {}",
-        sluice::sql::quote_ident(hostile)
-    ))
-    .first()
-    .unwrap()
-    .get(0);
-    assert_eq!(
-        n, 22,
-        "answers landed in the table with the hostile name itself"
-    );
+    let n: i64 = query(&format!("SELECT count(*) FROM {}", sluice::sql::quote_ident(hostile))).first().unwrap().get(0);
+    assert_eq!(n, 22, "answers landed in the table with the hostile name itself");
 }

@@ -10,12 +10,7 @@ use std::collections::BTreeMap;
 #[test]
 fn sample_answers_every_good_row_and_dead_letters_every_bad_one() {
     let out = tempfile::tempdir().unwrap();
-    let text = qa_topology(
-        "sample",
-        &repo().join("samples/questions.csv"),
-        &jsonl_sink(out.path()),
-        "",
-    );
+    let text = qa_topology("sample", &repo().join("samples/questions.csv"), &jsonl_sink(out.path()), "");
     let summary = run(&text, 1);
     assert_eq!(summary.answered, 22);
     assert_eq!(summary.dead_letters, 3);
@@ -24,36 +19,16 @@ fn sample_answers_every_good_row_and_dead_letters_every_bad_one() {
     let own = &answers["own-1"];
     assert_eq!(own["topic"], "sluice", "passthrough column kept");
     let context = "sluice is a streaming inference engine. For every bad input it writes a dead-letter record with the reason and the original bytes, and the worker keeps going.";
-    let (s, e) = (
-        own["start_char"].as_u64().unwrap() as usize,
-        own["end_char"].as_u64().unwrap() as usize,
-    );
-    assert_eq!(
-        own["answer"].as_str().unwrap(),
-        context.chars().skip(s).take(e - s).collect::<String>(),
-        "offsets point at the answer text"
-    );
+    let (s, e) = (own["start_char"].as_u64().unwrap() as usize, own["end_char"].as_u64().unwrap() as usize);
+    assert_eq!(own["answer"].as_str().unwrap(), context.chars().skip(s).take(e - s).collect::<String>(), "offsets point at the answer text");
     assert!(own["model"].as_str().unwrap().starts_with("minilm-squad@"));
 
-    let dead: BTreeMap<String, serde_json::Value> = read_lines(out.path(), "dead_letters.w")
-        .into_iter()
-        .map(|d| (d["position"].as_str().unwrap().to_string(), d))
-        .collect();
-    let reasons: Vec<&str> = dead
-        .values()
-        .map(|d| d["reason"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        reasons,
-        vec!["empty_field", "missing_column", "broken_quoting"]
-    );
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(dead["row 24"]["raw_base64"].as_str().unwrap())
-        .unwrap();
-    assert_eq!(
-        raw, b"bad-short,Only two fields here",
-        "original bytes kept exactly"
-    );
+    let dead: BTreeMap<String, serde_json::Value> =
+        read_lines(out.path(), "dead_letters.w").into_iter().map(|d| (d["position"].as_str().unwrap().to_string(), d)).collect();
+    let reasons: Vec<&str> = dead.values().map(|d| d["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, vec!["empty_field", "missing_column", "broken_quoting"]);
+    let raw = base64::engine::general_purpose::STANDARD.decode(dead["row 24"]["raw_base64"].as_str().unwrap()).unwrap();
+    assert_eq!(raw, b"bad-short,Only two fields here", "original bytes kept exactly");
     assert_eq!(dead["row 23"]["source"], "questions.csv");
 }
 
@@ -66,27 +41,16 @@ fn rows_without_id_get_deterministic_ids_from_file_and_row() {
     let text = qa_topology("noid", &input, &jsonl_sink(&out), "");
     run(&text, 1);
     let first = answers_by_id(&out);
-    assert_eq!(
-        first.keys().cloned().collect::<Vec<_>>(),
-        vec!["noid.csv:1".to_string(), "noid.csv:2".to_string()]
-    );
+    assert_eq!(first.keys().cloned().collect::<Vec<_>>(), vec!["noid.csv:1".to_string(), "noid.csv:2".to_string()]);
     run(&text, 1);
-    assert_eq!(
-        answers_by_id(&out).keys().collect::<Vec<_>>(),
-        first.keys().collect::<Vec<_>>(),
-        "a rerun derives the same IDs"
-    );
+    assert_eq!(answers_by_id(&out).keys().collect::<Vec<_>>(), first.keys().collect::<Vec<_>>(), "a rerun derives the same IDs");
 }
 
 #[test]
 fn duplicate_ids_keep_the_last_row() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("dup.csv");
-    std::fs::write(
-        &input,
-        "id,question,context\nq1,Who?,Ada wrote it.\nq1,When?,It was 1843.\n",
-    )
-    .unwrap();
+    std::fs::write(&input, "id,question,context\nq1,Who?,Ada wrote it.\nq1,When?,It was 1843.\n").unwrap();
     let out = dir.path().join("out");
     run(&qa_topology("dup", &input, &jsonl_sink(&out), ""), 2);
     let answers = answers_by_id(&out);
@@ -104,16 +68,8 @@ fn one_and_two_workers_give_identical_answers() {
     let records = split_records(&all);
     let header = records[0].trim_end();
     let half = 30;
-    std::fs::write(
-        input.join("a.csv"),
-        format!("{header}\n{}", records[1..1 + half].join("")),
-    )
-    .unwrap();
-    std::fs::write(
-        input.join("b.csv"),
-        format!("{header}\n{}", records[1 + half..1 + 2 * half].join("")),
-    )
-    .unwrap();
+    std::fs::write(input.join("a.csv"), format!("{header}\n{}", records[1..1 + half].join(""))).unwrap();
+    std::fs::write(input.join("b.csv"), format!("{header}\n{}", records[1 + half..1 + 2 * half].join(""))).unwrap();
     let one = dir.path().join("one");
     let two = dir.path().join("two");
     let s1 = run(&qa_topology("w1", &input, &jsonl_sink(&one), ""), 1);
@@ -124,14 +80,7 @@ fn one_and_two_workers_give_identical_answers() {
     assert_eq!(a1.len(), 2 * half);
     for (id, v) in &a1 {
         let w = &a2[id];
-        for k in [
-            "answer",
-            "start_char",
-            "end_char",
-            "score",
-            "model",
-            "source",
-        ] {
+        for k in ["answer", "start_char", "end_char", "score", "model", "source"] {
             assert_eq!(v[k], w[k], "{id}: {k} differs between 1 and 2 workers");
         }
     }

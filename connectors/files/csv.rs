@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
-use timely::dataflow::{ProbeHandle, Scope, Stream};
+use timely::dataflow::{ProbeHandle, Scope};
 
 /// Settings of the CSV source.
 #[derive(Clone, Debug)]
@@ -29,14 +29,9 @@ pub fn parse_rows(records: &[&[u8]], columns: usize) -> Result<Vec<Vec<String>>,
     if records.is_empty() {
         return Ok(Vec::new());
     }
-    let fields: Vec<Field> = (0..columns)
-        .map(|i| Field::new(format!("c{i}"), DataType::Utf8, true))
-        .collect();
+    let fields: Vec<Field> = (0..columns).map(|i| Field::new(format!("c{i}"), DataType::Utf8, true)).collect();
     let schema = Arc::new(Schema::new(fields));
-    let mut decoder = arrow::csv::ReaderBuilder::new(schema)
-        .with_header(false)
-        .with_batch_size(records.len())
-        .build_decoder();
+    let mut decoder = arrow::csv::ReaderBuilder::new(schema).with_header(false).with_batch_size(records.len()).build_decoder();
     let mut buf = Vec::with_capacity(records.iter().map(|r| r.len() + 1).sum());
     for r in records {
         buf.extend_from_slice(r);
@@ -50,39 +45,13 @@ pub fn parse_rows(records: &[&[u8]], columns: usize) -> Result<Vec<Vec<String>>,
         }
         rest = &rest[n..];
     }
-    let batch = decoder
-        .flush()
-        .map_err(|e| e.to_string())?
-        .ok_or("no rows decoded")?;
+    let batch = decoder.flush().map_err(|e| e.to_string())?.ok_or("no rows decoded")?;
     if batch.num_rows() != records.len() {
-        return Err(format!(
-            "decoded {} rows from {} records",
-            batch.num_rows(),
-            records.len()
-        ));
+        return Err(format!("decoded {} rows from {} records", batch.num_rows(), records.len()));
     }
-    let cols: Vec<&StringArray> = (0..columns)
-        .map(|i| {
-            batch
-                .column(i)
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .ok_or("column is not text")
-        })
-        .collect::<Result<_, _>>()?;
-    Ok((0..batch.num_rows())
-        .map(|r| {
-            cols.iter()
-                .map(|c| {
-                    if c.is_null(r) {
-                        String::new()
-                    } else {
-                        c.value(r).to_string()
-                    }
-                })
-                .collect()
-        })
-        .collect())
+    let cols: Vec<&StringArray> =
+        (0..columns).map(|i| batch.column(i).as_any().downcast_ref::<StringArray>().ok_or("column is not text")).collect::<Result<_, _>>()?;
+    Ok((0..batch.num_rows()).map(|r| cols.iter().map(|c| if c.is_null(r) { String::new() } else { c.value(r).to_string() }).collect()).collect())
 }
 
 struct OpenFile {
@@ -100,12 +69,7 @@ enum Item<R> {
 }
 
 /// Reads, validates and decodes up to `limit` records from `open`.
-fn read_chunk<T: Task>(
-    task: &T,
-    open: &mut OpenFile,
-    limit: usize,
-    max_field: usize,
-) -> Vec<Item<T::Request>> {
+fn read_chunk<T: Task>(task: &T, open: &mut OpenFile, limit: usize, max_field: usize) -> Vec<Item<T::Request>> {
     let mut scanner = Scanner::new(&open.data, max_field);
     scanner.set_position(open.pos);
     let mut raw: Vec<(u64, RawRecord)> = Vec::with_capacity(limit);
@@ -115,20 +79,8 @@ fn read_chunk<T: Task>(
     }
     open.pos = scanner.position();
     let now = now_ms();
-    let pos = |row: u64, rec: &RawRecord| SourcePos::File {
-        file: open.file.name.clone(),
-        row,
-        byte_offset: rec.offset as u64,
-    };
-    let dead = |row, rec: &RawRecord, reason, detail| {
-        Item::Dead(DeadLetter {
-            pos: pos(row, rec),
-            reason,
-            detail,
-            raw: rec.bytes.to_vec(),
-            ingest_ms: now,
-        })
-    };
+    let pos = |row: u64, rec: &RawRecord| SourcePos::File { file: open.file.name.clone(), row, byte_offset: rec.offset as u64 };
+    let dead = |row, rec: &RawRecord, reason, detail| Item::Dead(DeadLetter { pos: pos(row, rec), reason, detail, raw: rec.bytes.to_vec(), ingest_ms: now });
     let columns = open.header.len();
     let mut out = Vec::with_capacity(raw.len());
     let mut good: Vec<&(u64, RawRecord)> = Vec::new();
@@ -139,31 +91,10 @@ fn read_chunk<T: Task>(
         } else if rec.fields < columns {
             out.push((
                 *row,
-                dead(
-                    *row,
-                    rec,
-                    DeadReason::MissingColumn,
-                    format!(
-                        "expected {columns} fields ({}), found {}",
-                        open.header.join(", "),
-                        rec.fields
-                    ),
-                ),
+                dead(*row, rec, DeadReason::MissingColumn, format!("expected {columns} fields ({}), found {}", open.header.join(", "), rec.fields)),
             ));
         } else if rec.fields > columns {
-            out.push((
-                *row,
-                dead(
-                    *row,
-                    rec,
-                    DeadReason::ExtraColumn,
-                    format!(
-                        "expected {columns} fields ({}), found {}",
-                        open.header.join(", "),
-                        rec.fields
-                    ),
-                ),
-            ));
+            out.push((*row, dead(*row, rec, DeadReason::ExtraColumn, format!("expected {columns} fields ({}), found {}", open.header.join(", "), rec.fields))));
         } else {
             good.push(item);
         }
@@ -172,10 +103,7 @@ fn read_chunk<T: Task>(
     let parsed: Vec<Result<Vec<String>, String>> = match parse_rows(&bytes, columns) {
         Ok(rows) => rows.into_iter().map(Ok).collect(),
         // Isolate whichever record arrow refused; the others still parse.
-        Err(_) => bytes
-            .iter()
-            .map(|b| parse_rows(&[b], columns).map(|mut v| v.remove(0)))
-            .collect(),
+        Err(_) => bytes.iter().map(|b| parse_rows(&[b], columns).map(|mut v| v.remove(0))).collect(),
     };
     let id_col = open.header.iter().position(|h| h == "id");
     for ((row, rec), values) in good.into_iter().zip(parsed) {
@@ -186,28 +114,14 @@ fn read_chunk<T: Task>(
                 continue;
             }
         };
-        let fields: Vec<(&str, &str)> = open
-            .header
-            .iter()
-            .map(|h| h.as_str())
-            .zip(values.iter().map(|v| v.as_str()))
-            .collect();
+        let fields: Vec<(&str, &str)> = open.header.iter().map(|h| h.as_str()).zip(values.iter().map(|v| v.as_str())).collect();
         match task.decode_fields(&fields) {
             Ok((payload, passthrough)) => {
                 let id = match id_col.map(|i| values[i].trim()) {
                     Some(id) if !id.is_empty() => id.to_string(),
                     _ => format!("{}:{}", open.file.name, row),
                 };
-                out.push((
-                    *row,
-                    Item::Ok(Envelope {
-                        id,
-                        payload,
-                        passthrough,
-                        pos: pos(*row, rec),
-                        ingest_ms: now,
-                    }),
-                ));
+                out.push((*row, Item::Ok(Envelope { id, payload, passthrough, pos: pos(*row, rec), ingest_ms: now })));
             }
             Err((reason, detail)) => out.push((*row, dead(*row, rec, reason, detail))),
         }
@@ -220,22 +134,13 @@ fn read_chunk<T: Task>(
 /// holding the whole file.
 fn open_file(file: &InputFile, max_field: usize) -> Result<OpenFile, DeadLetter> {
     let refuse = |detail: String, raw: Vec<u8>| DeadLetter {
-        pos: SourcePos::File {
-            file: file.name.clone(),
-            row: 0,
-            byte_offset: 0,
-        },
+        pos: SourcePos::File { file: file.name.clone(), row: 0, byte_offset: 0 },
         reason: DeadReason::BrokenQuoting,
         detail,
         raw,
         ingest_ms: now_ms(),
     };
-    let data = std::fs::read(&file.path).map_err(|e| {
-        refuse(
-            format!("cannot read {}: {e}", file.path.display()),
-            Vec::new(),
-        )
-    })?;
+    let data = std::fs::read(&file.path).map_err(|e| refuse(format!("cannot read {}: {e}", file.path.display()), Vec::new()))?;
     let mut scanner = Scanner::new(&data, max_field);
     let header = match scanner.next() {
         None => Vec::new(),
@@ -254,24 +159,16 @@ fn open_file(file: &InputFile, max_field: usize) -> Result<OpenFile, DeadLetter>
         }
     };
     let pos = scanner.position();
-    Ok(OpenFile {
-        file: file.clone(),
-        data,
-        pos,
-        row: 0,
-        header,
-    })
+    Ok(OpenFile { file: file.clone(), data, pos, row: 0, header })
 }
 
 /// Counts the data records of a file (for the progress bar).
 pub fn count_records(file: &InputFile, max_field: usize) -> u64 {
-    std::fs::read(&file.path)
-        .map(|d| Scanner::new(&d, max_field).count().saturating_sub(1) as u64)
-        .unwrap_or(0)
+    std::fs::read(&file.path).map(|d| Scanner::new(&d, max_field).count().saturating_sub(1) as u64).unwrap_or(0)
 }
 
-/// Builds the source operator for this worker's `files`. Outputs: requests and dead letters.
-#[allow(clippy::type_complexity)]
+/// Builds the source operator for this worker's `files`. Outputs: requests, dead letters, and an
+/// offsets stream that stays empty.
 pub fn csv_source<'s, T: Task>(
     scope: Scope<'s, u64>,
     files: Vec<InputFile>,
@@ -279,21 +176,14 @@ pub fn csv_source<'s, T: Task>(
     settings: CsvSettings,
     durable: ProbeHandle<u64>,
     progress: Arc<Progress>,
-) -> (
-    Stream<'s, u64, Vec<Envelope<T::Request>>>,
-    Stream<'s, u64, Vec<DeadLetter>>,
-) {
+) -> crate::connectors::kafka::source::SourceStreams<'s, T::Request> {
     let mut builder = OperatorBuilder::new("CsvSource".to_owned(), scope);
     let (ok_out, ok_stream) = builder.new_output::<Vec<Envelope<T::Request>>>();
     let (dead_out, dead_stream) = builder.new_output::<Vec<DeadLetter>>();
-    let mut ok_out = OutputBuilder::<
-        _,
-        timely::container::CapacityContainerBuilder<Vec<Envelope<T::Request>>>,
-    >::from(ok_out);
-    let mut dead_out = OutputBuilder::<
-        _,
-        timely::container::CapacityContainerBuilder<Vec<DeadLetter>>,
-    >::from(dead_out);
+    // Files carry no offsets: rerunning a file is made safe by the upsert by ID.
+    let (_offsets_out, offsets_stream) = builder.new_output::<Vec<crate::connectors::kafka::source::SourceOffset>>();
+    let mut ok_out = OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<Envelope<T::Request>>>>::from(ok_out);
+    let mut dead_out = OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<DeadLetter>>>::from(dead_out);
     let activator = scope.activator_for(builder.operator_info().address);
 
     builder.build(move |caps| {
@@ -306,16 +196,11 @@ pub fn csv_source<'s, T: Task>(
             let Some(cs) = caps.as_mut() else { return };
             if !counted {
                 counted = true;
-                let total: u64 = pending
-                    .iter()
-                    .map(|f| count_records(f, settings.max_field_bytes))
-                    .sum();
+                let total: u64 = pending.iter().map(|f| count_records(f, settings.max_field_bytes)).sum();
                 progress.total.fetch_add(total, Ordering::Relaxed);
             }
             // Backpressure: pause while too many epochs are not yet durable at the sinks.
-            let oldest = durable
-                .with_frontier(|f| f.first().copied())
-                .unwrap_or(epoch);
+            let oldest = durable.with_frontier(|f| f.first().copied()).unwrap_or(epoch);
             let in_flight = epoch.saturating_sub(oldest);
             metrics::gauge!(crate::metrics::EPOCHS_IN_FLIGHT).set(in_flight as f64);
             if in_flight >= settings.max_epochs_in_flight {
@@ -371,7 +256,7 @@ pub fn csv_source<'s, T: Task>(
             }
         }
     });
-    (ok_stream, dead_stream)
+    (ok_stream, dead_stream, offsets_stream)
 }
 
 #[cfg(test)]
@@ -381,13 +266,7 @@ mod tests {
     #[test]
     fn arrow_parses_quoted_fields_and_empty_values() {
         let rows = parse_rows(&[b"1,\"a, \"\"b\"\"\",", b"2,plain,x"], 3).unwrap();
-        assert_eq!(
-            rows,
-            vec![
-                vec!["1".to_string(), "a, \"b\"".into(), "".into()],
-                vec!["2".into(), "plain".into(), "x".into()]
-            ]
-        );
+        assert_eq!(rows, vec![vec!["1".to_string(), "a, \"b\"".into(), "".into()], vec!["2".into(), "plain".into(), "x".into()]]);
     }
 
     #[test]

@@ -20,9 +20,7 @@ pub fn clear(dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     for entry in std::fs::read_dir(dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
-        if (name.starts_with("answers.w") || name.starts_with("dead_letters.w"))
-            && name.ends_with(".jsonl")
-        {
+        if (name.starts_with("answers.w") || name.starts_with("dead_letters.w")) && name.ends_with(".jsonl") {
             std::fs::remove_file(entry.path())?;
         }
     }
@@ -41,15 +39,7 @@ pub fn dead_letter_files(dir: &Path) -> Vec<PathBuf> {
 
 fn files_with_prefix(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
-                })
-                .collect()
-        })
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix))).collect())
         .unwrap_or_default();
     out.sort();
     out
@@ -58,20 +48,11 @@ fn files_with_prefix(dir: &Path, prefix: &str) -> Vec<PathBuf> {
 impl JsonlWriter {
     /// Opens (appending) this worker's files in `dir`.
     pub fn open(dir: &Path, worker: usize, columns: &'static [Column]) -> Result<Self, String> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let open = |name: String| {
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join(&name))
-                .map_err(|e| format!("cannot open {}: {e}", dir.join(name).display()))
+            OpenOptions::new().create(true).append(true).open(dir.join(&name)).map_err(|e| format!("cannot open {}: {e}", dir.join(name).display()))
         };
-        Ok(JsonlWriter {
-            answers: open(format!("answers.w{worker}.jsonl"))?,
-            dead: open(format!("dead_letters.w{worker}.jsonl"))?,
-            columns,
-        })
+        Ok(JsonlWriter { answers: open(format!("answers.w{worker}.jsonl"))?, dead: open(format!("dead_letters.w{worker}.jsonl"))?, columns })
     }
 }
 
@@ -109,23 +90,15 @@ impl SinkWriter for JsonlWriter {
     fn write(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
         let mut buf = Vec::new();
         for a in &batch.answers {
-            serde_json::to_writer(&mut buf, &answer_json(a, self.columns))
-                .map_err(|e| SinkError::Fatal(e.to_string()))?;
+            serde_json::to_writer(&mut buf, &answer_json(a, self.columns)).map_err(|e| SinkError::Fatal(e.to_string()))?;
             buf.push(b'\n');
         }
-        self.answers
-            .write_all(&buf)
-            .and_then(|_| self.answers.sync_data())
-            .map_err(|e| SinkError::Transient(e.to_string()))?;
+        self.answers.write_all(&buf).and_then(|_| self.answers.sync_data()).map_err(|e| SinkError::Transient(e.to_string()))?;
         buf.clear();
         for d in &batch.dead {
-            serde_json::to_writer(&mut buf, &dead_letter_json(d))
-                .map_err(|e| SinkError::Fatal(e.to_string()))?;
+            serde_json::to_writer(&mut buf, &dead_letter_json(d)).map_err(|e| SinkError::Fatal(e.to_string()))?;
             buf.push(b'\n');
         }
-        self.dead
-            .write_all(&buf)
-            .and_then(|_| self.dead.sync_data())
-            .map_err(|e| SinkError::Transient(e.to_string()))
+        self.dead.write_all(&buf).and_then(|_| self.dead.sync_data()).map_err(|e| SinkError::Transient(e.to_string()))
     }
 }

@@ -21,41 +21,18 @@ pub fn expand(spec: &str) -> Result<Vec<InputFile>, String> {
     let mut files = Vec::new();
     if path.is_dir() {
         let pattern = format!("{}/**/*.csv", spec.trim_end_matches('/'));
-        for entry in glob::glob(&pattern)
-            .map_err(|e| format!("bad directory pattern {pattern}: {e}"))?
-            .flatten()
-        {
-            let name = entry
-                .strip_prefix(path)
-                .unwrap_or(&entry)
-                .display()
-                .to_string();
+        for entry in glob::glob(&pattern).map_err(|e| format!("bad directory pattern {pattern}: {e}"))?.flatten() {
+            let name = entry.strip_prefix(path).unwrap_or(&entry).display().to_string();
             files.push(InputFile { path: entry, name });
         }
     } else if path.is_file() {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| spec.to_string());
-        files.push(InputFile {
-            path: path.to_path_buf(),
-            name,
-        });
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| spec.to_string());
+        files.push(InputFile { path: path.to_path_buf(), name });
     } else {
-        let root: PathBuf = Path::new(spec)
-            .components()
-            .take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '[']))
-            .collect();
-        for entry in glob::glob(spec)
-            .map_err(|e| format!("bad glob `{spec}`: {e}"))?
-            .flatten()
-        {
+        let root: PathBuf = Path::new(spec).components().take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '['])).collect();
+        for entry in glob::glob(spec).map_err(|e| format!("bad glob `{spec}`: {e}"))?.flatten() {
             if entry.is_file() {
-                let name = entry
-                    .strip_prefix(&root)
-                    .unwrap_or(&entry)
-                    .display()
-                    .to_string();
+                let name = entry.strip_prefix(&root).unwrap_or(&entry).display().to_string();
                 files.push(InputFile { path: entry, name });
             }
         }

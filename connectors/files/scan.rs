@@ -26,16 +26,8 @@ pub struct Scanner<'a> {
 
 impl<'a> Scanner<'a> {
     pub fn new(data: &'a [u8], max_field: usize) -> Self {
-        let bom = if data.starts_with(&[0xEF, 0xBB, 0xBF]) {
-            3
-        } else {
-            0
-        };
-        Scanner {
-            data,
-            pos: bom,
-            max_field,
-        }
+        let bom = if data.starts_with(&[0xEF, 0xBB, 0xBF]) { 3 } else { 0 };
+        Scanner { data, pos: bom, max_field }
     }
 
     /// Where the next record starts.
@@ -49,10 +41,7 @@ impl<'a> Scanner<'a> {
     }
 
     fn line_end_from(&self, from: usize) -> usize {
-        self.data[from..]
-            .iter()
-            .position(|&b| b == b'\n' || b == b'\r')
-            .map_or(self.data.len(), |p| from + p)
+        self.data[from..].iter().position(|&b| b == b'\n' || b == b'\r').map_or(self.data.len(), |p| from + p)
     }
 
     fn skip_terminator(&mut self, at: usize) {
@@ -70,12 +59,7 @@ impl<'a> Scanner<'a> {
     fn resync(&mut self, start: usize, reason: DeadReason, detail: String) -> RawRecord<'a> {
         let end = self.line_end_from(start);
         self.skip_terminator(end);
-        RawRecord {
-            bytes: &self.data[start..end],
-            offset: start,
-            fields: 0,
-            error: Some((reason, detail)),
-        }
+        RawRecord { bytes: &self.data[start..end], offset: start, fields: 0, error: Some((reason, detail)) }
     }
 }
 
@@ -104,11 +88,7 @@ impl<'a> Iterator for Scanner<'a> {
                 loop {
                     match d[i..].iter().position(|&b| b == b'"') {
                         None => {
-                            return Some(self.resync(
-                                start,
-                                DeadReason::BrokenQuoting,
-                                format!("field {fields} opens a quote that never closes"),
-                            ));
+                            return Some(self.resync(start, DeadReason::BrokenQuoting, format!("field {fields} opens a quote that never closes")));
                         }
                         Some(p) => {
                             i += p + 1;
@@ -121,11 +101,7 @@ impl<'a> Iterator for Scanner<'a> {
                     }
                 }
                 if i < d.len() && !matches!(d[i], b',' | b'\n' | b'\r') {
-                    return Some(self.resync(
-                        start,
-                        DeadReason::BrokenQuoting,
-                        format!("field {fields} has text after its closing quote"),
-                    ));
+                    return Some(self.resync(start, DeadReason::BrokenQuoting, format!("field {fields} has text after its closing quote")));
                 }
             } else {
                 while i < d.len() && !matches!(d[i], b',' | b'\n' | b'\r') {
@@ -145,24 +121,13 @@ impl<'a> Iterator for Scanner<'a> {
         self.skip_terminator(end);
         let bytes = &d[start..end];
         let error = if let Some(f) = oversize {
-            Some((
-                DeadReason::OversizeField,
-                format!("field {f} is longer than {} bytes", self.max_field),
-            ))
+            Some((DeadReason::OversizeField, format!("field {f} is longer than {} bytes", self.max_field)))
         } else if let Err(e) = std::str::from_utf8(bytes) {
-            Some((
-                DeadReason::InvalidUtf8,
-                format!("invalid UTF-8 at byte {} of the record", e.valid_up_to()),
-            ))
+            Some((DeadReason::InvalidUtf8, format!("invalid UTF-8 at byte {} of the record", e.valid_up_to())))
         } else {
             None
         };
-        Some(RawRecord {
-            bytes,
-            offset: start,
-            fields,
-            error,
-        })
+        Some(RawRecord { bytes, offset: start, fields, error })
     }
 }
 
@@ -171,28 +136,13 @@ mod tests {
     use super::*;
 
     fn scan(s: &[u8]) -> Vec<(String, usize, Option<DeadReason>)> {
-        Scanner::new(s, 20)
-            .map(|r| {
-                (
-                    String::from_utf8_lossy(r.bytes).to_string(),
-                    r.fields,
-                    r.error.map(|e| e.0),
-                )
-            })
-            .collect()
+        Scanner::new(s, 20).map(|r| (String::from_utf8_lossy(r.bytes).to_string(), r.fields, r.error.map(|e| e.0))).collect()
     }
 
     #[test]
     fn plain_and_quoted_fields() {
         let got = scan(b"a,b,c\n\"x, y\",\"say \"\"hi\"\"\",z\r\n1,,3");
-        assert_eq!(
-            got,
-            vec![
-                ("a,b,c".into(), 3, None),
-                ("\"x, y\",\"say \"\"hi\"\"\",z".into(), 3, None),
-                ("1,,3".into(), 3, None),
-            ]
-        );
+        assert_eq!(got, vec![("a,b,c".into(), 3, None), ("\"x, y\",\"say \"\"hi\"\"\",z".into(), 3, None), ("1,,3".into(), 3, None),]);
     }
 
     #[test]

@@ -9,6 +9,9 @@ use std::collections::{BTreeSet, HashMap};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
+/// The table holding each pipeline's source offsets, written in the same transaction as its answers.
+pub const OFFSETS_TABLE: &str = "sluice_offsets";
+
 /// Where the sink writes.
 #[derive(Clone, Debug)]
 pub struct PostgresTarget {
@@ -30,12 +33,7 @@ pub fn expand_env(s: &str) -> String {
             Some(end) => {
                 let spec = &rest[start + 2..start + end];
                 let (var, default) = spec.split_once(":-").unwrap_or((spec, ""));
-                out.push_str(
-                    &std::env::var(var)
-                        .ok()
-                        .filter(|v| !v.is_empty())
-                        .unwrap_or_else(|| default.to_string()),
-                );
+                out.push_str(&std::env::var(var).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_string()));
                 rest = &rest[start + end + 1..];
             }
             None => {
@@ -62,10 +60,7 @@ fn classify(e: tokio_postgres::Error) -> SinkError {
     match e.code() {
         // Class 42 (syntax or access rule) and 28 (authorization) cannot succeed on retry.
         Some(code) if code.code().starts_with("42") || code.code().starts_with("28") => {
-            SinkError::Fatal(format!(
-                "{e}: {}",
-                e.as_db_error().map(|d| d.message()).unwrap_or("")
-            ))
+            SinkError::Fatal(format!("{e}: {}", e.as_db_error().map(|d| d.message()).unwrap_or("")))
         }
         _ => SinkError::Transient(match e.as_db_error() {
             Some(db) => format!("{e}: {}", db.message()),
@@ -85,17 +80,8 @@ fn sql_type(kind: ColumnKind) -> &'static str {
 impl PostgresWriter {
     /// Prepares a writer; it connects (and creates its tables) on the first write, and reconnects after errors.
     pub fn new(target: PostgresTarget, columns: &'static [Column]) -> Result<Self, String> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start a runtime: {e}"))?;
-        Ok(PostgresWriter {
-            rt,
-            target,
-            columns,
-            client: None,
-            known: BTreeSet::new(),
-        })
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
+        Ok(PostgresWriter { rt, target, columns, client: None, known: BTreeSet::new() })
     }
 
     /// Connects now and creates the tables, so configuration errors show at start-up.
@@ -106,6 +92,19 @@ impl PostgresWriter {
 
     fn table(&self) -> String {
         qualified(&self.target.schema, &self.target.table)
+    }
+
+    fn offsets_table(&self) -> String {
+        qualified(&self.target.schema, OFFSETS_TABLE)
+    }
+
+    /// The source offsets stored with this pipeline's answers, by partition.
+    pub fn load_offsets(&mut self, topic: &str) -> Result<HashMap<i32, i64>, SinkError> {
+        self.client()?;
+        let sql = format!("SELECT partition, next_offset FROM {} WHERE pipeline = $1 AND topic = $2", self.offsets_table());
+        let client = self.client.as_ref().expect("connected");
+        let rows = self.rt.block_on(client.query(sql.as_str(), &[&self.target.pipeline, &topic])).map_err(classify)?;
+        Ok(rows.iter().map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1))).collect())
     }
 
     fn dead_table(&self) -> String {
@@ -119,10 +118,8 @@ impl PostgresWriter {
         }
         if self.client.is_none() {
             let url = expand_env(&self.target.url);
-            let (client, connection) = self
-                .rt
-                .block_on(tokio_postgres::connect(&url, NoTls))
-                .map_err(|e| SinkError::Transient(format!("cannot connect to Postgres: {e}")))?;
+            let (client, connection) =
+                self.rt.block_on(tokio_postgres::connect(&url, NoTls)).map_err(|e| SinkError::Transient(format!("cannot connect to Postgres: {e}")))?;
             self.rt.spawn(async move {
                 if let Err(e) = connection.await {
                     tracing::warn!("postgres connection closed: {e}");
@@ -136,13 +133,13 @@ impl PostgresWriter {
             let ddl = format!(
                 "SELECT pg_advisory_xact_lock(7364912); \
                  CREATE TABLE IF NOT EXISTS {} ({cols}); \
-                 CREATE TABLE IF NOT EXISTS {} (source TEXT NOT NULL, position TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, raw BYTEA NOT NULL, pipeline TEXT NOT NULL, first_seen TIMESTAMPTZ NOT NULL DEFAULT now(), last_seen TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (source, position));",
+                 CREATE TABLE IF NOT EXISTS {} (source TEXT NOT NULL, position TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, raw BYTEA NOT NULL, pipeline TEXT NOT NULL, first_seen TIMESTAMPTZ NOT NULL DEFAULT now(), last_seen TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (source, position)); \
+                 CREATE TABLE IF NOT EXISTS {} (pipeline TEXT NOT NULL, topic TEXT NOT NULL, partition INT NOT NULL, next_offset BIGINT NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, topic, partition));",
                 self.table(),
-                self.dead_table()
+                self.dead_table(),
+                self.offsets_table()
             );
-            self.rt
-                .block_on(client.batch_execute(&format!("BEGIN; {ddl} COMMIT;")))
-                .map_err(classify)?;
+            self.rt.block_on(client.batch_execute(&format!("BEGIN; {ddl} COMMIT;"))).map_err(classify)?;
             self.client = Some(client);
         }
         Ok(self.client.as_ref().expect("connected"))
@@ -156,17 +153,12 @@ impl PostgresWriter {
         let table = self.table();
         let mut sql = String::from("BEGIN; SELECT pg_advisory_xact_lock(7364912);");
         for name in &missing {
-            sql.push_str(&format!(
-                " ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {} TEXT;",
-                quote_ident(name)
-            ));
+            sql.push_str(&format!(" ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {} TEXT;", quote_ident(name)));
         }
         sql.push_str(" COMMIT;");
         self.client()?;
         let client = self.client.as_ref().expect("connected");
-        self.rt
-            .block_on(client.batch_execute(&sql))
-            .map_err(classify)?;
+        self.rt.block_on(client.batch_execute(&sql)).map_err(classify)?;
         self.known.extend(missing);
         Ok(())
     }
@@ -183,18 +175,11 @@ impl PostgresWriter {
         for d in &batch.dead {
             dead_latest.insert((d.pos.source(), d.pos.position()), d);
         }
-        let passthrough: BTreeSet<String> = answers
-            .iter()
-            .flat_map(|a| a.passthrough.iter().map(|(k, _)| k.clone()))
-            .collect();
+        let passthrough: BTreeSet<String> = answers.iter().flat_map(|a| a.passthrough.iter().map(|(k, _)| k.clone())).collect();
         self.client()?;
         self.ensure_passthrough(&passthrough)?;
 
-        let answer_sql = if answers.is_empty() {
-            None
-        } else {
-            Some(self.answer_upsert(&passthrough))
-        };
+        let answer_sql = if answers.is_empty() { None } else { Some(self.answer_upsert(&passthrough)) };
         let dead_sql = format!(
             "INSERT INTO {t} AS cur (source, position, reason, detail, raw, pipeline) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[]) \
@@ -240,17 +225,8 @@ impl PostgresWriter {
             }
         }
         for name in &passthrough {
-            value_cols.push(Box::new(
-                answers
-                    .iter()
-                    .map(|a| {
-                        a.passthrough
-                            .iter()
-                            .find(|(k, _)| k == name)
-                            .map(|(_, v)| v.clone())
-                    })
-                    .collect::<Vec<Option<String>>>(),
-            ));
+            value_cols
+                .push(Box::new(answers.iter().map(|a| a.passthrough.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())).collect::<Vec<Option<String>>>()));
         }
         let mut dead: Vec<(&(String, String), &&DeadLetter)> = dead_latest.iter().collect();
         dead.sort_by(|a, b| a.0.cmp(b.0));
@@ -261,6 +237,19 @@ impl PostgresWriter {
         let d_raw: Vec<&[u8]> = dead.iter().map(|(_, d)| d.raw.as_slice()).collect();
         let d_pipeline: Vec<&str> = dead.iter().map(|_| self.target.pipeline.as_str()).collect();
 
+        let offsets_sql = format!(
+            "INSERT INTO {} AS cur (pipeline, topic, partition, next_offset) SELECT $1, * FROM UNNEST($2::text[], $3::int4[], $4::int8[]) \
+             ON CONFLICT (pipeline, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+            self.offsets_table()
+        );
+        let mut latest_offsets: std::collections::BTreeMap<(&str, i32), i64> = std::collections::BTreeMap::new();
+        for o in &batch.offsets {
+            latest_offsets.insert((o.topic.as_str(), o.partition), o.next_offset);
+        }
+        let o_topic: Vec<&str> = latest_offsets.keys().map(|k| k.0).collect();
+        let o_part: Vec<i32> = latest_offsets.keys().map(|k| k.1).collect();
+        let o_next: Vec<i64> = latest_offsets.values().copied().collect();
+        let pipeline = self.target.pipeline.clone();
         let client = self.client.as_mut().expect("connected");
         self.rt
             .block_on(async {
@@ -272,11 +261,10 @@ impl PostgresWriter {
                     tx.execute(sql.as_str(), &params).await?;
                 }
                 if !dead.is_empty() {
-                    tx.execute(
-                        dead_sql.as_str(),
-                        &[&d_source, &d_pos, &d_reason, &d_detail, &d_raw, &d_pipeline],
-                    )
-                    .await?;
+                    tx.execute(dead_sql.as_str(), &[&d_source, &d_pos, &d_reason, &d_detail, &d_raw, &d_pipeline]).await?;
+                }
+                if !o_topic.is_empty() {
+                    tx.execute(offsets_sql.as_str(), &[&pipeline, &o_topic, &o_part, &o_next]).await?;
                 }
                 tx.commit().await
             })
@@ -310,10 +298,7 @@ impl PostgresWriter {
         let aliases: Vec<String> = (0..names.len()).map(|i| format!("c{i}")).collect();
         let t = self.table();
         let updated: Vec<&String> = names.iter().skip(1).collect();
-        let set: Vec<String> = updated
-            .iter()
-            .map(|c| format!("{c} = EXCLUDED.{c}"))
-            .collect();
+        let set: Vec<String> = updated.iter().map(|c| format!("{c} = EXCLUDED.{c}")).collect();
         let old: Vec<String> = updated.iter().map(|c| format!("cur.{c}")).collect();
         let new: Vec<String> = updated.iter().map(|c| format!("EXCLUDED.{c}")).collect();
         format!(
@@ -334,6 +319,10 @@ impl SinkWriter for PostgresWriter {
         "postgres"
     }
 
+    fn stores_offsets(&self) -> bool {
+        true
+    }
+
     fn write(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
         let result = self.write_inner(batch);
         if let Err(SinkError::Transient(_)) = &result {
@@ -352,14 +341,8 @@ mod tests {
     #[test]
     fn env_vars_expand() {
         std::env::set_var("SLUICE_TEST_PGPASS", "pw");
-        assert_eq!(
-            expand_env("postgres://u:${SLUICE_TEST_PGPASS}@h/db"),
-            "postgres://u:pw@h/db"
-        );
+        assert_eq!(expand_env("postgres://u:${SLUICE_TEST_PGPASS}@h/db"), "postgres://u:pw@h/db");
         assert_eq!(expand_env("no vars"), "no vars");
-        assert_eq!(
-            expand_env("h=${SLUICE_TEST_UNSET_VAR:-127.0.0.1}"),
-            "h=127.0.0.1"
-        );
+        assert_eq!(expand_env("h=${SLUICE_TEST_UNSET_VAR:-127.0.0.1}"), "h=127.0.0.1");
     }
 }

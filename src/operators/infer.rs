@@ -30,18 +30,14 @@ pub fn infer<'s, T: Task>(
     requests: Stream<'s, u64, Vec<Envelope<T::Request>>>,
     task: Arc<T>,
     service: InferenceHandle<T::Model>,
-) -> (
-    Stream<'s, u64, Vec<Answer>>,
-    Stream<'s, u64, Vec<DeadLetter>>,
-) {
+) -> (Stream<'s, u64, Vec<Answer>>, Stream<'s, u64, Vec<DeadLetter>>) {
     let scope = requests.scope();
     let mut builder = OperatorBuilder::new("Infer".to_owned(), scope);
     let mut input = builder.new_input(requests, Pipeline);
     let (ans_out, ans_stream) = builder.new_output::<Vec<Answer>>();
     let (dead_out, dead_stream) = builder.new_output::<Vec<DeadLetter>>();
     let mut ans_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<Answer>>>::from(ans_out);
-    let mut dead_out =
-        OutputBuilder::<_, CapacityContainerBuilder<Vec<DeadLetter>>>::from(dead_out);
+    let mut dead_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<DeadLetter>>>::from(dead_out);
     let address = builder.operator_info().address.to_vec();
     let activator = scope.worker().sync_activator_for(address);
     let (reply, completions) = ReplyTo::new(Some(activator));
@@ -63,21 +59,9 @@ pub fn infer<'s, T: Task>(
                             let ticket = next_ticket;
                             next_ticket += 1;
                             let n = units.len();
-                            let entry = held.entry(time).or_insert_with(|| {
-                                (cap.delayed(&time, 0), cap.delayed(&time, 1), 0)
-                            });
+                            let entry = held.entry(time).or_insert_with(|| (cap.delayed(&time, 0), cap.delayed(&time, 1), 0));
                             entry.2 += 1;
-                            pending.insert(
-                                ticket,
-                                Pending {
-                                    time,
-                                    env,
-                                    prepared,
-                                    outs: (0..n).map(|_| None).collect(),
-                                    remaining: n,
-                                    error: None,
-                                },
-                            );
+                            pending.insert(ticket, Pending { time, env, prepared, outs: (0..n).map(|_| None).collect(), remaining: n, error: None });
                             service.submit(ticket, units, &reply);
                         }
                         Err((reason, detail)) => refused.push(DeadLetter {
@@ -90,8 +74,7 @@ pub fn infer<'s, T: Task>(
                     }
                 }
                 if !refused.is_empty() {
-                    dead.session(&cap.delayed(&time, 1))
-                        .give_iterator(refused.into_iter());
+                    dead.session(&cap.delayed(&time, 1)).give_iterator(refused.into_iter());
                 }
             });
             // Results the service has delivered since the last activation.
@@ -111,9 +94,7 @@ pub fn infer<'s, T: Task>(
             }
             for ticket in finished {
                 let p = pending.remove(&ticket).expect("finished ticket is pending");
-                let entry = held
-                    .get_mut(&p.time)
-                    .expect("an epoch with pending requests holds capabilities");
+                let entry = held.get_mut(&p.time).expect("an epoch with pending requests holds capabilities");
                 if let Some(error) = p.error {
                     dead.session(&entry.1).give(DeadLetter {
                         raw: serde_json::to_vec(&p.env.payload).unwrap_or_default(),
@@ -123,11 +104,7 @@ pub fn infer<'s, T: Task>(
                         ingest_ms: p.env.ingest_ms,
                     });
                 } else {
-                    let outs = p
-                        .outs
-                        .into_iter()
-                        .map(|o| o.expect("every unit completed"))
-                        .collect();
+                    let outs = p.outs.into_iter().map(|o| o.expect("every unit completed")).collect();
                     let values = task.finish(&p.env.payload, p.prepared, outs);
                     ans.session(&entry.0).give(Answer {
                         id: p.env.id,

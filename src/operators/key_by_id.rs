@@ -9,9 +9,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::Stream;
 
 /// Keeps, for each request ID, the record with the greatest source position.
-pub fn key_by_id<'s, P>(
-    requests: Stream<'s, u64, Vec<Envelope<P>>>,
-) -> Stream<'s, u64, Vec<Envelope<P>>>
+pub fn key_by_id<'s, P>(requests: Stream<'s, u64, Vec<Envelope<P>>>) -> Stream<'s, u64, Vec<Envelope<P>>>
 where
     P: timely::ExchangeData + differential_dataflow::ExchangeData + std::hash::Hash,
 {
@@ -19,24 +17,15 @@ where
         move |input, output| {
             input.for_each(|cap, data| {
                 let Some(&time) = cap.least() else { return };
-                output.session(&cap).give_iterator(
-                    data.drain(..)
-                        .map(|env| ((env.id.clone(), env), time, 1isize)),
-                );
+                output.session(&cap).give_iterator(data.drain(..).map(|env| ((env.id.clone(), env), time, 1isize)));
             });
         }
     });
-    let latest = updates
-        .as_collection()
-        .reduce_named("LatestPerId", |_id, versions, output| {
-            if let Some((env, _)) = versions
-                .iter()
-                .filter(|(_, diff)| *diff > 0)
-                .max_by(|a, b| a.0.pos.cmp(&b.0.pos))
-            {
-                output.push(((*env).clone(), 1isize));
-            }
-        });
+    let latest = updates.as_collection().reduce_named("LatestPerId", |_id, versions, output| {
+        if let Some((env, _)) = versions.iter().filter(|(_, diff)| *diff > 0).max_by(|a, b| a.0.pos.cmp(&b.0.pos)) {
+            output.push(((*env).clone(), 1isize));
+        }
+    });
     latest.inner.unary(Pipeline, "NewVersions", |_, _| {
         move |input, output| {
             input.for_each(|cap, data| {

@@ -3,6 +3,7 @@
 //! backoff until it is durable. The operator holds a capability on its (empty) output until then,
 //! so a probe on that output says exactly which epochs are durable.
 
+use crate::connectors::kafka::source::SourceOffset;
 use crate::connectors::{EpochBatch, SinkError, SinkWriter};
 use crate::progress::Progress;
 use crate::record::{now_ms, Answer, DeadLetter};
@@ -24,12 +25,13 @@ struct Ack {
     dead: u64,
 }
 
-/// Writes `answers` and `dead` through `writers`. The returned stream carries no data; probe it to
+/// Writes `answers`, `dead` and the source `offsets` through `writers`. The returned stream carries no data; probe it to
 /// learn which epochs are durable.
 pub fn durable_sink<'s>(
     answers: Stream<'s, u64, Vec<Answer>>,
     dead: Stream<'s, u64, Vec<DeadLetter>>,
-    writers: Vec<Box<dyn SinkWriter>>,
+    offsets: Stream<'s, u64, Vec<SourceOffset>>,
+    mut writers: Vec<Box<dyn SinkWriter>>,
     progress: Arc<Progress>,
 ) -> Stream<'s, u64, Vec<()>> {
     let scope = answers.scope();
@@ -37,6 +39,9 @@ pub fn durable_sink<'s>(
     let mut builder = OperatorBuilder::new("DurableSink".to_owned(), scope);
     let mut ans_in = builder.new_input(answers, Pipeline);
     let mut dead_in = builder.new_input(dead, Pipeline);
+    let mut off_in = builder.new_input(offsets, Pipeline);
+    // The sink that stores offsets goes last, after every other sink holds the epoch.
+    writers.sort_by_key(|w| w.stores_offsets());
     let (out, stream) = builder.new_output::<Vec<()>>();
     let _out = OutputBuilder::<_, CapacityContainerBuilder<Vec<()>>>::from(out);
     let address = builder.operator_info().address.to_vec();
@@ -57,29 +62,18 @@ pub fn durable_sink<'s>(
         move |frontiers| {
             ans_in.for_each(|cap, data| {
                 let Some(&t) = cap.least() else { return };
-                let entry = buffered.entry(t).or_insert_with(|| {
-                    (
-                        cap.delayed(&t, 0),
-                        EpochBatch {
-                            epoch: t,
-                            ..Default::default()
-                        },
-                    )
-                });
+                let entry = buffered.entry(t).or_insert_with(|| (cap.delayed(&t, 0), EpochBatch { epoch: t, ..Default::default() }));
                 entry.1.answers.append(data);
             });
             dead_in.for_each(|cap, data| {
                 let Some(&t) = cap.least() else { return };
-                let entry = buffered.entry(t).or_insert_with(|| {
-                    (
-                        cap.delayed(&t, 0),
-                        EpochBatch {
-                            epoch: t,
-                            ..Default::default()
-                        },
-                    )
-                });
+                let entry = buffered.entry(t).or_insert_with(|| (cap.delayed(&t, 0), EpochBatch { epoch: t, ..Default::default() }));
                 entry.1.dead.append(data);
+            });
+            off_in.for_each(|cap, data| {
+                let Some(&t) = cap.least() else { return };
+                let entry = buffered.entry(t).or_insert_with(|| (cap.delayed(&t, 0), EpochBatch { epoch: t, ..Default::default() }));
+                entry.1.offsets.append(data);
             });
             // Hand over every complete epoch, oldest first.
             while let Some((&t, _)) = buffered.first_key_value() {
@@ -89,8 +83,7 @@ pub fn durable_sink<'s>(
                 let (cap, batch) = buffered.remove(&t).expect("first key exists");
                 writing.insert(t, cap);
                 if let Some(tx) = &batch_tx {
-                    tx.send(batch)
-                        .expect("the sink thread outlives the operator");
+                    tx.send(batch).expect("the sink thread outlives the operator");
                 }
             }
             while let Ok(ack) = ack_rx.try_recv() {
@@ -99,10 +92,7 @@ pub fn durable_sink<'s>(
                 progress.dead.fetch_add(ack.dead, Ordering::Relaxed);
             }
             // All input is in and durable: stop the sink thread.
-            if buffered.is_empty()
-                && writing.is_empty()
-                && frontiers.iter().all(|f| f.frontier().is_empty())
-            {
+            if buffered.is_empty() && writing.is_empty() && frontiers.iter().all(|f| f.frontier().is_empty()) {
                 batch_tx = None;
                 if let Some(t) = thread.take() {
                     let _ = t.join();
@@ -125,19 +115,13 @@ fn write_loop(
         }
         let now = now_ms();
         for a in &batch.answers {
-            metrics::histogram!(crate::metrics::END_TO_END_LATENCY)
-                .record(now.saturating_sub(a.ingest_ms) as f64 / 1000.0);
+            metrics::histogram!(crate::metrics::END_TO_END_LATENCY).record(now.saturating_sub(a.ingest_ms) as f64 / 1000.0);
         }
         metrics::counter!(crate::metrics::ANSWERS).increment(batch.answers.len() as u64);
         for d in &batch.dead {
-            metrics::counter!(crate::metrics::DEAD_LETTERS, "reason" => d.reason.as_str())
-                .increment(1);
+            metrics::counter!(crate::metrics::DEAD_LETTERS, "reason" => d.reason.as_str()).increment(1);
         }
-        let _ = acks.send(Ack {
-            epoch: batch.epoch,
-            answers: batch.answers.len() as u64,
-            dead: batch.dead.len() as u64,
-        });
+        let _ = acks.send(Ack { epoch: batch.epoch, answers: batch.answers.len() as u64, dead: batch.dead.len() as u64 });
         let _ = activator.activate();
     }
 }
@@ -150,19 +134,12 @@ fn write_with_retry(writer: &mut dyn SinkWriter, batch: &EpochBatch) {
         let started = Instant::now();
         match writer.write(batch) {
             Ok(()) => {
-                metrics::histogram!(crate::metrics::SINK_WRITE_LATENCY, "sink" => writer.kind())
-                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!(crate::metrics::SINK_WRITE_LATENCY, "sink" => writer.kind()).record(started.elapsed().as_secs_f64());
                 return;
             }
             Err(SinkError::Transient(e)) => {
-                metrics::counter!(crate::metrics::SINK_RETRIES, "sink" => writer.kind())
-                    .increment(1);
-                tracing::warn!(
-                    sink = writer.kind(),
-                    epoch = batch.epoch,
-                    "write failed, retrying in {:?}: {e}",
-                    delay
-                );
+                metrics::counter!(crate::metrics::SINK_RETRIES, "sink" => writer.kind()).increment(1);
+                tracing::warn!(sink = writer.kind(), epoch = batch.epoch, "write failed, retrying in {:?}: {e}", delay);
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(10));
             }

@@ -55,29 +55,16 @@ pub struct ExtractiveQa {
 }
 
 const COLUMNS: &[Column] = &[
-    Column {
-        name: "answer",
-        kind: ColumnKind::Text,
-    },
-    Column {
-        name: "start_char",
-        kind: ColumnKind::Int,
-    },
-    Column {
-        name: "end_char",
-        kind: ColumnKind::Int,
-    },
-    Column {
-        name: "score",
-        kind: ColumnKind::Float,
-    },
+    Column { name: "answer", kind: ColumnKind::Text },
+    Column { name: "start_char", kind: ColumnKind::Int },
+    Column { name: "end_char", kind: ColumnKind::Int },
+    Column { name: "score", kind: ColumnKind::Float },
 ];
 
 impl ExtractiveQa {
     /// Loads the tokenizer and sets its truncation to strided windows.
     pub fn new(tokenizer_path: &Path, settings: QaSettings, label: String) -> Result<Self, String> {
-        let mut tokenizer = Tokenizer::from_file(tokenizer_path)
-            .map_err(|e| format!("cannot load tokenizer {}: {e}", tokenizer_path.display()))?;
+        let mut tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|e| format!("cannot load tokenizer {}: {e}", tokenizer_path.display()))?;
         tokenizer
             .with_truncation(Some(TruncationParams {
                 direction: TruncationDirection::Right,
@@ -87,15 +74,8 @@ impl ExtractiveQa {
             }))
             .map_err(|e| format!("cannot set truncation: {e}"))?;
         tokenizer.with_padding(None);
-        let cls_id = ["[CLS]", "<s>", "<cls>"]
-            .iter()
-            .find_map(|t| tokenizer.token_to_id(t));
-        Ok(ExtractiveQa {
-            tokenizer,
-            settings,
-            cls_id,
-            label,
-        })
+        let cls_id = ["[CLS]", "<s>", "<cls>"].iter().find_map(|t| tokenizer.token_to_id(t));
+        Ok(ExtractiveQa { tokenizer, settings, cls_id, label })
     }
 
     /// Tokenizes into windows: the first encoding, then its overflowing windows, as transformers orders them.
@@ -103,15 +83,7 @@ impl ExtractiveQa {
         let encoding = self
             .tokenizer
             .encode_char_offsets((request.question.as_str(), request.context.as_str()), true)
-            .map_err(|e| {
-                (
-                    DeadReason::QuestionTooLong,
-                    format!(
-                        "cannot fit question and context into windows of {} tokens: {e}",
-                        self.settings.max_seq_len
-                    ),
-                )
-            })?;
+            .map_err(|e| (DeadReason::QuestionTooLong, format!("cannot fit question and context into windows of {} tokens: {e}", self.settings.max_seq_len)))?;
         let mut windows = vec![encoding.clone()];
         windows.extend(encoding.get_overflowing().iter().cloned());
         for w in &mut windows {
@@ -122,17 +94,10 @@ impl ExtractiveQa {
 
     /// Picks the best span across windows, as the transformers pipeline does (top_k = 1,
     /// handle_impossible_answer = false, align_to_words = true).
-    pub fn best_span(
-        &self,
-        context: &str,
-        windows: &[Encoding],
-        logits: &[WindowLogits],
-    ) -> Option<Span> {
+    pub fn best_span(&self, context: &str, windows: &[Encoding], logits: &[WindowLogits]) -> Option<Span> {
         let mut best: Option<(f64, &Encoding, usize, usize)> = None;
         for (enc, lg) in windows.iter().zip(logits) {
-            if let Some((s, e, score)) =
-                select_span(enc, lg, self.cls_id, self.settings.max_answer_len)
-            {
+            if let Some((s, e, score)) = select_span(enc, lg, self.cls_id, self.settings.max_answer_len) {
                 if best.as_ref().is_none_or(|b| score > b.0) {
                     best = Some((score, enc, s, e));
                 }
@@ -140,42 +105,24 @@ impl ExtractiveQa {
         }
         let (score, enc, s, e) = best?;
         let (start, end) = span_chars(enc, s, e);
-        let answer: String = context
-            .chars()
-            .skip(start)
-            .take(end.saturating_sub(start))
-            .collect();
-        Some(Span {
-            answer,
-            start,
-            end,
-            score,
-        })
+        let answer: String = context.chars().skip(start).take(end.saturating_sub(start)).collect();
+        Some(Span { answer, start, end, score })
     }
 }
 
 /// The transformers pipeline's `select_starts_ends` + `decode_spans` for one window: mask
 /// non-context tokens (keeping CLS), softmax each of start and end, zero the first token, and take
 /// the highest `p(start) * p(end)` with `start <= end < start + max_answer_len`.
-pub fn select_span(
-    enc: &Encoding,
-    lg: &WindowLogits,
-    cls_id: Option<u32>,
-    max_answer_len: usize,
-) -> Option<(usize, usize, f64)> {
+pub fn select_span(enc: &Encoding, lg: &WindowLogits, cls_id: Option<u32>, max_answer_len: usize) -> Option<(usize, usize, f64)> {
     let n = lg.start.len().min(enc.len());
     if n == 0 {
         return None;
     }
     let seq = enc.get_sequence_ids();
     let ids = enc.get_ids();
-    let desired: Vec<bool> = (0..n)
-        .map(|i| seq[i] == Some(1) || Some(ids[i]) == cls_id)
-        .collect();
+    let desired: Vec<bool> = (0..n).map(|i| seq[i] == Some(1) || Some(ids[i]) == cls_id).collect();
     let probs = |logits: &[f32]| -> Vec<f32> {
-        let masked: Vec<f32> = (0..n)
-            .map(|i| if desired[i] { logits[i] } else { -10000.0 })
-            .collect();
+        let masked: Vec<f32> = (0..n).map(|i| if desired[i] { logits[i] } else { -10000.0 }).collect();
         let max = masked.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         let exps: Vec<f32> = masked.iter().map(|x| (x - max).exp()).collect();
         let sum: f32 = pairwise_sum(&exps);
@@ -237,10 +184,7 @@ fn pairwise_sum(x: &[f32]) -> f32 {
 /// Character offsets of tokens `s..=e`, widened to whole words as the pipeline's `align_to_words` does.
 fn span_chars(enc: &Encoding, s: usize, e: usize) -> (usize, usize) {
     let offsets = enc.get_offsets();
-    let word_span = |t: usize| {
-        enc.token_to_word(t)
-            .and_then(|(seq, w)| enc.word_to_chars(w, seq))
-    };
+    let word_span = |t: usize| enc.token_to_word(t).and_then(|(seq, w)| enc.word_to_chars(w, seq));
     match (word_span(s), word_span(e)) {
         (Some(ws), Some(we)) => (ws.0, we.1),
         _ => (offsets[s].0, offsets[e].1),
@@ -260,17 +204,10 @@ impl Task for ExtractiveQa {
         &self.label
     }
 
-    fn decode_fields(
-        &self,
-        fields: &[(&str, &str)],
-    ) -> Result<(QaRequest, Vec<(String, String)>), Refusal> {
+    fn decode_fields(&self, fields: &[(&str, &str)]) -> Result<(QaRequest, Vec<(String, String)>), Refusal> {
         let get = |name: &str| fields.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
-        let question = get("question").ok_or((
-            DeadReason::MissingColumn,
-            "no `question` column".to_string(),
-        ))?;
-        let context =
-            get("context").ok_or((DeadReason::MissingColumn, "no `context` column".to_string()))?;
+        let question = get("question").ok_or((DeadReason::MissingColumn, "no `question` column".to_string()))?;
+        let context = get("context").ok_or((DeadReason::MissingColumn, "no `context` column".to_string()))?;
         if question.trim().is_empty() {
             return Err((DeadReason::EmptyField, "`question` is empty".into()));
         }
@@ -281,56 +218,26 @@ impl Task for ExtractiveQa {
             .iter()
             .filter(|(k, _)| !matches!(*k, "question" | "context" | "id"))
             .map(|(k, v)| {
-                let name = if COLUMNS.iter().any(|c| c.name == *k)
-                    || matches!(*k, "model" | "updated_at")
-                {
-                    format!("input_{k}")
-                } else {
-                    k.to_string()
-                };
+                let name = if COLUMNS.iter().any(|c| c.name == *k) || matches!(*k, "model" | "updated_at") { format!("input_{k}") } else { k.to_string() };
                 (name, v.to_string())
             })
             .collect();
-        Ok((
-            QaRequest {
-                question: question.to_string(),
-                context: context.to_string(),
-            },
-            passthrough,
-        ))
+        Ok((QaRequest { question: question.to_string(), context: context.to_string() }, passthrough))
     }
 
     fn prepare(&self, request: &QaRequest) -> Result<(Vec<Encoding>, Vec<Window>), Refusal> {
         let windows = self.windows(request)?;
         let units = windows
             .iter()
-            .map(|w| Window {
-                ids: w.get_ids().iter().map(|&i| i as i64).collect(),
-                type_ids: w.get_type_ids().iter().map(|&i| i as i64).collect(),
-            })
+            .map(|w| Window { ids: w.get_ids().iter().map(|&i| i as i64).collect(), type_ids: w.get_type_ids().iter().map(|&i| i as i64).collect() })
             .collect();
         Ok((windows, units))
     }
 
-    fn finish(
-        &self,
-        request: &QaRequest,
-        windows: Vec<Encoding>,
-        outs: Vec<WindowLogits>,
-    ) -> Vec<Value> {
+    fn finish(&self, request: &QaRequest, windows: Vec<Encoding>, outs: Vec<WindowLogits>) -> Vec<Value> {
         match self.best_span(&request.context, &windows, &outs) {
-            Some(span) => vec![
-                Value::Text(span.answer),
-                Value::Int(span.start as i64),
-                Value::Int(span.end as i64),
-                Value::Float(span.score),
-            ],
-            None => vec![
-                Value::Text(String::new()),
-                Value::Int(0),
-                Value::Int(0),
-                Value::Float(0.0),
-            ],
+            Some(span) => vec![Value::Text(span.answer), Value::Int(span.start as i64), Value::Int(span.end as i64), Value::Float(span.score)],
+            None => vec![Value::Text(String::new()), Value::Int(0), Value::Int(0), Value::Float(0.0)],
         }
     }
 }
@@ -347,24 +254,13 @@ pub struct QaModel {
 
 impl QaModel {
     /// Loads the model and checks its inputs and outputs.
-    pub fn load(
-        path: &Path,
-        padding: Padding,
-        max_seq_len: usize,
-        intra_threads: usize,
-        invariant: bool,
-    ) -> Result<Self, String> {
+    pub fn load(path: &Path, padding: Padding, max_seq_len: usize, intra_threads: usize, invariant: bool) -> Result<Self, String> {
         let env = crate::ortlib::environment()?;
-        let mut builder = ort::session::Session::builder(env)
-            .map_err(|e| format!("cannot create an ONNX Runtime session: {e}"))?;
+        let mut builder = ort::session::Session::builder(env).map_err(|e| format!("cannot create an ONNX Runtime session: {e}"))?;
         if intra_threads > 0 {
-            builder = builder
-                .with_intra_threads(intra_threads)
-                .map_err(|e| format!("cannot set intra_threads: {e}"))?;
+            builder = builder.with_intra_threads(intra_threads).map_err(|e| format!("cannot set intra_threads: {e}"))?;
         }
-        let session = builder
-            .commit_from_file(path)
-            .map_err(|e| format!("cannot load model {}: {e}", path.display()))?;
+        let session = builder.commit_from_file(path).map_err(|e| format!("cannot load model {}: {e}", path.display()))?;
         let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
         for need in ["input_ids", "attention_mask"] {
@@ -378,14 +274,7 @@ impl QaModel {
             }
         }
         let has_type_ids = inputs.contains(&"token_type_ids");
-        Ok(QaModel {
-            session,
-            has_type_ids,
-            padding,
-            max_seq_len,
-            pad_id: 0,
-            invariant,
-        })
+        Ok(QaModel { session, has_type_ids, padding, max_seq_len, pad_id: 0, invariant })
     }
 }
 
@@ -419,29 +308,19 @@ impl Model for QaModel {
             types[row..row + u.type_ids.len()].copy_from_slice(&u.type_ids);
         }
         let shape = vec![b as i64, width as i64];
-        let t = |v: Vec<i64>| {
-            Tensor::from_array((shape.clone(), v))
-                .map_err(|e| format!("cannot build input tensor: {e}"))
-        };
+        let t = |v: Vec<i64>| Tensor::from_array((shape.clone(), v)).map_err(|e| format!("cannot build input tensor: {e}"));
         let outputs = if self.has_type_ids {
             self.session.run(ort::inputs!["input_ids" => t(ids)?, "attention_mask" => t(mask)?, "token_type_ids" => t(types)?])
         } else {
             self.session.run(ort::inputs!["input_ids" => t(ids)?, "attention_mask" => t(mask)?])
         }
         .map_err(|e| format!("model run failed: {e}"))?;
-        let (_, start) = outputs["start_logits"]
-            .try_extract_tensor::<f32>()
-            .map_err(|e| format!("bad start_logits: {e}"))?;
-        let (_, end) = outputs["end_logits"]
-            .try_extract_tensor::<f32>()
-            .map_err(|e| format!("bad end_logits: {e}"))?;
+        let (_, start) = outputs["start_logits"].try_extract_tensor::<f32>().map_err(|e| format!("bad start_logits: {e}"))?;
+        let (_, end) = outputs["end_logits"].try_extract_tensor::<f32>().map_err(|e| format!("bad end_logits: {e}"))?;
         Ok(units
             .iter()
             .enumerate()
-            .map(|(r, u)| WindowLogits {
-                start: start[r * width..r * width + u.ids.len()].to_vec(),
-                end: end[r * width..r * width + u.ids.len()].to_vec(),
-            })
+            .map(|(r, u)| WindowLogits { start: start[r * width..r * width + u.ids.len()].to_vec(), end: end[r * width..r * width + u.ids.len()].to_vec() })
             .collect())
     }
 }

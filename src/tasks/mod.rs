@@ -33,10 +33,7 @@ pub trait Task: Send + Sync + 'static {
     fn decode_fields(&self, fields: &[(&str, &str)]) -> Result<Decoded<Self::Request>, Refusal>;
     /// Decodes a JSON object (a Kafka message) into a request. By default its string and number
     /// fields are read as text fields, as from a CSV row.
-    fn decode_json(
-        &self,
-        obj: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<Self::Request, Refusal> {
+    fn decode_json(&self, obj: &serde_json::Map<String, serde_json::Value>) -> Result<Self::Request, Refusal> {
         let texts: Vec<(&str, String)> = obj
             .iter()
             .filter_map(|(k, v)| match v {
@@ -50,24 +47,15 @@ pub trait Task: Send + Sync + 'static {
     }
 
     /// Pre-processes a request into model units, on the worker thread.
-    fn prepare(
-        &self,
-        request: &Self::Request,
-    ) -> Result<Prepared<Self::Prepared, Self::Model>, Refusal>;
+    fn prepare(&self, request: &Self::Request) -> Result<Prepared<Self::Prepared, Self::Model>, Refusal>;
     /// Turns the model's outputs for one request into answer values.
-    fn finish(
-        &self,
-        request: &Self::Request,
-        prepared: Self::Prepared,
-        outs: Vec<<Self::Model as Model>::Out>,
-    ) -> Vec<Value>;
+    fn finish(&self, request: &Self::Request, prepared: Self::Prepared, outs: Vec<<Self::Model as Model>::Out>) -> Vec<Value>;
 }
 
 /// `name@version`, the version being the first 12 hex digits of the model file's SHA-256.
 pub fn model_label(name: &str, model_path: &std::path::Path) -> Result<String, String> {
     use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(model_path)
-        .map_err(|e| format!("cannot read model {}: {e}", model_path.display()))?;
+    let bytes = std::fs::read(model_path).map_err(|e| format!("cannot read model {}: {e}", model_path.display()))?;
     let digest = Sha256::digest(&bytes);
     Ok(format!("{name}@{}", &hex::encode(digest)[..12]))
 }
@@ -76,7 +64,5 @@ pub fn model_label(name: &str, model_path: &std::path::Path) -> Result<String, S
 /// tensor, so a unit's output would depend on its batch-mates and on padding.
 pub fn uses_dynamic_quantization(model_path: &std::path::Path) -> bool {
     let needle = b"DynamicQuantize";
-    std::fs::read(model_path)
-        .map(|b| b.windows(needle.len()).any(|w| w == needle))
-        .unwrap_or(false)
+    std::fs::read(model_path).map(|b| b.windows(needle.len()).any(|w| w == needle)).unwrap_or(false)
 }

@@ -42,16 +42,10 @@ pub struct InputSpec {
     pub rank: usize,
 }
 
-const COLUMNS: &[Column] = &[Column {
-    name: "prediction",
-    kind: ColumnKind::Float,
-}];
+const COLUMNS: &[Column] = &[Column { name: "prediction", kind: ColumnKind::Float }];
 
 /// Reads the model's inputs and picks its prediction output.
-fn describe(
-    session: &ort::session::Session,
-    output: Option<&str>,
-) -> Result<(Vec<InputSpec>, String), String> {
+fn describe(session: &ort::session::Session, output: Option<&str>) -> Result<(Vec<InputSpec>, String), String> {
     let mut specs = Vec::new();
     for input in session.inputs() {
         let (kind, rank) = match input.dtype() {
@@ -62,7 +56,9 @@ fn describe(
                     TensorElementType::Float32 => InputKind::F32,
                     TensorElementType::Float64 => InputKind::F64,
                     TensorElementType::String => InputKind::Str,
-                    other => return Err(format!("input `{}` has element type {other:?}; tabular supports int64, int32, float, double and string", input.name())),
+                    other => {
+                        return Err(format!("input `{}` has element type {other:?}; tabular supports int64, int32, float, double and string", input.name()))
+                    }
                 };
                 let rank = shape.len();
                 if !(1..=2).contains(&rank) || (rank == 2 && shape[1] > 1) {
@@ -70,18 +66,9 @@ fn describe(
                 }
                 (kind, rank)
             }
-            other => {
-                return Err(format!(
-                    "input `{}` is {other:?}, not a tensor",
-                    input.name()
-                ))
-            }
+            other => return Err(format!("input `{}` is {other:?}, not a tensor", input.name())),
         };
-        specs.push(InputSpec {
-            name: input.name().to_string(),
-            kind,
-            rank,
-        });
+        specs.push(InputSpec { name: input.name().to_string(), kind, rank });
     }
     let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
     let out = match output {
@@ -94,16 +81,11 @@ fn describe(
 
 fn load_session(path: &Path, intra_threads: usize) -> Result<ort::session::Session, String> {
     let env = crate::ortlib::environment()?;
-    let mut builder = ort::session::Session::builder(env)
-        .map_err(|e| format!("cannot create an ONNX Runtime session: {e}"))?;
+    let mut builder = ort::session::Session::builder(env).map_err(|e| format!("cannot create an ONNX Runtime session: {e}"))?;
     if intra_threads > 0 {
-        builder = builder
-            .with_intra_threads(intra_threads)
-            .map_err(|e| format!("cannot set intra_threads: {e}"))?;
+        builder = builder.with_intra_threads(intra_threads).map_err(|e| format!("cannot set intra_threads: {e}"))?;
     }
-    builder
-        .commit_from_file(path)
-        .map_err(|e| format!("cannot load model {}: {e}", path.display()))
+    builder.commit_from_file(path).map_err(|e| format!("cannot load model {}: {e}", path.display()))
 }
 
 /// The tabular task.
@@ -126,21 +108,10 @@ impl Tabular {
     }
 
     fn feature_from_json(spec: &InputSpec, v: &serde_json::Value) -> Result<Feature, Refusal> {
-        let wrong = |want: &str| {
-            (
-                DeadReason::WrongType,
-                format!("field `{}` must be {want}, got {v}", spec.name),
-            )
-        };
+        let wrong = |want: &str| (DeadReason::WrongType, format!("field `{}` must be {want}, got {v}", spec.name));
         match spec.kind {
-            InputKind::I64 | InputKind::I32 => v
-                .as_i64()
-                .map(Feature::Int)
-                .ok_or_else(|| wrong("an integer")),
-            InputKind::F32 | InputKind::F64 => v
-                .as_f64()
-                .map(|x| Feature::Float(x.to_bits()))
-                .ok_or_else(|| wrong("a number")),
+            InputKind::I64 | InputKind::I32 => v.as_i64().map(Feature::Int).ok_or_else(|| wrong("an integer")),
+            InputKind::F32 | InputKind::F64 => v.as_f64().map(|x| Feature::Float(x.to_bits())).ok_or_else(|| wrong("a number")),
             InputKind::Str => match v {
                 serde_json::Value::String(s) => Ok(Feature::Text(s.clone())),
                 serde_json::Value::Number(n) if n.is_i64() => Ok(Feature::Text(n.to_string())),
@@ -150,39 +121,20 @@ impl Tabular {
     }
 
     fn feature_from_text(spec: &InputSpec, s: &str) -> Result<Feature, Refusal> {
-        let wrong = |want: &str| {
-            (
-                DeadReason::WrongType,
-                format!("field `{}` must be {want}, got `{s}`", spec.name),
-            )
-        };
+        let wrong = |want: &str| (DeadReason::WrongType, format!("field `{}` must be {want}, got `{s}`", spec.name));
         let t = s.trim();
         match spec.kind {
-            InputKind::I64 | InputKind::I32 => t
-                .parse::<i64>()
-                .map(Feature::Int)
-                .map_err(|_| wrong("an integer")),
-            InputKind::F32 | InputKind::F64 => t
-                .parse::<f64>()
-                .map(|x| Feature::Float(x.to_bits()))
-                .map_err(|_| wrong("a number")),
+            InputKind::I64 | InputKind::I32 => t.parse::<i64>().map(Feature::Int).map_err(|_| wrong("an integer")),
+            InputKind::F32 | InputKind::F64 => t.parse::<f64>().map(|x| Feature::Float(x.to_bits())).map_err(|_| wrong("a number")),
             InputKind::Str => Ok(Feature::Text(s.to_string())),
         }
     }
 
     /// Decodes a JSON object: one field per model input.
-    pub fn decode_object(
-        &self,
-        obj: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<TabularRequest, Refusal> {
+    pub fn decode_object(&self, obj: &serde_json::Map<String, serde_json::Value>) -> Result<TabularRequest, Refusal> {
         let mut features = Vec::with_capacity(self.specs.len());
         for spec in &self.specs {
-            let v = obj.get(&spec.name).ok_or_else(|| {
-                (
-                    DeadReason::MissingField,
-                    format!("no field `{}`", spec.name),
-                )
-            })?;
+            let v = obj.get(&spec.name).ok_or_else(|| (DeadReason::MissingField, format!("no field `{}`", spec.name)))?;
             features.push(Self::feature_from_json(spec, v)?);
         }
         Ok(TabularRequest { features })
@@ -202,36 +154,22 @@ impl Task for Tabular {
         &self.label
     }
 
-    fn decode_fields(
-        &self,
-        fields: &[(&str, &str)],
-    ) -> Result<(TabularRequest, Vec<(String, String)>), Refusal> {
+    fn decode_fields(&self, fields: &[(&str, &str)]) -> Result<(TabularRequest, Vec<(String, String)>), Refusal> {
         let mut features = Vec::with_capacity(self.specs.len());
         for spec in &self.specs {
             let v = fields
                 .iter()
                 .find(|(k, _)| *k == spec.name)
                 .map(|(_, v)| *v)
-                .ok_or_else(|| {
-                    (
-                        DeadReason::MissingColumn,
-                        format!("no `{}` column", spec.name),
-                    )
-                })?;
+                .ok_or_else(|| (DeadReason::MissingColumn, format!("no `{}` column", spec.name)))?;
             features.push(Self::feature_from_text(spec, v)?);
         }
-        let passthrough = fields
-            .iter()
-            .filter(|(k, _)| *k != "id" && !self.specs.iter().any(|s| s.name == *k))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let passthrough =
+            fields.iter().filter(|(k, _)| *k != "id" && !self.specs.iter().any(|s| s.name == *k)).map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Ok((TabularRequest { features }, passthrough))
     }
 
-    fn decode_json(
-        &self,
-        obj: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<TabularRequest, Refusal> {
+    fn decode_json(&self, obj: &serde_json::Map<String, serde_json::Value>) -> Result<TabularRequest, Refusal> {
         self.decode_object(obj)
     }
 
@@ -255,11 +193,7 @@ impl TabularModel {
     pub fn load(path: &Path, output: Option<&str>, intra_threads: usize) -> Result<Self, String> {
         let session = load_session(path, intra_threads)?;
         let (specs, output) = describe(&session, output)?;
-        Ok(TabularModel {
-            session,
-            specs,
-            output,
-        })
+        Ok(TabularModel { session, specs, output })
     }
 }
 
@@ -280,66 +214,24 @@ impl Model for TabularModel {
         let n = units.len();
         let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(self.specs.len());
         for (i, spec) in self.specs.iter().enumerate() {
-            let shape: Vec<i64> = if spec.rank == 2 {
-                vec![n as i64, 1]
-            } else {
-                vec![n as i64]
-            };
+            let shape: Vec<i64> = if spec.rank == 2 { vec![n as i64, 1] } else { vec![n as i64] };
             let err = |e: ort::Error| format!("cannot build input `{}`: {e}", spec.name);
             let value: DynValue = match spec.kind {
-                InputKind::I64 => Tensor::from_array((
-                    shape,
-                    units
-                        .iter()
-                        .map(|u| as_i64(&u.features[i]))
-                        .collect::<Vec<i64>>(),
-                ))
-                .map_err(err)?
-                .into_dyn(),
-                InputKind::I32 => Tensor::from_array((
-                    shape,
-                    units
-                        .iter()
-                        .map(|u| as_i64(&u.features[i]) as i32)
-                        .collect::<Vec<i32>>(),
-                ))
-                .map_err(err)?
-                .into_dyn(),
-                InputKind::F32 => Tensor::from_array((
-                    shape,
-                    units
-                        .iter()
-                        .map(|u| as_f64(&u.features[i]) as f32)
-                        .collect::<Vec<f32>>(),
-                ))
-                .map_err(err)?
-                .into_dyn(),
-                InputKind::F64 => Tensor::from_array((
-                    shape,
-                    units
-                        .iter()
-                        .map(|u| as_f64(&u.features[i]))
-                        .collect::<Vec<f64>>(),
-                ))
-                .map_err(err)?
-                .into_dyn(),
-                InputKind::Str => Tensor::from_string_array((
-                    shape,
-                    units
-                        .iter()
-                        .map(|u| as_text(&u.features[i]))
-                        .collect::<Vec<String>>()
-                        .as_slice(),
-                ))
-                .map_err(err)?
-                .into_dyn(),
+                InputKind::I64 => Tensor::from_array((shape, units.iter().map(|u| as_i64(&u.features[i])).collect::<Vec<i64>>())).map_err(err)?.into_dyn(),
+                InputKind::I32 => {
+                    Tensor::from_array((shape, units.iter().map(|u| as_i64(&u.features[i]) as i32).collect::<Vec<i32>>())).map_err(err)?.into_dyn()
+                }
+                InputKind::F32 => {
+                    Tensor::from_array((shape, units.iter().map(|u| as_f64(&u.features[i]) as f32).collect::<Vec<f32>>())).map_err(err)?.into_dyn()
+                }
+                InputKind::F64 => Tensor::from_array((shape, units.iter().map(|u| as_f64(&u.features[i])).collect::<Vec<f64>>())).map_err(err)?.into_dyn(),
+                InputKind::Str => Tensor::from_string_array((shape, units.iter().map(|u| as_text(&u.features[i])).collect::<Vec<String>>().as_slice()))
+                    .map_err(err)?
+                    .into_dyn(),
             };
             inputs.push((spec.name.clone(), value));
         }
-        let outputs = self
-            .session
-            .run(inputs)
-            .map_err(|e| format!("model run failed: {e}"))?;
+        let outputs = self.session.run(inputs).map_err(|e| format!("model run failed: {e}"))?;
         let out = &outputs[self.output.as_str()];
         if let Ok((_, v)) = out.try_extract_tensor::<f32>() {
             return Ok(v.iter().take(n).map(|x| *x as f64).collect());
@@ -350,10 +242,7 @@ impl Model for TabularModel {
         if let Ok((_, v)) = out.try_extract_tensor::<i64>() {
             return Ok(v.iter().take(n).map(|x| *x as f64).collect());
         }
-        Err(format!(
-            "output `{}` is not a float, double or int64 tensor",
-            self.output
-        ))
+        Err(format!("output `{}` is not a float, double or int64 tensor", self.output))
     }
 }
 

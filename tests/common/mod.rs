@@ -12,8 +12,7 @@ pub fn repo() -> PathBuf {
 
 /// The Postgres the scripts start (scripts/pg.sh); override with SLUICE_PG_URL.
 pub fn pg_url() -> String {
-    std::env::var("SLUICE_PG_URL")
-        .unwrap_or_else(|_| "postgres://sluice:sluice@127.0.0.1:5432/sluice".into())
+    std::env::var("SLUICE_PG_URL").unwrap_or_else(|_| "postgres://sluice:sluice@127.0.0.1:5432/sluice".into())
 }
 
 /// A QA topology over `input`, with `sinks` as TOML text (empty for the embedded default).
@@ -49,25 +48,14 @@ pub fn jsonl_sink(dir: &Path) -> String {
 
 pub fn run(text: &str, workers: usize) -> Summary {
     let topology = Topology::parse("test.toml", text).unwrap_or_else(|e| panic!("{e}"));
-    runtime::run(
-        &topology,
-        &RunOptions {
-            workers: Some(workers),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("run failed: {e}"))
+    runtime::run(&topology, &RunOptions { workers: Some(workers), ..Default::default() }).unwrap_or_else(|e| panic!("run failed: {e}"))
 }
 
 /// Every JSON line of the files in `dir` whose names start with `prefix`.
 pub fn read_lines(dir: &Path, prefix: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
-        .collect();
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix)).collect();
     files.sort();
     for f in files {
         for line in std::fs::read_to_string(&f).unwrap().lines() {
@@ -79,8 +67,5 @@ pub fn read_lines(dir: &Path, prefix: &str) -> Vec<serde_json::Value> {
 
 /// Answers by ID.
 pub fn answers_by_id(dir: &Path) -> BTreeMap<String, serde_json::Value> {
-    read_lines(dir, "answers.w")
-        .into_iter()
-        .map(|v| (v["id"].as_str().unwrap().to_string(), v))
-        .collect()
+    read_lines(dir, "answers.w").into_iter().map(|v| (v["id"].as_str().unwrap().to_string(), v)).collect()
 }

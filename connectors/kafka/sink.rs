@@ -1,0 +1,122 @@
+//! The Kafka results sink: every answer goes to the results topic keyed by its request ID, with
+//! the ID also in a `request_id` header, through an idempotent producer. An epoch counts as
+//! written only when every message is acknowledged; otherwise the whole epoch is sent again, so
+//! the topic is at-least-once and a duplicate carries the same ID. Dead letters go to their own
+//! topic with the reason in a header and the original bytes as the payload.
+
+use super::{base_config, ID_HEADER};
+use crate::connectors::{EpochBatch, SinkError, SinkWriter};
+use crate::record::{Answer, Column};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::ClientContext;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Counts failed deliveries, so a write can tell whether every message of its epoch landed.
+#[derive(Default, Clone)]
+pub struct DeliveryCounter {
+    failed: Arc<AtomicU64>,
+}
+
+impl ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            tracing::debug!("kafka delivery failed: {e}");
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Writes answers and dead letters to Kafka topics.
+pub struct KafkaWriter {
+    producer: BaseProducer<DeliveryCounter>,
+    failed: Arc<AtomicU64>,
+    topic: String,
+    dead_letter_topic: Option<String>,
+    columns: &'static [Column],
+}
+
+/// The JSON payload of a result message: the request ID, the outputs, and the model's name and version.
+pub fn result_json(a: &Answer, columns: &[Column]) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    m.insert("id".into(), a.id.clone().into());
+    for (c, v) in columns.iter().zip(&a.values) {
+        m.insert(c.name.into(), v.to_json());
+    }
+    let (name, version) = a.model.split_once('@').unwrap_or((a.model.as_str(), ""));
+    m.insert("model".into(), name.into());
+    m.insert("model_version".into(), version.into());
+    m.insert("ingest_ms".into(), a.ingest_ms.into());
+    serde_json::Value::Object(m)
+}
+
+impl KafkaWriter {
+    /// A producer for `topic` (and `dead_letter_topic`); `idempotent` turns on Kafka's idempotent producer.
+    pub fn new(brokers: &str, topic: &str, dead_letter_topic: Option<&str>, idempotent: bool, columns: &'static [Column]) -> Result<Self, String> {
+        let context = DeliveryCounter::default();
+        let failed = context.failed.clone();
+        let producer: BaseProducer<DeliveryCounter> = base_config(brokers)
+            .set("enable.idempotence", if idempotent { "true" } else { "false" })
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("message.timeout.ms", "30000")
+            .create_with_context(context)
+            .map_err(|e| format!("cannot create a Kafka producer: {e}"))?;
+        Ok(KafkaWriter { producer, failed, topic: topic.to_string(), dead_letter_topic: dead_letter_topic.map(String::from), columns })
+    }
+
+    fn send(&self, topic: &str, key: &[u8], payload: &[u8], headers: OwnedHeaders) -> Result<(), SinkError> {
+        let mut record = BaseRecord::to(topic).key(key).payload(payload).headers(headers);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    self.producer.poll(Duration::from_millis(5));
+                }
+                Err((e, _)) => return Err(SinkError::Transient(format!("cannot produce to {topic}: {e}"))),
+            }
+        }
+    }
+}
+
+impl SinkWriter for KafkaWriter {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn write(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
+        let failed_before = self.failed.load(Ordering::Relaxed);
+        let mut buf = Vec::with_capacity(256);
+        for a in &batch.answers {
+            buf.clear();
+            serde_json::to_writer(&mut buf, &result_json(a, self.columns)).map_err(|e| SinkError::Fatal(e.to_string()))?;
+            let headers = OwnedHeaders::new().insert(Header { key: ID_HEADER, value: Some(a.id.as_bytes()) });
+            self.send(&self.topic, a.id.as_bytes(), &buf, headers)?;
+        }
+        if let Some(dead_topic) = &self.dead_letter_topic {
+            for d in &batch.dead {
+                let position = d.pos.to_string();
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: "reason", value: Some(d.reason.as_str().as_bytes()) })
+                    .insert(Header { key: "detail", value: Some(d.detail.as_bytes()) })
+                    .insert(Header { key: "source", value: Some(position.as_bytes()) });
+                self.send(dead_topic, position.as_bytes(), &d.raw, headers)?;
+            }
+        }
+        self.producer.flush(Duration::from_secs(30)).map_err(|e| SinkError::Transient(format!("kafka flush: {e}")))?;
+        let failed = self.failed.load(Ordering::Relaxed) - failed_before;
+        if failed > 0 {
+            return Err(SinkError::Transient(format!("{failed} messages were not acknowledged; sending the epoch again")));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,291 @@
+//! The Kafka source: each timely worker owns the partitions whose number is its index modulo the
+//! worker count (membership belongs to the timely cluster, not to a broker rebalance). It resumes
+//! from the offsets the durable sink stored with the answers, assigns epochs every N records or T
+//! ms, pauses while too many epochs are not yet durable, and commits offsets to the broker (for
+//! lag monitoring) once a probe on the sinks says an epoch is durable.
+
+use super::{base_config, position_id, IdFrom};
+use crate::record::{now_ms, DeadLetter, DeadReason, Envelope, SourcePos};
+use crate::tasks::Task;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::{ProbeHandle, Scope, Stream};
+
+/// A partition's next offset to read, as stored with the answers.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct SourceOffset {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+/// Settings of the Kafka source.
+#[derive(Clone, Debug)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub topic: String,
+    pub group_id: String,
+    pub id_from: IdFrom,
+    pub max_message_bytes: usize,
+    pub epoch_records: usize,
+    pub epoch_ms: u64,
+    pub max_epochs_in_flight: u64,
+    /// Where to start partitions with no stored and no committed offset: `earliest` or `latest`.
+    pub start_latest: bool,
+    /// Stop once no message has arrived for this long (benchmarks and tests); `None` runs forever.
+    pub idle_exit: Option<Duration>,
+    /// Offsets stored durably with the answers, by partition; they win over the broker's.
+    pub resume: HashMap<i32, i64>,
+}
+
+/// Turns one message into a request or a dead letter.
+pub fn decode_message<T: Task>(
+    task: &T,
+    s: &KafkaSettings,
+    partition: i32,
+    offset: i64,
+    payload: Option<&[u8]>,
+    key: Option<&[u8]>,
+    header_id: Option<String>,
+) -> Result<Envelope<T::Request>, DeadLetter> {
+    let pos = SourcePos::Kafka { topic: s.topic.clone(), partition, offset };
+    let raw = payload.unwrap_or_default();
+    let now = now_ms();
+    let dead = |reason, detail: String| DeadLetter { pos: pos.clone(), reason, detail, raw: raw.to_vec(), ingest_ms: now };
+    if raw.len() > s.max_message_bytes {
+        return Err(dead(DeadReason::OversizeMessage, format!("message is {} bytes; the limit is {}", raw.len(), s.max_message_bytes)));
+    }
+    let text = std::str::from_utf8(raw).map_err(|e| dead(DeadReason::InvalidUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| dead(DeadReason::NotJson, format!("not JSON: {e}")))?;
+    let obj = value.as_object().ok_or_else(|| dead(DeadReason::NotJson, "not a JSON object".into()))?;
+    let id = match &s.id_from {
+        IdFrom::Field { name } => match obj.get(name) {
+            Some(serde_json::Value::String(v)) if !v.is_empty() => Some(v.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        },
+        IdFrom::Key => key.and_then(|k| std::str::from_utf8(k).ok()).filter(|k| !k.is_empty()).map(String::from),
+        IdFrom::Header { .. } => header_id,
+        IdFrom::Position => None,
+    }
+    .unwrap_or_else(|| position_id(&s.topic, partition, offset));
+    let payload = task.decode_json(obj).map_err(|(reason, detail)| dead(reason, detail))?;
+    Ok(Envelope { id, payload, passthrough: Vec::new(), pos, ingest_ms: now })
+}
+
+struct Assigned {
+    consumer: BaseConsumer,
+    partitions: Vec<i32>,
+}
+
+fn connect(s: &KafkaSettings, index: usize, peers: usize) -> Result<Assigned, String> {
+    let consumer: BaseConsumer = base_config(&s.brokers)
+        .set("group.id", &s.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", if s.start_latest { "latest" } else { "earliest" })
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
+    let metadata = consumer.fetch_metadata(Some(&s.topic), Duration::from_secs(2)).map_err(|e| format!("cannot read metadata of topic {}: {e}", s.topic))?;
+    let topic = metadata.topics().iter().find(|t| t.name() == s.topic).ok_or_else(|| format!("topic {} not found", s.topic))?;
+    if let Some(e) = topic.error() {
+        return Err(format!("topic {}: {e:?}", s.topic));
+    }
+    let count = topic.partitions().len();
+    if count == 0 {
+        return Err(format!("topic {} has no partitions yet", s.topic));
+    }
+    let partitions: Vec<i32> = (0..count as i32).filter(|p| (*p as usize) % peers == index).collect();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition(&s.topic, *p);
+    }
+    let committed = if s.resume.is_empty() { consumer.committed_offsets(tpl.clone(), Duration::from_secs(2)).ok() } else { None };
+    let mut assign = TopicPartitionList::new();
+    for p in &partitions {
+        let offset = match s.resume.get(p) {
+            Some(o) => Offset::Offset(*o),
+            None => committed
+                .as_ref()
+                .and_then(|c| c.find_partition(&s.topic, *p))
+                .map(|e| e.offset())
+                .filter(|o| matches!(o, Offset::Offset(_)))
+                .unwrap_or(if s.start_latest { Offset::End } else { Offset::Beginning }),
+        };
+        assign.add_partition_offset(&s.topic, *p, offset).map_err(|e| format!("bad offset for partition {p}: {e}"))?;
+    }
+    consumer.assign(&assign).map_err(|e| format!("cannot assign partitions: {e}"))?;
+    tracing::info!(topic = %s.topic, ?partitions, "worker {index} owns its partitions");
+    Ok(Assigned { consumer, partitions })
+}
+
+/// The streams a source produces: requests, dead letters, and per-epoch offsets for the sinks.
+pub type SourceStreams<'s, R> = (Stream<'s, u64, Vec<Envelope<R>>>, Stream<'s, u64, Vec<DeadLetter>>, Stream<'s, u64, Vec<SourceOffset>>);
+
+/// Builds this worker's Kafka source.
+pub fn kafka_source<'s, T: Task>(
+    scope: Scope<'s, u64>,
+    settings: KafkaSettings,
+    task: Arc<T>,
+    durable: ProbeHandle<u64>,
+    stop: Arc<AtomicBool>,
+    progress: Arc<crate::progress::Progress>,
+) -> SourceStreams<'s, T::Request> {
+    let index = scope.index();
+    let peers = scope.peers();
+    let mut builder = OperatorBuilder::new("KafkaSource".to_owned(), scope);
+    let (ok_out, ok_stream) = builder.new_output::<Vec<Envelope<T::Request>>>();
+    let (dead_out, dead_stream) = builder.new_output::<Vec<DeadLetter>>();
+    let (off_out, off_stream) = builder.new_output::<Vec<SourceOffset>>();
+    let mut ok_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<Envelope<T::Request>>>>::from(ok_out);
+    let mut dead_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<DeadLetter>>>::from(dead_out);
+    let mut off_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<SourceOffset>>>::from(off_out);
+    let activator = scope.activator_for(builder.operator_info().address);
+
+    builder.build(move |caps| {
+        let mut caps = Some(caps);
+        let mut assigned: Option<Assigned> = None;
+        let mut backoff = Duration::from_millis(100);
+        let mut epoch: u64 = 0;
+        let mut epoch_started = Instant::now();
+        let mut epoch_records = 0usize;
+        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut to_commit: BTreeMap<u64, Vec<SourceOffset>> = BTreeMap::new();
+        let mut last_message = Instant::now();
+        move |_frontiers| {
+            let Some(cs) = caps.as_mut() else { return };
+            let oldest = durable.with_frontier(|f| f.first().copied()).unwrap_or(epoch);
+            // Commit to the broker, for lag monitoring, what every sink has made durable.
+            if let Some(a) = &assigned {
+                let done: Vec<u64> = to_commit.range(..oldest).map(|(e, _)| *e).collect();
+                if let Some(last) = done.last() {
+                    let mut latest: BTreeMap<i32, i64> = BTreeMap::new();
+                    for e in &done {
+                        for o in to_commit.remove(e).unwrap_or_default() {
+                            latest.insert(o.partition, o.next_offset);
+                        }
+                    }
+                    let mut tpl = TopicPartitionList::new();
+                    for (p, o) in &latest {
+                        let _ = tpl.add_partition_offset(&settings.topic, *p, Offset::Offset(*o));
+                    }
+                    if let Err(e) = a.consumer.commit(&tpl, CommitMode::Async) {
+                        tracing::debug!("broker offset commit for epochs up to {last} failed (the durable offsets are in the sink): {e}");
+                    }
+                }
+            }
+            let stopping =
+                stop.load(Ordering::Relaxed) || settings.idle_exit.is_some_and(|d| last_message.elapsed() >= d && epoch_records == 0 && oldest >= epoch);
+            if stopping {
+                if epoch_records > 0 {
+                    // Close the open epoch first so its offsets travel with its answers.
+                    let mut off = off_out.activate();
+                    off.session(&cs[2]).give_iterator(next.iter().map(|(p, o)| SourceOffset { topic: settings.topic.clone(), partition: *p, next_offset: *o }));
+                    epoch_records = 0;
+                }
+                // Dropping the capabilities lets downstream drain; the sinks commit and the worker exits.
+                caps = None;
+                return;
+            }
+            if assigned.is_none() {
+                match connect(&settings, index, peers) {
+                    Ok(a) => {
+                        for p in &a.partitions {
+                            if let Some(o) = settings.resume.get(p) {
+                                next.insert(*p, *o);
+                            }
+                        }
+                        assigned = Some(a);
+                        backoff = Duration::from_millis(100);
+                        last_message = Instant::now();
+                    }
+                    Err(e) => {
+                        tracing::warn!("kafka source: {e}; retrying in {backoff:?}");
+                        activator.activate_after(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        return;
+                    }
+                }
+            }
+            let a = assigned.as_ref().expect("assigned");
+            let in_flight = epoch.saturating_sub(oldest);
+            metrics::gauge!(crate::metrics::EPOCHS_IN_FLIGHT).set(in_flight as f64);
+            if in_flight >= settings.max_epochs_in_flight {
+                // Backpressure: leave messages in the consumer's bounded queue.
+                activator.activate_after(Duration::from_millis(1));
+                return;
+            }
+            let mut ok = ok_out.activate();
+            let mut dead = dead_out.activate();
+            let mut ok_session = ok.session(&cs[0]);
+            let mut dead_session = dead.session(&cs[1]);
+            let mut read = 0u64;
+            let mut drained = false;
+            while epoch_records < settings.epoch_records {
+                match a.consumer.poll(Duration::ZERO) {
+                    None => {
+                        drained = true;
+                        break;
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!("kafka poll: {e}");
+                        drained = true;
+                        break;
+                    }
+                    Some(Ok(m)) => {
+                        let header_id = match &settings.id_from {
+                            IdFrom::Header { name } => m.headers().and_then(|h| {
+                                h.iter().find(|x| x.key == name).and_then(|x| x.value).and_then(|v| std::str::from_utf8(v).ok()).map(String::from)
+                            }),
+                            _ => None,
+                        };
+                        match decode_message(task.as_ref(), &settings, m.partition(), m.offset(), m.payload(), m.key(), header_id) {
+                            Ok(env) => ok_session.give(env),
+                            Err(d) => dead_session.give(d),
+                        }
+                        next.insert(m.partition(), m.offset() + 1);
+                        epoch_records += 1;
+                        read += 1;
+                    }
+                }
+            }
+            drop(ok_session);
+            drop(dead_session);
+            if read > 0 {
+                last_message = Instant::now();
+                progress.read.fetch_add(read, Ordering::Relaxed);
+                metrics::counter!(crate::metrics::SOURCE_RECORDS, "connector" => "kafka").increment(read);
+            }
+            let full = epoch_records >= settings.epoch_records;
+            let due = epoch_records > 0 && epoch_started.elapsed() >= Duration::from_millis(settings.epoch_ms);
+            if full || due {
+                let offsets: Vec<SourceOffset> =
+                    next.iter().map(|(p, o)| SourceOffset { topic: settings.topic.clone(), partition: *p, next_offset: *o }).collect();
+                off_out.activate().session(&cs[2]).give_iterator(offsets.clone().into_iter());
+                to_commit.insert(epoch, offsets);
+                epoch += 1;
+                for c in cs.iter_mut() {
+                    c.downgrade(&epoch);
+                }
+                epoch_records = 0;
+                epoch_started = Instant::now();
+            }
+            if full || !drained {
+                activator.activate();
+            } else {
+                activator.activate_after(Duration::from_millis(1));
+            }
+        }
+    });
+    (ok_stream, dead_stream, off_stream)
+}

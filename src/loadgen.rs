@@ -1,0 +1,182 @@
+//! `sluice loadgen`: publishes generated rides at a target rate (or as fast as it can), matches
+//! every answer on the results topic to its request by ID, and reports throughput, end-to-end
+//! latency percentiles, and lost and duplicate answers.
+
+use crate::connectors::kafka::client::{consumer_at_end, result_id};
+use crate::connectors::kafka::{base_config, ID_HEADER};
+use crate::rides::RideGenerator;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What to send.
+#[derive(Clone, Debug)]
+pub struct LoadSpec {
+    pub brokers: String,
+    pub requests_topic: String,
+    pub results_topic: String,
+    pub count: u64,
+    /// Rides per second; 0 sends as fast as possible.
+    pub rate: f64,
+    pub seed: u64,
+    /// How long to wait for stragglers after the last send.
+    pub drain: Duration,
+}
+
+/// What came back.
+#[derive(Clone, Debug)]
+pub struct LoadReport {
+    pub sent: u64,
+    pub answered: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    /// Answers whose ID matched no request of this run.
+    pub foreign: u64,
+    pub send_seconds: f64,
+    /// First send to last answer.
+    pub seconds: f64,
+    pub throughput: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "sent {} in {:.2} s; answered {} in {:.2} s = {:.0} answers/s; lost {}, duplicates {}, foreign {}\nlatency ms: p50 {:.1}, p95 {:.1}, p99 {:.1}, max {:.1}",
+            self.sent, self.send_seconds, self.answered, self.seconds, self.throughput, self.lost, self.duplicates, self.foreign, self.p50_ms, self.p95_ms, self.p99_ms, self.max_ms
+        )
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs one load test.
+pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
+    let run_id = format!("lg{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0));
+    let n = spec.count as usize;
+    let sent_ns: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
+    let seen: Arc<Vec<AtomicU8>> = Arc::new((0..n).map(|_| AtomicU8::new(0)).collect());
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
+    let consumer = consumer_at_end(&spec.brokers, &spec.results_topic).map_err(|e| e.to_string())?;
+    let producer: ThreadedProducer<DefaultProducerContext> = base_config(&spec.brokers)
+        .set("linger.ms", "2")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "2000000")
+        .create()
+        .map_err(|e| format!("cannot create a producer: {e}"))?;
+    let start = Instant::now();
+    let answered = Arc::new(AtomicU64::new(0));
+    let duplicates = Arc::new(AtomicU64::new(0));
+    let foreign = Arc::new(AtomicU64::new(0));
+    let last_arrival = Arc::new(AtomicU64::new(0));
+    let send_done = Arc::new(AtomicU64::new(0));
+    let listener = {
+        let (sent_ns, seen, latencies, answered, duplicates, foreign, last_arrival, send_done) =
+            (sent_ns.clone(), seen.clone(), latencies.clone(), answered.clone(), duplicates.clone(), foreign.clone(), last_arrival.clone(), send_done.clone());
+        let prefix = format!("{run_id}-");
+        let drain = spec.drain;
+        std::thread::spawn(move || {
+            use rdkafka::consumer::Consumer as _;
+            let _ = &consumer.assignment();
+            let mut local = Vec::new();
+            loop {
+                if answered.load(Ordering::Relaxed) as usize >= n {
+                    break;
+                }
+                let done = send_done.load(Ordering::Relaxed);
+                if done > 0 {
+                    let quiet_since = last_arrival.load(Ordering::Relaxed).max(done);
+                    if start.elapsed().as_nanos() as u64 > quiet_since + drain.as_nanos() as u64 {
+                        break;
+                    }
+                }
+                match consumer.poll(Duration::from_millis(10)) {
+                    Some(Ok(m)) => {
+                        let now = start.elapsed().as_nanos() as u64;
+                        let seq = result_id(&m).and_then(|id| id.strip_prefix(&prefix).and_then(|s| s.parse::<usize>().ok()));
+                        match seq {
+                            Some(i) if i < n => {
+                                if seen[i].fetch_add(1, Ordering::Relaxed) == 0 {
+                                    answered.fetch_add(1, Ordering::Relaxed);
+                                    local.push((now.saturating_sub(sent_ns[i].load(Ordering::Relaxed))) as f64 / 1e6);
+                                    last_arrival.store(now, Ordering::Relaxed);
+                                } else {
+                                    duplicates.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            _ => {
+                                foreign.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Some(Err(e)) => tracing::debug!("loadgen poll: {e}"),
+                    None => {}
+                }
+            }
+            latencies.lock().expect("latency lock").extend(local);
+        })
+    };
+    // Send at the target rate, in 1 ms slices.
+    let mut rides = RideGenerator::new(spec.seed);
+    let mut buf = Vec::with_capacity(160);
+    for i in 0..n {
+        if spec.rate > 0.0 {
+            let due = Duration::from_secs_f64(i as f64 / spec.rate);
+            let elapsed = start.elapsed();
+            if due > elapsed + Duration::from_micros(500) {
+                std::thread::sleep(due - elapsed);
+            }
+        }
+        let id = format!("{run_id}-{i}");
+        let ride = rides.next().expect("the generator is endless");
+        buf.clear();
+        serde_json::to_writer(&mut buf, &ride.request_json(&id)).map_err(|e| e.to_string())?;
+        sent_ns[i].store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let headers = OwnedHeaders::new().insert(Header { key: ID_HEADER, value: Some(id.as_bytes()) });
+        let mut record = BaseRecord::to(&spec.requests_topic).key(id.as_bytes()).payload(&buf).headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err((e, _)) => return Err(format!("publish: {e}")),
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).map_err(|e| format!("flush: {e}"))?;
+    let send_seconds = start.elapsed().as_secs_f64();
+    send_done.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    listener.join().map_err(|_| "the listener panicked".to_string())?;
+    let mut lat = std::mem::take(&mut *latencies.lock().expect("latency lock"));
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let answered = answered.load(Ordering::Relaxed);
+    let seconds = last_arrival.load(Ordering::Relaxed) as f64 / 1e9;
+    Ok(LoadReport {
+        sent: spec.count,
+        answered,
+        lost: spec.count - answered,
+        duplicates: duplicates.load(Ordering::Relaxed),
+        foreign: foreign.load(Ordering::Relaxed),
+        send_seconds,
+        seconds,
+        throughput: answered as f64 / seconds.max(1e-9),
+        p50_ms: percentile(&lat, 50.0),
+        p95_ms: percentile(&lat, 95.0),
+        p99_ms: percentile(&lat, 99.0),
+        max_ms: lat.last().copied().unwrap_or(f64::NAN),
+    })
+}
