@@ -46,11 +46,10 @@ Algorithm (per row)
    maximising ``p_start[s] * p_end[e]``).
 4. Across windows keep the span with the highest score; on a tie the earlier
    window wins (the pipeline uses a stable sort).
-5. Map tokens to characters with the window's offsets (character offsets
-   relative to the context for context tokens):
-   ``start = offsets[s][0]``, ``end = offsets[e][1]``,
-   ``answer = context[start:end]``. (This is the pipeline's
-   ``align_to_words=False`` mapping.)
+5. Map tokens to characters as the pipeline's default ``align_to_words=True``
+   does: widen the start and end tokens to their whole words
+   (``token_to_word`` then ``word_to_chars`` on the context sequence), falling
+   back to the token offsets; ``answer = context[start:end]``.
 
 Dependencies: numpy, onnxruntime, tokenizers and (optionally) transformers,
 whose ``select_starts_ends``/``decode_spans`` are used when importable; an
@@ -233,6 +232,17 @@ def p_mask_for(window: Encoding) -> np.ndarray:
     return p_mask
 
 
+def char_span(window: Encoding, s: int, e: int):
+    """Character span of tokens s..e widened to whole words, as the pipeline's default
+    ``align_to_words=True`` does (``get_indices``); token offsets when a token has no word."""
+    try:
+        start_word = window.token_to_word(s)
+        end_word = window.token_to_word(e)
+        return window.word_to_chars(start_word, sequence_index=1)[0], window.word_to_chars(end_word, sequence_index=1)[1]
+    except Exception:
+        return window.offsets[s][0], window.offsets[e][1]
+
+
 def answer_question(
     session: ort.InferenceSession,
     tokenizer: Tokenizer,
@@ -258,8 +268,7 @@ def answer_question(
             score = float(score)
             # Strictly greater: on a tie the earlier window wins.
             if best is None or score > best.score:
-                start_char = window.offsets[int(s)][0]
-                end_char = window.offsets[int(e)][1]
+                start_char, end_char = char_span(window, int(s), int(e))
                 best = Answer(context[start_char:end_char], start_char, end_char, score)
     if best is None:  # cannot happen with a non-empty context; kept for robustness
         best = Answer("", 0, 0, 0.0)

