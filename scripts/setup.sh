@@ -19,7 +19,7 @@ fi
 need=()
 "$VENV/bin/python" -c "import onnxruntime, sys; sys.exit(onnxruntime.__version__ != '$ORT_VERSION')" 2>/dev/null || need+=("onnxruntime==$ORT_VERSION")
 if [ "${1:-}" = "--test" ]; then
-  "$VENV/bin/python" -c "import tokenizers, numpy" 2>/dev/null || need+=("tokenizers" "numpy")
+  "$VENV/bin/python" -c "import tokenizers, numpy, sys; sys.exit(tuple(map(int, tokenizers.__version__.split('.')[:3])) < (0, 23, 3))" 2>/dev/null || need+=("tokenizers>=0.23.3" "numpy")
   "$VENV/bin/python" -c "import transformers" 2>/dev/null || need+=("transformers")
 fi
 if [ ${#need[@]} -gt 0 ]; then

@@ -43,11 +43,15 @@ impl Setup {
 
 /// Rides with IDs `{prefix}-{i}` and their expected predictions are checked against the model below.
 fn rides(prefix: &str, n: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
-    RideGenerator::new(seed).take(n).enumerate().map(|(i, r)| {
-        let id = format!("{prefix}-{i}");
-        let body = serde_json::to_vec(&r.request_json(&id)).unwrap();
-        (id, body)
-    }).collect()
+    RideGenerator::new(seed)
+        .take(n)
+        .enumerate()
+        .map(|(i, r)| {
+            let id = format!("{prefix}-{i}");
+            let body = serde_json::to_vec(&r.request_json(&id)).unwrap();
+            (id, body)
+        })
+        .collect()
 }
 
 /// What the model predicts for each ride, computed directly (not through the pipeline).
@@ -57,7 +61,8 @@ fn expected(messages: &[(String, Vec<u8>)]) -> HashMap<String, f64> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/rides/model.onnx");
     let task = sluice::tasks::tabular::Tabular::new(&path, None, String::new()).unwrap();
     let mut model = sluice::tasks::tabular::TabularModel::load(&path, None, 1).unwrap();
-    let reqs: Vec<_> = messages.iter().map(|(_, b)| task.decode_json(serde_json::from_slice::<serde_json::Value>(b).unwrap().as_object().unwrap()).unwrap()).collect();
+    let reqs: Vec<_> =
+        messages.iter().map(|(_, b)| task.decode_json(serde_json::from_slice::<serde_json::Value>(b).unwrap().as_object().unwrap()).unwrap()).collect();
     let mut out = HashMap::new();
     for (chunk, msgs) in reqs.chunks(512).zip(messages.chunks(512)) {
         let preds = model.run(&chunk.iter().collect::<Vec<_>>()).unwrap();
@@ -140,7 +145,8 @@ fn bad_messages_become_dead_letters_and_the_worker_keeps_going() {
     while count_rows(&dead_table) < 6 && started.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(200));
     }
-    let mut reasons: Vec<String> = query(&format!("SELECT reason FROM {} ORDER BY reason", sluice::sql::quote_ident(&dead_table))).iter().map(|r| r.get(0)).collect();
+    let mut reasons: Vec<String> =
+        query(&format!("SELECT reason FROM {} ORDER BY reason", sluice::sql::quote_ident(&dead_table))).iter().map(|r| r.get(0)).collect();
     reasons.sort();
     assert_eq!(reasons, vec!["missing_field", "missing_field", "not_json", "oversize_message", "wrong_type", "wrong_type"]);
     let raw: Vec<u8> = query(&format!("SELECT raw FROM {} WHERE reason = 'not_json'", sluice::sql::quote_ident(&dead_table)))[0].get(0);

@@ -192,9 +192,11 @@ pub fn kafka_source<'s, T: Task>(
             }
             // Close the open epoch when the clock has moved on: its offsets travel with its answers.
             let now_tick = tick(now_ms());
-            let stopping = stop.load(Ordering::Relaxed) || settings.idle_exit.is_some_and(|d| last_message.elapsed() >= d && data_epochs.is_empty() && epoch_records == 0);
+            let stopping =
+                stop.load(Ordering::Relaxed) || settings.idle_exit.is_some_and(|d| last_message.elapsed() >= d && data_epochs.is_empty() && epoch_records == 0);
             if epoch_records > 0 && (now_tick > epoch || stopping) {
-                let offsets: Vec<SourceOffset> = next.iter().map(|(p, o)| SourceOffset { topic: settings.topic.clone(), partition: *p, next_offset: *o }).collect();
+                let offsets: Vec<SourceOffset> =
+                    next.iter().map(|(p, o)| SourceOffset { topic: settings.topic.clone(), partition: *p, next_offset: *o }).collect();
                 off_out.activate().session(&cs[2]).give_iterator(offsets.clone().into_iter());
                 to_commit.insert(epoch, offsets);
                 epoch_records = 0;
@@ -257,7 +259,9 @@ pub fn kafka_source<'s, T: Task>(
                     }
                     Some(Ok(m)) => {
                         let header_id = match &settings.id_from {
-                            IdFrom::Header { name } => m.headers().and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value).and_then(|v| std::str::from_utf8(v).ok()).map(String::from)),
+                            IdFrom::Header { name } => m.headers().and_then(|h| {
+                                h.iter().find(|x| x.key == name).and_then(|x| x.value).and_then(|v| std::str::from_utf8(v).ok()).map(String::from)
+                            }),
                             _ => None,
                         };
                         match decode_message(task.as_ref(), &settings, m.partition(), m.offset(), m.payload(), m.key(), header_id) {

@@ -8,7 +8,7 @@ use crate::record::{Column, ColumnKind, DeadReason, Value};
 use crate::topology::Padding;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use tokenizers::{Encoding, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationDirection};
 
 /// A question about a context.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -52,6 +52,8 @@ pub struct ExtractiveQa {
     settings: QaSettings,
     cls_id: Option<u32>,
     label: String,
+    /// Special tokens the post-processor adds around a question/context pair.
+    added_tokens: usize,
 }
 
 const COLUMNS: &[Column] = &[
@@ -65,31 +67,37 @@ impl ExtractiveQa {
     /// Loads the tokenizer and sets its truncation to strided windows.
     pub fn new(tokenizer_path: &Path, settings: QaSettings, label: String) -> Result<Self, String> {
         let mut tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|e| format!("cannot load tokenizer {}: {e}", tokenizer_path.display()))?;
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                direction: TruncationDirection::Right,
-                max_length: settings.max_seq_len,
-                strategy: TruncationStrategy::OnlySecond,
-                stride: settings.doc_stride,
-            }))
-            .map_err(|e| format!("cannot set truncation: {e}"))?;
+        // Windows are cut by `windows`; the tokenizer itself must neither truncate nor pad.
+        tokenizer.with_truncation(None).map_err(|e| format!("cannot clear truncation: {e}"))?;
         tokenizer.with_padding(None);
+        let added_tokens = tokenizer.get_post_processor().map(|p| p.added_tokens(true)).unwrap_or(0);
         let cls_id = ["[CLS]", "<s>", "<cls>"].iter().find_map(|t| tokenizer.token_to_id(t));
-        Ok(ExtractiveQa { tokenizer, settings, cls_id, label })
+        Ok(ExtractiveQa { tokenizer, settings, cls_id, label, added_tokens })
     }
 
-    /// Tokenizes into windows: the first encoding, then its overflowing windows, as transformers orders them.
+    /// Tokenizes into windows: the question with the first `max_seq_len` tokens' worth of context,
+    /// then further windows that each overlap the previous one by `doc_stride` context tokens, in
+    /// the order transformers uses. The windows are cut here rather than by the tokenizer's own
+    /// overflow, which in tokenizers 0.23.2 drops the last tokens of a long context.
     pub fn windows(&self, request: &QaRequest) -> Result<Vec<Encoding>, Refusal> {
-        let encoding = self
-            .tokenizer
-            .encode_char_offsets((request.question.as_str(), request.context.as_str()), true)
-            .map_err(|e| (DeadReason::QuestionTooLong, format!("cannot fit question and context into windows of {} tokens: {e}", self.settings.max_seq_len)))?;
-        let mut windows = vec![encoding.clone()];
-        windows.extend(encoding.get_overflowing().iter().cloned());
-        for w in &mut windows {
-            w.get_overflowing_mut().clear();
+        let fail = |e: tokenizers::Error| (DeadReason::QuestionTooLong, format!("cannot tokenize: {e}"));
+        let question = self.tokenizer.encode_char_offsets(request.question.as_str(), false).map_err(fail)?;
+        let mut context = self.tokenizer.encode_char_offsets(request.context.as_str(), false).map_err(fail)?;
+        let budget = self.settings.max_seq_len.saturating_sub(self.added_tokens + question.len());
+        if budget <= self.settings.doc_stride {
+            return Err((
+                DeadReason::QuestionTooLong,
+                format!(
+                    "the question takes {} of the {} tokens per window, leaving {budget} for context, not more than doc_stride {}",
+                    question.len(),
+                    self.settings.max_seq_len,
+                    self.settings.doc_stride
+                ),
+            ));
         }
-        Ok(windows)
+        context.truncate(budget, self.settings.doc_stride, TruncationDirection::Right);
+        let rest = std::mem::take(context.get_overflowing_mut());
+        std::iter::once(context).chain(rest).map(|piece| self.tokenizer.post_process(question.clone(), Some(piece), true).map_err(fail)).collect()
     }
 
     /// Picks the best span across windows, as the transformers pipeline does (top_k = 1,

@@ -43,7 +43,10 @@ pub fn producer() -> BaseProducer {
 /// Produces `(key, payload)` messages and waits until all are delivered.
 pub fn produce(p: &BaseProducer, topic: &str, messages: &[(String, Vec<u8>)]) {
     for (k, v) in messages {
-        let mut rec = BaseRecord::to(topic).key(k.as_bytes()).payload(v.as_slice()).headers(OwnedHeaders::new().insert(Header { key: "request_id", value: Some(k.as_bytes()) }));
+        let mut rec = BaseRecord::to(topic)
+            .key(k.as_bytes())
+            .payload(v.as_slice())
+            .headers(OwnedHeaders::new().insert(Header { key: "request_id", value: Some(k.as_bytes()) }));
         loop {
             match p.send(rec) {
                 Ok(()) => break,
@@ -60,7 +63,8 @@ pub fn produce(p: &BaseProducer, topic: &str, messages: &[(String, Vec<u8>)]) {
 /// Reads every message of `topic` until `expected` distinct keys have arrived or `timeout` passes
 /// (Tansu's high watermark is unreliable, so count what arrives). Returns (key or request_id header, payload, headers).
 pub fn read_topic(topic: &str, expected: usize, timeout: Duration) -> Vec<(String, Vec<u8>, HashMap<String, String>)> {
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", unique("reader")).set("enable.auto.commit", "false").create().unwrap();
+    let consumer: BaseConsumer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", unique("reader")).set("enable.auto.commit", "false").create().unwrap();
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).unwrap();
     let parts = md.topics()[0].partitions().len() as i32;
     let mut tpl = TopicPartitionList::new();
@@ -74,7 +78,10 @@ pub fn read_topic(topic: &str, expected: usize, timeout: Duration) -> Vec<(Strin
     while keys.len() < expected && started.elapsed() < timeout {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
             use rdkafka::message::Headers;
-            let headers: HashMap<String, String> = m.headers().map(|h| h.iter().map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).to_string())).collect()).unwrap_or_default();
+            let headers: HashMap<String, String> = m
+                .headers()
+                .map(|h| h.iter().map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).to_string())).collect())
+                .unwrap_or_default();
             let key = m.key().map(|k| String::from_utf8_lossy(k).to_string()).unwrap_or_default();
             keys.insert(key.clone());
             out.push((key, m.payload().unwrap_or_default().to_vec(), headers));
