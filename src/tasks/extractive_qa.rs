@@ -332,3 +332,106 @@ impl Model for QaModel {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(max_seq_len: usize, doc_stride: usize, max_answer_len: usize) -> ExtractiveQa {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/minilm-squad/tokenizer.json");
+        ExtractiveQa::new(&path, QaSettings { max_seq_len, doc_stride, max_answer_len }, "t@0".into()).unwrap()
+    }
+
+    fn request(words: usize) -> QaRequest {
+        let context: Vec<String> = (0..words).map(|i| format!("w{i}")).collect();
+        QaRequest { question: "Which word comes last?".into(), context: context.join(" ") }
+    }
+
+    fn context_ids(w: &Encoding) -> Vec<u32> {
+        let seq = w.get_sequence_ids();
+        w.get_ids().iter().zip(seq).filter(|(_, s)| *s == Some(1)).map(|(i, _)| *i).collect()
+    }
+
+    #[test]
+    fn windows_cover_the_whole_context_with_the_configured_overlap() {
+        let t = task(64, 16, 30);
+        let req = request(120);
+        let windows = t.windows(&req).unwrap();
+        assert!(windows.len() > 3, "a long context needs several windows");
+        let full = t.tokenizer.encode_char_offsets(req.context.as_str(), false).unwrap();
+        let all: Vec<u32> = full.get_ids().to_vec();
+        let mut covered = Vec::new();
+        for (i, w) in windows.iter().enumerate() {
+            assert!(w.len() <= 64, "window {i} has {} tokens", w.len());
+            let ids = context_ids(w);
+            if i > 0 {
+                assert_eq!(&covered[covered.len() - 16..], &ids[..16], "window {i} overlaps the previous one by doc_stride tokens");
+                covered.extend_from_slice(&ids[16..]);
+            } else {
+                covered.extend_from_slice(&ids);
+            }
+        }
+        assert_eq!(covered, all, "every context token is in some window, the last one included");
+    }
+
+    #[test]
+    fn a_question_that_leaves_no_room_is_refused() {
+        let t = task(32, 16, 30);
+        let req = QaRequest { question: "why ".repeat(30), context: "short".into() };
+        assert_eq!(t.windows(&req).unwrap_err().0, DeadReason::QuestionTooLong);
+    }
+
+    fn logits_with_peaks(n: usize, start: usize, end: usize) -> WindowLogits {
+        let mut s = vec![0.0f32; n];
+        let mut e = vec![0.0f32; n];
+        s[start] = 8.0;
+        e[end] = 8.0;
+        WindowLogits { start: s, end: e }
+    }
+
+    #[test]
+    fn span_selection_picks_the_peak_and_maps_to_characters() {
+        let t = task(384, 128, 30);
+        let req = QaRequest { question: "Who wrote it?".into(), context: "It was written by Ada Lovelace in 1843.".into() };
+        let windows = t.windows(&req).unwrap();
+        let w = &windows[0];
+        let pos = |tok: &str| w.get_tokens().iter().position(|t| t == tok).unwrap();
+        let (s, e) = (pos("ada"), pos("##lace"));
+        let span = t.best_span(&req.context, &windows, &[logits_with_peaks(w.len(), s, e)]).unwrap();
+        assert_eq!(span.answer, "Ada Lovelace");
+        assert_eq!((span.start, span.end), (18, 30));
+        assert!(span.score > 0.5 && span.score <= 1.0);
+    }
+
+    #[test]
+    fn span_selection_never_answers_from_the_question_and_respects_max_answer_len() {
+        let t = task(384, 128, 3);
+        let req = QaRequest { question: "Who wrote it?".into(), context: "It was written by Ada Lovelace in 1843.".into() };
+        let windows = t.windows(&req).unwrap();
+        let w = &windows[0];
+        // The strongest start is a question token: it is masked out.
+        let q = w.get_tokens().iter().position(|t| t == "wrote").unwrap();
+        let (s, e, _) = select_span(w, &logits_with_peaks(w.len(), q, q), t.cls_id, 3).unwrap();
+        assert_eq!(w.get_sequence_ids()[s], Some(1));
+        assert_eq!(w.get_sequence_ids()[e], Some(1));
+        // Start and end peaks further apart than max_answer_len cannot both be used.
+        let first = w.get_tokens().iter().position(|t| t == "it").unwrap();
+        let last = w.get_tokens().iter().position(|t| t == "1843").unwrap();
+        let (s, e, _) = select_span(w, &logits_with_peaks(w.len(), first, last), t.cls_id, 3).unwrap();
+        assert!(e - s < 3, "span {s}..{e} is longer than max_answer_len");
+    }
+
+    #[test]
+    fn the_window_with_the_best_span_wins() {
+        let t = task(64, 16, 30);
+        let req = request(120);
+        let windows = t.windows(&req).unwrap();
+        let flat: Vec<WindowLogits> = windows.iter().map(|w| WindowLogits { start: vec![0.0; w.len()], end: vec![0.0; w.len()] }).collect();
+        let mut peaked = flat;
+        let last = windows.len() - 1;
+        let n = windows[last].len();
+        peaked[last] = logits_with_peaks(n, n - 2, n - 2);
+        let best = t.best_span(&req.context, &windows, &peaked).unwrap();
+        assert_eq!(best.answer, "w119", "the peak in the last window wins");
+    }
+}
