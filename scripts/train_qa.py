@@ -446,6 +446,7 @@ def main() -> int:
     p.add_argument("--checkpoint", type=Path, default=CACHE_DIR / "qa-train" / "model.pt")
     p.add_argument("--data-only", action="store_true", help="only write tests/data/*.csv")
     p.add_argument("--export-only", action="store_true", help="skip training; export + evaluate --checkpoint")
+    p.add_argument("--eval-only", action="store_true", help="only evaluate the committed int8 (and cached fp32) ONNX models and update metrics.json")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N dev questions only")
     args = p.parse_args()
 
@@ -455,6 +456,15 @@ def main() -> int:
     torch.set_num_threads(NUM_THREADS)
 
     train_ex, dev = load_squad(SQUAD_PATH)
+    if args.eval_only:
+        metrics_path = args.out / "metrics.json"
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        metrics["int8"] = evaluate_onnx(args.out / "model.onnx", args.out / "tokenizer.json", dev)
+        if (args.fp32_dir / "model.onnx").exists():
+            metrics["fp32"] = evaluate_onnx(args.fp32_dir / "model.onnx", args.out / "tokenizer.json", dev)
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        log(f"metrics -> {metrics_path}")
+        return 0
     log(f"SQuAD sample: {len(train_ex)} train questions, {len(dev)} dev questions (held out: {HELD_OUT_ARTICLES})")
     write_test_data(dev)
     if args.data_only:

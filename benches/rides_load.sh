@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# End-to-end ride benchmark with `sluice loadgen`, on this machine, broker and Postgres included.
+#   1. Kafka -> model -> results topic (no Postgres), rides sent as fast as loadgen can;
+#   2. the same with the Postgres sink as well (answers and offsets in one transaction per epoch);
+#   3. latency at a steady 5,000 rides/s.
+# For each: throughput, p50/p95/p99 end-to-end latency, lost and duplicate answers, the worker's
+# peak RSS, and where the worker's time went (from its own Prometheus histograms).
+# Usage: benches/rides_load.sh [COUNT=200000] [WORKERS=1]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+COUNT="${1:-200000}"
+WORKERS="${2:-1}"
+bash scripts/setup.sh >/dev/null
+bash scripts/pg.sh >/dev/null
+bash scripts/kafka.sh start >/dev/null
+cargo build --release --bin sluice 2>&1 | tail -n 1
+BIN=target/release/sluice
+TANSU=$(bash scripts/kafka.sh path)
+RUN="bench$(date +%s)"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"; [ -n "${WPID:-}" ] && kill "$WPID" 2>/dev/null || true' EXIT
+
+topology() { # name sinks-extra
+  cat <<TOML
+name = "$1"
+[source]
+type = "kafka"
+brokers = "127.0.0.1:19092"
+topic = "$RUN-$1-in"
+epoch_ms = 20
+[task]
+type = "tabular"
+model = "models/rides/model.onnx"
+[batching]
+max_batch = 1024
+max_delay_ms = 1
+[runtime]
+workers = $WORKERS
+epoch_records = 8192
+max_epochs_in_flight = 4
+progress = false
+[metrics]
+listen = "127.0.0.1:9477"
+[[sinks]]
+type = "kafka"
+brokers = "127.0.0.1:19092"
+topic = "$RUN-$1-out"
+$2
+TOML
+}
+
+scenario() { # name count rate sinks-extra
+  local name=$1 count=$2 rate=$3
+  for t in in out; do "$TANSU" topic create "$RUN-$name-$t" --partitions 4 --broker tcp://127.0.0.1:19092 >/dev/null; done
+  topology "$name" "$4" > "$WORK/$name.toml"
+  "$BIN" run "$WORK/$name.toml" --no-progress > "$WORK/$name.log" 2>&1 &
+  WPID=$!
+  sleep 2
+  local peak=0
+  ( while kill -0 $WPID 2>/dev/null; do r=$(awk '/VmRSS/{print $2}' /proc/$WPID/status 2>/dev/null || echo 0); echo "$r"; sleep 0.2; done ) > "$WORK/$name.rss" &
+  local SPID=$!
+  "$BIN" loadgen --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --rate "$rate" --drain-ms 5000 > "$WORK/$name.report" || true
+  curl -s 127.0.0.1:9477/metrics > "$WORK/$name.metrics" || true
+  kill -TERM $WPID; wait $WPID || true; WPID=""
+  kill $SPID 2>/dev/null || true
+  peak=$(sort -n "$WORK/$name.rss" | tail -n1)
+  echo "### $name: $count rides, rate ${rate:-max} (0 = as fast as possible), $WORKERS worker(s)"
+  cat "$WORK/$name.report"
+  echo "worker peak RSS: $((peak / 1024)) MB"
+  awk -v name="$name" '
+    /^sluice_inference_latency_seconds_sum/ {inf=$2}
+    /^sluice_inference_latency_seconds_count/ {runs=$2}
+    /^sluice_sink_write_seconds_sum\{sink="kafka"\}/ {k=$2}
+    /^sluice_sink_write_seconds_sum\{sink="postgres"\}/ {p=$2}
+    /^sluice_inference_batch_size_sum/ {rows=$2}
+    END { printf "worker time: model %.2f s in %d runs (%.1f rows/run), kafka sink %.2f s, postgres sink %.2f s\n", inf, runs, (runs>0?rows/runs:0), k, p }' "$WORK/$name.metrics"
+  echo
+}
+
+echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); broker tansu (memory) and PostgreSQL on the same machine"
+scenario kafka_only "$COUNT" 0 ""
+scenario with_postgres "$COUNT" 0 "[[sinks]]
+type = \"postgres\"
+url = \"postgres://sluice:sluice@127.0.0.1:5432/sluice\"
+table = \"${RUN}_rides\"
+dead_letter_table = \"${RUN}_dead\""
+scenario latency_5k 60000 5000 "[[sinks]]
+type = \"postgres\"
+url = \"postgres://sluice:sluice@127.0.0.1:5432/sluice\"
+table = \"${RUN}_rides_lat\"
+dead_letter_table = \"${RUN}_dead\""
