@@ -8,4 +8,5 @@ bash scripts/setup.sh --test
 bash scripts/pg.sh
 bash scripts/kafka.sh start
 export SLUICE_PG_URL="${SLUICE_PG_URL:-postgres://sluice:sluice@127.0.0.1:5432/sluice}"
-cargo test --all-targets "$@"
+cargo build --benches
+cargo test "$@"
