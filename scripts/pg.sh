@@ -4,6 +4,13 @@
 # Installs PostgreSQL from apt when it is missing (needs root). On a machine with Docker, the
 # docker-compose.yml service gives the same URL instead.
 set -euo pipefail
+if [ "${1:-}" = "restart" ]; then
+  # Used by the crash tests: restart the local cluster under a running worker.
+  read -r ver name _ < <(pg_lsclusters -h | head -n1)
+  pg_ctlcluster "$ver" "$name" restart
+  echo "pg: restarted $ver/$name"
+  exit 0
+fi
 if pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null && PGPASSWORD=sluice psql -h 127.0.0.1 -U sluice -d sluice -tAc "select 1" >/dev/null 2>&1; then
   echo "pg: running, database sluice ready"
   exit 0

@@ -71,6 +71,7 @@ pub fn answers_by_id(dir: &Path) -> BTreeMap<String, serde_json::Value> {
 }
 
 pub mod kafka;
+pub mod rides;
 
 /// Runs a query against the test Postgres.
 pub fn query(sql: &str) -> Vec<tokio_postgres::Row> {
