@@ -64,6 +64,8 @@ impl KafkaWriter {
         let producer: BaseProducer<DeliveryCounter> = base_config(brokers)
             .set("enable.idempotence", if idempotent { "true" } else { "false" })
             .set("acks", "all")
+            // A short linger lets librdkafka pack an epoch into few produce requests (0 sends one
+            // request per message, measured 2x slower on Tansu); the write then awaits the acks.
             .set("linger.ms", "2")
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.messages", "1000000")
@@ -112,7 +114,15 @@ impl SinkWriter for KafkaWriter {
                 self.send(dead_topic, position.as_bytes(), &d.raw, headers)?;
             }
         }
-        self.producer.flush(Duration::from_secs(30)).map_err(|e| SinkError::Transient(format!("kafka flush: {e}")))?;
+        // Wait for every acknowledgement. (`flush` waits in steps of 100 ms here; polling the
+        // delivery reports directly returns as soon as the broker has answered.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.producer.in_flight_count() > 0 {
+            if std::time::Instant::now() > deadline {
+                return Err(SinkError::Transient(format!("{} messages not acknowledged within 30 s", self.producer.in_flight_count())));
+            }
+            self.producer.poll(Duration::from_millis(1));
+        }
         let failed = self.failed.load(Ordering::Relaxed) - failed_before;
         if failed > 0 {
             return Err(SinkError::Transient(format!("{failed} messages were not acknowledged; sending the epoch again")));
