@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Counters for one process's run.
 #[derive(Default, Debug)]
@@ -40,7 +40,6 @@ pub fn spawn_bar(progress: Arc<Progress>, enabled: bool) -> Option<std::thread::
                 indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} rows ({per_sec}, eta {eta}) {msg}")
                     .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
-            let started = Instant::now();
             while !progress.finished.load(Ordering::Relaxed) {
                 bar.set_length(progress.total.load(Ordering::Relaxed));
                 bar.set_position(progress.done());
@@ -52,7 +51,6 @@ pub fn spawn_bar(progress: Arc<Progress>, enabled: bool) -> Option<std::thread::
             }
             bar.set_position(progress.done());
             bar.finish_and_clear();
-            let _ = started;
         })
         .ok()
 }

@@ -6,43 +6,13 @@ use crate::record::{Answer, Column, DeadLetter};
 use base64::Engine;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Writes JSON lines into a folder.
 pub struct JsonlWriter {
     answers: File,
     dead: File,
     columns: &'static [Column],
-}
-
-/// Removes the answer and dead-letter files a previous run left in `dir`, so a rerun replaces them.
-pub fn clear(dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    for entry in std::fs::read_dir(dir)?.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if (name.starts_with("answers.w") || name.starts_with("dead_letters.w")) && name.ends_with(".jsonl") {
-            std::fs::remove_file(entry.path())?;
-        }
-    }
-    Ok(())
-}
-
-/// Every answer file in `dir`.
-pub fn answer_files(dir: &Path) -> Vec<PathBuf> {
-    files_with_prefix(dir, "answers.w")
-}
-
-/// Every dead-letter file in `dir`.
-pub fn dead_letter_files(dir: &Path) -> Vec<PathBuf> {
-    files_with_prefix(dir, "dead_letters.w")
-}
-
-fn files_with_prefix(dir: &Path, prefix: &str) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix))).collect())
-        .unwrap_or_default();
-    out.sort();
-    out
 }
 
 impl JsonlWriter {
