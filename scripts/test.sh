@@ -11,4 +11,12 @@ bash scripts/kafka.sh start
 SLUICE_KAFKA_PORT=19093 SLUICE_KAFKA_PERSIST=1 bash scripts/kafka.sh start
 export SLUICE_PG_URL="${SLUICE_PG_URL:-postgres://sluice:sluice@127.0.0.1:5432/sluice}"
 cargo build --benches
-cargo test "$@"
+log=$(mktemp)
+set +e
+cargo test --lib --bins --tests "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } } END { printf "%d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
+exit "$status"
