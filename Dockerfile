@@ -36,7 +36,9 @@ COPY samples/ samples/
 # Inside a container the metrics endpoint must listen on all interfaces for Prometheus
 # (deploy/prometheus.yml scrapes worker:9464); the topologies say 127.0.0.1 for local runs.
 RUN sed -i -E 's|^listen = "127\.0\.0\.1:[0-9]+"|listen = "0.0.0.0:9464"|' topologies/qa_csv_postgres.toml \
- && grep -q '^listen = "0.0.0.0:9464"' topologies/qa_csv_postgres.toml
+ && grep -q '^listen = "0.0.0.0:9464"' topologies/qa_csv_postgres.toml \
+ && sed -i -E 's|^listen = "127\.0\.0\.1:9466"|listen = "0.0.0.0:9466"|' topologies/rides_kafka.toml \
+ && grep -q '^listen = "0.0.0.0:9466"' topologies/rides_kafka.toml
 RUN useradd --system --home /app sluice && mkdir -p /app/out && chown -R sluice /app
 USER sluice
 ENV SLUICE_PG_HOST=postgres

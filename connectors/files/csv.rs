@@ -204,7 +204,8 @@ pub fn csv_source<'s, T: Task>(
             let in_flight = epoch.saturating_sub(oldest);
             metrics::gauge!(crate::metrics::EPOCHS_IN_FLIGHT).set(in_flight as f64);
             if in_flight >= settings.max_epochs_in_flight {
-                activator.activate_after(Duration::from_millis(1));
+                // Files wait for throughput, not latency: poll the sinks' progress gently.
+                activator.activate_after(Duration::from_millis(5));
                 return;
             }
             let mut ok = ok_out.activate();
