@@ -1,8 +1,7 @@
 //! The durable sink operator: gathers each epoch's answers and dead letters, and once the epoch is
-//! complete hands it to a chain of sink threads, one per configured sink (the offset-storing sink
-//! last), each retrying with backoff until the epoch is durable there. The operator holds a
-//! capability on its (empty) output until then, so a probe on that output says exactly which
-//! epochs are durable.
+//! complete hands it to a sink thread that writes it to every configured sink, retrying with
+//! backoff until it is durable. The operator holds a capability on its (empty) output until then,
+//! so a probe on that output says exactly which epochs are durable.
 
 use crate::connectors::kafka::source::SourceOffset;
 use crate::connectors::{EpochBatch, SinkError, SinkWriter};
@@ -50,10 +49,13 @@ pub fn durable_sink<'s>(
 
     let (batch_tx, batch_rx) = crossbeam_channel::unbounded::<EpochBatch>();
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Ack>();
-    let threads = spawn_stages(worker_index, writers, batch_rx, ack_tx, activator);
+    let thread = std::thread::Builder::new()
+        .name(format!("sluice-sink-{worker_index}"))
+        .spawn(move || write_loop(writers, batch_rx, ack_tx, activator))
+        .expect("cannot start a sink thread");
 
     builder.build(move |_initial| {
-        let mut threads = threads;
+        let mut thread = Some(thread);
         let mut batch_tx = Some(batch_tx);
         let mut buffered: BTreeMap<u64, (Capability<u64>, EpochBatch)> = BTreeMap::new();
         let mut writing: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
@@ -92,7 +94,7 @@ pub fn durable_sink<'s>(
             // All input is in and durable: stop the sink thread.
             if buffered.is_empty() && writing.is_empty() && frontiers.iter().all(|f| f.frontier().is_empty()) {
                 batch_tx = None;
-                for t in threads.drain(..) {
+                if let Some(t) = thread.take() {
                     let _ = t.join();
                 }
             }
@@ -101,55 +103,27 @@ pub fn durable_sink<'s>(
     stream
 }
 
-/// One thread per sink, chained in order: epoch `n` can be in the last sink (Postgres, with the
-/// offsets) while epoch `n + 1` is already in the first (the results topic). Each sink still sees
-/// epochs in order, and an epoch is acknowledged only once the last sink holds it.
-fn spawn_stages(
-    worker: usize,
-    writers: Vec<Box<dyn SinkWriter>>,
-    input: crossbeam_channel::Receiver<EpochBatch>,
+fn write_loop(
+    mut writers: Vec<Box<dyn SinkWriter>>,
+    rx: crossbeam_channel::Receiver<EpochBatch>,
     acks: crossbeam_channel::Sender<Ack>,
     activator: timely::scheduling::SyncActivator,
-) -> Vec<std::thread::JoinHandle<()>> {
-    let mut threads = Vec::new();
-    let mut rx = input;
-    for mut writer in writers {
-        let (tx, next_rx) = crossbeam_channel::unbounded::<EpochBatch>();
-        let this_rx = std::mem::replace(&mut rx, next_rx);
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("sluice-sink-{worker}-{}", writer.kind()))
-                .spawn(move || {
-                    while let Ok(batch) = this_rx.recv() {
-                        write_with_retry(writer.as_mut(), &batch);
-                        if tx.send(batch).is_err() {
-                            return;
-                        }
-                    }
-                })
-                .expect("cannot start a sink thread"),
-        );
+) {
+    while let Ok(batch) = rx.recv() {
+        for writer in writers.iter_mut() {
+            write_with_retry(writer.as_mut(), &batch);
+        }
+        let now = now_ms();
+        for a in &batch.answers {
+            metrics::histogram!(crate::metrics::END_TO_END_LATENCY).record(now.saturating_sub(a.ingest_ms) as f64 / 1000.0);
+        }
+        metrics::counter!(crate::metrics::ANSWERS).increment(batch.answers.len() as u64);
+        for d in &batch.dead {
+            metrics::counter!(crate::metrics::DEAD_LETTERS, "reason" => d.reason.as_str()).increment(1);
+        }
+        let _ = acks.send(Ack { epoch: batch.epoch, answers: batch.answers.len() as u64, dead: batch.dead.len() as u64 });
+        let _ = activator.activate();
     }
-    threads.push(
-        std::thread::Builder::new()
-            .name(format!("sluice-sink-{worker}-ack"))
-            .spawn(move || {
-                while let Ok(batch) = rx.recv() {
-                    let now = now_ms();
-                    for a in &batch.answers {
-                        metrics::histogram!(crate::metrics::END_TO_END_LATENCY).record(now.saturating_sub(a.ingest_ms) as f64 / 1000.0);
-                    }
-                    metrics::counter!(crate::metrics::ANSWERS).increment(batch.answers.len() as u64);
-                    for d in &batch.dead {
-                        metrics::counter!(crate::metrics::DEAD_LETTERS, "reason" => d.reason.as_str()).increment(1);
-                    }
-                    let _ = acks.send(Ack { epoch: batch.epoch, answers: batch.answers.len() as u64, dead: batch.dead.len() as u64 });
-                    let _ = activator.activate();
-                }
-            })
-            .expect("cannot start a sink thread"),
-    );
-    threads
 }
 
 /// Writes until the sink accepts the epoch: nothing is dropped. Transient errors back off
