@@ -5,7 +5,7 @@
 #   3. latency at a steady 5,000 rides/s.
 # For each: throughput, p50/p95/p99 end-to-end latency, lost and duplicate answers, the worker's
 # peak RSS, and where the worker's time went (from its own Prometheus histograms).
-# Usage: benches/rides_load.sh [COUNT=200000] [WORKERS=1]
+# Usage: benches/rides_load.sh [COUNT=200000] [WORKERS=1]   (SCENARIOS="latency_5k" runs a subset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT="${1:-200000}"
@@ -49,6 +49,10 @@ $2
 TOML
 }
 
+# CPU seconds (user + system) a process has used so far.
+cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+cpu_of_postgres() { local t=0; for p in $(pgrep -x postgres); do t=$(echo "$t + $(cpu_of "$p")" | bc); done; echo "$t"; }
+
 scenario() { # name count rate sinks-extra
   local name=$1 count=$2 rate=$3
   for t in in out; do "$TANSU" topic create "$RUN-$name-$t" --partitions 4 --broker tcp://127.0.0.1:19092 >/dev/null; done
@@ -59,7 +63,15 @@ scenario() { # name count rate sinks-extra
   local peak=0
   ( while kill -0 $WPID 2>/dev/null; do r=$(awk '/VmRSS/{print $2}' /proc/$WPID/status 2>/dev/null || echo 0); echo "$r"; sleep 0.2; done ) > "$WORK/$name.rss" &
   local SPID=$!
-  "$BIN" loadgen --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --rate "$rate" --drain-ms 5000 > "$WORK/$name.report" || true
+  local tansu_pid; tansu_pid=$(cat "${SLUICE_CACHE:-$HOME/.cache/sluice}/tansu.pid" 2>/dev/null || echo 0)
+  local pg_before tansu_before worker_before
+  pg_before=$(cpu_of_postgres); tansu_before=$(cpu_of "$tansu_pid"); worker_before=$(cpu_of "$WPID")
+  local t0; t0=$(date +%s.%N)
+  { TIMEFORMAT="%U %S"; time "$BIN" loadgen --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --rate "$rate" --drain-ms 5000 > "$WORK/$name.report" || true; } 2> "$WORK/$name.loadgen.cpu"
+  local wall; wall=$(echo "$(date +%s.%N) - $t0" | bc)
+  local worker_cpu tansu_cpu pg_cpu lg_cpu
+  worker_cpu=$(echo "$(cpu_of "$WPID") - $worker_before" | bc); tansu_cpu=$(echo "$(cpu_of "$tansu_pid") - $tansu_before" | bc)
+  pg_cpu=$(echo "$(cpu_of_postgres) - $pg_before" | bc); lg_cpu=$(awk '{print $1 + $2}' "$WORK/$name.loadgen.cpu" 2>/dev/null || echo 0)
   curl -s 127.0.0.1:9477/metrics > "$WORK/$name.metrics" || true
   kill -TERM $WPID; wait $WPID || true; WPID=""
   kill $SPID 2>/dev/null || true
@@ -67,6 +79,7 @@ scenario() { # name count rate sinks-extra
   echo "### $name: $count rides, rate ${rate:-max} (0 = as fast as possible), $WORKERS worker(s)"
   cat "$WORK/$name.report"
   echo "worker peak RSS: $((peak / 1024)) MB"
+  printf 'CPU seconds over %.1f s of wall time (2 cores = %.1f CPU-s): sluice worker %.2f, tansu broker %.2f, postgres %.2f, loadgen %.2f\n' "$wall" "$(echo "$wall * 2" | bc)" "$worker_cpu" "$tansu_cpu" "$pg_cpu" "$lg_cpu"
   awk -v name="$name" '
     /^sluice_inference_latency_seconds_sum/ {inf=$2}
     /^sluice_inference_latency_seconds_count/ {runs=$2}
@@ -78,13 +91,14 @@ scenario() { # name count rate sinks-extra
 }
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); broker tansu (memory) and PostgreSQL on the same machine"
-scenario kafka_only "$COUNT" 0 ""
-scenario with_postgres "$COUNT" 0 "[[sinks]]
+want() { [ -z "${SCENARIOS:-}" ] || [[ " $SCENARIOS " == *" $1 "* ]]; }
+want kafka_only && scenario kafka_only "$COUNT" 0 ""
+want with_postgres && scenario with_postgres "$COUNT" 0 "[[sinks]]
 type = \"postgres\"
 url = \"postgres://sluice:sluice@127.0.0.1:5432/sluice\"
 table = \"${RUN}_rides\"
 dead_letter_table = \"${RUN}_dead\""
-scenario latency_5k 60000 5000 "[[sinks]]
+want latency_5k && scenario latency_5k 60000 5000 "[[sinks]]
 type = \"postgres\"
 url = \"postgres://sluice:sluice@127.0.0.1:5432/sluice\"
 table = \"${RUN}_rides_lat\"

@@ -9,15 +9,17 @@ use crate::connectors::{EpochBatch, SinkError, SinkWriter};
 use crate::record::{Answer, Column};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-/// Counts failed deliveries, so a write can tell whether every message of its epoch landed.
+/// Tracks an epoch's deliveries: how many are still unacknowledged (with a condition variable the
+/// sink thread waits on, woken by the producer's own polling thread) and how many failed.
 #[derive(Default, Clone)]
 pub struct DeliveryCounter {
+    pending: Arc<(Mutex<u64>, Condvar)>,
     failed: Arc<AtomicU64>,
 }
 
@@ -30,13 +32,19 @@ impl ProducerContext for DeliveryCounter {
             tracing::debug!("kafka delivery failed: {e}");
             self.failed.fetch_add(1, Ordering::Relaxed);
         }
+        let (lock, cvar) = &*self.pending;
+        let mut pending = lock.lock().expect("delivery lock");
+        *pending = pending.saturating_sub(1);
+        if *pending == 0 {
+            cvar.notify_all();
+        }
     }
 }
 
 /// Writes answers and dead letters to Kafka topics.
 pub struct KafkaWriter {
-    producer: BaseProducer<DeliveryCounter>,
-    failed: Arc<AtomicU64>,
+    producer: ThreadedProducer<DeliveryCounter>,
+    deliveries: DeliveryCounter,
     topic: String,
     dead_letter_topic: Option<String>,
     columns: &'static [Column],
@@ -59,9 +67,8 @@ pub fn result_json(a: &Answer, columns: &[Column]) -> serde_json::Value {
 impl KafkaWriter {
     /// A producer for `topic` (and `dead_letter_topic`); `idempotent` turns on Kafka's idempotent producer.
     pub fn new(brokers: &str, topic: &str, dead_letter_topic: Option<&str>, idempotent: bool, columns: &'static [Column]) -> Result<Self, String> {
-        let context = DeliveryCounter::default();
-        let failed = context.failed.clone();
-        let producer: BaseProducer<DeliveryCounter> = base_config(brokers)
+        let deliveries = DeliveryCounter::default();
+        let producer: ThreadedProducer<DeliveryCounter> = base_config(brokers)
             .set("enable.idempotence", if idempotent { "true" } else { "false" })
             .set("acks", "all")
             // A short linger lets librdkafka pack an epoch into few produce requests (0 sends one
@@ -70,21 +77,25 @@ impl KafkaWriter {
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.messages", "1000000")
             .set("message.timeout.ms", "30000")
-            .create_with_context(context)
+            .create_with_context(deliveries.clone())
             .map_err(|e| format!("cannot create a Kafka producer: {e}"))?;
-        Ok(KafkaWriter { producer, failed, topic: topic.to_string(), dead_letter_topic: dead_letter_topic.map(String::from), columns })
+        Ok(KafkaWriter { producer, deliveries, topic: topic.to_string(), dead_letter_topic: dead_letter_topic.map(String::from), columns })
     }
 
     fn send(&self, topic: &str, key: &[u8], payload: &[u8], headers: OwnedHeaders) -> Result<(), SinkError> {
         let mut record = BaseRecord::to(topic).key(key).payload(payload).headers(headers);
+        *self.deliveries.pending.0.lock().expect("delivery lock") += 1;
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
-                    self.producer.poll(Duration::from_millis(5));
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                Err((e, _)) => return Err(SinkError::Transient(format!("cannot produce to {topic}: {e}"))),
+                Err((e, _)) => {
+                    *self.deliveries.pending.0.lock().expect("delivery lock") -= 1;
+                    return Err(SinkError::Transient(format!("cannot produce to {topic}: {e}")));
+                }
             }
         }
     }
@@ -96,7 +107,7 @@ impl SinkWriter for KafkaWriter {
     }
 
     fn write(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
-        let failed_before = self.failed.load(Ordering::Relaxed);
+        let failed_before = self.deliveries.failed.load(Ordering::Relaxed);
         let mut buf = Vec::with_capacity(256);
         for a in &batch.answers {
             buf.clear();
@@ -114,16 +125,15 @@ impl SinkWriter for KafkaWriter {
                 self.send(dead_topic, position.as_bytes(), &d.raw, headers)?;
             }
         }
-        // Wait for every acknowledgement. (`flush` waits in steps of 100 ms here; polling the
-        // delivery reports directly returns as soon as the broker has answered.)
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while self.producer.in_flight_count() > 0 {
-            if std::time::Instant::now() > deadline {
-                return Err(SinkError::Transient(format!("{} messages not acknowledged within 30 s", self.producer.in_flight_count())));
-            }
-            self.producer.poll(Duration::from_millis(1));
+        // Wait for every acknowledgement; the producer's polling thread wakes us on the last one.
+        let (lock, cvar) = &*self.deliveries.pending;
+        let pending = lock.lock().expect("delivery lock");
+        let (pending, timeout) = cvar.wait_timeout_while(pending, Duration::from_secs(30), |p| *p > 0).expect("delivery lock");
+        if timeout.timed_out() {
+            return Err(SinkError::Transient(format!("{} messages not acknowledged within 30 s", *pending)));
         }
-        let failed = self.failed.load(Ordering::Relaxed) - failed_before;
+        drop(pending);
+        let failed = self.deliveries.failed.load(Ordering::Relaxed) - failed_before;
         if failed > 0 {
             return Err(SinkError::Transient(format!("{failed} messages were not acknowledged; sending the epoch again")));
         }

@@ -95,6 +95,7 @@ fn connect(s: &KafkaSettings, index: usize, peers: usize) -> Result<Assigned, St
         .set("auto.offset.reset", if s.start_latest { "latest" } else { "earliest" })
         .set("queued.max.messages.kbytes", "16384")
         .set("fetch.wait.max.ms", "10")
+        .set("fetch.min.bytes", "65536")
         .create()
         .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
     let metadata = consumer.fetch_metadata(Some(&s.topic), Duration::from_secs(2)).map_err(|e| format!("cannot read metadata of topic {}: {e}", s.topic))?;

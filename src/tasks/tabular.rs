@@ -81,10 +81,15 @@ fn describe(session: &ort::session::Session, output: Option<&str>) -> Result<(Ve
 
 fn load_session(path: &Path, intra_threads: usize) -> Result<ort::session::Session, String> {
     let env = crate::ortlib::environment()?;
-    let mut builder = ort::session::Session::builder(env).map_err(|e| format!("cannot create an ONNX Runtime session: {e}"))?;
-    if intra_threads > 0 {
-        builder = builder.with_intra_threads(intra_threads).map_err(|e| format!("cannot set intra_threads: {e}"))?;
-    }
+    // Tabular models are tiny (microseconds per batch): a thread pool that spin-waits between runs
+    // costs more CPU than it saves, so one thread without spinning unless configured otherwise.
+    let threads = if intra_threads > 0 { intra_threads } else { 1 };
+    let mut builder = ort::session::Session::builder(env)
+        .map_err(|e| format!("cannot create an ONNX Runtime session: {e}"))?
+        .with_intra_threads(threads)
+        .map_err(|e| format!("cannot set intra_threads: {e}"))?
+        .with_intra_op_spinning(false)
+        .map_err(|e| format!("cannot turn off spinning: {e}"))?;
     builder.commit_from_file(path).map_err(|e| format!("cannot load model {}: {e}", path.display()))
 }
 
