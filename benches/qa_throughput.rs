@@ -7,6 +7,7 @@
 //! Run: `cargo bench --bench qa_throughput` (SLUICE_BENCH_N questions, default 642, all held-out;
 //! SLUICE_BENCH_ROUNDS, default 3; SLUICE_BENCH_MODEL for another model; SLUICE_PG_URL).
 
+use sluice::connectors::files::scan::Scanner;
 use sluice::inference::Model;
 use sluice::runtime::{self, RunOptions};
 use sluice::tasks::extractive_qa::{ExtractiveQa, QaModel, QaRequest, QaSettings, Window};
@@ -20,23 +21,17 @@ fn repo() -> PathBuf {
 }
 
 fn read_questions(path: &Path, n: usize) -> (String, Vec<(String, QaRequest)>) {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut rdr = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    for c in text.chars() {
-        cur.push(c);
-        if c == '"' {
-            quoted = !quoted;
-        }
-        if c == '\n' && !quoted {
-            rdr.push(std::mem::take(&mut cur));
-        }
+    let data = std::fs::read(path).unwrap();
+    let records: Vec<&[u8]> = Scanner::new(&data, usize::MAX).map(|r| r.bytes).collect();
+    let rows: Vec<&[u8]> = records[1..].iter().take(n).copied().collect();
+    let parsed = sluice::connectors::files::csv::parse_rows(&rows, 3).unwrap();
+    let mut csv = records[0].to_vec();
+    for r in &rows {
+        csv.push(b'\n');
+        csv.extend_from_slice(r);
     }
-    let header = rdr[0].clone();
-    let rows: Vec<String> = rdr[1..].iter().take(n).cloned().collect();
-    let parsed = sluice::connectors::files::csv::parse_rows(&rows.iter().map(|r| r.trim_end_matches('\n').as_bytes()).collect::<Vec<_>>(), 3).unwrap();
-    let csv = format!("{header}{}", rows.join(""));
+    csv.push(b'\n');
+    let csv = String::from_utf8(csv).unwrap();
     (csv, parsed.into_iter().map(|r| (r[0].clone(), QaRequest { question: r[1].clone(), context: r[2].clone() })).collect())
 }
 

@@ -5,6 +5,7 @@ mod common;
 
 use base64::Engine;
 use common::*;
+use sluice::connectors::files::scan::Scanner;
 use std::collections::BTreeMap;
 
 #[test]
@@ -65,11 +66,11 @@ fn one_and_two_workers_give_identical_answers() {
     let all = std::fs::read_to_string(repo().join("tests/data/squad_fidelity.csv")).unwrap();
     let input = dir.path().join("in");
     std::fs::create_dir_all(&input).unwrap();
-    let records = split_records(&all);
-    let header = records[0].trim_end();
+    let records: Vec<&str> = Scanner::new(all.as_bytes(), usize::MAX).map(|r| std::str::from_utf8(r.bytes).unwrap()).collect();
+    let header = records[0];
     let half = 30;
-    std::fs::write(input.join("a.csv"), format!("{header}\n{}", records[1..1 + half].join(""))).unwrap();
-    std::fs::write(input.join("b.csv"), format!("{header}\n{}", records[1 + half..1 + 2 * half].join(""))).unwrap();
+    std::fs::write(input.join("a.csv"), format!("{header}\n{}\n", records[1..1 + half].join("\n"))).unwrap();
+    std::fs::write(input.join("b.csv"), format!("{header}\n{}\n", records[1 + half..1 + 2 * half].join("\n"))).unwrap();
     let one = dir.path().join("one");
     let two = dir.path().join("two");
     let s1 = run(&qa_topology("w1", &input, &jsonl_sink(&one), ""), 1);
@@ -84,24 +85,4 @@ fn one_and_two_workers_give_identical_answers() {
             assert_eq!(v[k], w[k], "{id}: {k} differs between 1 and 2 workers");
         }
     }
-}
-
-/// Splits CSV text into whole records (quoted newlines kept), each with its line end.
-fn split_records(text: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    for c in text.chars() {
-        cur.push(c);
-        if c == '"' {
-            quoted = !quoted;
-        }
-        if c == '\n' && !quoted {
-            out.push(std::mem::take(&mut cur));
-        }
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
 }

@@ -73,28 +73,26 @@ pub fn answers_by_id(dir: &Path) -> BTreeMap<String, serde_json::Value> {
 pub mod kafka;
 pub mod rides;
 
-/// Runs a query against the test Postgres.
-pub fn query(sql: &str) -> Vec<tokio_postgres::Row> {
+/// Runs `f` with a client of the test Postgres.
+fn with_client<T>(f: impl AsyncFnOnce(tokio_postgres::Client) -> T) -> T {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
             .await
             .unwrap_or_else(|e| panic!("Postgres at {} is not reachable (run scripts/pg.sh): {e}", pg_url()));
         tokio::spawn(conn);
-        client.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+        f(client).await
     })
+}
+
+/// Runs a query against the test Postgres.
+pub fn query(sql: &str) -> Vec<tokio_postgres::Row> {
+    with_client(async |client| client.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")))
 }
 
 /// Executes statements against the test Postgres.
 pub fn exec(sql: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let (client, conn) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
-            .await
-            .unwrap_or_else(|e| panic!("Postgres at {} is not reachable (run scripts/pg.sh): {e}", pg_url()));
-        tokio::spawn(conn);
-        client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
-    })
+    with_client(async |client| client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")))
 }
 
 /// The number of rows of `table`, or 0 while it does not exist yet.
