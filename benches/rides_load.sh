@@ -2,7 +2,9 @@
 # End-to-end ride benchmark with `sluice loadgen`, on this machine, broker and Postgres included.
 #   1. Kafka -> model -> results topic (no Postgres), rides sent as fast as loadgen can;
 #   2. the same with the Postgres sink as well (answers and offsets in one transaction per epoch);
-#   3. latency at a steady 5,000 rides/s.
+#   3. latency at a steady 5,000 rides/s;
+#   and, for the pipeline's own sustained rate, 1 and 2 again with the whole backlog published
+#   before the worker starts (drain, drain_postgres): throughput from its first answer to its last.
 # For each: throughput, p50/p95/p99 end-to-end latency, lost and duplicate answers, the worker's
 # peak RSS, and where the worker's time went (from its own Prometheus histograms).
 # Usage: benches/rides_load.sh [COUNT=200000] [WORKERS=1]   (SCENARIOS="latency_5k" runs a subset)
@@ -53,13 +55,29 @@ TOML
 cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 cpu_of_postgres() { local t=0; for p in $(pgrep -x postgres); do t=$(echo "$t + $(cpu_of "$p")" | bc); done; echo "$t"; }
 
-scenario() { # name count rate sinks-extra
+start_worker() { # name
+  "$BIN" run "$WORK/$1.toml" --no-progress > "$WORK/$1.log" 2>&1 &
+  WPID=$!
+}
+
+scenario() { # name count rate(0 = max, "preload" = backlog first) sinks-extra
   local name=$1 count=$2 rate=$3
   for t in in out; do "$TANSU" topic create "$RUN-$name-$t" --partitions 4 --broker tcp://127.0.0.1:19092 >/dev/null; done
   topology "$name" "$4" > "$WORK/$name.toml"
-  "$BIN" run "$WORK/$name.toml" --no-progress > "$WORK/$name.log" 2>&1 &
-  WPID=$!
-  sleep 2
+  local LGPID=""
+  if [ "$rate" = preload ]; then
+    # Publish the whole backlog first; the worker starts once it is in the broker.
+    "$BIN" loadgen --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --preload --drain-ms 20000 > "$WORK/$name.report" 2>&1 &
+    LGPID=$!
+    until grep -q preloaded "$WORK/$name.report" 2>/dev/null; do
+      kill -0 $LGPID 2>/dev/null || { cat "$WORK/$name.report"; return 1; }
+      sleep 0.1
+    done
+    start_worker "$name"
+  else
+    start_worker "$name"
+    sleep 2
+  fi
   local peak=0
   ( while kill -0 $WPID 2>/dev/null; do r=$(awk '/VmRSS/{print $2}' /proc/$WPID/status 2>/dev/null || echo 0); echo "$r"; sleep 0.2; done ) > "$WORK/$name.rss" &
   local SPID=$!
@@ -67,7 +85,16 @@ scenario() { # name count rate sinks-extra
   local pg_before tansu_before worker_before
   pg_before=$(cpu_of_postgres); tansu_before=$(cpu_of "$tansu_pid"); worker_before=$(cpu_of "$WPID")
   local t0; t0=$(date +%s.%N)
-  { TIMEFORMAT="%U %S"; time "$BIN" loadgen --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --rate "$rate" --drain-ms 5000 > "$WORK/$name.report" || true; } 2> "$WORK/$name.loadgen.cpu"
+  if [ -n "$LGPID" ]; then
+    # The load generator's CPU from the worker's start on (its listening), sampled until it exits.
+    local lg_before; lg_before=$(cpu_of "$LGPID")
+    ( while kill -0 $LGPID 2>/dev/null; do cpu_of "$LGPID"; sleep 0.05; done ) > "$WORK/$name.lgsamples" &
+    wait $LGPID || true
+    sleep 0.1
+    echo "$(sort -n "$WORK/$name.lgsamples" | tail -n1) - $lg_before" | bc | awk '{print $1, 0}' > "$WORK/$name.loadgen.cpu"
+  else
+    { TIMEFORMAT="%U %S"; time "$BIN" loadgen --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --rate "$rate" --drain-ms 5000 > "$WORK/$name.report" || true; } 2> "$WORK/$name.loadgen.cpu"
+  fi
   local wall; wall=$(echo "$(date +%s.%N) - $t0" | bc)
   local worker_cpu tansu_cpu pg_cpu lg_cpu
   worker_cpu=$(echo "$(cpu_of "$WPID") - $worker_before" | bc); tansu_cpu=$(echo "$(cpu_of "$tansu_pid") - $tansu_before" | bc)
@@ -76,7 +103,7 @@ scenario() { # name count rate sinks-extra
   kill -TERM $WPID; wait $WPID || true; WPID=""
   kill $SPID 2>/dev/null || true
   peak=$(sort -n "$WORK/$name.rss" | tail -n1)
-  echo "### $name: $count rides, rate ${rate:-max} (0 = as fast as possible), $WORKERS worker(s)"
+  echo "### $name: $count rides, rate $rate (0 = as fast as possible; preload = the backlog published before the worker starts), $WORKERS worker(s)"
   cat "$WORK/$name.report"
   echo "worker peak RSS: $((peak / 1024)) MB"
   printf 'CPU seconds over %.1f s of wall time (2 cores = %.1f CPU-s): sluice worker %.2f, tansu broker %.2f, postgres %.2f, loadgen %.2f\n' "$wall" "$(echo "$wall * 2" | bc)" "$worker_cpu" "$tansu_cpu" "$pg_cpu" "$lg_cpu"
@@ -84,14 +111,21 @@ scenario() { # name count rate sinks-extra
     /^sluice_inference_latency_seconds_sum/ {inf=$2}
     /^sluice_inference_latency_seconds_count/ {runs=$2}
     /^sluice_sink_write_seconds_sum\{sink="kafka"\}/ {k=$2}
+    /^sluice_sink_write_seconds_count\{sink="kafka"\}/ {kn=$2}
     /^sluice_sink_write_seconds_sum\{sink="postgres"\}/ {p=$2}
     /^sluice_inference_batch_size_sum/ {rows=$2}
-    END { printf "worker time: model %.2f s in %d runs (%.1f rows/run), kafka sink %.2f s, postgres sink %.2f s\n", inf, runs, (runs>0?rows/runs:0), k, p }' "$WORK/$name.metrics"
+    END { printf "worker time: model %.2f s in %d runs (%.1f rows/run), kafka sink %.2f s in %d writes, postgres sink %.2f s\n", inf, runs, (runs>0?rows/runs:0), k, kn, p }' "$WORK/$name.metrics"
   echo
 }
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); broker tansu (memory) and PostgreSQL on the same machine"
 want() { [ -z "${SCENARIOS:-}" ] || [[ " $SCENARIOS " == *" $1 "* ]]; }
+want drain && scenario drain "$COUNT" preload ""
+want drain_postgres && scenario drain_postgres "$COUNT" preload "[[sinks]]
+type = \"postgres\"
+url = \"postgres://sluice:sluice@127.0.0.1:5432/sluice\"
+table = \"${RUN}_rides_drain\"
+dead_letter_table = \"${RUN}_dead\""
 want kafka_only && scenario kafka_only "$COUNT" 0 ""
 want with_postgres && scenario with_postgres "$COUNT" 0 "[[sinks]]
 type = \"postgres\"

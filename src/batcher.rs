@@ -16,27 +16,35 @@ pub struct BatchPolicy {
     pub lookahead: usize,
 }
 
-/// Blocks for the first unit, then fills a batch as `policy` says. `None` once the channel is
+/// Blocks for the first item, then fills a batch as `policy` says, counting `weight(item)` units
+/// per item (a worker submits a whole chunk of requests as one item). `None` once the channel is
 /// closed and empty: the service shuts down.
-pub fn collect<U>(rx: &Receiver<U>, policy: &BatchPolicy) -> Option<Vec<U>> {
+pub fn collect<U>(rx: &Receiver<U>, policy: &BatchPolicy, weight: impl Fn(&U) -> usize) -> Option<Vec<U>> {
     let first = rx.recv().ok()?;
-    let mut units = vec![first];
+    let mut units = weight(&first);
+    let mut items = vec![first];
     let deadline = Instant::now() + policy.max_delay;
-    while units.len() < policy.max_batch {
+    while units < policy.max_batch {
         match rx.recv_deadline(deadline) {
-            Ok(u) => units.push(u),
+            Ok(u) => {
+                units += weight(&u);
+                items.push(u);
+            }
             Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
         }
     }
     // A backlog is already waiting: take a few batches of it so they can be grouped by length.
     let limit = policy.max_batch * policy.lookahead.max(1);
-    while units.len() < limit {
+    while units < limit {
         match rx.try_recv() {
-            Ok(u) => units.push(u),
+            Ok(u) => {
+                units += weight(&u);
+                items.push(u);
+            }
             Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
         }
     }
-    Some(units)
+    Some(items)
 }
 
 /// Sorts units by cost (stable, so equal costs keep arrival order) and cuts them into batches of
@@ -70,9 +78,9 @@ mod tests {
         drop(tx);
         let policy = BatchPolicy { max_batch: 3, max_delay: Duration::from_secs(60), lookahead: 1 };
         let started = Instant::now();
-        assert_eq!(collect(&rx, &policy), Some(vec![0, 1, 2]));
-        assert_eq!(collect(&rx, &policy), Some(vec![3, 4]));
-        assert_eq!(collect(&rx, &policy), None);
+        assert_eq!(collect(&rx, &policy, |_| 1), Some(vec![0, 1, 2]));
+        assert_eq!(collect(&rx, &policy, |_| 1), Some(vec![3, 4]));
+        assert_eq!(collect(&rx, &policy, |_| 1), None);
         assert!(started.elapsed() < Duration::from_secs(30), "a full batch never waits for max_delay");
     }
 
@@ -81,9 +89,9 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         tx.send(7).unwrap();
         let policy = BatchPolicy { max_batch: 8, max_delay: Duration::from_millis(20), lookahead: 1 };
-        assert_eq!(collect(&rx, &policy), Some(vec![7]));
+        assert_eq!(collect(&rx, &policy, |_| 1), Some(vec![7]));
         drop(tx);
-        assert_eq!(collect(&rx, &policy), None);
+        assert_eq!(collect(&rx, &policy, |_| 1), None);
     }
 
     #[test]
@@ -93,7 +101,20 @@ mod tests {
             tx.send(i).unwrap();
         }
         let policy = BatchPolicy { max_batch: 2, max_delay: Duration::from_millis(1), lookahead: 4 };
-        assert_eq!(collect(&rx, &policy).unwrap().len(), 8);
+        assert_eq!(collect(&rx, &policy, |_| 1).unwrap().len(), 8);
+    }
+
+    #[test]
+    fn weighs_items_by_their_units() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for chunk in [vec![1, 2, 3], vec![4, 5, 6], vec![7]] {
+            tx.send(chunk).unwrap();
+        }
+        drop(tx);
+        let policy = BatchPolicy { max_batch: 5, max_delay: Duration::from_secs(60), lookahead: 1 };
+        // Two chunks reach 6 units, past max_batch: the third waits for the next batch.
+        assert_eq!(collect(&rx, &policy, |c: &Vec<i32>| c.len()).unwrap().len(), 2);
+        assert_eq!(collect(&rx, &policy, |c: &Vec<i32>| c.len()), Some(vec![vec![7]]));
     }
 
     #[test]

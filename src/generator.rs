@@ -94,9 +94,9 @@ pub fn generator_source<'s, T: Task>(
                 }
                 let ride = ride.expect("the generator is endless");
                 let id = format!("ride-{}-{global}", settings.seed);
-                let json = ride.request_json(&id);
-                let obj = json.as_object().expect("a ride is an object");
-                match task.decode_json(obj) {
+                let json = ride.request_json(&id).to_string();
+                let obj = crate::json::JsonFields::parse(&json).expect("a ride is a JSON object");
+                match task.decode_json(&obj) {
                     Ok(payload) => {
                         ok_session.give(Envelope { id, payload, passthrough: Vec::new(), pos: SourcePos::Generated { seq: global }, ingest_ms: now })
                     }
@@ -104,7 +104,7 @@ pub fn generator_source<'s, T: Task>(
                         pos: SourcePos::Generated { seq: global },
                         reason,
                         detail,
-                        raw: json.to_string().into_bytes(),
+                        raw: json.clone().into_bytes(),
                         ingest_ms: now,
                     }),
                 }

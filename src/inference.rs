@@ -31,30 +31,44 @@ pub struct Completion<O> {
     pub result: Result<O, String>,
 }
 
-/// Where a requester (one timely operator) receives its completions, and how it is woken.
+/// Where a requester (one timely operator) receives its completions, and how it is woken. The
+/// service sends one message per model run per requester, holding every completion of that run.
 pub struct ReplyTo<O> {
-    tx: Sender<Completion<O>>,
+    tx: Sender<Vec<Completion<O>>>,
     activator: Option<SyncActivator>,
 }
 
 impl<O> ReplyTo<O> {
     /// A reply address; `activator` wakes the requesting operator when results arrive.
-    pub fn new(activator: Option<SyncActivator>) -> (Arc<Self>, Receiver<Completion<O>>) {
+    pub fn new(activator: Option<SyncActivator>) -> (Arc<Self>, Receiver<Vec<Completion<O>>>) {
         let (tx, rx) = crossbeam_channel::unbounded();
         (Arc::new(ReplyTo { tx, activator }), rx)
     }
+
+    fn send(&self, completions: Vec<Completion<O>>) {
+        let _ = self.tx.send(completions);
+        if let Some(a) = &self.activator {
+            let _ = a.activate();
+        }
+    }
 }
 
-struct Job<U, O> {
-    unit: U,
-    ticket: u64,
-    index: usize,
+/// One unit of a submission: the requester's ticket and the unit's index within its request.
+pub struct Unit<U> {
+    pub ticket: u64,
+    pub index: usize,
+    pub unit: U,
+}
+
+/// What a worker sends in one message: the units of a whole chunk of requests and where to reply.
+struct Submission<U, O> {
+    units: Vec<Unit<U>>,
     reply: Arc<ReplyTo<O>>,
 }
 
 /// A cloneable handle to submit units to the service. The service stops once every handle is dropped.
 pub struct InferenceHandle<M: Model> {
-    tx: Sender<Job<M::Unit, M::Out>>,
+    tx: Sender<Submission<M::Unit, M::Out>>,
     queued: Arc<AtomicI64>,
 }
 
@@ -65,15 +79,19 @@ impl<M: Model> Clone for InferenceHandle<M> {
 }
 
 impl<M: Model> InferenceHandle<M> {
-    /// Queues `units` for the request `ticket`; completions arrive on `reply`'s channel.
-    pub fn submit(&self, ticket: u64, units: Vec<M::Unit>, reply: &Arc<ReplyTo<M::Out>>) {
+    /// Queues `units` (of any number of requests) in one message; their completions arrive on
+    /// `reply`'s channel, addressed by ticket and index.
+    pub fn submit(&self, units: Vec<Unit<M::Unit>>, reply: &Arc<ReplyTo<M::Out>>) {
+        if units.is_empty() {
+            return;
+        }
         self.queued.fetch_add(units.len() as i64, Ordering::Relaxed);
-        for (index, unit) in units.into_iter().enumerate() {
-            if let Err(err) = self.tx.send(Job { unit, ticket, index, reply: reply.clone() }) {
-                // The service is gone (a model thread panicked): answer with an error, never drop.
-                let job = err.into_inner();
-                let _ = job.reply.tx.send(Completion { ticket, index: job.index, result: Err("inference service stopped".into()) });
-            }
+        if let Err(err) = self.tx.send(Submission { units, reply: reply.clone() }) {
+            // The service is gone (a model thread panicked): answer with an error, never drop.
+            let sub = err.into_inner();
+            let failed =
+                sub.units.into_iter().map(|u| Completion { ticket: u.ticket, index: u.index, result: Err("inference service stopped".into()) }).collect();
+            sub.reply.send(failed);
         }
     }
 }
@@ -85,7 +103,7 @@ where
     M: Model,
     F: Fn() -> Result<M, String>,
 {
-    let (tx, rx) = crossbeam_channel::unbounded::<Job<M::Unit, M::Out>>();
+    let (tx, rx) = crossbeam_channel::unbounded::<Submission<M::Unit, M::Out>>();
     let queued = Arc::new(AtomicI64::new(0));
     let mut joins = Vec::new();
     for i in 0..threads.max(1) {
@@ -101,41 +119,49 @@ where
     Ok((InferenceHandle { tx, queued }, joins))
 }
 
-fn serve<M: Model>(mut model: M, rx: Receiver<Job<M::Unit, M::Out>>, policy: BatchPolicy, queued: Arc<AtomicI64>) {
+fn serve<M: Model>(mut model: M, rx: Receiver<Submission<M::Unit, M::Out>>, policy: BatchPolicy, queued: Arc<AtomicI64>) {
     let invariant = model.batch_invariant();
     let run_size = if invariant { policy.max_batch } else { 1 };
-    while let Some(jobs) = batcher::collect(&rx, &policy) {
-        queued.fetch_sub(jobs.len() as i64, Ordering::Relaxed);
-        metrics::gauge!(crate::metrics::INFERENCE_QUEUE).set(queued.load(Ordering::Relaxed).max(0) as f64);
-        for batch in batcher::group_by_cost(jobs, |j| M::cost(&j.unit), run_size) {
-            let units: Vec<&M::Unit> = batch.iter().map(|j| &j.unit).collect();
+    let latency = metrics::histogram!(crate::metrics::INFERENCE_LATENCY);
+    let batch_size = metrics::histogram!(crate::metrics::BATCH_SIZE);
+    let queue = metrics::gauge!(crate::metrics::INFERENCE_QUEUE);
+    while let Some(subs) = batcher::collect(&rx, &policy, |s| s.units.len()) {
+        let replies: Vec<Arc<ReplyTo<M::Out>>> = subs.iter().map(|s| s.reply.clone()).collect();
+        let mut units: Vec<(usize, Unit<M::Unit>)> = Vec::with_capacity(subs.iter().map(|s| s.units.len()).sum());
+        for (r, sub) in subs.into_iter().enumerate() {
+            units.extend(sub.units.into_iter().map(|u| (r, u)));
+        }
+        queued.fetch_sub(units.len() as i64, Ordering::Relaxed);
+        queue.set(queued.load(Ordering::Relaxed).max(0) as f64);
+        for batch in batcher::group_by_cost(units, |(_, u)| M::cost(&u.unit), run_size) {
+            let inputs: Vec<&M::Unit> = batch.iter().map(|(_, u)| &u.unit).collect();
             let started = Instant::now();
-            let outs = model.run(&units);
-            metrics::histogram!(crate::metrics::INFERENCE_LATENCY).record(started.elapsed().as_secs_f64());
-            metrics::histogram!(crate::metrics::BATCH_SIZE).record(units.len() as f64);
-            deliver(batch, outs);
+            let outs = model.run(&inputs);
+            latency.record(started.elapsed().as_secs_f64());
+            batch_size.record(inputs.len() as f64);
+            drop(inputs);
+            deliver(batch, outs, &replies);
         }
     }
 }
 
-fn deliver<U, O>(batch: Vec<Job<U, O>>, outs: Result<Vec<O>, String>) {
-    let mut woken: Vec<*const ReplyTo<O>> = Vec::new();
-    let mut outs = match outs {
-        Ok(outs) if outs.len() == batch.len() => outs.into_iter().map(Ok).collect::<Vec<_>>(),
+/// Sends each unit's result to its requester: one message per requester.
+fn deliver<U, O>(batch: Vec<(usize, Unit<U>)>, outs: Result<Vec<O>, String>, replies: &[Arc<ReplyTo<O>>]) {
+    let results: Vec<Result<O, String>> = match outs {
+        Ok(outs) if outs.len() == batch.len() => outs.into_iter().map(Ok).collect(),
         Ok(outs) => {
             let msg = format!("model returned {} outputs for {} units", outs.len(), batch.len());
             batch.iter().map(|_| Err(msg.clone())).collect()
         }
         Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
     };
-    for (job, result) in batch.into_iter().zip(outs.drain(..)) {
-        let _ = job.reply.tx.send(Completion { ticket: job.ticket, index: job.index, result });
-        let ptr = Arc::as_ptr(&job.reply);
-        if !woken.contains(&ptr) {
-            woken.push(ptr);
-            if let Some(a) = &job.reply.activator {
-                let _ = a.activate();
-            }
+    let mut by_reply: Vec<Vec<Completion<O>>> = (0..replies.len()).map(|_| Vec::new()).collect();
+    for ((r, u), result) in batch.into_iter().zip(results) {
+        by_reply[r].push(Completion { ticket: u.ticket, index: u.index, result });
+    }
+    for (r, completions) in by_reply.into_iter().enumerate() {
+        if !completions.is_empty() {
+            replies[r].send(completions);
         }
     }
 }
@@ -172,14 +198,15 @@ mod tests {
         let policy = BatchPolicy { max_batch: 4, max_delay: Duration::from_millis(20), lookahead: 2 };
         let (handle, joins) = start(1, policy, move || Ok(Doubler { sizes: s2.clone(), invariant })).unwrap();
         let (reply, rx) = ReplyTo::new(None);
-        handle.submit(1, vec![5, 1, 3], &reply);
-        handle.submit(2, vec![2, 4, 6, 8, 10], &reply);
-        let mut got: Vec<(u64, usize, usize)> = (0..8)
-            .map(|_| {
-                let c = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-                (c.ticket, c.index, c.result.unwrap())
-            })
-            .collect();
+        let units = |ticket: u64, values: Vec<usize>| values.into_iter().enumerate().map(|(index, unit)| Unit { ticket, index, unit }).collect();
+        handle.submit(units(1, vec![5, 1, 3]), &reply);
+        handle.submit(units(2, vec![2, 4, 6, 8, 10]), &reply);
+        let mut got: Vec<(u64, usize, usize)> = Vec::new();
+        while got.len() < 8 {
+            for c in rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+                got.push((c.ticket, c.index, c.result.unwrap()));
+            }
+        }
         drop(handle);
         for j in joins {
             j.join().unwrap();

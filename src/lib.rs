@@ -8,6 +8,7 @@ pub mod batcher;
 pub mod connectors;
 pub mod generator;
 pub mod inference;
+pub mod json;
 pub mod loadgen;
 pub mod metrics;
 pub mod operators;

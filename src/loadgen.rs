@@ -21,8 +21,11 @@ pub struct LoadSpec {
     /// Rides per second; 0 sends as fast as possible.
     pub rate: f64,
     pub seed: u64,
-    /// How long to wait for stragglers after the last send.
+    /// How long to wait for stragglers after the last send (or, preloaded, after the last answer).
     pub drain: Duration,
+    /// Publish every ride first, print `preloaded`, and only then expect answers: measures how fast
+    /// a worker started afterwards drains a backlog, from its first answer to its last.
+    pub preload: bool,
 }
 
 /// What came back.
@@ -35,8 +38,9 @@ pub struct LoadReport {
     /// Answers whose ID matched no request of this run.
     pub foreign: u64,
     pub send_seconds: f64,
-    /// First send to last answer.
+    /// First send to last answer; preloaded, first answer to last answer.
     pub seconds: f64,
+    pub preloaded: bool,
     pub throughput: f64,
     pub p50_ms: f64,
     pub p95_ms: f64,
@@ -46,6 +50,13 @@ pub struct LoadReport {
 
 impl std::fmt::Display for LoadReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.preloaded {
+            return write!(
+                f,
+                "preloaded {} in {:.2} s; answered {} in {:.2} s from first to last answer = {:.0} answers/s; lost {}, duplicates {}, foreign {}\nlatency: not measured (the backlog was published before the worker started)",
+                self.sent, self.send_seconds, self.answered, self.seconds, self.throughput, self.lost, self.duplicates, self.foreign
+            );
+        }
         write!(
             f,
             "sent {} in {:.2} s; answered {} in {:.2} s = {:.0} answers/s; lost {}, duplicates {}, foreign {}\nlatency ms: p50 {:.1}, p95 {:.1}, p99 {:.1}, max {:.1}",
@@ -81,10 +92,12 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
     let duplicates = Arc::new(AtomicU64::new(0));
     let foreign = Arc::new(AtomicU64::new(0));
     let last_arrival = Arc::new(AtomicU64::new(0));
+    let first_arrival = Arc::new(AtomicU64::new(0));
     let send_done = Arc::new(AtomicU64::new(0));
     let listener = {
         let (sent_ns, seen, latencies, answered, duplicates, foreign, last_arrival, send_done) =
             (sent_ns.clone(), seen.clone(), latencies.clone(), answered.clone(), duplicates.clone(), foreign.clone(), last_arrival.clone(), send_done.clone());
+        let first_arrival = first_arrival.clone();
         let prefix = format!("{run_id}-");
         let drain = spec.drain;
         std::thread::spawn(move || {
@@ -109,7 +122,9 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
                         match seq {
                             Some(i) if i < n => {
                                 if seen[i].fetch_add(1, Ordering::Relaxed) == 0 {
-                                    answered.fetch_add(1, Ordering::Relaxed);
+                                    if answered.fetch_add(1, Ordering::Relaxed) == 0 {
+                                        first_arrival.store(now, Ordering::Relaxed);
+                                    }
                                     local.push((now.saturating_sub(sent_ns[i].load(Ordering::Relaxed))) as f64 / 1e6);
                                     last_arrival.store(now, Ordering::Relaxed);
                                 } else {
@@ -159,12 +174,18 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
     }
     producer.flush(Duration::from_secs(60)).map_err(|e| format!("flush: {e}"))?;
     let send_seconds = start.elapsed().as_secs_f64();
+    if spec.preload {
+        use std::io::Write as _;
+        println!("preloaded {n} rides");
+        let _ = std::io::stdout().flush();
+    }
     send_done.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     listener.join().map_err(|_| "the listener panicked".to_string())?;
     let mut lat = std::mem::take(&mut *latencies.lock().expect("latency lock"));
     lat.sort_by(|a, b| a.total_cmp(b));
     let answered = answered.load(Ordering::Relaxed);
-    let seconds = last_arrival.load(Ordering::Relaxed) as f64 / 1e9;
+    let last = last_arrival.load(Ordering::Relaxed) as f64 / 1e9;
+    let seconds = if spec.preload { last - first_arrival.load(Ordering::Relaxed) as f64 / 1e9 } else { last };
     Ok(LoadReport {
         sent: spec.count,
         answered,
@@ -173,6 +194,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
         foreign: foreign.load(Ordering::Relaxed),
         send_seconds,
         seconds,
+        preloaded: spec.preload,
         throughput: answered as f64 / seconds.max(1e-9),
         p50_ms: percentile(&lat, 50.0),
         p95_ms: percentile(&lat, 95.0),

@@ -73,6 +73,10 @@ enum Command {
         /// How long to wait for the last answers after the last send.
         #[arg(long, default_value_t = 10_000)]
         drain_ms: u64,
+        /// Publish every ride first and print `preloaded`; then measure how fast a worker started
+        /// afterwards answers the backlog (first to last answer).
+        #[arg(long)]
+        preload: bool,
     },
 }
 
@@ -155,9 +159,17 @@ fn real_main() -> anyhow::Result<()> {
             println!("{}", serde_json::json!({"request_id": id, "answer": answer}));
             Ok(())
         }
-        Command::Loadgen { brokers, topic, results, count, rate, seed, drain_ms } => {
-            let spec =
-                sluice::loadgen::LoadSpec { brokers, requests_topic: topic, results_topic: results, count, rate, seed, drain: Duration::from_millis(drain_ms) };
+        Command::Loadgen { brokers, topic, results, count, rate, seed, drain_ms, preload } => {
+            let spec = sluice::loadgen::LoadSpec {
+                brokers,
+                requests_topic: topic,
+                results_topic: results,
+                count,
+                rate,
+                seed,
+                drain: Duration::from_millis(drain_ms),
+                preload,
+            };
             let report = sluice::loadgen::run(&spec).map_err(anyhow::Error::msg)?;
             println!("{report}");
             if report.lost > 0 {

@@ -10,7 +10,7 @@ pub enum SourcePos {
     /// A data row of a file: `row` counts data rows from 1 (the header is not a row).
     File { file: String, row: u64, byte_offset: u64 },
     /// A Kafka message.
-    Kafka { topic: String, partition: i32, offset: i64 },
+    Kafka { topic: std::sync::Arc<str>, partition: i32, offset: i64 },
     /// A record made by a built-in generator.
     Generated { seq: u64 },
 }
@@ -20,7 +20,7 @@ impl SourcePos {
     pub fn source(&self) -> String {
         match self {
             SourcePos::File { file, .. } => file.clone(),
-            SourcePos::Kafka { topic, .. } => topic.clone(),
+            SourcePos::Kafka { topic, .. } => topic.to_string(),
             SourcePos::Generated { .. } => "generator".to_string(),
         }
     }
@@ -98,7 +98,7 @@ pub struct Answer {
     pub values: Vec<Value>,
     pub passthrough: Vec<(String, String)>,
     /// Model name and version, e.g. `minilm-squad@3f2a9c01d4e5`.
-    pub model: String,
+    pub model: std::sync::Arc<str>,
     pub pos: SourcePos,
     pub ingest_ms: u64,
 }

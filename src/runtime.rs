@@ -209,7 +209,7 @@ fn run_dataflow<T: Task>(
         },
         SourceConfig::Kafka { brokers, topic, group_id, id, max_message_bytes, epoch_ms, start, idle_exit_ms } => SourcePlan::Kafka(KafkaSettings {
             brokers: expand_env(brokers),
-            topic: topic.clone(),
+            topic: topic.as_str().into(),
             group_id: group_id.clone().unwrap_or_else(|| format!("sluice-{}", topology.name)),
             id_from: id.clone(),
             max_message_bytes: *max_message_bytes,

@@ -2,6 +2,7 @@
 //! must reproduce the `predict` values that scripts/train_rides.py stored in models/rides/parity.jsonl.
 
 use sluice::inference::Model;
+use sluice::json::JsonFields;
 use sluice::tasks::tabular::{Tabular, TabularModel};
 use sluice::tasks::Task;
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ fn onnx_predictions_equal_sklearn_predict_within_1e4() {
     let text = std::fs::read_to_string(root.join("models/rides/parity.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 1000);
-    let requests: Vec<_> = rows.iter().map(|r| task.decode_json(r.as_object().unwrap()).unwrap()).collect();
+    let requests: Vec<_> = text.lines().map(|l| task.decode_json(&JsonFields::parse(l).unwrap()).unwrap()).collect();
     for chunk in requests.chunks(257).zip(rows.chunks(257)) {
         let refs: Vec<_> = chunk.0.iter().collect();
         let got = model.run(&refs).unwrap();
@@ -32,8 +33,8 @@ fn onnx_predictions_equal_sklearn_predict_within_1e4() {
 fn wrong_types_and_missing_fields_are_refused_by_dtype() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let task = Tabular::new(&root.join("models/rides/model.onnx"), None, "rides@test".into()).unwrap();
-    let obj = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap().as_object().unwrap().clone();
-    let reason = |s: &str| task.decode_json(&obj(s)).unwrap_err().0.as_str();
+    let obj = |s: &'static str| JsonFields::parse(s).unwrap();
+    let reason = |s: &'static str| task.decode_json(&obj(s)).unwrap_err().0.as_str();
     assert_eq!(reason(r#"{"PULocationID": 1, "DOLocationID": 2}"#), "missing_field");
     assert_eq!(reason(r#"{"PULocationID": "abc", "DOLocationID": 2, "trip_distance": 1.0}"#), "wrong_type");
     assert_eq!(reason(r#"{"PULocationID": 1, "DOLocationID": 2, "trip_distance": "3.2"}"#), "wrong_type");

@@ -36,7 +36,7 @@ pub fn answer_json(a: &Answer, columns: &[Column]) -> serde_json::Value {
     for (k, v) in &a.passthrough {
         m.insert(k.clone(), v.clone().into());
     }
-    m.insert("model".into(), a.model.clone().into());
+    m.insert("model".into(), a.model.to_string().into());
     m.insert("source".into(), a.pos.to_string().into());
     serde_json::Value::Object(m)
 }

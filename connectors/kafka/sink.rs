@@ -6,7 +6,7 @@
 
 use super::{base_config, ID_HEADER};
 use crate::connectors::{EpochBatch, SinkError, SinkWriter};
-use crate::record::{Answer, Column};
+use crate::record::{Answer, Column, Value};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
@@ -50,18 +50,30 @@ pub struct KafkaWriter {
     columns: &'static [Column],
 }
 
-/// The JSON payload of a result message: the request ID, the outputs, and the model's name and version.
-pub fn result_json(a: &Answer, columns: &[Column]) -> serde_json::Value {
-    let mut m = serde_json::Map::new();
-    m.insert("id".into(), a.id.clone().into());
+/// Writes the JSON payload of a result message into `buf`: the request ID, the outputs (a
+/// non-finite number is `null`), the model's name and version, and the ingest time. Written
+/// directly, without building a `serde_json::Value` per answer.
+pub fn write_result_json(buf: &mut Vec<u8>, a: &Answer, columns: &[Column]) {
+    use std::io::Write as _;
+    let string = |buf: &mut Vec<u8>, s: &str| serde_json::to_writer(&mut *buf, s).expect("writing to a Vec cannot fail");
+    buf.extend_from_slice(b"{\"id\":");
+    string(buf, &a.id);
     for (c, v) in columns.iter().zip(&a.values) {
-        m.insert(c.name.into(), v.to_json());
+        buf.push(b',');
+        string(buf, c.name);
+        buf.push(b':');
+        match v {
+            Value::Text(s) => string(buf, s),
+            Value::Int(i) => write!(buf, "{i}").expect("writing to a Vec cannot fail"),
+            Value::Float(x) => serde_json::to_writer(&mut *buf, x).expect("writing to a Vec cannot fail"),
+        }
     }
-    let (name, version) = a.model.split_once('@').unwrap_or((a.model.as_str(), ""));
-    m.insert("model".into(), name.into());
-    m.insert("model_version".into(), version.into());
-    m.insert("ingest_ms".into(), a.ingest_ms.into());
-    serde_json::Value::Object(m)
+    let (name, version) = a.model.split_once('@').unwrap_or((&*a.model, ""));
+    buf.extend_from_slice(b",\"model\":");
+    string(buf, name);
+    buf.extend_from_slice(b",\"model_version\":");
+    string(buf, version);
+    write!(buf, ",\"ingest_ms\":{}}}", a.ingest_ms).expect("writing to a Vec cannot fail");
 }
 
 impl KafkaWriter {
@@ -82,9 +94,10 @@ impl KafkaWriter {
         Ok(KafkaWriter { producer, deliveries, topic: topic.to_string(), dead_letter_topic: dead_letter_topic.map(String::from), columns })
     }
 
+    /// Hands one message to the producer. The caller has already counted it as pending; on an
+    /// error it is not pending any more.
     fn send(&self, topic: &str, key: &[u8], payload: &[u8], headers: OwnedHeaders) -> Result<(), SinkError> {
         let mut record = BaseRecord::to(topic).key(key).payload(payload).headers(headers);
-        *self.deliveries.pending.0.lock().expect("delivery lock") += 1;
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -92,12 +105,47 @@ impl KafkaWriter {
                     record = r;
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err((e, _)) => {
-                    *self.deliveries.pending.0.lock().expect("delivery lock") -= 1;
-                    return Err(SinkError::Transient(format!("cannot produce to {topic}: {e}")));
-                }
+                Err((e, _)) => return Err(SinkError::Transient(format!("cannot produce to {topic}: {e}"))),
             }
         }
+    }
+
+    /// Sends every message of `batch`, after counting them all as pending at once; messages not
+    /// handed over are taken off the count again.
+    fn send_all(&self, batch: &EpochBatch) -> Result<(), SinkError> {
+        let dead = if self.dead_letter_topic.is_some() { batch.dead.len() } else { 0 };
+        let total = (batch.answers.len() + dead) as u64;
+        *self.deliveries.pending.0.lock().expect("delivery lock") += total;
+        let mut sent = 0u64;
+        let result = (|| {
+            let mut buf = Vec::with_capacity(256);
+            for a in &batch.answers {
+                buf.clear();
+                write_result_json(&mut buf, a, self.columns);
+                let headers = OwnedHeaders::new_with_capacity(1).insert(Header { key: ID_HEADER, value: Some(a.id.as_bytes()) });
+                self.send(&self.topic, a.id.as_bytes(), &buf, headers)?;
+                sent += 1;
+            }
+            if let Some(dead_topic) = &self.dead_letter_topic {
+                for d in &batch.dead {
+                    let position = d.pos.to_string();
+                    let headers = OwnedHeaders::new()
+                        .insert(Header { key: "reason", value: Some(d.reason.as_str().as_bytes()) })
+                        .insert(Header { key: "detail", value: Some(d.detail.as_bytes()) })
+                        .insert(Header { key: "source", value: Some(position.as_bytes()) });
+                    self.send(dead_topic, position.as_bytes(), &d.raw, headers)?;
+                    sent += 1;
+                }
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let (lock, cvar) = &*self.deliveries.pending;
+            let mut pending = lock.lock().expect("delivery lock");
+            *pending = pending.saturating_sub(total - sent);
+            cvar.notify_all();
+        }
+        result
     }
 }
 
@@ -108,23 +156,7 @@ impl SinkWriter for KafkaWriter {
 
     fn write(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
         let failed_before = self.deliveries.failed.load(Ordering::Relaxed);
-        let mut buf = Vec::with_capacity(256);
-        for a in &batch.answers {
-            buf.clear();
-            serde_json::to_writer(&mut buf, &result_json(a, self.columns)).map_err(|e| SinkError::Fatal(e.to_string()))?;
-            let headers = OwnedHeaders::new().insert(Header { key: ID_HEADER, value: Some(a.id.as_bytes()) });
-            self.send(&self.topic, a.id.as_bytes(), &buf, headers)?;
-        }
-        if let Some(dead_topic) = &self.dead_letter_topic {
-            for d in &batch.dead {
-                let position = d.pos.to_string();
-                let headers = OwnedHeaders::new()
-                    .insert(Header { key: "reason", value: Some(d.reason.as_str().as_bytes()) })
-                    .insert(Header { key: "detail", value: Some(d.detail.as_bytes()) })
-                    .insert(Header { key: "source", value: Some(position.as_bytes()) });
-                self.send(dead_topic, position.as_bytes(), &d.raw, headers)?;
-            }
-        }
+        self.send_all(batch)?;
         // Wait for every acknowledgement; the producer's polling thread wakes us on the last one.
         let (lock, cvar) = &*self.deliveries.pending;
         let pending = lock.lock().expect("delivery lock");
@@ -138,5 +170,35 @@ impl SinkWriter for KafkaWriter {
             return Err(SinkError::Transient(format!("{failed} messages were not acknowledged; sending the epoch again")));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{ColumnKind, SourcePos};
+
+    #[test]
+    fn result_json_carries_id_outputs_and_model() {
+        let columns = [Column { name: "prediction", kind: ColumnKind::Float }, Column { name: "label", kind: ColumnKind::Text }];
+        let answer = |x: f64| Answer {
+            id: "ride \"7\"".into(),
+            values: vec![Value::Float(x), Value::Text("fast\nride".into())],
+            passthrough: Vec::new(),
+            model: "rides@0123456789ab".into(),
+            pos: SourcePos::Generated { seq: 7 },
+            ingest_ms: 42,
+        };
+        let mut buf = Vec::new();
+        write_result_json(&mut buf, &answer(12.5), &columns);
+        let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id": "ride \"7\"", "prediction": 12.5, "label": "fast\nride", "model": "rides", "model_version": "0123456789ab", "ingest_ms": 42})
+        );
+        buf.clear();
+        write_result_json(&mut buf, &answer(f64::NAN), &columns);
+        let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        assert!(v["prediction"].is_null(), "a non-finite prediction is null: {v}");
     }
 }

@@ -6,6 +6,7 @@
 //! monitoring) once a probe on the sinks says an epoch is durable.
 
 use super::{base_config, position_id, IdFrom};
+use crate::json::{JsonFields, TextValue};
 use crate::record::{now_ms, DeadLetter, DeadReason, Envelope, SourcePos};
 use crate::tasks::Task;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -32,7 +33,7 @@ pub struct SourceOffset {
 #[derive(Clone, Debug)]
 pub struct KafkaSettings {
     pub brokers: String,
-    pub topic: String,
+    pub topic: Arc<str>,
     pub group_id: String,
     pub id_from: IdFrom,
     pub max_message_bytes: usize,
@@ -47,10 +48,12 @@ pub struct KafkaSettings {
     pub resume: HashMap<i32, i64>,
 }
 
-/// Turns one message into a request or a dead letter.
+/// Turns one message, read at `now` (ms since the Unix epoch), into a request or a dead letter.
+#[allow(clippy::too_many_arguments)]
 pub fn decode_message<T: Task>(
     task: &T,
     s: &KafkaSettings,
+    now: u64,
     partition: i32,
     offset: i64,
     payload: Option<&[u8]>,
@@ -59,18 +62,16 @@ pub fn decode_message<T: Task>(
 ) -> Result<Envelope<T::Request>, DeadLetter> {
     let pos = SourcePos::Kafka { topic: s.topic.clone(), partition, offset };
     let raw = payload.unwrap_or_default();
-    let now = now_ms();
     let dead = |reason, detail: String| DeadLetter { pos: pos.clone(), reason, detail, raw: raw.to_vec(), ingest_ms: now };
     if raw.len() > s.max_message_bytes {
         return Err(dead(DeadReason::OversizeMessage, format!("message is {} bytes; the limit is {}", raw.len(), s.max_message_bytes)));
     }
     let text = std::str::from_utf8(raw).map_err(|e| dead(DeadReason::InvalidUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| dead(DeadReason::NotJson, format!("not JSON: {e}")))?;
-    let obj = value.as_object().ok_or_else(|| dead(DeadReason::NotJson, "not a JSON object".into()))?;
+    let obj = JsonFields::parse(text).map_err(|e| dead(DeadReason::NotJson, format!("not a JSON object: {e}")))?;
     let id = match &s.id_from {
-        IdFrom::Field { name } => match obj.get(name) {
-            Some(serde_json::Value::String(v)) if !v.is_empty() => Some(v.clone()),
-            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        IdFrom::Field { name } => match obj.text(name) {
+            Some(TextValue::String(v)) if !v.is_empty() => Some(v),
+            Some(TextValue::Number(n)) => Some(n),
             _ => None,
         },
         IdFrom::Key => key.and_then(|k| std::str::from_utf8(k).ok()).filter(|k| !k.is_empty()).map(String::from),
@@ -78,7 +79,7 @@ pub fn decode_message<T: Task>(
         IdFrom::Position => None,
     }
     .unwrap_or_else(|| position_id(&s.topic, partition, offset));
-    let payload = task.decode_json(obj).map_err(|(reason, detail)| dead(reason, detail))?;
+    let payload = task.decode_json(&obj).map_err(|(reason, detail)| dead(reason, detail))?;
     Ok(Envelope { id, payload, passthrough: Vec::new(), pos, ingest_ms: now })
 }
 
@@ -98,8 +99,8 @@ fn connect(s: &KafkaSettings, index: usize, peers: usize) -> Result<Assigned, St
         .set("fetch.min.bytes", "65536")
         .create()
         .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
-    let metadata = consumer.fetch_metadata(Some(&s.topic), Duration::from_secs(2)).map_err(|e| format!("cannot read metadata of topic {}: {e}", s.topic))?;
-    let topic = metadata.topics().iter().find(|t| t.name() == s.topic).ok_or_else(|| format!("topic {} not found", s.topic))?;
+    let metadata = consumer.fetch_metadata(Some(&*s.topic), Duration::from_secs(2)).map_err(|e| format!("cannot read metadata of topic {}: {e}", s.topic))?;
+    let topic = metadata.topics().iter().find(|t| t.name() == &*s.topic).ok_or_else(|| format!("topic {} not found", s.topic))?;
     if let Some(e) = topic.error() {
         return Err(format!("topic {}: {e:?}", s.topic));
     }
@@ -197,7 +198,7 @@ pub fn kafka_source<'s, T: Task>(
                 stop.load(Ordering::Relaxed) || settings.idle_exit.is_some_and(|d| last_message.elapsed() >= d && data_epochs.is_empty() && epoch_records == 0);
             if epoch_records > 0 && (now_tick > epoch || stopping) {
                 let offsets: Vec<SourceOffset> =
-                    next.iter().map(|(p, o)| SourceOffset { topic: settings.topic.clone(), partition: *p, next_offset: *o }).collect();
+                    next.iter().map(|(p, o)| SourceOffset { topic: settings.topic.to_string(), partition: *p, next_offset: *o }).collect();
                 off_out.activate().session(&cs[2]).give_iterator(offsets.clone().into_iter());
                 to_commit.insert(epoch, offsets);
                 epoch_records = 0;
@@ -247,6 +248,7 @@ pub fn kafka_source<'s, T: Task>(
             let mut dead_session = dead.session(&cs[1]);
             let mut read = 0u64;
             let mut drained = false;
+            let now = now_ms();
             while (read as usize) < settings.epoch_records {
                 match a.consumer.poll(Duration::ZERO) {
                     None => {
@@ -265,7 +267,7 @@ pub fn kafka_source<'s, T: Task>(
                             }),
                             _ => None,
                         };
-                        match decode_message(task.as_ref(), &settings, m.partition(), m.offset(), m.payload(), m.key(), header_id) {
+                        match decode_message(task.as_ref(), &settings, now, m.partition(), m.offset(), m.payload(), m.key(), header_id) {
                             Ok(env) => ok_session.give(env),
                             Err(d) => dead_session.give(d),
                         }

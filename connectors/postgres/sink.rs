@@ -190,7 +190,7 @@ impl PostgresWriter {
 
         // Column arrays for the answer upsert.
         let ids: Vec<&str> = answers.iter().map(|a| a.id.as_str()).collect();
-        let models: Vec<&str> = answers.iter().map(|a| a.model.as_str()).collect();
+        let models: Vec<&str> = answers.iter().map(|a| &*a.model).collect();
         let mut value_cols: Vec<Box<dyn ToSql + Sync>> = Vec::new();
         for (i, c) in self.columns.iter().enumerate() {
             match c.kind {

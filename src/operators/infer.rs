@@ -3,10 +3,10 @@
 //! post-processes them into answers. It holds a capability for every epoch with requests still at
 //! the model, so downstream progress (and source acknowledgement) waits for them.
 
-use crate::inference::{InferenceHandle, Model, ReplyTo};
+use crate::inference::{InferenceHandle, Model, ReplyTo, Unit};
 use crate::record::{Answer, DeadLetter, DeadReason, Envelope};
 use crate::tasks::Task;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Pipeline;
@@ -43,26 +43,29 @@ pub fn infer<'s, T: Task>(
     let (reply, completions) = ReplyTo::new(Some(activator));
 
     builder.build(move |_initial| {
-        let mut next_ticket: u64 = 0;
-        let mut pending: HashMap<u64, Pending<T>> = HashMap::new();
+        // Tickets are handed out in order, so requests still at the model live in a deque indexed
+        // by `ticket - first_ticket`; answered slots are trimmed from the front.
+        let mut first_ticket: u64 = 0;
+        let mut pending: VecDeque<Option<Pending<T>>> = VecDeque::new();
         // Per epoch: capabilities for both outputs and the number of requests still at the model.
         let mut held: BTreeMap<u64, (Capability<u64>, Capability<u64>, usize)> = BTreeMap::new();
+        let model_label: Arc<str> = Arc::from(task.model_label());
         move |_frontiers| {
             let mut ans = ans_out.activate();
             let mut dead = dead_out.activate();
             input.for_each(|cap, data| {
                 let Some(&time) = cap.least() else { return };
                 let mut refused = Vec::new();
+                let mut units = Vec::with_capacity(data.len());
+                let mut admitted = 0;
                 for env in data.drain(..) {
                     match task.prepare(&env.payload) {
-                        Ok((prepared, units)) => {
-                            let ticket = next_ticket;
-                            next_ticket += 1;
-                            let n = units.len();
-                            let entry = held.entry(time).or_insert_with(|| (cap.delayed(&time, 0), cap.delayed(&time, 1), 0));
-                            entry.2 += 1;
-                            pending.insert(ticket, Pending { time, env, prepared, outs: (0..n).map(|_| None).collect(), remaining: n, error: None });
-                            service.submit(ticket, units, &reply);
+                        Ok((prepared, request_units)) => {
+                            let ticket = first_ticket + pending.len() as u64;
+                            let n = request_units.len();
+                            units.extend(request_units.into_iter().enumerate().map(|(index, unit)| Unit { ticket, index, unit }));
+                            pending.push_back(Some(Pending { time, env, prepared, outs: (0..n).map(|_| None).collect(), remaining: n, error: None }));
+                            admitted += 1;
                         }
                         Err((reason, detail)) => refused.push(DeadLetter {
                             raw: serde_json::to_vec(&env.payload).unwrap_or_default(),
@@ -73,30 +76,40 @@ pub fn infer<'s, T: Task>(
                         }),
                     }
                 }
+                if admitted > 0 {
+                    let entry = held.entry(time).or_insert_with(|| (cap.delayed(&time, 0), cap.delayed(&time, 1), 0));
+                    entry.2 += admitted;
+                    service.submit(units, &reply);
+                }
                 if !refused.is_empty() {
                     dead.session(&cap.delayed(&time, 1)).give_iterator(refused.into_iter());
                 }
             });
             // Results the service has delivered since the last activation.
             let mut finished: Vec<u64> = Vec::new();
-            while let Ok(c) = completions.try_recv() {
-                let Some(p) = pending.get_mut(&c.ticket) else {
-                    continue;
-                };
-                match c.result {
-                    Ok(out) => p.outs[c.index] = Some(out),
-                    Err(e) => p.error = Some(e),
-                }
-                p.remaining -= 1;
-                if p.remaining == 0 {
-                    finished.push(c.ticket);
+            while let Ok(batch) = completions.try_recv() {
+                for c in batch {
+                    let Some(Some(p)) = c.ticket.checked_sub(first_ticket).and_then(|i| pending.get_mut(i as usize)) else {
+                        continue;
+                    };
+                    match c.result {
+                        Ok(out) => p.outs[c.index] = Some(out),
+                        Err(e) => p.error = Some(e),
+                    }
+                    p.remaining -= 1;
+                    if p.remaining == 0 {
+                        finished.push(c.ticket);
+                    }
                 }
             }
+            // Answers and dead letters of this activation, by epoch: one session per epoch and
+            // output, since a session per record costs a container and a push each.
+            let mut answers: BTreeMap<u64, Vec<Answer>> = BTreeMap::new();
+            let mut failed: BTreeMap<u64, Vec<DeadLetter>> = BTreeMap::new();
             for ticket in finished {
-                let p = pending.remove(&ticket).expect("finished ticket is pending");
-                let entry = held.get_mut(&p.time).expect("an epoch with pending requests holds capabilities");
+                let p = pending[(ticket - first_ticket) as usize].take().expect("finished ticket is pending");
                 if let Some(error) = p.error {
-                    dead.session(&entry.1).give(DeadLetter {
+                    failed.entry(p.time).or_default().push(DeadLetter {
                         raw: serde_json::to_vec(&p.env.payload).unwrap_or_default(),
                         pos: p.env.pos,
                         reason: DeadReason::InferenceFailed,
@@ -106,19 +119,30 @@ pub fn infer<'s, T: Task>(
                 } else {
                     let outs = p.outs.into_iter().map(|o| o.expect("every unit completed")).collect();
                     let values = task.finish(&p.env.payload, p.prepared, outs);
-                    ans.session(&entry.0).give(Answer {
+                    answers.entry(p.time).or_default().push(Answer {
                         id: p.env.id,
                         values,
                         passthrough: p.env.passthrough,
-                        model: task.model_label().to_string(),
+                        model: model_label.clone(),
                         pos: p.env.pos,
                         ingest_ms: p.env.ingest_ms,
                     });
                 }
-                entry.2 -= 1;
-                if entry.2 == 0 {
-                    held.remove(&p.time);
-                }
+            }
+            for (time, list) in answers {
+                let entry = held.get_mut(&time).expect("an epoch with pending requests holds capabilities");
+                entry.2 -= list.len();
+                ans.session(&entry.0).give_iterator(list.into_iter());
+            }
+            for (time, list) in failed {
+                let entry = held.get_mut(&time).expect("an epoch with pending requests holds capabilities");
+                entry.2 -= list.len();
+                dead.session(&entry.1).give_iterator(list.into_iter());
+            }
+            held.retain(|_, entry| entry.2 > 0);
+            while let Some(None) = pending.front() {
+                pending.pop_front();
+                first_ticket += 1;
             }
         }
     });

@@ -5,6 +5,7 @@ pub mod extractive_qa;
 pub mod tabular;
 
 use crate::inference::Model;
+use crate::json::{text_value, JsonFields, TextValue};
 use crate::record::{Column, DeadReason, Value};
 
 /// A refusal from a task: the dead-letter reason and a detail for people.
@@ -33,13 +34,12 @@ pub trait Task: Send + Sync + 'static {
     fn decode_fields(&self, fields: &[(&str, &str)]) -> Result<Decoded<Self::Request>, Refusal>;
     /// Decodes a JSON object (a Kafka message) into a request. By default its string and number
     /// fields are read as text fields, as from a CSV row.
-    fn decode_json(&self, obj: &serde_json::Map<String, serde_json::Value>) -> Result<Self::Request, Refusal> {
+    fn decode_json(&self, obj: &JsonFields<'_>) -> Result<Self::Request, Refusal> {
         let texts: Vec<(&str, String)> = obj
             .iter()
-            .filter_map(|(k, v)| match v {
-                serde_json::Value::String(s) => Some((k.as_str(), s.clone())),
-                serde_json::Value::Number(n) => Some((k.as_str(), n.to_string())),
-                _ => None,
+            .filter_map(|(k, v)| match text_value(v) {
+                TextValue::String(s) | TextValue::Number(s) => Some((k, s)),
+                TextValue::Other => None,
             })
             .collect();
         let fields: Vec<(&str, &str)> = texts.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -4,6 +4,7 @@
 
 use super::{Refusal, Task};
 use crate::inference::Model;
+use crate::json::{JsonFields, TextValue};
 use crate::record::{Column, ColumnKind, DeadReason, Value};
 use ort::value::{TensorElementType, ValueType};
 use serde::{Deserialize, Serialize};
@@ -112,15 +113,18 @@ impl Tabular {
         &self.specs
     }
 
-    fn feature_from_json(spec: &InputSpec, v: &serde_json::Value) -> Result<Feature, Refusal> {
-        let wrong = |want: &str| (DeadReason::WrongType, format!("field `{}` must be {want}, got {v}", spec.name));
+    fn feature_from_json(spec: &InputSpec, obj: &JsonFields<'_>) -> Result<Feature, Refusal> {
+        let missing = || (DeadReason::MissingField, format!("no field `{}`", spec.name));
+        let wrong = |want: &str, got: &str| (DeadReason::WrongType, format!("field `{}` must be {want}, got {got}", spec.name));
         match spec.kind {
-            InputKind::I64 | InputKind::I32 => v.as_i64().map(Feature::Int).ok_or_else(|| wrong("an integer")),
-            InputKind::F32 | InputKind::F64 => v.as_f64().map(|x| Feature::Float(x.to_bits())).ok_or_else(|| wrong("a number")),
-            InputKind::Str => match v {
-                serde_json::Value::String(s) => Ok(Feature::Text(s.clone())),
-                serde_json::Value::Number(n) if n.is_i64() => Ok(Feature::Text(n.to_string())),
-                _ => Err(wrong("a string")),
+            InputKind::I64 | InputKind::I32 => obj.i64(&spec.name).ok_or_else(missing)?.map(Feature::Int).map_err(|got| wrong("an integer", got)),
+            InputKind::F32 | InputKind::F64 => {
+                obj.f64(&spec.name).ok_or_else(missing)?.map(|x| Feature::Float(x.to_bits())).map_err(|got| wrong("a number", got))
+            }
+            InputKind::Str => match obj.text(&spec.name).ok_or_else(missing)? {
+                TextValue::String(s) => Ok(Feature::Text(s)),
+                TextValue::Number(n) if n.parse::<i64>().is_ok() => Ok(Feature::Text(n)),
+                _ => Err(wrong("a string", obj.get(&spec.name).map(|r| r.get()).unwrap_or_default())),
             },
         }
     }
@@ -136,12 +140,8 @@ impl Tabular {
     }
 
     /// Decodes a JSON object: one field per model input.
-    pub fn decode_object(&self, obj: &serde_json::Map<String, serde_json::Value>) -> Result<TabularRequest, Refusal> {
-        let mut features = Vec::with_capacity(self.specs.len());
-        for spec in &self.specs {
-            let v = obj.get(&spec.name).ok_or_else(|| (DeadReason::MissingField, format!("no field `{}`", spec.name)))?;
-            features.push(Self::feature_from_json(spec, v)?);
-        }
+    pub fn decode_object(&self, obj: &JsonFields<'_>) -> Result<TabularRequest, Refusal> {
+        let features = self.specs.iter().map(|spec| Self::feature_from_json(spec, obj)).collect::<Result<Vec<_>, _>>()?;
         Ok(TabularRequest { features })
     }
 }
@@ -174,7 +174,7 @@ impl Task for Tabular {
         Ok((TabularRequest { features }, passthrough))
     }
 
-    fn decode_json(&self, obj: &serde_json::Map<String, serde_json::Value>) -> Result<TabularRequest, Refusal> {
+    fn decode_json(&self, obj: &JsonFields<'_>) -> Result<TabularRequest, Refusal> {
         self.decode_object(obj)
     }
 

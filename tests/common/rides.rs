@@ -4,6 +4,7 @@
 
 use super::kafka::*;
 use super::*;
+use sluice::json::JsonFields;
 use sluice::rides::RideGenerator;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -57,8 +58,7 @@ pub fn expected(messages: &[(String, Vec<u8>)]) -> HashMap<String, f64> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/rides/model.onnx");
     let task = sluice::tasks::tabular::Tabular::new(&path, None, String::new()).unwrap();
     let mut model = sluice::tasks::tabular::TabularModel::load(&path, None, 1).unwrap();
-    let reqs: Vec<_> =
-        messages.iter().map(|(_, b)| task.decode_json(serde_json::from_slice::<serde_json::Value>(b).unwrap().as_object().unwrap()).unwrap()).collect();
+    let reqs: Vec<_> = messages.iter().map(|(_, b)| task.decode_json(&JsonFields::parse(std::str::from_utf8(b).unwrap()).unwrap()).unwrap()).collect();
     let mut out = HashMap::new();
     for (chunk, msgs) in reqs.chunks(512).zip(messages.chunks(512)) {
         let preds = model.run(&chunk.iter().collect::<Vec<_>>()).unwrap();
