@@ -7,7 +7,9 @@
 #   before the worker starts (drain, drain_postgres): throughput from its first answer to its last.
 # For each: throughput, p50/p95/p99 end-to-end latency, lost and duplicate answers, the worker's
 # peak RSS, and where the worker's time went (from its own Prometheus histograms).
-# Usage: benches/rides_load.sh [COUNT=200000] [WORKERS=1]   (SCENARIOS="latency_5k" runs a subset)
+# Usage: benches/rides_load.sh [COUNT=200000] [WORKERS=1]
+#   SCENARIOS="drain latency_5k" runs a subset (drain drain_postgres kafka_only with_postgres latency_5k latency_5k_4p);
+#   LATENCY_COUNT (60000), EPOCH_MS (20) and SOURCE_CLIENT (librdkafka properties, e.g. "\"fetch.wait.max.ms\" = \"10\"") tune a run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT="${1:-200000}"
@@ -29,7 +31,8 @@ name = "$1"
 type = "kafka"
 brokers = "127.0.0.1:19092"
 topic = "$RUN-$1-in"
-epoch_ms = 20
+epoch_ms = ${EPOCH_MS:-20}
+client = { ${SOURCE_CLIENT:-} }
 [task]
 type = "tabular"
 model = "models/rides/model.onnx"
@@ -60,10 +63,10 @@ start_worker() { # name
   WPID=$!
 }
 
-scenario() { # name count rate(0 = max, "preload" = backlog first) sinks-extra
-  local name=$1 count=$2 rate=$3
-  for t in in out; do "$TANSU" topic create "$RUN-$name-$t" --partitions 4 --broker tcp://127.0.0.1:19092 >/dev/null; done
-  topology "$name" "$4" > "$WORK/$name.toml"
+scenario() { # name count rate(0 = max, "preload" = backlog first) partitions sinks-extra
+  local name=$1 count=$2 rate=$3 parts=$4
+  for t in in out; do "$TANSU" topic create "$RUN-$name-$t" --partitions "$parts" --broker tcp://127.0.0.1:19092 >/dev/null; done
+  topology "$name" "$5" > "$WORK/$name.toml"
   local LGPID=""
   if [ "$rate" = preload ]; then
     # Publish the whole backlog first; the worker starts once it is in the broker.
@@ -93,7 +96,7 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) sinks-extra
     sleep 0.1
     echo "$(sort -n "$WORK/$name.lgsamples" | tail -n1) - $lg_before" | bc | awk '{print $1, 0}' > "$WORK/$name.loadgen.cpu"
   else
-    { TIMEFORMAT="%U %S"; time "$BIN" loadgen --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --rate "$rate" --drain-ms 5000 > "$WORK/$name.report" || true; } 2> "$WORK/$name.loadgen.cpu"
+    { TIMEFORMAT="%U %S"; time "$BIN" loadgen --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --rate "$rate" --linger-ms "${LINGER_MS:-5}" --drain-ms 5000 > "$WORK/$name.report" || true; } 2> "$WORK/$name.loadgen.cpu"
   fi
   local wall; wall=$(echo "$(date +%s.%N) - $t0" | bc)
   local worker_cpu tansu_cpu pg_cpu lg_cpu
@@ -103,7 +106,7 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) sinks-extra
   kill -TERM $WPID; wait $WPID || true; WPID=""
   kill $SPID 2>/dev/null || true
   peak=$(sort -n "$WORK/$name.rss" | tail -n1)
-  echo "### $name: $count rides, rate $rate (0 = as fast as possible; preload = the backlog published before the worker starts), $WORKERS worker(s)"
+  echo "### $name: $count rides, rate $rate (0 = as fast as possible; preload = the backlog published before the worker starts), $parts partition(s), $WORKERS worker(s)"
   cat "$WORK/$name.report"
   echo "worker peak RSS: $((peak / 1024)) MB"
   printf 'CPU seconds over %.1f s of wall time (2 cores = %.1f CPU-s): sluice worker %.2f, tansu broker %.2f, postgres %.2f, loadgen %.2f\n' "$wall" "$(echo "$wall * 2" | bc)" "$worker_cpu" "$tansu_cpu" "$pg_cpu" "$lg_cpu"
@@ -120,20 +123,13 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) sinks-extra
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); broker tansu (memory) and PostgreSQL on the same machine"
 want() { [ -z "${SCENARIOS:-}" ] || [[ " $SCENARIOS " == *" $1 "* ]]; }
-want drain && scenario drain "$COUNT" preload ""
-want drain_postgres && scenario drain_postgres "$COUNT" preload "[[sinks]]
-type = \"postgres\"
-url = \"postgres://sluice:sluice@127.0.0.1:5432/sluice\"
-table = \"${RUN}_rides_drain\"
-dead_letter_table = \"${RUN}_dead\""
-want kafka_only && scenario kafka_only "$COUNT" 0 ""
-want with_postgres && scenario with_postgres "$COUNT" 0 "[[sinks]]
-type = \"postgres\"
-url = \"postgres://sluice:sluice@127.0.0.1:5432/sluice\"
-table = \"${RUN}_rides\"
-dead_letter_table = \"${RUN}_dead\""
-want latency_5k && scenario latency_5k 60000 5000 "[[sinks]]
-type = \"postgres\"
-url = \"postgres://sluice:sluice@127.0.0.1:5432/sluice\"
-table = \"${RUN}_rides_lat\"
-dead_letter_table = \"${RUN}_dead\""
+PG_SINK() { printf '[[sinks]]\ntype = "postgres"\nurl = "postgres://sluice:sluice@127.0.0.1:5432/sluice"\ntable = "%s"\ndead_letter_table = "%s_dead"\n' "${RUN}_$1" "$RUN"; }
+want drain && scenario drain "$COUNT" preload 4 ""
+want drain_postgres && scenario drain_postgres "$COUNT" preload 4 "$(PG_SINK drain)"
+want kafka_only && scenario kafka_only "$COUNT" 0 4 ""
+want with_postgres && scenario with_postgres "$COUNT" 0 4 "$(PG_SINK full)"
+# Latency at 5,000 rides/s: one partition per topic, which is plenty for 5,000/s. Tansu's fetch
+# lists every stored batch of a partition, so its cost grows with the run; with 4 partitions the
+# small batches a steady rate makes are 4 times as many (latency_5k_4p shows the difference).
+want latency_5k && scenario latency_5k "${LATENCY_COUNT:-60000}" 5000 1 "$(PG_SINK lat)"
+want latency_5k_4p && scenario latency_5k_4p "${LATENCY_COUNT:-60000}" 5000 4 "$(PG_SINK lat4)"

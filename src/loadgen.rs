@@ -26,6 +26,9 @@ pub struct LoadSpec {
     /// Publish every ride first, print `preloaded`, and only then expect answers: measures how fast
     /// a worker started afterwards drains a backlog, from its first answer to its last.
     pub preload: bool,
+    /// The publishing producer's `linger.ms`: how long a backend's client gathers requests into
+    /// one produce request (librdkafka's default is 5).
+    pub linger_ms: u64,
 }
 
 /// What came back.
@@ -82,7 +85,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
     let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
     let consumer = consumer_at_end(&spec.brokers, &spec.results_topic).map_err(|e| e.to_string())?;
     let producer: ThreadedProducer<DefaultProducerContext> = base_config(&spec.brokers)
-        .set("linger.ms", "2")
+        .set("linger.ms", spec.linger_ms.to_string())
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "2000000")
         .create()

@@ -77,6 +77,9 @@ enum Command {
         /// afterwards answers the backlog (first to last answer).
         #[arg(long)]
         preload: bool,
+        /// The publisher's linger.ms: how long it gathers requests into one produce request.
+        #[arg(long, default_value_t = 5)]
+        linger_ms: u64,
     },
 }
 
@@ -159,7 +162,7 @@ fn real_main() -> anyhow::Result<()> {
             println!("{}", serde_json::json!({"request_id": id, "answer": answer}));
             Ok(())
         }
-        Command::Loadgen { brokers, topic, results, count, rate, seed, drain_ms, preload } => {
+        Command::Loadgen { brokers, topic, results, count, rate, seed, drain_ms, preload, linger_ms } => {
             let spec = sluice::loadgen::LoadSpec {
                 brokers,
                 requests_topic: topic,
@@ -169,6 +172,7 @@ fn real_main() -> anyhow::Result<()> {
                 seed,
                 drain: Duration::from_millis(drain_ms),
                 preload,
+                linger_ms,
             };
             let report = sluice::loadgen::run(&spec).map_err(anyhow::Error::msg)?;
             println!("{report}");

@@ -132,8 +132,8 @@ fn make_writers<T: Task>(sinks: &[SinkConfig], pipeline: &str, worker: usize, ta
     for s in sinks {
         match s {
             SinkConfig::Jsonl { dir } => out.push(Box::new(JsonlWriter::open(dir, worker, task.output_columns())?)),
-            SinkConfig::Kafka { brokers, topic, dead_letter_topic, idempotent } => {
-                out.push(Box::new(KafkaWriter::new(&expand_env(brokers), topic, dead_letter_topic.as_deref(), *idempotent, task.output_columns())?))
+            SinkConfig::Kafka { brokers, topic, dead_letter_topic, idempotent, client } => {
+                out.push(Box::new(KafkaWriter::new(&expand_env(brokers), topic, dead_letter_topic.as_deref(), *idempotent, client, task.output_columns())?))
             }
             SinkConfig::Postgres { url, table, dead_letter_table, schema } => out.push(Box::new(PostgresWriter::new(
                 PostgresTarget {
@@ -207,7 +207,8 @@ fn run_dataflow<T: Task>(
             files: files::expand(path)?,
             settings: CsvSettings { max_field_bytes: *max_field_bytes, epoch_records: rt.epoch_records, max_epochs_in_flight: rt.max_epochs_in_flight },
         },
-        SourceConfig::Kafka { brokers, topic, group_id, id, max_message_bytes, epoch_ms, start, idle_exit_ms } => SourcePlan::Kafka(KafkaSettings {
+        SourceConfig::Kafka { brokers, topic, group_id, id, max_message_bytes, epoch_ms, start, idle_exit_ms, client } => SourcePlan::Kafka(KafkaSettings {
+            client: client.clone(),
             brokers: expand_env(brokers),
             topic: topic.as_str().into(),
             group_id: group_id.clone().unwrap_or_else(|| format!("sluice-{}", topology.name)),

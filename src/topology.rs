@@ -84,6 +84,10 @@ pub enum SourceConfig {
         /// Stop after this long with no new message (benchmarks, tests); omit to run forever.
         #[serde(default)]
         idle_exit_ms: Option<u64>,
+        /// librdkafka consumer properties applied over sluice's defaults, e.g.
+        /// `client = { "fetch.wait.max.ms" = "5" }`. Assignment, offsets and commits stay sluice's.
+        #[serde(default)]
+        client: std::collections::BTreeMap<String, String>,
     },
     /// The built-in ride generator (no server needed).
     Generator {
@@ -307,6 +311,9 @@ pub enum SinkConfig {
         /// Use Kafka's idempotent producer.
         #[serde(default = "default_true")]
         idempotent: bool,
+        /// librdkafka producer properties applied over sluice's defaults, e.g. `client = { "linger.ms" = "5" }`.
+        #[serde(default)]
+        client: std::collections::BTreeMap<String, String>,
     },
 }
 
@@ -567,6 +574,9 @@ topic = "out"
         assert_eq!(id, crate::connectors::kafka::IdFrom::Key);
         assert_eq!((epoch_ms, start), (50, StartFrom::Earliest));
         assert!(matches!(&t.sinks[0], SinkConfig::Kafka { idempotent: true, .. }));
+        let tuned = text.replace("id = { from = \"key\" }", "id = { from = \"key\" }\nclient = { \"fetch.wait.max.ms\" = \"20\" }");
+        let SourceConfig::Kafka { client, .. } = Topology::parse("k.toml", &tuned).unwrap().source else { panic!("kafka source") };
+        assert_eq!(client.get("fetch.wait.max.ms").map(String::as_str), Some("20"), "librdkafka properties pass through");
         let bad = text.replace("id = { from = \"key\" }", "id = { from = \"nowhere\" }");
         assert!(Topology::parse("k.toml", &bad).is_err());
     }

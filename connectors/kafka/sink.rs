@@ -78,19 +78,27 @@ pub fn write_result_json(buf: &mut Vec<u8>, a: &Answer, columns: &[Column]) {
 
 impl KafkaWriter {
     /// A producer for `topic` (and `dead_letter_topic`); `idempotent` turns on Kafka's idempotent producer.
-    pub fn new(brokers: &str, topic: &str, dead_letter_topic: Option<&str>, idempotent: bool, columns: &'static [Column]) -> Result<Self, String> {
+    pub fn new(
+        brokers: &str,
+        topic: &str,
+        dead_letter_topic: Option<&str>,
+        idempotent: bool,
+        client: &std::collections::BTreeMap<String, String>,
+        columns: &'static [Column],
+    ) -> Result<Self, String> {
         let deliveries = DeliveryCounter::default();
-        let producer: ThreadedProducer<DeliveryCounter> = base_config(brokers)
+        let mut config = base_config(brokers);
+        // A short linger lets librdkafka pack an epoch into few produce requests (0 sends one
+        // request per message, measured 2x slower on Tansu); the write then awaits the acks.
+        config.set("linger.ms", "1").set("batch.num.messages", "10000").set("queue.buffering.max.messages", "1000000").set("message.timeout.ms", "30000");
+        for (k, v) in client {
+            config.set(k, v);
+        }
+        let producer: ThreadedProducer<DeliveryCounter> = config
             .set("enable.idempotence", if idempotent { "true" } else { "false" })
             .set("acks", "all")
-            // A short linger lets librdkafka pack an epoch into few produce requests (0 sends one
-            // request per message, measured 2x slower on Tansu); the write then awaits the acks.
-            .set("linger.ms", "2")
-            .set("batch.num.messages", "10000")
-            .set("queue.buffering.max.messages", "1000000")
-            .set("message.timeout.ms", "30000")
             .create_with_context(deliveries.clone())
-            .map_err(|e| format!("cannot create a Kafka producer: {e}"))?;
+            .map_err(|e| format!("cannot create a Kafka producer (check sinks.client): {e}"))?;
         Ok(KafkaWriter { producer, deliveries, topic: topic.to_string(), dead_letter_topic: dead_letter_topic.map(String::from), columns })
     }
 

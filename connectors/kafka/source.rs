@@ -46,6 +46,8 @@ pub struct KafkaSettings {
     pub idle_exit: Option<Duration>,
     /// Offsets stored durably with the answers, by partition; they win over the broker's.
     pub resume: HashMap<i32, i64>,
+    /// librdkafka properties over the defaults.
+    pub client: std::collections::BTreeMap<String, String>,
 }
 
 /// Turns one message, read at `now` (ms since the Unix epoch), into a request or a dead letter.
@@ -89,16 +91,20 @@ struct Assigned {
 }
 
 fn connect(s: &KafkaSettings, index: usize, peers: usize) -> Result<Assigned, String> {
-    let consumer: BaseConsumer = base_config(&s.brokers)
+    let mut config = base_config(&s.brokers);
+    // A fetch returns as soon as there is data (fetch.min.bytes 1) or after 5 ms: latency over
+    // request count. Under load the responses are large anyway.
+    config.set("queued.max.messages.kbytes", "16384").set("fetch.wait.max.ms", "5").set("fetch.min.bytes", "1");
+    for (k, v) in &s.client {
+        config.set(k, v);
+    }
+    let consumer: BaseConsumer = config
         .set("group.id", &s.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", if s.start_latest { "latest" } else { "earliest" })
-        .set("queued.max.messages.kbytes", "16384")
-        .set("fetch.wait.max.ms", "10")
-        .set("fetch.min.bytes", "65536")
         .create()
-        .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
+        .map_err(|e| format!("cannot create a Kafka consumer (check source.client): {e}"))?;
     let metadata = consumer.fetch_metadata(Some(&*s.topic), Duration::from_secs(2)).map_err(|e| format!("cannot read metadata of topic {}: {e}", s.topic))?;
     let topic = metadata.topics().iter().find(|t| t.name() == &*s.topic).ok_or_else(|| format!("topic {} not found", s.topic))?;
     if let Some(e) = topic.error() {

@@ -1,6 +1,6 @@
 //! The durable sink operator: gathers each epoch's answers and dead letters, and once the epoch is
-//! complete hands it to a sink thread that writes it to every configured sink, retrying with
-//! backoff until it is durable. The operator holds a capability on its (empty) output until then,
+//! complete hands it to a chain of sink threads, one per configured sink, each writing it in turn
+//! and retrying with backoff until it is durable. The operator holds a capability on its (empty) output until then,
 //! so a probe on that output says exactly which epochs are durable.
 
 use crate::connectors::kafka::source::SourceOffset;
@@ -47,15 +47,10 @@ pub fn durable_sink<'s>(
     let address = builder.operator_info().address.to_vec();
     let activator = scope.worker().sync_activator_for(address);
 
-    let (batch_tx, batch_rx) = crossbeam_channel::unbounded::<EpochBatch>();
-    let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Ack>();
-    let thread = std::thread::Builder::new()
-        .name(format!("sluice-sink-{worker_index}"))
-        .spawn(move || write_loop(writers, batch_rx, ack_tx, activator))
-        .expect("cannot start a sink thread");
+    let (batch_tx, ack_rx, threads) = spawn_stages(writers, worker_index, activator);
 
     builder.build(move |_initial| {
-        let mut thread = Some(thread);
+        let mut threads = Some(threads);
         let mut batch_tx = Some(batch_tx);
         let mut buffered: BTreeMap<u64, (Capability<u64>, EpochBatch)> = BTreeMap::new();
         let mut writing: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
@@ -83,7 +78,8 @@ pub fn durable_sink<'s>(
                 let (cap, batch) = buffered.remove(&t).expect("first key exists");
                 writing.insert(t, cap);
                 if let Some(tx) = &batch_tx {
-                    tx.send(batch).expect("the sink thread outlives the operator");
+                    let ack = Ack { epoch: batch.epoch, answers: batch.answers.len() as u64, dead: batch.dead.len() as u64 };
+                    tx.send((batch, vec![ack])).expect("the sink threads outlive the operator");
                 }
             }
             while let Ok(ack) = ack_rx.try_recv() {
@@ -91,10 +87,10 @@ pub fn durable_sink<'s>(
                 progress.answered.fetch_add(ack.answers, Ordering::Relaxed);
                 progress.dead.fetch_add(ack.dead, Ordering::Relaxed);
             }
-            // All input is in and durable: stop the sink thread.
+            // All input is in and durable: stop the sink threads (each ends when the one before it does).
             if buffered.is_empty() && writing.is_empty() && frontiers.iter().all(|f| f.frontier().is_empty()) {
                 batch_tx = None;
-                if let Some(t) = thread.take() {
+                for t in threads.take().unwrap_or_default() {
                     let _ = t.join();
                 }
             }
@@ -103,27 +99,73 @@ pub fn durable_sink<'s>(
     stream
 }
 
-fn write_loop(
-    mut writers: Vec<Box<dyn SinkWriter>>,
-    rx: crossbeam_channel::Receiver<EpochBatch>,
+/// A group of epochs on its way through the sink stages, with the acknowledgement of each.
+type Group = (EpochBatch, Vec<Ack>);
+
+/// Starts one thread per sink, chained in order: stage *i* hands a group to stage *i+1* only once
+/// it has made it durable, so the last sink (the one storing offsets) never gets ahead of the
+/// others, while different sinks work on different epochs at the same time. The last stage
+/// acknowledges every epoch of a group. Returns the first stage's input, the acknowledgements and
+/// the threads.
+fn spawn_stages(
+    writers: Vec<Box<dyn SinkWriter>>,
+    worker_index: usize,
+    activator: timely::scheduling::SyncActivator,
+) -> (crossbeam_channel::Sender<Group>, crossbeam_channel::Receiver<Ack>, Vec<std::thread::JoinHandle<()>>) {
+    let (first_tx, mut rx) = crossbeam_channel::unbounded::<Group>();
+    let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Ack>();
+    let mut stages: Vec<Option<Box<dyn SinkWriter>>> = writers.into_iter().map(Some).collect();
+    if stages.is_empty() {
+        stages.push(None);
+    }
+    let count = stages.len();
+    let mut threads = Vec::with_capacity(count);
+    for (i, writer) in stages.into_iter().enumerate() {
+        let next = if i + 1 < count {
+            let (tx, next_rx) = crossbeam_channel::unbounded::<Group>();
+            let input = std::mem::replace(&mut rx, next_rx);
+            (input, Some(tx))
+        } else {
+            (rx.clone(), None)
+        };
+        let (input, forward) = next;
+        let (ack_tx, activator) = (ack_tx.clone(), activator.clone());
+        let kind = writer.as_ref().map(|w| w.kind()).unwrap_or("none");
+        let thread = std::thread::Builder::new()
+            .name(format!("sluice-sink-{worker_index}-{kind}"))
+            .spawn(move || stage_loop(writer, input, forward, ack_tx, activator))
+            .expect("cannot start a sink thread");
+        threads.push(thread);
+    }
+    (first_tx, ack_rx, threads)
+}
+
+fn stage_loop(
+    mut writer: Option<Box<dyn SinkWriter>>,
+    rx: crossbeam_channel::Receiver<Group>,
+    forward: Option<crossbeam_channel::Sender<Group>>,
     acks: crossbeam_channel::Sender<Ack>,
     activator: timely::scheduling::SyncActivator,
 ) {
     let latency = metrics::histogram!(crate::metrics::END_TO_END_LATENCY);
     let answers = metrics::counter!(crate::metrics::ANSWERS);
     while let Ok(first) = rx.recv() {
-        // Group commit: epochs that queued up while the last write was in flight are written
+        // Group commit: groups that queued up while the last write was in flight are written
         // together, so a busy sink pays one round trip (and one transaction) for all of them.
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP {
+        let mut queued = vec![first];
+        while queued.len() < MAX_GROUP {
             match rx.try_recv() {
-                Ok(b) => group.push(b),
+                Ok(g) => queued.push(g),
                 Err(_) => break,
             }
         }
-        let (batch, epochs) = merge(group);
-        for writer in writers.iter_mut() {
-            write_with_retry(writer.as_mut(), &batch);
+        let (batch, epochs) = merge(queued);
+        if let Some(w) = writer.as_mut() {
+            write_with_retry(w.as_mut(), &batch);
+        }
+        if let Some(next) = &forward {
+            next.send((batch, epochs)).expect("the next sink stage outlives this one");
+            continue;
         }
         let now = now_ms();
         for a in &batch.answers {
@@ -140,16 +182,16 @@ fn write_loop(
     }
 }
 
-/// Most epochs written as one group.
+/// Most groups written as one.
 const MAX_GROUP: usize = 16;
 
-/// Concatenates epochs, oldest first, into one batch (sinks keep the latest answer per ID and the
-/// latest offset per partition, so later epochs win), and returns the acknowledgement of each.
-fn merge(group: Vec<EpochBatch>) -> (EpochBatch, Vec<Ack>) {
-    let mut acks = Vec::with_capacity(group.len());
+/// Concatenates groups, oldest first, into one batch (sinks keep the latest answer per ID and the
+/// latest offset per partition, so later epochs win), keeping every epoch's acknowledgement.
+fn merge(queued: Vec<Group>) -> Group {
+    let mut acks = Vec::new();
     let mut merged = EpochBatch::default();
-    for mut b in group {
-        acks.push(Ack { epoch: b.epoch, answers: b.answers.len() as u64, dead: b.dead.len() as u64 });
+    for (mut b, a) in queued {
+        acks.extend(a);
         if merged.answers.is_empty() {
             std::mem::swap(&mut merged.answers, &mut b.answers);
         } else {
@@ -214,7 +256,11 @@ mod tests {
 
     #[test]
     fn a_group_keeps_epoch_order_and_acknowledges_every_epoch() {
-        let (merged, acks) = merge(vec![batch(3, &["a", "b"], 10), batch(4, &["a"], 12), batch(7, &[], 15)]);
+        let group = |b: EpochBatch| {
+            let ack = Ack { epoch: b.epoch, answers: b.answers.len() as u64, dead: 0 };
+            (b, vec![ack])
+        };
+        let (merged, acks) = merge(vec![group(batch(3, &["a", "b"], 10)), group(batch(4, &["a"], 12)), group(batch(7, &[], 15))]);
         let order: Vec<(&str, u64)> =
             merged.answers.iter().map(|a| (a.id.as_str(), a.ingest_ms + if let SourcePos::Generated { seq } = a.pos { seq } else { 0 })).collect();
         assert_eq!(order, vec![("a", 3), ("b", 3), ("a", 4)], "older epochs first, so the later answer for an ID wins in the sinks");
