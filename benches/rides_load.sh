@@ -42,7 +42,7 @@ max_delay_ms = 1
 [runtime]
 workers = $WORKERS
 epoch_records = 8192
-max_epochs_in_flight = 4
+max_epochs_in_flight = ${IN_FLIGHT:-4}
 progress = false
 [metrics]
 listen = "127.0.0.1:9477"

@@ -43,6 +43,12 @@ pub struct LoadReport {
     pub send_seconds: f64,
     /// First send to last answer; preloaded, first answer to last answer.
     pub seconds: f64,
+    /// Preloaded: from the end of publishing (when the worker may start) to the last answer, so
+    /// including the worker's start-up.
+    pub seconds_with_startup: f64,
+    /// Answers per second between the 10th and the 90th percentile of arrival times: the rate
+    /// once started and before the tail, without start-up or drain effects.
+    pub steady_rate: f64,
     pub preloaded: bool,
     pub throughput: f64,
     pub p50_ms: f64,
@@ -56,16 +62,48 @@ impl std::fmt::Display for LoadReport {
         if self.preloaded {
             return write!(
                 f,
-                "preloaded {} in {:.2} s; answered {} in {:.2} s from first to last answer = {:.0} answers/s; lost {}, duplicates {}, foreign {}\nlatency: not measured (the backlog was published before the worker started)",
-                self.sent, self.send_seconds, self.answered, self.seconds, self.throughput, self.lost, self.duplicates, self.foreign
+                "preloaded {} in {:.2} s; answered {}: steady {:.0} answers/s (10th to 90th percentile of arrivals), {:.0}/s from first to last answer ({:.2} s), {:.0}/s counting the worker's start-up ({:.2} s from the end of publishing); lost {}, duplicates {}, foreign {}\nlatency: not measured (the backlog was published before the worker started)",
+                self.sent,
+                self.send_seconds,
+                self.answered,
+                self.steady_rate,
+                self.throughput,
+                self.seconds,
+                self.answered as f64 / self.seconds_with_startup.max(1e-9),
+                self.seconds_with_startup,
+                self.lost,
+                self.duplicates,
+                self.foreign
             );
         }
         write!(
             f,
-            "sent {} in {:.2} s; answered {} in {:.2} s = {:.0} answers/s; lost {}, duplicates {}, foreign {}\nlatency ms: p50 {:.1}, p95 {:.1}, p99 {:.1}, max {:.1}",
-            self.sent, self.send_seconds, self.answered, self.seconds, self.throughput, self.lost, self.duplicates, self.foreign, self.p50_ms, self.p95_ms, self.p99_ms, self.max_ms
+            "sent {} in {:.2} s; answered {} in {:.2} s = {:.0} answers/s (steady {:.0}/s, 10th to 90th percentile of arrivals); lost {}, duplicates {}, foreign {}\nlatency ms: p50 {:.1}, p95 {:.1}, p99 {:.1}, max {:.1}",
+            self.sent,
+            self.send_seconds,
+            self.answered,
+            self.seconds,
+            self.throughput,
+            self.steady_rate,
+            self.lost,
+            self.duplicates,
+            self.foreign,
+            self.p50_ms,
+            self.p95_ms,
+            self.p99_ms,
+            self.max_ms
         )
     }
+}
+
+/// Answers per second between the 10% and 90% marks of the sorted arrival times (nanoseconds).
+fn steady_rate(arrivals: &[u64]) -> f64 {
+    let n = arrivals.len();
+    if n < 10 {
+        return f64::NAN;
+    }
+    let (a, b) = (n / 10, n * 9 / 10);
+    (b - a) as f64 / ((arrivals[b] - arrivals[a]) as f64 / 1e9).max(1e-9)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -128,7 +166,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
                                     if answered.fetch_add(1, Ordering::Relaxed) == 0 {
                                         first_arrival.store(now, Ordering::Relaxed);
                                     }
-                                    local.push((now.saturating_sub(sent_ns[i].load(Ordering::Relaxed))) as f64 / 1e6);
+                                    local.push(((now.saturating_sub(sent_ns[i].load(Ordering::Relaxed))) as f64 / 1e6, now));
                                     last_arrival.store(now, Ordering::Relaxed);
                                 } else {
                                     duplicates.fetch_add(1, Ordering::Relaxed);
@@ -184,7 +222,11 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
     }
     send_done.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     listener.join().map_err(|_| "the listener panicked".to_string())?;
-    let mut lat = std::mem::take(&mut *latencies.lock().expect("latency lock"));
+    let answers: Vec<(f64, u64)> = std::mem::take(&mut *latencies.lock().expect("latency lock"));
+    let mut lat: Vec<f64> = answers.iter().map(|(l, _)| *l).collect();
+    let mut arrivals: Vec<u64> = answers.iter().map(|(_, t)| *t).collect();
+    arrivals.sort_unstable();
+    let steady = steady_rate(&arrivals);
     lat.sort_by(|a, b| a.total_cmp(b));
     let answered = answered.load(Ordering::Relaxed);
     let last = last_arrival.load(Ordering::Relaxed) as f64 / 1e9;
@@ -197,6 +239,8 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
         foreign: foreign.load(Ordering::Relaxed),
         send_seconds,
         seconds,
+        seconds_with_startup: last - send_done.load(Ordering::Relaxed) as f64 / 1e9,
+        steady_rate: steady,
         preloaded: spec.preload,
         throughput: answered as f64 / seconds.max(1e-9),
         p50_ms: percentile(&lat, 50.0),
@@ -204,4 +248,19 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
         p99_ms: percentile(&lat, 99.0),
         max_ms: lat.last().copied().unwrap_or(f64::NAN),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steady_rate_skips_the_head_and_the_tail() {
+        // 100 answers: a slow start (10 over 1 s), 80 in the next second, then a slow tail.
+        let mut t: Vec<u64> = (0..10).map(|i| i * 100_000_000).collect();
+        t.extend((0..80).map(|i| 1_000_000_000 + i * 12_500_000));
+        t.extend((0..10).map(|i| 2_000_000_000 + i * 100_000_000));
+        assert!((steady_rate(&t) - 80.0).abs() < 1e-9, "{}", steady_rate(&t));
+        assert!(steady_rate(&t[..5]).is_nan(), "too few answers to say");
+    }
 }

@@ -15,12 +15,40 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-/// Tracks an epoch's deliveries: how many are still unacknowledged (with a condition variable the
-/// sink thread waits on, woken by the producer's own polling thread) and how many failed.
+/// Tracks an epoch's deliveries: how many are still unacknowledged and how many failed. The sink
+/// thread waits on a condition variable that the producer's own polling thread signals when the
+/// count reaches zero; the count itself is atomic, so an acknowledgement costs no lock.
 #[derive(Default, Clone)]
 pub struct DeliveryCounter {
-    pending: Arc<(Mutex<u64>, Condvar)>,
+    pending: Arc<AtomicU64>,
+    zero: Arc<(Mutex<()>, Condvar)>,
     failed: Arc<AtomicU64>,
+}
+
+impl DeliveryCounter {
+    fn add(&self, n: u64) {
+        self.pending.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// `n` messages are settled (acknowledged, failed, or never handed over).
+    fn settle(&self, n: u64) {
+        if n > 0 && self.pending.fetch_sub(n, Ordering::SeqCst) == n {
+            // Taking the lock orders this signal after a waiter's check of the count.
+            let _guard = self.zero.0.lock().expect("delivery lock");
+            self.zero.1.notify_all();
+        }
+    }
+
+    /// Waits until nothing is pending; `Err` holds what is still pending at the timeout.
+    fn wait(&self, timeout: Duration) -> Result<(), u64> {
+        let guard = self.zero.0.lock().expect("delivery lock");
+        let (_guard, result) = self.zero.1.wait_timeout_while(guard, timeout, |_| self.pending.load(Ordering::SeqCst) > 0).expect("delivery lock");
+        if result.timed_out() {
+            Err(self.pending.load(Ordering::SeqCst))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 impl ClientContext for DeliveryCounter {}
@@ -32,12 +60,7 @@ impl ProducerContext for DeliveryCounter {
             tracing::debug!("kafka delivery failed: {e}");
             self.failed.fetch_add(1, Ordering::Relaxed);
         }
-        let (lock, cvar) = &*self.pending;
-        let mut pending = lock.lock().expect("delivery lock");
-        *pending = pending.saturating_sub(1);
-        if *pending == 0 {
-            cvar.notify_all();
-        }
+        self.settle(1);
     }
 }
 
@@ -123,7 +146,7 @@ impl KafkaWriter {
     fn send_all(&self, batch: &EpochBatch) -> Result<(), SinkError> {
         let dead = if self.dead_letter_topic.is_some() { batch.dead.len() } else { 0 };
         let total = (batch.answers.len() + dead) as u64;
-        *self.deliveries.pending.0.lock().expect("delivery lock") += total;
+        self.deliveries.add(total);
         let mut sent = 0u64;
         let result = (|| {
             let mut buf = Vec::with_capacity(256);
@@ -148,10 +171,7 @@ impl KafkaWriter {
             Ok(())
         })();
         if result.is_err() {
-            let (lock, cvar) = &*self.deliveries.pending;
-            let mut pending = lock.lock().expect("delivery lock");
-            *pending = pending.saturating_sub(total - sent);
-            cvar.notify_all();
+            self.deliveries.settle(total - sent);
         }
         result
     }
@@ -166,13 +186,9 @@ impl SinkWriter for KafkaWriter {
         let failed_before = self.deliveries.failed.load(Ordering::Relaxed);
         self.send_all(batch)?;
         // Wait for every acknowledgement; the producer's polling thread wakes us on the last one.
-        let (lock, cvar) = &*self.deliveries.pending;
-        let pending = lock.lock().expect("delivery lock");
-        let (pending, timeout) = cvar.wait_timeout_while(pending, Duration::from_secs(30), |p| *p > 0).expect("delivery lock");
-        if timeout.timed_out() {
-            return Err(SinkError::Transient(format!("{} messages not acknowledged within 30 s", *pending)));
+        if let Err(pending) = self.deliveries.wait(Duration::from_secs(30)) {
+            return Err(SinkError::Transient(format!("{pending} messages not acknowledged within 30 s")));
         }
-        drop(pending);
         let failed = self.deliveries.failed.load(Ordering::Relaxed) - failed_before;
         if failed > 0 {
             return Err(SinkError::Transient(format!("{failed} messages were not acknowledged; sending the epoch again")));
@@ -184,6 +200,23 @@ impl SinkWriter for KafkaWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_waiter_wakes_when_the_last_delivery_settles() {
+        let d = DeliveryCounter::default();
+        assert_eq!(d.wait(Duration::from_millis(1)), Ok(()), "nothing pending");
+        d.add(3);
+        assert_eq!(d.wait(Duration::from_millis(10)), Err(3));
+        let d2 = d.clone();
+        let settler = std::thread::spawn(move || {
+            for _ in 0..3 {
+                std::thread::sleep(Duration::from_millis(5));
+                d2.settle(1);
+            }
+        });
+        assert_eq!(d.wait(Duration::from_secs(10)), Ok(()));
+        settler.join().unwrap();
+    }
     use crate::record::{ColumnKind, SourcePos};
 
     #[test]
