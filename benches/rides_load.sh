@@ -108,7 +108,7 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
   peak=$(sort -n "$WORK/$name.rss" | tail -n1)
   echo "### $name: $count rides, rate $rate (0 = as fast as possible; preload = the backlog published before the worker starts), $parts partition(s), $WORKERS worker(s)"
   cat "$WORK/$name.report"
-  echo "worker peak RSS: $((peak / 1024)) MB"
+  echo "worker peak RSS: $((peak / 1024)) MB; RSS over the run (MB at 25/50/75/100%): $(awk '{v[NR]=$1} END {for (q=1; q<=4; q++) {i=int(NR*q/4); if (i<1) i=1; printf "%d ", v[i]/1024}}' "$WORK/$name.rss")"
   printf 'CPU seconds over %.1f s of wall time (2 cores = %.1f CPU-s): sluice worker %.2f, tansu broker %.2f, postgres %.2f, loadgen %.2f\n' "$wall" "$(echo "$wall * 2" | bc)" "$worker_cpu" "$tansu_cpu" "$pg_cpu" "$lg_cpu"
   awk -v name="$name" '
     /^sluice_inference_latency_seconds_sum/ {inf=$2}

@@ -125,7 +125,8 @@ impl PostgresWriter {
                     tracing::warn!("postgres connection closed: {e}");
                 }
             });
-            let mut cols = String::from("id TEXT PRIMARY KEY");
+            // Request IDs are opaque keys: byte order ("C") makes every index comparison a memcmp.
+            let mut cols = String::from("id TEXT COLLATE \"C\" PRIMARY KEY");
             for c in self.columns {
                 cols.push_str(&format!(", {} {}", quote_ident(c.name), sql_type(c.kind)));
             }
@@ -190,7 +191,11 @@ impl PostgresWriter {
 
         // Column arrays for the answer upsert.
         let ids: Vec<&str> = answers.iter().map(|a| a.id.as_str()).collect();
-        let models: Vec<&str> = answers.iter().map(|a| &*a.model).collect();
+        // Every answer of a process carries its task's one model label.
+        let model: &str = answers.first().map(|a| &*a.model).unwrap_or_default();
+        if let Some(other) = answers.iter().find(|a| &*a.model != model) {
+            return Err(SinkError::Fatal(format!("one batch holds answers of two models ({model} and {})", other.model)));
+        }
         let mut value_cols: Vec<Box<dyn ToSql + Sync>> = Vec::new();
         for (i, c) in self.columns.iter().enumerate() {
             match c.kind {
@@ -257,7 +262,7 @@ impl PostgresWriter {
                 if let Some(sql) = &answer_sql {
                     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&ids];
                     params.extend(value_cols.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)));
-                    params.push(&models);
+                    params.push(&model);
                     tx.execute(sql.as_str(), &params).await?;
                 }
                 if !dead.is_empty() {
@@ -292,17 +297,17 @@ impl PostgresWriter {
             names.push(quote_ident(p));
             casts.push(format!("${n}::text[]"));
         }
-        n += 1;
-        names.push(quote_ident("model"));
-        casts.push(format!("${n}::text[]"));
+        // The model label is one value for the whole batch, not an array of copies.
         let aliases: Vec<String> = (0..names.len()).map(|i| format!("c{i}")).collect();
+        names.push(quote_ident("model"));
+        let model_param = format!("${}::text", n + 1);
         let t = self.table();
         let updated: Vec<&String> = names.iter().skip(1).collect();
         let set: Vec<String> = updated.iter().map(|c| format!("{c} = EXCLUDED.{c}")).collect();
         let old: Vec<String> = updated.iter().map(|c| format!("cur.{c}")).collect();
         let new: Vec<String> = updated.iter().map(|c| format!("EXCLUDED.{c}")).collect();
         format!(
-            "INSERT INTO {t} AS cur ({cols}, updated_at) SELECT {aliases_list}, now() FROM UNNEST({casts}) AS u({aliases_list}) \
+            "INSERT INTO {t} AS cur ({cols}, updated_at) SELECT {aliases_list}, {model_param}, now() FROM UNNEST({casts}) AS u({aliases_list}) \
              ON CONFLICT (id) DO UPDATE SET {set}, updated_at = now() WHERE ({old}) IS DISTINCT FROM ({new})",
             cols = names.join(", "),
             aliases_list = aliases.join(", "),
