@@ -16,20 +16,25 @@ COUNT="${1:-200000}"
 WORKERS="${2:-1}"
 bash scripts/setup.sh >/dev/null
 bash scripts/pg.sh >/dev/null
-bash scripts/kafka.sh start >/dev/null
+# The bench runs its own broker on its own port and restarts it before every scenario: Tansu's
+# in-memory store keeps every message ever produced, and its fetch cost grows with what a partition
+# holds, so each scenario starts from an empty broker and does not inherit the previous ones' data.
+BENCH_PORT="${BENCH_KAFKA_PORT:-19095}"
+BROKERS="127.0.0.1:$BENCH_PORT"
+fresh_broker() { SLUICE_KAFKA_PORT=$BENCH_PORT bash scripts/kafka.sh restart >/dev/null; }
 cargo build --release --bin sluice 2>&1 | tail -n 1
 BIN=target/release/sluice
 TANSU=$(bash scripts/kafka.sh path)
 RUN="bench$(date +%s)"
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"; [ -n "${WPID:-}" ] && kill "$WPID" 2>/dev/null || true' EXIT
+trap 'rm -rf "$WORK"; [ -n "${WPID:-}" ] && kill "$WPID" 2>/dev/null; SLUICE_KAFKA_PORT=$BENCH_PORT bash scripts/kafka.sh stop >/dev/null 2>&1 || true' EXIT
 
 topology() { # name sinks-extra
   cat <<TOML
 name = "$1"
 [source]
 type = "kafka"
-brokers = "127.0.0.1:19092"
+brokers = "$BROKERS"
 topic = "$RUN-$1-in"
 epoch_ms = ${EPOCH_MS:-20}
 client = { ${SOURCE_CLIENT:-} }
@@ -48,7 +53,7 @@ progress = false
 listen = "127.0.0.1:9477"
 [[sinks]]
 type = "kafka"
-brokers = "127.0.0.1:19092"
+brokers = "$BROKERS"
 topic = "$RUN-$1-out"
 $2
 TOML
@@ -65,12 +70,13 @@ start_worker() { # name
 
 scenario() { # name count rate(0 = max, "preload" = backlog first) partitions sinks-extra
   local name=$1 count=$2 rate=$3 parts=$4
-  for t in in out; do "$TANSU" topic create "$RUN-$name-$t" --partitions "$parts" --broker tcp://127.0.0.1:19092 >/dev/null; done
+  fresh_broker
+  for t in in out; do "$TANSU" topic create "$RUN-$name-$t" --partitions "$parts" --broker "tcp://$BROKERS" >/dev/null; done
   topology "$name" "$5" > "$WORK/$name.toml"
   local LGPID=""
   if [ "$rate" = preload ]; then
     # Publish the whole backlog first; the worker starts once it is in the broker.
-    "$BIN" loadgen --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --preload --drain-ms 20000 > "$WORK/$name.report" 2>&1 &
+    "$BIN" loadgen --brokers "$BROKERS" --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --preload --drain-ms 20000 > "$WORK/$name.report" 2>&1 &
     LGPID=$!
     until grep -q preloaded "$WORK/$name.report" 2>/dev/null; do
       kill -0 $LGPID 2>/dev/null || { cat "$WORK/$name.report"; return 1; }
@@ -84,7 +90,7 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
   local peak=0
   ( while kill -0 $WPID 2>/dev/null; do r=$(awk '/VmRSS/{print $2}' /proc/$WPID/status 2>/dev/null || echo 0); echo "$r"; sleep 0.2; done ) > "$WORK/$name.rss" &
   local SPID=$!
-  local tansu_pid; tansu_pid=$(cat "${SLUICE_CACHE:-$HOME/.cache/sluice}/tansu.pid" 2>/dev/null || echo 0)
+  local tansu_pid; tansu_pid=$(cat "${SLUICE_CACHE:-$HOME/.cache/sluice}/tansu-$BENCH_PORT.pid" 2>/dev/null || echo 0)
   local pg_before tansu_before worker_before
   pg_before=$(cpu_of_postgres); tansu_before=$(cpu_of "$tansu_pid"); worker_before=$(cpu_of "$WPID")
   local t0; t0=$(date +%s.%N)
@@ -96,7 +102,7 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
     sleep 0.1
     echo "$(sort -n "$WORK/$name.lgsamples" | tail -n1) - $lg_before" | bc | awk '{print $1, 0}' > "$WORK/$name.loadgen.cpu"
   else
-    { TIMEFORMAT="%U %S"; time "$BIN" loadgen --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --rate "$rate" --linger-ms "${LINGER_MS:-5}" --drain-ms 5000 > "$WORK/$name.report" || true; } 2> "$WORK/$name.loadgen.cpu"
+    { TIMEFORMAT="%U %S"; time "$BIN" loadgen --brokers "$BROKERS" --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --rate "$rate" --linger-ms "${LINGER_MS:-5}" --drain-ms 5000 > "$WORK/$name.report" || true; } 2> "$WORK/$name.loadgen.cpu"
   fi
   local wall; wall=$(echo "$(date +%s.%N) - $t0" | bc)
   local worker_cpu tansu_cpu pg_cpu lg_cpu
