@@ -41,13 +41,22 @@ impl<'a> JsonFields<'a> {
     }
 
     /// Field `name` as an integer; `Err` carries the raw text when it is present but not an integer.
+    /// The raw text is a valid JSON value, so Rust's own integer parser reads exactly the JSON
+    /// integers (no sign `+`, no whitespace, no quotes can reach it).
     pub fn i64(&self, name: &str) -> Option<Result<i64, &'a str>> {
-        self.get(name).map(|raw| serde_json::from_str::<i64>(raw.get()).map_err(|_| raw.get()))
+        self.get(name).map(|raw| raw.get().parse::<i64>().map_err(|_| raw.get()))
     }
 
-    /// Field `name` as a number (integers included).
+    /// Field `name` as a number (integers included), correctly rounded. A JSON string, `true` or
+    /// `null` is refused; `inf` and `NaN` are not JSON values, so they cannot reach the parser.
     pub fn f64(&self, name: &str) -> Option<Result<f64, &'a str>> {
-        self.get(name).map(|raw| serde_json::from_str::<f64>(raw.get()).map_err(|_| raw.get()))
+        self.get(name).map(|raw| {
+            let s = raw.get();
+            match s.as_bytes().first() {
+                Some(b'-' | b'0'..=b'9') => s.parse::<f64>().map_err(|_| s),
+                _ => Err(s),
+            }
+        })
     }
 
     /// Field `name` read as text: a string or a number.
@@ -60,6 +69,8 @@ impl<'a> JsonFields<'a> {
 pub fn text_value(raw: &RawValue) -> TextValue {
     let s = raw.get();
     match s.as_bytes().first() {
+        // A string without escapes is its bytes between the quotes.
+        Some(b'"') if !s.contains('\\') => TextValue::String(s[1..s.len() - 1].to_string()),
         Some(b'"') => serde_json::from_str::<String>(s).map(TextValue::String).unwrap_or(TextValue::Other),
         Some(b'-' | b'0'..=b'9') => serde_json::from_str::<serde_json::Number>(s).map(|n| TextValue::Number(n.to_string())).unwrap_or(TextValue::Other),
         _ => TextValue::Other,
@@ -121,6 +132,15 @@ mod tests {
         assert_eq!(f.i64("b"), Some(Err("2.5")));
         assert_eq!(f.i64("c"), Some(Err(r#""x\"y""#)));
         assert_eq!(f.text("c"), Some(TextValue::String("x\"y".into())));
+        let g = JsonFields::parse(r#"{"s": "plain", "e": "tab\tend", "n": -1.5e3, "t": true, "z": null, "q": "12"}"#).unwrap();
+        assert_eq!(g.text("s"), Some(TextValue::String("plain".into())));
+        assert_eq!(g.text("e"), Some(TextValue::String("tab\tend".into())), "escapes are decoded");
+        assert_eq!(g.f64("n"), Some(Ok(-1500.0)));
+        assert_eq!(g.i64("n"), Some(Err("-1.5e3")));
+        for name in ["t", "z", "q", "s"] {
+            assert!(matches!(g.f64(name), Some(Err(_))), "{name} is not a number");
+            assert!(matches!(g.i64(name), Some(Err(_))), "{name} is not an integer");
+        }
         assert_eq!(f.text("b"), Some(TextValue::Number("2.5".into())));
         assert_eq!(f.text("dA"), Some(TextValue::Other), "an escaped name is unescaped");
         assert_eq!(f.get("missing").map(|r| r.get()), None);
