@@ -102,7 +102,7 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
     sleep 0.1
     echo "$(sort -n "$WORK/$name.lgsamples" | tail -n1) - $lg_before" | bc | awk '{print $1, 0}' > "$WORK/$name.loadgen.cpu"
   else
-    { TIMEFORMAT="%U %S"; time "$BIN" loadgen --brokers "$BROKERS" --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --rate "$rate" --linger-ms "${LINGER_MS:-5}" --drain-ms 5000 > "$WORK/$name.report" || true; } 2> "$WORK/$name.loadgen.cpu"
+    { TIMEFORMAT="%U %S"; time "$BIN" loadgen --brokers "$BROKERS" --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --rate "$rate" --linger-ms "${LINGER_MS:-5}" --drain-ms 5000 > "$WORK/$name.report" 2>&1 || true; } 2> "$WORK/$name.loadgen.cpu"
   fi
   local wall; wall=$(echo "$(date +%s.%N) - $t0" | bc)
   local worker_cpu tansu_cpu pg_cpu lg_cpu
