@@ -121,14 +121,13 @@ fn spawn_stages(
     let count = stages.len();
     let mut threads = Vec::with_capacity(count);
     for (i, writer) in stages.into_iter().enumerate() {
-        let next = if i + 1 < count {
+        // Each stage reads what the one before forwards; the last one forwards nothing and acknowledges.
+        let (input, forward) = if i + 1 < count {
             let (tx, next_rx) = crossbeam_channel::unbounded::<Group>();
-            let input = std::mem::replace(&mut rx, next_rx);
-            (input, Some(tx))
+            (std::mem::replace(&mut rx, next_rx), Some(tx))
         } else {
             (rx.clone(), None)
         };
-        let (input, forward) = next;
         let (ack_tx, activator) = (ack_tx.clone(), activator.clone());
         let kind = writer.as_ref().map(|w| w.kind()).unwrap_or("none");
         let thread = std::thread::Builder::new()
@@ -252,6 +251,70 @@ mod tests {
             dead: Vec::new(),
             offsets: vec![SourceOffset { topic: "t".into(), partition: 0, next_offset: offset }],
         }
+    }
+
+    /// A stand-in sink that records, in one log shared by all stages, which answers it wrote.
+    struct Recorder {
+        name: &'static str,
+        offsets: bool,
+        delay: Duration,
+        log: Arc<std::sync::Mutex<Vec<(&'static str, String)>>>,
+    }
+
+    impl SinkWriter for Recorder {
+        fn kind(&self) -> &'static str {
+            self.name
+        }
+        fn write(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
+            std::thread::sleep(self.delay);
+            let mut log = self.log.lock().unwrap();
+            log.extend(batch.answers.iter().map(|a| (self.name, a.id.clone())));
+            Ok(())
+        }
+        fn stores_offsets(&self) -> bool {
+            self.offsets
+        }
+    }
+
+    #[test]
+    fn the_offset_sink_writes_an_epoch_only_after_the_others_and_every_epoch_is_acknowledged_once() {
+        // The offset-storing sink is the fast one, so it would overtake the topic if the stages
+        // were not chained.
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let acked = timely::execute_directly({
+            let log = log.clone();
+            move |worker| {
+                let activator = worker.sync_activator_for(vec![0]);
+                let mut writers: Vec<Box<dyn SinkWriter>> = vec![
+                    Box::new(Recorder { name: "offsets", offsets: true, delay: Duration::from_millis(1), log: log.clone() }),
+                    Box::new(Recorder { name: "topic", offsets: false, delay: Duration::from_millis(10), log: log.clone() }),
+                ];
+                writers.sort_by_key(|w| w.stores_offsets());
+                let (tx, acks, threads) = spawn_stages(writers, 0, activator);
+                for e in 0..8u64 {
+                    let ids = [format!("e{e}a"), format!("e{e}b")];
+                    let b = batch(e, &[ids[0].as_str(), ids[1].as_str()], e as i64);
+                    let ack = Ack { epoch: e, answers: 2, dead: 0 };
+                    tx.send((b, vec![ack])).unwrap();
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+                drop(tx);
+                for t in threads {
+                    t.join().unwrap();
+                }
+                acks.try_iter().map(|a| a.epoch).collect::<Vec<u64>>()
+            }
+        });
+        assert_eq!(acked, (0..8).collect::<Vec<u64>>(), "every epoch acknowledged once, in order");
+        let log = log.lock().unwrap();
+        for e in 0..8 {
+            for suffix in ["a", "b"] {
+                let id = format!("e{e}{suffix}");
+                let at = |sink: &str| log.iter().position(|(s, i)| *s == sink && *i == id).unwrap_or_else(|| panic!("{sink} never wrote {id}"));
+                assert!(at("topic") < at("offsets"), "{id}: the offset-storing sink wrote before the topic");
+            }
+        }
+        assert_eq!(log.len(), 32, "each answer written once per sink: {log:?}");
     }
 
     #[test]
