@@ -120,7 +120,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
     let n = spec.count as usize;
     let sent_ns: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let seen: Arc<Vec<AtomicU8>> = Arc::new((0..n).map(|_| AtomicU8::new(0)).collect());
-    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
+    let answers_seen = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
     let consumer = consumer_at_end(&spec.brokers, &spec.results_topic).map_err(|e| e.to_string())?;
     let producer: ThreadedProducer<DefaultProducerContext> = base_config(&spec.brokers)
         .set("linger.ms", spec.linger_ms.to_string())
@@ -133,12 +133,18 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
     let duplicates = Arc::new(AtomicU64::new(0));
     let foreign = Arc::new(AtomicU64::new(0));
     let last_arrival = Arc::new(AtomicU64::new(0));
-    let first_arrival = Arc::new(AtomicU64::new(0));
     let send_done = Arc::new(AtomicU64::new(0));
     let listener = {
-        let (sent_ns, seen, latencies, answered, duplicates, foreign, last_arrival, send_done) =
-            (sent_ns.clone(), seen.clone(), latencies.clone(), answered.clone(), duplicates.clone(), foreign.clone(), last_arrival.clone(), send_done.clone());
-        let first_arrival = first_arrival.clone();
+        let (sent_ns, seen, answers_seen, answered, duplicates, foreign, last_arrival, send_done) = (
+            sent_ns.clone(),
+            seen.clone(),
+            answers_seen.clone(),
+            answered.clone(),
+            duplicates.clone(),
+            foreign.clone(),
+            last_arrival.clone(),
+            send_done.clone(),
+        );
         let prefix = format!("{run_id}-");
         let drain = spec.drain;
         std::thread::spawn(move || {
@@ -163,9 +169,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
                         match seq {
                             Some(i) if i < n => {
                                 if seen[i].fetch_add(1, Ordering::Relaxed) == 0 {
-                                    if answered.fetch_add(1, Ordering::Relaxed) == 0 {
-                                        first_arrival.store(now, Ordering::Relaxed);
-                                    }
+                                    answered.fetch_add(1, Ordering::Relaxed);
                                     local.push(((now.saturating_sub(sent_ns[i].load(Ordering::Relaxed))) as f64 / 1e6, now));
                                     last_arrival.store(now, Ordering::Relaxed);
                                 } else {
@@ -181,7 +185,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
                     None => {}
                 }
             }
-            latencies.lock().expect("latency lock").extend(local);
+            answers_seen.lock().expect("answers lock").extend(local);
         })
     };
     // Send at the target rate, in 1 ms slices.
@@ -222,7 +226,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
     }
     send_done.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     listener.join().map_err(|_| "the listener panicked".to_string())?;
-    let answers: Vec<(f64, u64)> = std::mem::take(&mut *latencies.lock().expect("latency lock"));
+    let answers: Vec<(f64, u64)> = std::mem::take(&mut *answers_seen.lock().expect("answers lock"));
     let mut lat: Vec<f64> = answers.iter().map(|(l, _)| *l).collect();
     let mut arrivals: Vec<u64> = answers.iter().map(|(_, t)| *t).collect();
     arrivals.sort_unstable();
@@ -230,7 +234,8 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
     lat.sort_by(|a, b| a.total_cmp(b));
     let answered = answered.load(Ordering::Relaxed);
     let last = last_arrival.load(Ordering::Relaxed) as f64 / 1e9;
-    let seconds = if spec.preload { last - first_arrival.load(Ordering::Relaxed) as f64 / 1e9 } else { last };
+    let first = arrivals.first().copied().unwrap_or(0) as f64 / 1e9;
+    let seconds = if spec.preload { last - first } else { last };
     Ok(LoadReport {
         sent: spec.count,
         answered,

@@ -155,32 +155,35 @@ impl KafkaWriter {
         let total = (batch.answers.len() + dead) as u64;
         self.deliveries.add(total);
         let mut sent = 0u64;
-        let result = (|| {
-            let mut buf = Vec::with_capacity(256);
-            for a in &batch.answers {
-                buf.clear();
-                write_result_json(&mut buf, a, self.columns);
-                let headers = OwnedHeaders::new_with_capacity(1).insert(Header { key: ID_HEADER, value: Some(a.id.as_bytes()) });
-                self.send(&self.topic, a.id.as_bytes(), &buf, headers)?;
-                sent += 1;
-            }
-            if let Some(dead_topic) = &self.dead_letter_topic {
-                for d in &batch.dead {
-                    let position = d.pos.to_string();
-                    let headers = OwnedHeaders::new()
-                        .insert(Header { key: "reason", value: Some(d.reason.as_str().as_bytes()) })
-                        .insert(Header { key: "detail", value: Some(d.detail.as_bytes()) })
-                        .insert(Header { key: "source", value: Some(position.as_bytes()) });
-                    self.send(dead_topic, position.as_bytes(), &d.raw, headers)?;
-                    sent += 1;
-                }
-            }
-            Ok(())
-        })();
+        let result = self.send_each(batch, &mut sent);
         if result.is_err() {
             self.deliveries.settle(total - sent);
         }
         result
+    }
+
+    /// Sends the answers, then the dead letters, counting in `sent` each one handed over.
+    fn send_each(&self, batch: &EpochBatch, sent: &mut u64) -> Result<(), SinkError> {
+        let mut buf = Vec::with_capacity(256);
+        for a in &batch.answers {
+            buf.clear();
+            write_result_json(&mut buf, a, self.columns);
+            let headers = OwnedHeaders::new_with_capacity(1).insert(Header { key: ID_HEADER, value: Some(a.id.as_bytes()) });
+            self.send(&self.topic, a.id.as_bytes(), &buf, headers)?;
+            *sent += 1;
+        }
+        if let Some(dead_topic) = &self.dead_letter_topic {
+            for d in &batch.dead {
+                let position = d.pos.to_string();
+                let headers = OwnedHeaders::new()
+                    .insert(Header { key: "reason", value: Some(d.reason.as_str().as_bytes()) })
+                    .insert(Header { key: "detail", value: Some(d.detail.as_bytes()) })
+                    .insert(Header { key: "source", value: Some(position.as_bytes()) });
+                self.send(dead_topic, position.as_bytes(), &d.raw, headers)?;
+                *sent += 1;
+            }
+        }
+        Ok(())
     }
 }
 
