@@ -9,6 +9,7 @@
 # peak RSS, and where the worker's time went (from its own Prometheus histograms).
 # Usage: benches/rides_load.sh [COUNT=200000] [WORKERS=1]
 #   SCENARIOS="drain latency_5k" runs a subset (drain drain_postgres kafka_only with_postgres latency_5k latency_5k_4p);
+#   PERF_DIR=DIR records a `perf` call-graph profile of the worker per scenario (PERF_SECONDS long);
 #   LATENCY_COUNT (60000), EPOCH_MS (20) and SOURCE_CLIENT (librdkafka properties, e.g. "\"fetch.wait.max.ms\" = \"10\"") tune a run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +87,12 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
   else
     start_worker "$name"
     sleep 2
+  fi
+  if [ -n "${PERF_DIR:-}" ]; then
+    # A call-graph profile of the worker for PERF_SECONDS (default 4) from its start.
+    mkdir -p "$PERF_DIR"
+    # It attaches after 1 s: perf -p follows only the threads that exist when it attaches.
+    (sleep 1; perf record -F 999 --call-graph dwarf,16384 -p "$WPID" -o "$PERF_DIR/$name.perf" -- sleep "${PERF_SECONDS:-4}" > /dev/null 2>&1) &
   fi
   local peak=0
   ( while kill -0 $WPID 2>/dev/null; do r=$(awk '/VmRSS/{print $2}' /proc/$WPID/status 2>/dev/null || echo 0); echo "$r"; sleep 0.2; done ) > "$WORK/$name.rss" &
