@@ -43,12 +43,13 @@ client = { ${SOURCE_CLIENT:-} }
 type = "tabular"
 model = "models/rides/model.onnx"
 [batching]
-max_batch = 1024
+max_batch = ${MAX_BATCH:-256}
 max_delay_ms = 1
 [runtime]
 workers = $WORKERS
 epoch_records = 8192
-max_epochs_in_flight = ${IN_FLIGHT:-4}
+max_epochs_in_flight = ${IN_FLIGHT:-8}
+max_records_in_flight = ${MAX_RECORDS:-65536}
 progress = false
 [metrics]
 listen = "127.0.0.1:9477"
@@ -121,6 +122,7 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
   peak=$(sort -n "$WORK/$name.rss" | tail -n1)
   echo "### $name: $count rides, rate $rate (0 = as fast as possible; preload = the backlog published before the worker starts), $parts partition(s), $WORKERS worker(s)"
   cat "$WORK/$name.report"
+  [ -n "${WORKER_LOG_DIR:-}" ] && cp "$WORK/$name.log" "$WORKER_LOG_DIR/$name.log"
   echo "worker peak RSS: $((peak / 1024)) MB; RSS over the run (MB at 25/50/75/100%): $(awk '{v[NR]=$1} END {for (q=1; q<=4; q++) {i=int(NR*q/4); if (i<1) i=1; printf "%d ", v[i]/1024}}' "$WORK/$name.rss")"
   printf 'CPU seconds over %.1f s of wall time (2 cores = %.1f CPU-s): sluice worker %.2f, tansu broker %.2f, postgres %.2f, loadgen %.2f\n' "$wall" "$(echo "$wall * 2" | bc)" "$worker_cpu" "$tansu_cpu" "$pg_cpu" "$lg_cpu"
   awk -v name="$name" '
@@ -137,7 +139,7 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
 echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); broker tansu (memory) and PostgreSQL on the same machine"
 want() { [ -z "${SCENARIOS:-}" ] || [[ " $SCENARIOS " == *" $1 "* ]]; }
 PG_SINK() { printf '[[sinks]]\ntype = "postgres"\nurl = "postgres://sluice:sluice@127.0.0.1:5432/sluice"\ntable = "%s"\ndead_letter_table = "%s_dead"\n' "${RUN}_$1" "$RUN"; }
-want drain && scenario drain "$COUNT" preload 4 ""
+want drain && scenario drain "$COUNT" preload "${DRAIN_PARTITIONS:-4}" ""
 want drain_postgres && scenario drain_postgres "$COUNT" preload 4 "$(PG_SINK drain)"
 want kafka_only && scenario kafka_only "$COUNT" 0 4 ""
 want with_postgres && scenario with_postgres "$COUNT" 0 4 "$(PG_SINK full)"

@@ -217,6 +217,7 @@ fn run_dataflow<T: Task>(
             epoch_records: rt.epoch_records,
             epoch_ms: *epoch_ms,
             max_epochs_in_flight: rt.max_epochs_in_flight,
+            max_records_in_flight: rt.max_records_in_flight,
             start_latest: *start == StartFrom::Latest,
             idle_exit: idle_exit_ms.map(Duration::from_millis),
             resume,

@@ -248,6 +248,10 @@ pub struct RuntimeConfig {
     /// A source pauses when this many of its epochs are not yet durable at the sinks.
     #[serde(default = "default_max_epochs_in_flight")]
     pub max_epochs_in_flight: u64,
+    /// A Kafka source pauses while this many of a worker's records are not yet durable. Its
+    /// epochs are clock ticks that can hold any number of records, so this is what bounds memory.
+    #[serde(default = "default_max_records_in_flight")]
+    pub max_records_in_flight: usize,
     /// Show a progress bar for finite inputs when stderr is a terminal.
     #[serde(default = "default_true")]
     pub progress: bool,
@@ -262,6 +266,9 @@ fn default_epoch_records() -> usize {
 fn default_max_epochs_in_flight() -> u64 {
     4
 }
+fn default_max_records_in_flight() -> usize {
+    65536
+}
 fn default_true() -> bool {
     true
 }
@@ -272,6 +279,7 @@ impl Default for RuntimeConfig {
             workers: default_workers(),
             epoch_records: default_epoch_records(),
             max_epochs_in_flight: default_max_epochs_in_flight(),
+            max_records_in_flight: default_max_records_in_flight(),
             progress: true,
         }
     }
@@ -442,6 +450,9 @@ impl Topology {
         }
         if self.runtime.max_epochs_in_flight == 0 {
             return Err(err("runtime.max_epochs_in_flight", "must be at least 1".into(), "use e.g. 4"));
+        }
+        if self.runtime.max_records_in_flight == 0 {
+            return Err(err("runtime.max_records_in_flight", "must be at least 1".into(), "use e.g. 65536"));
         }
         for (i, sink) in self.sinks.iter().enumerate() {
             if let SinkConfig::Kafka { brokers, topic, .. } = sink {

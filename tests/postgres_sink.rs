@@ -91,3 +91,56 @@ fn a_hostile_table_name_is_quoted_not_executed() {
     let n: i64 = query(&format!("SELECT count(*) FROM {}", sluice::sql::quote_ident(hostile))).first().unwrap().get(0);
     assert_eq!(n, 22, "answers landed in the table with the hostile name itself");
 }
+
+/// New IDs go in with a plain insert; a batch that meets an existing ID is redone as an upsert
+/// in a new transaction. Either way each ID has one row with its latest value, and the batch's
+/// offsets are stored with it.
+#[test]
+fn a_batch_meeting_existing_ids_is_written_whole_as_an_upsert() {
+    use sluice::connectors::kafka::source::SourceOffset;
+    use sluice::connectors::postgres::sink::{PostgresTarget, PostgresWriter};
+    use sluice::connectors::{EpochBatch, SinkWriter};
+    use sluice::record::{Answer, Column, ColumnKind, SourcePos, Value};
+    static COLUMNS: [Column; 1] = [Column { name: "duration", kind: ColumnKind::Float }];
+    exec("DROP TABLE IF EXISTS it_upsert_answers; DROP TABLE IF EXISTS it_upsert_dead;");
+    let target = PostgresTarget {
+        url: pg_url(),
+        schema: "public".into(),
+        table: "it_upsert_answers".into(),
+        dead_letter_table: "it_upsert_dead".into(),
+        pipeline: "it_upsert".into(),
+    };
+    let mut writer = PostgresWriter::new(target, &COLUMNS).unwrap();
+    writer.connect_now().unwrap(); // creates the tables, sluice_offsets included
+    exec("DELETE FROM sluice_offsets WHERE pipeline = 'it_upsert';");
+    let batch = |ids: &[(&str, f64)], next_offset: i64| EpochBatch {
+        epoch: next_offset as u64,
+        answers: ids
+            .iter()
+            .map(|(id, d)| Answer {
+                id: id.to_string(),
+                values: vec![Value::Float(*d)],
+                passthrough: Vec::new(),
+                model: "rides@test".into(),
+                pos: SourcePos::Generated { seq: 0 },
+                ingest_ms: 0,
+            })
+            .collect(),
+        dead: Vec::new(),
+        offsets: vec![SourceOffset { topic: "it-upsert".into(), partition: 0, next_offset }],
+    };
+    let rows = || -> Vec<(String, f64)> { query("SELECT id, duration FROM it_upsert_answers ORDER BY id").iter().map(|r| (r.get(0), r.get(1))).collect() };
+    let offset = || -> i64 { query("SELECT next_offset FROM sluice_offsets WHERE pipeline = 'it_upsert'").first().unwrap().get(0) };
+    writer.write(&batch(&[("a", 1.0), ("b", 2.0)], 2)).unwrap();
+    assert_eq!(rows(), vec![("a".into(), 1.0), ("b".into(), 2.0)]);
+    assert_eq!(offset(), 2);
+    // "z" sorts last, so the plain insert writes "c" before it meets "b" and is rolled back.
+    writer.write(&batch(&[("c", 3.0), ("b", 20.0), ("z", 26.0)], 5)).unwrap();
+    assert_eq!(rows(), vec![("a".into(), 1.0), ("b".into(), 20.0), ("c".into(), 3.0), ("z".into(), 26.0)]);
+    assert_eq!(offset(), 5);
+    let before: Vec<String> = query("SELECT id || updated_at::text FROM it_upsert_answers ORDER BY id").iter().map(|r| r.get(0)).collect();
+    writer.write(&batch(&[("a", 1.0), ("c", 3.0)], 7)).unwrap();
+    let after: Vec<String> = query("SELECT id || updated_at::text FROM it_upsert_answers ORDER BY id").iter().map(|r| r.get(0)).collect();
+    assert_eq!(before, after, "an unchanged answer leaves its row untouched");
+    assert_eq!(offset(), 7);
+}

@@ -12,7 +12,7 @@ use crate::tasks::Task;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +40,8 @@ pub struct KafkaSettings {
     pub epoch_records: usize,
     pub epoch_ms: u64,
     pub max_epochs_in_flight: u64,
+    /// A worker pauses while this many of its records are in epochs not yet durable.
+    pub max_records_in_flight: usize,
     /// Where to start partitions with no stored and no committed offset: `earliest` or `latest`.
     pub start_latest: bool,
     /// Stop once no message has arrived for this long (benchmarks and tests); `None` runs forever.
@@ -83,6 +85,55 @@ pub fn decode_message<T: Task>(
     .unwrap_or_else(|| position_id(&s.topic, partition, offset));
     let payload = task.decode_json(&obj).map_err(|(reason, detail)| dead(reason, detail))?;
     Ok(Envelope { id, payload, passthrough: Vec::new(), pos, ingest_ms: now })
+}
+
+/// What a worker has read that the sinks have not yet made durable: records per epoch. It bounds
+/// both the number of such epochs and their records. Epochs are clock ticks, so a fast source
+/// can put any number of records into one; the record bound is what keeps memory flat.
+#[derive(Debug)]
+pub struct InFlight {
+    records: BTreeMap<u64, usize>,
+    total: usize,
+    max_epochs: u64,
+    max_records: usize,
+}
+
+impl InFlight {
+    pub fn new(max_epochs: u64, max_records: usize) -> Self {
+        InFlight { records: BTreeMap::new(), total: 0, max_epochs, max_records }
+    }
+
+    /// Every epoch before `oldest` is durable.
+    pub fn durable_before(&mut self, oldest: u64) {
+        let kept = self.records.split_off(&oldest);
+        self.total -= self.records.values().sum::<usize>();
+        self.records = kept;
+    }
+
+    /// How many records may be read into `epoch` now; 0 means pause. Reading more into an epoch
+    /// that already holds data adds no epoch, so only the record bound applies to it.
+    pub fn budget(&self, epoch: u64) -> usize {
+        if self.records.len() as u64 >= self.max_epochs && !self.records.contains_key(&epoch) {
+            return 0;
+        }
+        self.max_records.saturating_sub(self.total)
+    }
+
+    pub fn add(&mut self, epoch: u64, n: usize) {
+        if n > 0 {
+            *self.records.entry(epoch).or_default() += n;
+            self.total += n;
+        }
+    }
+
+    /// Epochs holding records that are not yet durable.
+    pub fn epochs(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
 }
 
 struct Assigned {
@@ -171,14 +222,14 @@ pub fn kafka_source<'s, T: Task>(
         let tick = move |now: u64| now / epoch_ms;
         let mut epoch: u64 = 0;
         let mut epoch_records = 0usize;
-        let mut data_epochs: BTreeSet<u64> = BTreeSet::new();
+        let mut in_flight = InFlight::new(settings.max_epochs_in_flight, settings.max_records_in_flight);
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
         let mut to_commit: BTreeMap<u64, Vec<SourceOffset>> = BTreeMap::new();
         let mut last_message = Instant::now();
         move |_frontiers| {
             let Some(cs) = caps.as_mut() else { return };
             let oldest = durable.with_frontier(|f| f.first().copied()).unwrap_or(u64::MAX);
-            data_epochs = data_epochs.split_off(&oldest);
+            in_flight.durable_before(oldest);
             // Commit to the broker, for lag monitoring, what every sink has made durable.
             if let Some(a) = &assigned {
                 let done: Vec<u64> = to_commit.range(..oldest).map(|(e, _)| *e).collect();
@@ -201,7 +252,7 @@ pub fn kafka_source<'s, T: Task>(
             // Close the open epoch when the clock has moved on: its offsets travel with its answers.
             let now_tick = tick(now_ms());
             let stopping =
-                stop.load(Ordering::Relaxed) || settings.idle_exit.is_some_and(|d| last_message.elapsed() >= d && data_epochs.is_empty() && epoch_records == 0);
+                stop.load(Ordering::Relaxed) || settings.idle_exit.is_some_and(|d| last_message.elapsed() >= d && in_flight.is_empty() && epoch_records == 0);
             if epoch_records > 0 && (now_tick > epoch || stopping) {
                 let offsets: Vec<SourceOffset> =
                     next.iter().map(|(p, o)| SourceOffset { topic: settings.topic.to_string(), partition: *p, next_offset: *o }).collect();
@@ -241,9 +292,9 @@ pub fn kafka_source<'s, T: Task>(
                 }
             }
             let a = assigned.as_ref().expect("assigned");
-            let in_flight = data_epochs.len() as u64;
-            metrics::gauge!(crate::metrics::EPOCHS_IN_FLIGHT).set(in_flight as f64);
-            if in_flight >= settings.max_epochs_in_flight && !data_epochs.contains(&epoch) {
+            metrics::gauge!(crate::metrics::EPOCHS_IN_FLIGHT).set(in_flight.epochs() as f64);
+            let budget = in_flight.budget(epoch).min(settings.epoch_records);
+            if budget == 0 {
                 // Backpressure: leave messages in the consumer's bounded queue.
                 activator.activate_after(Duration::from_millis(1));
                 return;
@@ -255,7 +306,7 @@ pub fn kafka_source<'s, T: Task>(
             let mut read = 0u64;
             let mut drained = false;
             let now = now_ms();
-            while (read as usize) < settings.epoch_records {
+            while (read as usize) < budget {
                 match a.consumer.poll(Duration::ZERO) {
                     None => {
                         drained = true;
@@ -286,7 +337,7 @@ pub fn kafka_source<'s, T: Task>(
             drop(dead_session);
             if read > 0 {
                 epoch_records += read as usize;
-                data_epochs.insert(epoch);
+                in_flight.add(epoch, read as usize);
                 last_message = Instant::now();
                 progress.read.fetch_add(read, Ordering::Relaxed);
                 metrics::counter!(crate::metrics::SOURCE_RECORDS, "connector" => "kafka").increment(read);
@@ -299,4 +350,30 @@ pub fn kafka_source<'s, T: Task>(
         }
     });
     (ok_stream, dead_stream, off_stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InFlight;
+
+    #[test]
+    fn in_flight_bounds_epochs_and_records() {
+        let mut f = InFlight::new(2, 100);
+        assert_eq!(f.budget(1), 100, "nothing in flight");
+        f.add(1, 60);
+        assert_eq!(f.budget(1), 40, "the open epoch may take what is left of the record bound");
+        f.add(2, 30);
+        assert_eq!(f.budget(3), 0, "a third epoch would exceed the epoch bound");
+        assert_eq!(f.budget(2), 10, "the open epoch holds data already, so it adds no epoch");
+        f.add(2, 10);
+        assert_eq!(f.budget(2), 0, "the record bound is reached");
+        f.durable_before(2);
+        assert_eq!(f.epochs(), 1);
+        assert_eq!(f.budget(3), 60, "epoch 1's 60 records are durable");
+        f.add(3, 0);
+        assert_eq!(f.epochs(), 1, "an epoch with no records is not in flight");
+        f.durable_before(u64::MAX);
+        assert!(f.is_empty());
+        assert_eq!(f.budget(9), 100);
+    }
 }

@@ -1,6 +1,7 @@
-//! The Postgres sink: one row per request ID in the answer table, upserted with UNNEST in one
-//! transaction per epoch together with that epoch's dead letters. A row is only rewritten when
-//! its content changes, so rerunning the same input leaves exactly the same rows.
+//! The Postgres sink: one row per request ID in the answer table, written with UNNEST in one
+//! transaction per epoch together with that epoch's dead letters and source offsets. New IDs go
+//! in with a plain insert; a batch meeting an existing ID is redone as an upsert, which rewrites
+//! a row only when its content changes, so rerunning the same input leaves exactly the same rows.
 
 use crate::connectors::{EpochBatch, SinkError, SinkWriter};
 use crate::record::{Answer, Column, ColumnKind, DeadLetter, Value};
@@ -54,7 +55,13 @@ pub struct PostgresWriter {
     client: Option<Client>,
     /// Passthrough columns known to exist in the answer table.
     known: BTreeSet<String>,
+    /// Writes left that go straight to the upsert, after a plain insert met an existing ID.
+    upsert_writes: u32,
 }
+
+/// How many writes use the upsert directly after a plain insert met an existing ID (a rerun of
+/// the same input meets one on every write; this keeps it from paying for two statements each).
+const UPSERT_AFTER_CONFLICT: u32 = 64;
 
 fn classify(e: tokio_postgres::Error) -> SinkError {
     match e.code() {
@@ -81,7 +88,7 @@ impl PostgresWriter {
     /// Prepares a writer; it connects (and creates its tables) on the first write, and reconnects after errors.
     pub fn new(target: PostgresTarget, columns: &'static [Column]) -> Result<Self, String> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
-        Ok(PostgresWriter { rt, target, columns, client: None, known: BTreeSet::new() })
+        Ok(PostgresWriter { rt, target, columns, client: None, known: BTreeSet::new(), upsert_writes: 0 })
     }
 
     /// Connects now and creates the tables, so configuration errors show at start-up.
@@ -180,7 +187,13 @@ impl PostgresWriter {
         self.client()?;
         self.ensure_passthrough(&passthrough)?;
 
-        let answer_sql = if answers.is_empty() { None } else { Some(self.answer_upsert(&passthrough)) };
+        // New IDs are inserted with a plain INSERT, which costs Postgres about half of what the
+        // upsert's speculative insertion does (docs/benchmarks.md). Offsets commit in the same
+        // transaction as the answers, so a replayed epoch holds no answer already stored, and
+        // existing IDs are rare: a client that sends an ID again, or a rerun of a file. Then the
+        // insert fails on the primary key, nothing of it is kept, and the transaction is redone
+        // with the upsert.
+        let answer_sql = if answers.is_empty() { None } else { Some((self.answer_insert(&passthrough, false), self.answer_insert(&passthrough, true))) };
         let dead_sql = format!(
             "INSERT INTO {t} AS cur (source, position, reason, detail, raw, pipeline) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[]) \
@@ -256,14 +269,16 @@ impl PostgresWriter {
         let o_next: Vec<i64> = latest_offsets.values().copied().collect();
         let pipeline = self.target.pipeline.clone();
         let client = self.client.as_mut().expect("connected");
-        self.rt
-            .block_on(async {
+        let mut upsert = self.upsert_writes > 0;
+        self.upsert_writes = self.upsert_writes.saturating_sub(1);
+        loop {
+            let result = self.rt.block_on(async {
                 let tx = client.transaction().await?;
-                if let Some(sql) = &answer_sql {
+                if let Some((insert_sql, upsert_sql)) = &answer_sql {
                     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&ids];
                     params.extend(value_cols.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)));
                     params.push(&model);
-                    tx.execute(sql.as_str(), &params).await?;
+                    tx.execute(if upsert { upsert_sql.as_str() } else { insert_sql.as_str() }, &params).await?;
                 }
                 if !dead.is_empty() {
                     tx.execute(dead_sql.as_str(), &[&d_source, &d_pos, &d_reason, &d_detail, &d_raw, &d_pipeline]).await?;
@@ -272,11 +287,21 @@ impl PostgresWriter {
                     tx.execute(offsets_sql.as_str(), &[&pipeline, &o_topic, &o_part, &o_next]).await?;
                 }
                 tx.commit().await
-            })
-            .map_err(classify)
+            });
+            match result {
+                Err(e) if !upsert && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                    // The failed transaction was rolled back when it was dropped.
+                    upsert = true;
+                    self.upsert_writes = UPSERT_AFTER_CONFLICT;
+                }
+                other => return other.map_err(classify),
+            }
+        }
     }
 
-    fn answer_upsert(&self, passthrough: &BTreeSet<String>) -> String {
+    /// The statement that writes the answers: a plain insert, or with `upsert` an insert that
+    /// updates an existing ID's row only when its content differs.
+    fn answer_insert(&self, passthrough: &BTreeSet<String>, upsert: bool) -> String {
         let mut names: Vec<String> = vec![quote_ident("id")];
         let mut casts: Vec<String> = vec!["$1::text[]".into()];
         let mut n = 1;
@@ -306,12 +331,17 @@ impl PostgresWriter {
         let set: Vec<String> = updated.iter().map(|c| format!("{c} = EXCLUDED.{c}")).collect();
         let old: Vec<String> = updated.iter().map(|c| format!("cur.{c}")).collect();
         let new: Vec<String> = updated.iter().map(|c| format!("EXCLUDED.{c}")).collect();
-        format!(
-            "INSERT INTO {t} AS cur ({cols}, updated_at) SELECT {aliases_list}, {model_param}, now() FROM UNNEST({casts}) AS u({aliases_list}) \
-             ON CONFLICT (id) DO UPDATE SET {set}, updated_at = now() WHERE ({old}) IS DISTINCT FROM ({new})",
+        let insert = format!(
+            "INSERT INTO {t} AS cur ({cols}, updated_at) SELECT {aliases_list}, {model_param}, now() FROM UNNEST({casts}) AS u({aliases_list})",
             cols = names.join(", "),
             aliases_list = aliases.join(", "),
             casts = casts.join(", "),
+        );
+        if !upsert {
+            return insert;
+        }
+        format!(
+            "{insert} ON CONFLICT (id) DO UPDATE SET {set}, updated_at = now() WHERE ({old}) IS DISTINCT FROM ({new})",
             set = set.join(", "),
             old = old.join(", "),
             new = new.join(", "),
