@@ -9,6 +9,7 @@
 # peak RSS, and where the worker's time went (from its own Prometheus histograms).
 # Usage: benches/rides_load.sh [COUNT=200000] [WORKERS=1]
 #   SCENARIOS="drain latency_5k" runs a subset (drain drain_postgres kafka_only with_postgres latency_5k latency_5k_4p);
+#   WORKER_BIN runs another sluice binary as the worker, WORKER_WRAP prefixes its command (e.g. heaptrack);
 #   PERF_DIR=DIR records a `perf` call-graph profile of the worker per scenario (PERF_SECONDS long);
 #   LATENCY_COUNT (60000), EPOCH_MS (20) and SOURCE_CLIENT (librdkafka properties, e.g. "\"fetch.wait.max.ms\" = \"10\"") tune a run.
 set -euo pipefail
@@ -66,7 +67,7 @@ cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/s
 cpu_of_postgres() { local t=0; for p in $(pgrep -x postgres); do t=$(echo "$t + $(cpu_of "$p")" | bc); done; echo "$t"; }
 
 start_worker() { # name
-  "$BIN" run "$WORK/$1.toml" --no-progress > "$WORK/$1.log" 2>&1 &
+  ${WORKER_WRAP:-} "${WORKER_BIN:-$BIN}" run "$WORK/$1.toml" --no-progress > "$WORK/$1.log" 2>&1 &
   WPID=$!
 }
 
@@ -117,12 +118,13 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
   worker_cpu=$(echo "$(cpu_of "$WPID") - $worker_before" | bc); tansu_cpu=$(echo "$(cpu_of "$tansu_pid") - $tansu_before" | bc)
   pg_cpu=$(echo "$(cpu_of_postgres) - $pg_before" | bc); lg_cpu=$(awk '{print $1 + $2}' "$WORK/$name.loadgen.cpu" 2>/dev/null || echo 0)
   curl -s 127.0.0.1:9477/metrics > "$WORK/$name.metrics" || true
+  if [ -n "${WORKER_LOG_DIR:-}" ]; then cp "$WORK/$name.log" "$WORKER_LOG_DIR/$name.log"; fi
   kill -TERM $WPID; wait $WPID || true; WPID=""
   kill $SPID 2>/dev/null || true
   peak=$(sort -n "$WORK/$name.rss" | tail -n1)
   echo "### $name: $count rides, rate $rate (0 = as fast as possible; preload = the backlog published before the worker starts), $parts partition(s), $WORKERS worker(s)"
   cat "$WORK/$name.report"
-  [ -n "${WORKER_LOG_DIR:-}" ] && cp "$WORK/$name.log" "$WORKER_LOG_DIR/$name.log"
+  if [ -n "${WORKER_LOG_DIR:-}" ]; then cp "$WORK/$name.log" "$WORKER_LOG_DIR/$name.log"; fi
   echo "worker peak RSS: $((peak / 1024)) MB; RSS over the run (MB at 25/50/75/100%): $(awk '{v[NR]=$1} END {for (q=1; q<=4; q++) {i=int(NR*q/4); if (i<1) i=1; printf "%d ", v[i]/1024}}' "$WORK/$name.rss")"
   printf 'CPU seconds over %.1f s of wall time (2 cores = %.1f CPU-s): sluice worker %.2f, tansu broker %.2f, postgres %.2f, loadgen %.2f\n' "$wall" "$(echo "$wall * 2" | bc)" "$worker_cpu" "$tansu_cpu" "$pg_cpu" "$lg_cpu"
   awk -v name="$name" '

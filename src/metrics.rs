@@ -32,6 +32,9 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     PrometheusBuilder::new()
         .with_http_listener(addr)
+        // Histogram samples wait in memory until the next upkeep folds them into the buckets:
+        // at 300,000 answers a second the default 5 s held about 20 MB of them.
+        .upkeep_timeout(std::time::Duration::from_secs(1))
         .set_buckets_for_metric(Matcher::Full(BATCH_SIZE.to_string()), &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0])
         .and_then(|b| {
             b.set_buckets_for_metric(
