@@ -11,7 +11,8 @@
 #   SCENARIOS="drain latency_5k" runs a subset (drain drain_postgres kafka_only with_postgres latency_5k latency_5k_4p);
 #   WORKER_BIN runs another sluice binary as the worker, WORKER_WRAP prefixes its command (e.g. heaptrack);
 #   PERF_DIR=DIR records a `perf` call-graph profile of the worker per scenario (PERF_SECONDS long);
-#   LATENCY_COUNT (60000), EPOCH_MS (20) and SOURCE_CLIENT (librdkafka properties, e.g. "\"fetch.wait.max.ms\" = \"10\"") tune a run.
+#   LATENCY_COUNT (60000), EPOCH_MS (20), IN_FLIGHT (8), MAX_RECORDS (65536), MAX_BATCH (256), DRAIN_PARTITIONS (4),
+#   SOURCE_CLIENT and SINK_CLIENT (librdkafka properties, e.g. "\"fetch.wait.max.ms\" = \"10\"") tune a run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT="${1:-200000}"
@@ -58,6 +59,7 @@ listen = "127.0.0.1:9477"
 type = "kafka"
 brokers = "$BROKERS"
 topic = "$RUN-$1-out"
+client = { ${SINK_CLIENT:-} }
 $2
 TOML
 }
