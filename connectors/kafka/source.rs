@@ -145,7 +145,17 @@ fn connect(s: &KafkaSettings, index: usize, peers: usize) -> Result<Assigned, St
     let mut config = base_config(&s.brokers);
     // A fetch returns as soon as there is data (fetch.min.bytes 1) or after 5 ms: latency over
     // request count. Under load the responses are large anyway.
-    config.set("queued.max.messages.kbytes", "16384").set("fetch.wait.max.ms", "5").set("fetch.min.bytes", "1");
+    // Prefetch: librdkafka keeps up to `queued.min.messages` messages per partition (100,000 by
+    // default) in its queue, about 375 bytes of bookkeeping each on top of the payload; with two
+    // partitions per worker that was 75 MB per worker when the sinks were the bottleneck. 20,000 a
+    // partition still covers a fetch round trip at full speed, and a queue that was full is
+    // fetched again after 10 ms, not librdkafka's default 1 s (which emptied it first and stalled).
+    config
+        .set("queued.max.messages.kbytes", "16384")
+        .set("queued.min.messages", "20000")
+        .set("fetch.queue.backoff.ms", "10")
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.min.bytes", "1");
     for (k, v) in &s.client {
         config.set(k, v);
     }
