@@ -2,10 +2,10 @@
 //! every answer on the results topic to its request by ID, and reports throughput, end-to-end
 //! latency percentiles, and lost and duplicate answers.
 
-use crate::connectors::kafka::client::{consumer_at_end, result_id};
+use crate::connectors::kafka::client::consumer_at_end;
 use crate::connectors::kafka::{base_config, ID_HEADER};
 use crate::rides::RideGenerator;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -97,6 +97,15 @@ impl std::fmt::Display for LoadReport {
 }
 
 /// Answers per second between the 10% and 90% marks of the sorted arrival times (nanoseconds).
+/// The sequence number in a request ID `<prefix><n>`, or `None` for an ID of another run.
+fn sequence_of(id: Option<&[u8]>, prefix: &[u8]) -> Option<usize> {
+    let digits = id?.strip_prefix(prefix)?;
+    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(digits.iter().fold(0usize, |n, d| n * 10 + (d - b'0') as usize))
+}
+
 fn steady_rate(arrivals: &[u64]) -> f64 {
     let n = arrivals.len();
     if n < 10 {
@@ -165,7 +174,10 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
                 match consumer.poll(Duration::from_millis(10)) {
                     Some(Ok(m)) => {
                         let now = start.elapsed().as_nanos() as u64;
-                        let seq = result_id(&m).and_then(|id| id.strip_prefix(&prefix).and_then(|s| s.parse::<usize>().ok()));
+                        // The results topic is keyed by request ID: read this run's sequence number
+                        // from the key's bytes, with no header parsing and no allocation per answer
+                        // (the listener shares the cores with the pipeline it measures).
+                        let seq = sequence_of(m.key(), prefix.as_bytes());
                         match seq {
                             Some(i) if i < n => {
                                 if seen[i].fetch_add(1, Ordering::Relaxed) == 0 {
@@ -258,6 +270,18 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sequence_numbers_come_only_from_this_runs_ids() {
+        assert_eq!(sequence_of(Some(b"lg1f-42"), b"lg1f-"), Some(42));
+        assert_eq!(sequence_of(Some(b"lg1f-0"), b"lg1f-"), Some(0));
+        assert_eq!(sequence_of(Some(b"lg2a-42"), b"lg1f-"), None, "another run's ID");
+        assert_eq!(sequence_of(Some(b"lg1f-"), b"lg1f-"), None);
+        assert_eq!(sequence_of(Some(b"lg1f-4x"), b"lg1f-"), None);
+        assert_eq!(sequence_of(Some(b"lg1f-+4"), b"lg1f-"), None);
+        assert_eq!(sequence_of(Some(b"lg1f-9999999999999999999"), b"lg1f-"), None, "too long to be a count");
+        assert_eq!(sequence_of(None, b"lg1f-"), None, "no key");
+    }
 
     #[test]
     fn steady_rate_skips_the_head_and_the_tail() {
