@@ -49,6 +49,8 @@ pub fn consumer_at_end(brokers: &str, topic: &str) -> Result<BaseConsumer, Clien
         .set("group.id", format!("sluice-client-{}", std::process::id()))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "5")
+        // Large fetches under load: fewer requests for this listener and for the broker.
+        .set("max.partition.fetch.bytes", "4194304")
         .create()
         .map_err(|e| ClientError::Kafka(e.to_string()))?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).map_err(|e| ClientError::Kafka(format!("metadata of {topic}: {e}")))?;

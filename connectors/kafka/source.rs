@@ -150,7 +150,12 @@ fn connect(s: &KafkaSettings, index: usize, peers: usize) -> Result<Assigned, St
     // partitions per worker that was 75 MB per worker when the sinks were the bottleneck. 20,000 a
     // partition still covers a fetch round trip at full speed, and a queue that was full is
     // fetched again after 10 ms, not librdkafka's default 1 s (which emptied it first and stalled).
+    // A fetch may return up to 4 MiB a partition (librdkafka's default is 1 MiB): a quarter of the
+    // fetch requests under load, and Tansu lists a partition's stored batches on every fetch.
+    // Measured side by side in 1M-ride drains: less CPU in the worker and the broker, and 3-23%
+    // more answers a second in each of 5 pairs of runs.
     config
+        .set("max.partition.fetch.bytes", "4194304")
         .set("queued.max.messages.kbytes", "16384")
         .set("queued.min.messages", "20000")
         .set("fetch.queue.backoff.ms", "10")
