@@ -93,21 +93,18 @@ pub fn decode_message<T: Task>(
 #[derive(Debug)]
 pub struct InFlight {
     records: BTreeMap<u64, usize>,
-    total: usize,
     max_epochs: u64,
     max_records: usize,
 }
 
 impl InFlight {
     pub fn new(max_epochs: u64, max_records: usize) -> Self {
-        InFlight { records: BTreeMap::new(), total: 0, max_epochs, max_records }
+        InFlight { records: BTreeMap::new(), max_epochs, max_records }
     }
 
     /// Every epoch before `oldest` is durable.
     pub fn durable_before(&mut self, oldest: u64) {
-        let kept = self.records.split_off(&oldest);
-        self.total -= self.records.values().sum::<usize>();
-        self.records = kept;
+        self.records = self.records.split_off(&oldest);
     }
 
     /// How many records may be read into `epoch` now; 0 means pause. Reading more into an epoch
@@ -116,13 +113,13 @@ impl InFlight {
         if self.records.len() as u64 >= self.max_epochs && !self.records.contains_key(&epoch) {
             return 0;
         }
-        self.max_records.saturating_sub(self.total)
+        // At most `max_epochs` entries (plus the open one): summing them is as cheap as a counter.
+        self.max_records.saturating_sub(self.records.values().sum())
     }
 
     pub fn add(&mut self, epoch: u64, n: usize) {
         if n > 0 {
             *self.records.entry(epoch).or_default() += n;
-            self.total += n;
         }
     }
 
