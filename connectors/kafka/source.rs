@@ -113,7 +113,7 @@ impl InFlight {
         if self.records.len() as u64 >= self.max_epochs && !self.records.contains_key(&epoch) {
             return 0;
         }
-        // At most `max_epochs` entries (plus the open one): summing them is as cheap as a counter.
+        // At most `max_epochs` entries: summing them is as cheap as keeping a counter.
         self.max_records.saturating_sub(self.records.values().sum())
     }
 
