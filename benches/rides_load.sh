@@ -65,7 +65,10 @@ TOML
 }
 
 # CPU seconds (user + system) a process has used so far.
-cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# The harness shares the 2 cores with what it measures, so it samples sparingly and with shell
+# builtins where it samples often.
+HZ=$(getconf CLK_TCK)
+cpu_of() { awk -v hz="$HZ" '{sub(/.*\) /, ""); print ($12 + $13) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 cpu_of_postgres() { local t=0; for p in $(pgrep -x postgres); do t=$(echo "$t + $(cpu_of "$p")" | bc); done; echo "$t"; }
 
 start_worker() { # name
@@ -99,19 +102,19 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
     (sleep 1; perf record -F 999 --call-graph dwarf,16384 -p "$WPID" -o "$PERF_DIR/$name.perf" -- sleep "${PERF_SECONDS:-4}" > /dev/null 2>&1) &
   fi
   local peak=0
-  ( while kill -0 $WPID 2>/dev/null; do r=$(awk '/VmRSS/{print $2}' /proc/$WPID/status 2>/dev/null || echo 0); echo "$r"; sleep 0.2; done ) > "$WORK/$name.rss" &
+  ( while [ -e "/proc/$WPID/status" ]; do
+      while read -r k v _; do [ "$k" = VmRSS: ] && echo "$v"; done < "/proc/$WPID/status" 2>/dev/null
+      sleep 0.2
+    done ) > "$WORK/$name.rss" &
   local SPID=$!
   local tansu_pid; tansu_pid=$(cat "${SLUICE_CACHE:-$HOME/.cache/sluice}/tansu-$BENCH_PORT.pid" 2>/dev/null || echo 0)
   local pg_before tansu_before worker_before
   pg_before=$(cpu_of_postgres); tansu_before=$(cpu_of "$tansu_pid"); worker_before=$(cpu_of "$WPID")
   local t0; t0=$(date +%s.%N)
   if [ -n "$LGPID" ]; then
-    # The load generator's CPU from the worker's start on (its listening), sampled until it exits.
-    local lg_before; lg_before=$(cpu_of "$LGPID")
-    ( while kill -0 $LGPID 2>/dev/null; do cpu_of "$LGPID"; sleep 0.05; done ) > "$WORK/$name.lgsamples" &
+    # The load generator reports its own CPU from the end of publishing on (its listening).
     wait $LGPID || true
-    sleep 0.1
-    echo "$(sort -n "$WORK/$name.lgsamples" | tail -n1) - $lg_before" | bc | awk '{print $1, 0}' > "$WORK/$name.loadgen.cpu"
+    awk '/^loadgen CPU while listening:/ {print $5, 0}' "$WORK/$name.report" > "$WORK/$name.loadgen.cpu"
   else
     { TIMEFORMAT="%U %S"; time "$BIN" loadgen --brokers "$BROKERS" --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --rate "$rate" --linger-ms "${LINGER_MS:-5}" --drain-ms 5000 > "$WORK/$name.report" 2>&1 || true; } 2> "$WORK/$name.loadgen.cpu"
   fi

@@ -55,6 +55,9 @@ pub struct LoadReport {
     pub p95_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// CPU seconds (user and system) this process used from the end of publishing to the end of
+    /// the run: what listening for the answers cost, on the cores the pipeline also runs on.
+    pub listen_cpu_seconds: Option<f64>,
 }
 
 impl std::fmt::Display for LoadReport {
@@ -74,7 +77,8 @@ impl std::fmt::Display for LoadReport {
                 self.lost,
                 self.duplicates,
                 self.foreign
-            );
+            )
+            .and_then(|()| self.write_listen_cpu(f));
         }
         write!(
             f,
@@ -92,8 +96,38 @@ impl std::fmt::Display for LoadReport {
             self.p95_ms,
             self.p99_ms,
             self.max_ms
-        )
+        )?;
+        self.write_listen_cpu(f)
     }
+}
+
+impl LoadReport {
+    fn write_listen_cpu(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.listen_cpu_seconds {
+            Some(s) => write!(f, "\nloadgen CPU while listening: {s:.2} s"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Linux reports a process's CPU times in /proc in units of USER_HZ, which is 100 on every
+/// architecture Linux supports (it is part of the kernel's user-space ABI).
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds (user and system) this process has used, from `/proc/self/stat`; `None` off Linux.
+pub fn process_cpu_seconds() -> Option<f64> {
+    cpu_seconds_of_stat(&std::fs::read_to_string("/proc/self/stat").ok()?)
+}
+
+/// utime + stime from a `/proc/PID/stat` line. The command name (field 2) may hold spaces and
+/// parentheses, so the fields are counted from its closing parenthesis.
+fn cpu_seconds_of_stat(stat: &str) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After the name: state is field 3, utime field 14 and stime field 15.
+    let mut fields = rest.split_ascii_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
 }
 
 /// Answers per second between the 10% and 90% marks of the sorted arrival times (nanoseconds).
@@ -237,7 +271,9 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
         let _ = std::io::stdout().flush();
     }
     send_done.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    let cpu_at_send_done = process_cpu_seconds();
     listener.join().map_err(|_| "the listener panicked".to_string())?;
+    let cpu_at_end = process_cpu_seconds();
     let answers: Vec<(f64, u64)> = std::mem::take(&mut *answers_seen.lock().expect("answers lock"));
     let mut lat: Vec<f64> = answers.iter().map(|(l, _)| *l).collect();
     let mut arrivals: Vec<u64> = answers.iter().map(|(_, t)| *t).collect();
@@ -264,6 +300,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
         p95_ms: percentile(&lat, 95.0),
         p99_ms: percentile(&lat, 99.0),
         max_ms: lat.last().copied().unwrap_or(f64::NAN),
+        listen_cpu_seconds: cpu_at_send_done.zip(cpu_at_end).map(|(a, b)| b - a),
     })
 }
 
@@ -281,6 +318,16 @@ mod tests {
         assert_eq!(sequence_of(Some(b"lg1f-+4"), b"lg1f-"), None);
         assert_eq!(sequence_of(Some(b"lg1f-9999999999999999999"), b"lg1f-"), None, "too long to be a count");
         assert_eq!(sequence_of(None, b"lg1f-"), None, "no key");
+    }
+
+    #[test]
+    fn cpu_times_are_read_after_the_command_name() {
+        // A command name with a space and a parenthesis, utime 250 and stime 50 ticks.
+        let stat = "4242 (a b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1000 100000 200";
+        assert_eq!(cpu_seconds_of_stat(stat), Some(3.0));
+        assert_eq!(cpu_seconds_of_stat("4242 (x) S 1"), None, "a truncated line has no CPU times");
+        let own = process_cpu_seconds().expect("this test runs on Linux");
+        assert!(own >= 0.0);
     }
 
     #[test]

@@ -60,33 +60,79 @@ pub struct KafkaWriter {
     deliveries: DeliveryErrors,
     topic: String,
     dead_letter_topic: Option<String>,
-    columns: &'static [Column],
+    json: ResultJson,
 }
 
-/// Writes the JSON payload of a result message into `buf`: the request ID, the outputs (a
-/// non-finite number is `null`), the model's name and version, and the ingest time. Written
-/// directly, without building a `serde_json::Value` per answer.
-pub fn write_result_json(buf: &mut Vec<u8>, a: &Answer, columns: &[Column]) {
-    use std::io::Write as _;
-    let string = |buf: &mut Vec<u8>, s: &str| serde_json::to_writer(&mut *buf, s).expect("writing to a Vec cannot fail");
-    buf.extend_from_slice(b"{\"id\":");
-    string(buf, &a.id);
-    for (c, v) in columns.iter().zip(&a.values) {
-        buf.push(b',');
-        string(buf, c.name);
-        buf.push(b':');
-        match v {
-            Value::Text(s) => string(buf, s),
-            Value::Int(i) => write!(buf, "{i}").expect("writing to a Vec cannot fail"),
-            Value::Float(x) => serde_json::to_writer(&mut *buf, x).expect("writing to a Vec cannot fail"),
-        }
+/// Writes the JSON payload of result messages: the request ID, the outputs (a non-finite number
+/// is `null`), the model's name and version, and the ingest time. Written directly, without a
+/// `serde_json::Value` per answer; the parts every answer shares (the columns' keys, the model's
+/// name and version) are escaped once, not per answer.
+pub struct ResultJson {
+    /// `,"<column>":` for each output column.
+    keys: Vec<Vec<u8>>,
+    /// The last model label seen and its `,"model":…,"model_version":…` fragment.
+    model: Option<(Arc<str>, Vec<u8>)>,
+}
+
+impl ResultJson {
+    pub fn new(columns: &[Column]) -> Self {
+        let keys = columns
+            .iter()
+            .map(|c| {
+                let mut k = vec![b','];
+                write_json_str(&mut k, c.name);
+                k.push(b':');
+                k
+            })
+            .collect();
+        ResultJson { keys, model: None }
     }
-    let (name, version) = a.model.split_once('@').unwrap_or((&*a.model, ""));
-    buf.extend_from_slice(b",\"model\":");
-    string(buf, name);
-    buf.extend_from_slice(b",\"model_version\":");
-    string(buf, version);
-    write!(buf, ",\"ingest_ms\":{}}}", a.ingest_ms).expect("writing to a Vec cannot fail");
+
+    /// Appends the result message for `a` to `buf`.
+    pub fn write(&mut self, buf: &mut Vec<u8>, a: &Answer) {
+        buf.extend_from_slice(b"{\"id\":");
+        write_json_str(buf, &a.id);
+        for (key, v) in self.keys.iter().zip(&a.values) {
+            buf.extend_from_slice(key);
+            let written = match v {
+                Value::Text(s) => serde_json::to_writer(&mut *buf, s),
+                Value::Int(i) => serde_json::to_writer(&mut *buf, i),
+                Value::Float(x) => serde_json::to_writer(&mut *buf, x),
+            };
+            written.expect("writing to a Vec cannot fail");
+        }
+        buf.extend_from_slice(self.model_fragment(&a.model));
+        buf.extend_from_slice(b",\"ingest_ms\":");
+        serde_json::to_writer(&mut *buf, &a.ingest_ms).expect("writing to a Vec cannot fail");
+        buf.push(b'}');
+    }
+
+    /// `,"model":"<name>","model_version":"<version>"` for a `name@version` label, built once per
+    /// label (a sink sees one model, so this is almost always the cached one).
+    fn model_fragment(&mut self, label: &Arc<str>) -> &[u8] {
+        let cached = matches!(&self.model, Some((l, _)) if Arc::ptr_eq(l, label) || **l == **label);
+        if !cached {
+            let (name, version) = label.split_once('@').unwrap_or((label, ""));
+            let mut f = b",\"model\":".to_vec();
+            write_json_str(&mut f, name);
+            f.extend_from_slice(b",\"model_version\":");
+            write_json_str(&mut f, version);
+            self.model = Some((label.clone(), f));
+        }
+        &self.model.as_ref().expect("set above").1
+    }
+}
+
+/// `s` as a JSON string. Request IDs are almost always plain text, which is copied as it is; the
+/// rest goes through serde_json's escaping.
+fn write_json_str(buf: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else {
+        serde_json::to_writer(&mut *buf, s).expect("writing to a Vec cannot fail");
+    }
 }
 
 impl KafkaWriter {
@@ -124,7 +170,13 @@ impl KafkaWriter {
         if let Err(e) = producer.client().fetch_metadata(Some(topic), Duration::from_secs(1)) {
             tracing::debug!("kafka sink: no metadata yet for {topic}: {e}");
         }
-        Ok(KafkaWriter { producer, deliveries, topic: topic.to_string(), dead_letter_topic: dead_letter_topic.map(String::from), columns })
+        Ok(KafkaWriter {
+            producer,
+            deliveries,
+            topic: topic.to_string(),
+            dead_letter_topic: dead_letter_topic.map(String::from),
+            json: ResultJson::new(columns),
+        })
     }
 
     /// Hands one message to the producer, waiting while its queue is full.
@@ -143,11 +195,11 @@ impl KafkaWriter {
     }
 
     /// Sends the answers, then the dead letters.
-    fn send_all(&self, batch: &EpochBatch) -> Result<(), SinkError> {
+    fn send_all(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
         let mut buf = Vec::with_capacity(256);
         for a in &batch.answers {
             buf.clear();
-            write_result_json(&mut buf, a, self.columns);
+            self.json.write(&mut buf, a);
             let headers = OwnedHeaders::new_with_capacity(1).insert(Header { key: ID_HEADER, value: Some(a.id.as_bytes()) });
             self.send(&self.topic, a.id.as_bytes(), &buf, headers)?;
         }
@@ -220,16 +272,30 @@ mod tests {
             pos: SourcePos::Generated { seq: 7 },
             ingest_ms: 42,
         };
+        let mut json = ResultJson::new(&columns);
         let mut buf = Vec::new();
-        write_result_json(&mut buf, &answer(12.5), &columns);
+        json.write(&mut buf, &answer(12.5));
         let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"id": "ride \"7\"", "prediction": 12.5, "label": "fast\nride", "model": "rides", "model_version": "0123456789ab", "ingest_ms": 42})
         );
         buf.clear();
-        write_result_json(&mut buf, &answer(f64::NAN), &columns);
+        json.write(&mut buf, &answer(f64::NAN));
         let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
         assert!(v["prediction"].is_null(), "a non-finite prediction is null: {v}");
+        // Another model's answers carry that model's name and version, and control characters
+        // and quotes in an ID are escaped.
+        let mut other = answer(1.0);
+        other.model = "other\"m@v2".into();
+        other.id = "tab\there".into();
+        buf.clear();
+        json.write(&mut buf, &other);
+        let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        assert_eq!((v["model"].as_str(), v["model_version"].as_str(), v["id"].as_str()), (Some("other\"m"), Some("v2"), Some("tab\there")));
+        buf.clear();
+        json.write(&mut buf, &answer(2.0));
+        let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(v["model"], "rides", "the fragment follows the label back");
     }
 }

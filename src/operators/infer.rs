@@ -19,9 +19,40 @@ struct Pending<T: Task> {
     time: u64,
     env: Envelope<T::Request>,
     prepared: T::Prepared,
-    outs: Vec<Option<<T::Model as Model>::Out>>,
+    outs: Outs<<T::Model as Model>::Out>,
     remaining: usize,
     error: Option<String>,
+}
+
+/// A request's model outputs as they arrive. Most requests are one unit, held without a `Vec`.
+enum Outs<O> {
+    One(Option<O>),
+    Many(Vec<Option<O>>),
+}
+
+impl<O> Outs<O> {
+    fn new(units: usize) -> Self {
+        if units == 1 {
+            Outs::One(None)
+        } else {
+            Outs::Many((0..units).map(|_| None).collect())
+        }
+    }
+
+    fn set(&mut self, index: usize, out: O) {
+        match self {
+            Outs::One(slot) => *slot = Some(out),
+            Outs::Many(slots) => slots[index] = Some(out),
+        }
+    }
+
+    /// Calls `f` with every output in unit order, once all have arrived.
+    fn finish<R>(self, f: impl FnOnce(&[O]) -> R) -> R {
+        match self {
+            Outs::One(slot) => f(std::slice::from_ref(&slot.expect("every unit completed"))),
+            Outs::Many(slots) => f(&slots.into_iter().map(|o| o.expect("every unit completed")).collect::<Vec<_>>()),
+        }
+    }
 }
 
 /// Runs `task` on every request. Outputs: answers, and dead letters for requests the task refused.
@@ -62,9 +93,10 @@ pub fn infer<'s, T: Task>(
                     match task.prepare(&env.payload) {
                         Ok((prepared, request_units)) => {
                             let ticket = first_ticket + pending.len() as u64;
+                            let request_units = request_units.into_iter();
                             let n = request_units.len();
-                            units.extend(request_units.into_iter().enumerate().map(|(index, unit)| Unit { ticket, index, unit }));
-                            pending.push_back(Some(Pending { time, env, prepared, outs: (0..n).map(|_| None).collect(), remaining: n, error: None }));
+                            units.extend(request_units.enumerate().map(|(index, unit)| Unit { ticket, index, unit }));
+                            pending.push_back(Some(Pending { time, env, prepared, outs: Outs::new(n), remaining: n, error: None }));
                             admitted += 1;
                         }
                         Err((reason, detail)) => refused.push(DeadLetter {
@@ -93,7 +125,7 @@ pub fn infer<'s, T: Task>(
                         continue;
                     };
                     match c.result {
-                        Ok(out) => p.outs[c.index] = Some(out),
+                        Ok(out) => p.outs.set(c.index, out),
                         Err(e) => p.error = Some(e),
                     }
                     p.remaining -= 1;
@@ -117,8 +149,8 @@ pub fn infer<'s, T: Task>(
                         ingest_ms: p.env.ingest_ms,
                     });
                 } else {
-                    let outs = p.outs.into_iter().map(|o| o.expect("every unit completed")).collect();
-                    let values = task.finish(&p.env.payload, p.prepared, outs);
+                    let (payload, prepared) = (&p.env.payload, p.prepared);
+                    let values = p.outs.finish(|outs| task.finish(payload, prepared, outs));
                     answers.entry(p.time).or_default().push(Answer {
                         id: p.env.id,
                         values,

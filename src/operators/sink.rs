@@ -54,10 +54,15 @@ pub fn durable_sink<'s>(
         let mut batch_tx = Some(batch_tx);
         let mut buffered: BTreeMap<u64, (Capability<u64>, EpochBatch)> = BTreeMap::new();
         let mut writing: BTreeMap<u64, Capability<u64>> = BTreeMap::new();
+        // The size of the last epoch handed over: a new epoch's answers are allocated at that size
+        // at once, rather than grown (and copied) step by step as its containers arrive.
+        let mut answers_hint = 0;
         move |frontiers| {
             ans_in.for_each(|cap, data| {
                 let Some(&t) = cap.least() else { return };
-                let entry = buffered.entry(t).or_insert_with(|| (cap.delayed(&t, 0), EpochBatch { epoch: t, ..Default::default() }));
+                let entry = buffered.entry(t).or_insert_with(|| {
+                    (cap.delayed(&t, 0), EpochBatch { epoch: t, answers: Vec::with_capacity(answers_hint.min(16_384)), ..Default::default() })
+                });
                 entry.1.answers.append(data);
             });
             dead_in.for_each(|cap, data| {
@@ -76,6 +81,7 @@ pub fn durable_sink<'s>(
                     break;
                 }
                 let (cap, batch) = buffered.remove(&t).expect("first key exists");
+                answers_hint = batch.answers.len();
                 writing.insert(t, cap);
                 if let Some(tx) = &batch_tx {
                     let ack = Ack { epoch: batch.epoch, answers: batch.answers.len() as u64, dead: batch.dead.len() as u64 };

@@ -203,6 +203,7 @@ impl Task for ExtractiveQa {
     type Request = QaRequest;
     type Model = QaModel;
     type Prepared = Vec<Encoding>;
+    type Units = Vec<Window>;
 
     fn output_columns(&self) -> &'static [Column] {
         COLUMNS
@@ -242,8 +243,8 @@ impl Task for ExtractiveQa {
         Ok((windows, units))
     }
 
-    fn finish(&self, request: &QaRequest, windows: Vec<Encoding>, outs: Vec<WindowLogits>) -> Vec<Value> {
-        match self.best_span(&request.context, &windows, &outs) {
+    fn finish(&self, request: &QaRequest, windows: Vec<Encoding>, outs: &[WindowLogits]) -> Vec<Value> {
+        match self.best_span(&request.context, &windows, outs) {
             Some(span) => vec![Value::Text(span.answer), Value::Int(span.start as i64), Value::Int(span.end as i64), Value::Float(span.score)],
             None => vec![Value::Text(String::new()), Value::Int(0), Value::Int(0), Value::Float(0.0)],
         }

@@ -14,9 +14,6 @@ pub type Refusal = (DeadReason, String);
 /// A decoded request and its passthrough fields.
 pub type Decoded<R> = (R, Vec<(String, String)>);
 
-/// The worker-side state of a request and the units it sends to the model.
-pub type Prepared<P, M> = (P, Vec<<M as Model>::Unit>);
-
 /// A task: decoding, pre-processing on the worker thread, and post-processing of model outputs.
 pub trait Task: Send + Sync + 'static {
     /// The decoded request payload.
@@ -25,6 +22,9 @@ pub trait Task: Send + Sync + 'static {
     type Model: Model;
     /// State kept on the worker between submission and answer (e.g. token offsets).
     type Prepared: 'static;
+    /// The model units one request becomes: a `Vec` for a task that splits a request (QA's
+    /// windows), an array of one for a task that does not, which then costs no allocation.
+    type Units: IntoIterator<Item = <Self::Model as Model>::Unit, IntoIter: ExactSizeIterator>;
 
     /// Output columns, in the order of `Answer::values`.
     fn output_columns(&self) -> &'static [Column];
@@ -47,9 +47,9 @@ pub trait Task: Send + Sync + 'static {
     }
 
     /// Pre-processes a request into model units, on the worker thread.
-    fn prepare(&self, request: &Self::Request) -> Result<Prepared<Self::Prepared, Self::Model>, Refusal>;
-    /// Turns the model's outputs for one request into answer values.
-    fn finish(&self, request: &Self::Request, prepared: Self::Prepared, outs: Vec<<Self::Model as Model>::Out>) -> Vec<Value>;
+    fn prepare(&self, request: &Self::Request) -> Result<(Self::Prepared, Self::Units), Refusal>;
+    /// Turns the model's outputs for one request, one per unit in order, into answer values.
+    fn finish(&self, request: &Self::Request, prepared: Self::Prepared, outs: &[<Self::Model as Model>::Out]) -> Vec<Value>;
 }
 
 /// `name@version`, the version being the first 12 hex digits of the model file's SHA-256.

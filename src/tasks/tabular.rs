@@ -150,6 +150,7 @@ impl Task for Tabular {
     type Request = TabularRequest;
     type Model = TabularModel;
     type Prepared = ();
+    type Units = [TabularRequest; 1];
 
     fn output_columns(&self) -> &'static [Column] {
         COLUMNS
@@ -178,11 +179,11 @@ impl Task for Tabular {
         self.decode_object(obj)
     }
 
-    fn prepare(&self, request: &TabularRequest) -> Result<((), Vec<TabularRequest>), Refusal> {
-        Ok(((), vec![request.clone()]))
+    fn prepare(&self, request: &TabularRequest) -> Result<((), [TabularRequest; 1]), Refusal> {
+        Ok(((), [request.clone()]))
     }
 
-    fn finish(&self, _request: &TabularRequest, _prepared: (), outs: Vec<f64>) -> Vec<Value> {
+    fn finish(&self, _request: &TabularRequest, _prepared: (), outs: &[f64]) -> Vec<Value> {
         vec![Value::Float(outs.first().copied().unwrap_or(f64::NAN))]
     }
 }
