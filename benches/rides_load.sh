@@ -12,7 +12,10 @@
 #   WORKER_BIN runs another sluice binary as the worker, WORKER_WRAP prefixes its command (e.g. heaptrack);
 #   PERF_DIR=DIR records a `perf` call-graph profile of the worker per scenario (PERF_SECONDS long);
 #   LATENCY_COUNT (60000), EPOCH_MS (20), IN_FLIGHT (8), MAX_RECORDS (65536), MAX_BATCH (256), DRAIN_PARTITIONS (4),
-#   SOURCE_CLIENT and SINK_CLIENT (librdkafka properties, e.g. "\"fetch.wait.max.ms\" = \"10\"") tune a run.
+#   SOURCE_CLIENT and SINK_CLIENT (librdkafka properties, e.g. "\"fetch.wait.max.ms\" = \"10\"") tune a run;
+#   BROKER=mock runs each scenario on librdkafka's mock broker (`sluice mock-broker`) instead of Tansu:
+#   its fetch cost does not grow with the log, but it keeps only the last 5 MB of each partition, so
+#   it suits the latency scenarios, not the 1M-ride backlogs of the drains.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT="${1:-200000}"
@@ -24,13 +27,26 @@ bash scripts/pg.sh >/dev/null
 # holds, so each scenario starts from an empty broker and does not inherit the previous ones' data.
 BENCH_PORT="${BENCH_KAFKA_PORT:-19095}"
 BROKERS="127.0.0.1:$BENCH_PORT"
-fresh_broker() { SLUICE_KAFKA_PORT=$BENCH_PORT bash scripts/kafka.sh restart >/dev/null; }
 cargo build --release --bin sluice 2>&1 | tail -n 1
 BIN=target/release/sluice
 TANSU=$(bash scripts/kafka.sh path)
 RUN="bench$(date +%s)"
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"; [ -n "${WPID:-}" ] && kill "$WPID" 2>/dev/null; SLUICE_KAFKA_PORT=$BENCH_PORT bash scripts/kafka.sh stop >/dev/null 2>&1 || true' EXIT
+BROKER_PID=0
+trap 'rm -rf "$WORK"; [ -n "${WPID:-}" ] && kill "$WPID" 2>/dev/null; [ "${BROKER:-tansu}" = mock ] && kill "$BROKER_PID" 2>/dev/null; SLUICE_KAFKA_PORT=$BENCH_PORT bash scripts/kafka.sh stop >/dev/null 2>&1 || true' EXIT
+fresh_broker() { # scenario partitions: an empty broker holding the scenario's two topics
+  if [ "${BROKER:-tansu}" = mock ]; then
+    [ "$BROKER_PID" != 0 ] && { kill "$BROKER_PID" 2>/dev/null; wait "$BROKER_PID" 2>/dev/null || true; }
+    "$BIN" mock-broker --topic "$RUN-$1-in:$2" --topic "$RUN-$1-out:$2" > "$WORK/mock.out" 2>&1 &
+    BROKER_PID=$!
+    until grep -q "mock broker at" "$WORK/mock.out"; do kill -0 "$BROKER_PID" || { cat "$WORK/mock.out"; exit 1; }; sleep 0.05; done
+    BROKERS=$(awk '/mock broker at/ {print $4}' "$WORK/mock.out")
+  else
+    SLUICE_KAFKA_PORT=$BENCH_PORT bash scripts/kafka.sh restart >/dev/null
+    for t in in out; do "$TANSU" topic create "$RUN-$1-$t" --partitions "$2" --broker "tcp://$BROKERS" >/dev/null; done
+    BROKER_PID=$(cat "${SLUICE_CACHE:-$HOME/.cache/sluice}/tansu-$BENCH_PORT.pid" 2>/dev/null || echo 0)
+  fi
+}
 
 topology() { # name sinks-extra
   cat <<TOML
@@ -78,8 +94,7 @@ start_worker() { # name
 
 scenario() { # name count rate(0 = max, "preload" = backlog first) partitions sinks-extra
   local name=$1 count=$2 rate=$3 parts=$4
-  fresh_broker
-  for t in in out; do "$TANSU" topic create "$RUN-$name-$t" --partitions "$parts" --broker "tcp://$BROKERS" >/dev/null; done
+  fresh_broker "$name" "$parts"
   topology "$name" "$5" > "$WORK/$name.toml"
   local LGPID=""
   if [ "$rate" = preload ]; then
@@ -107,7 +122,7 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
       sleep 0.2
     done ) > "$WORK/$name.rss" &
   local SPID=$!
-  local tansu_pid; tansu_pid=$(cat "${SLUICE_CACHE:-$HOME/.cache/sluice}/tansu-$BENCH_PORT.pid" 2>/dev/null || echo 0)
+  local tansu_pid=$BROKER_PID
   local pg_before tansu_before worker_before
   pg_before=$(cpu_of_postgres); tansu_before=$(cpu_of "$tansu_pid"); worker_before=$(cpu_of "$WPID")
   local t0; t0=$(date +%s.%N)
@@ -131,7 +146,7 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
   cat "$WORK/$name.report"
   if [ -n "${WORKER_LOG_DIR:-}" ]; then cp "$WORK/$name.log" "$WORKER_LOG_DIR/$name.log"; fi
   echo "worker peak RSS: $((peak / 1024)) MB; RSS over the run (MB at 25/50/75/100%): $(awk '{v[NR]=$1} END {for (q=1; q<=4; q++) {i=int(NR*q/4); if (i<1) i=1; printf "%d ", v[i]/1024}}' "$WORK/$name.rss")"
-  printf 'CPU seconds over %.1f s of wall time (2 cores = %.1f CPU-s): sluice worker %.2f, tansu broker %.2f, postgres %.2f, loadgen %.2f\n' "$wall" "$(echo "$wall * 2" | bc)" "$worker_cpu" "$tansu_cpu" "$pg_cpu" "$lg_cpu"
+  printf 'CPU seconds over %.1f s of wall time (2 cores = %.1f CPU-s): sluice worker %.2f, %s broker %.2f, postgres %.2f, loadgen %.2f\n' "$wall" "$(echo "$wall * 2" | bc)" "$worker_cpu" "${BROKER:-tansu}" "$tansu_cpu" "$pg_cpu" "$lg_cpu"
   awk -v name="$name" '
     /^sluice_inference_latency_seconds_sum/ {inf=$2}
     /^sluice_inference_latency_seconds_count/ {runs=$2}
@@ -143,7 +158,7 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
   echo
 }
 
-echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); broker tansu (memory) and PostgreSQL on the same machine"
+echo "machine: $(nproc) cores, $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); broker ${BROKER:-tansu} (memory) and PostgreSQL on the same machine"
 want() { [ -z "${SCENARIOS:-}" ] || [[ " $SCENARIOS " == *" $1 "* ]]; }
 PG_SINK() { printf '[[sinks]]\ntype = "postgres"\nurl = "postgres://sluice:sluice@127.0.0.1:5432/sluice"\ntable = "%s"\ndead_letter_table = "%s_dead"\n' "${RUN}_$1" "$RUN"; }
 want drain && scenario drain "$COUNT" preload "${DRAIN_PARTITIONS:-4}" ""

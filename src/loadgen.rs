@@ -300,7 +300,7 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
         p95_ms: percentile(&lat, 95.0),
         p99_ms: percentile(&lat, 99.0),
         max_ms: lat.last().copied().unwrap_or(f64::NAN),
-        listen_cpu_seconds: cpu_at_send_done.zip(cpu_at_end).map(|(a, b)| b - a),
+        listen_cpu_seconds: if spec.preload { cpu_at_send_done.zip(cpu_at_end).map(|(a, b)| b - a) } else { None },
     })
 }
 

@@ -87,6 +87,14 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         linger_ms: u64,
     },
+    /// Serve librdkafka's in-memory mock Kafka broker on a loopback port until killed, for the
+    /// long latency benchmark (see docs/benchmarks.md; not durable, not for production).
+    /// Prints `mock broker at HOST:PORT` once it is up.
+    MockBroker {
+        /// A topic to create, as NAME:PARTITIONS; repeat for more.
+        #[arg(long = "topic", required = true)]
+        topics: Vec<sluice::connectors::kafka::mock::MockTopic>,
+    },
 }
 
 fn main() {
@@ -159,6 +167,15 @@ fn real_main() -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+        Command::MockBroker { topics } => {
+            use std::io::Write as _;
+            let cluster = sluice::connectors::kafka::mock::start(&topics).map_err(anyhow::Error::msg)?;
+            println!("mock broker at {}", cluster.bootstrap_servers());
+            std::io::stdout().flush()?;
+            loop {
+                std::thread::park();
+            }
         }
         Command::Request { brokers, topic, results, json, timeout_ms } => {
             let payload: serde_json::Value = serde_json::from_str(&json).context("--json must be a JSON object")?;

@@ -2,6 +2,7 @@
 //! client (plus the load generator built on it).
 
 pub mod client;
+pub mod mock;
 pub mod sink;
 pub mod source;
 

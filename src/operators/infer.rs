@@ -180,3 +180,30 @@ pub fn infer<'s, T: Task>(
     });
     (ans_stream, dead_stream)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Outs;
+
+    #[test]
+    fn outputs_reach_finish_in_unit_order_whatever_order_they_arrive_in() {
+        let mut one = Outs::new(1);
+        assert!(matches!(one, Outs::One(None)), "a one-unit request holds no Vec");
+        one.set(0, 7);
+        assert_eq!(one.finish(|outs| outs.to_vec()), vec![7]);
+
+        let mut many = Outs::new(3);
+        for (index, out) in [(2, 'c'), (0, 'a'), (1, 'b')] {
+            many.set(index, out);
+        }
+        assert_eq!(many.finish(|outs| outs.iter().collect::<String>()), "abc");
+    }
+
+    #[test]
+    #[should_panic(expected = "every unit completed")]
+    fn finishing_before_every_output_arrived_is_a_bug() {
+        let mut many = Outs::new(2);
+        many.set(1, 1);
+        many.finish(|outs| outs.len());
+    }
+}
