@@ -85,7 +85,9 @@ TOML
 # builtins where it samples often.
 HZ=$(getconf CLK_TCK)
 cpu_of() { awk -v hz="$HZ" '{sub(/.*\) /, ""); print ($12 + $13) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-cpu_of_postgres() { local t=0; for p in $(pgrep -x postgres); do t=$(echo "$t + $(cpu_of "$p")" | bc); done; echo "$t"; }
+# Postgres: every server process, plus what the postmaster's exited children (the backends of
+# closed connections) used, so that a backend ending between two readings does not vanish.
+cpu_of_postgres() { local p; for p in $(pgrep -x postgres); do cat "/proc/$p/stat" 2>/dev/null; done | awk -v hz="$HZ" '{sub(/.*\) /, ""); t += $12 + $13 + $14 + $15} END {print t / hz}'; }
 
 start_worker() { # name
   ${WORKER_WRAP:-} "${WORKER_BIN:-$BIN}" run "$WORK/$1.toml" --no-progress > "$WORK/$1.log" 2>&1 &
