@@ -124,9 +124,9 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
       sleep 0.2
     done ) > "$WORK/$name.rss" &
   local SPID=$!
-  local tansu_pid=$BROKER_PID
-  local pg_before tansu_before worker_before
-  pg_before=$(cpu_of_postgres); tansu_before=$(cpu_of "$tansu_pid"); worker_before=$(cpu_of "$WPID")
+  local broker_pid=$BROKER_PID
+  local pg_before broker_before worker_before
+  pg_before=$(cpu_of_postgres); broker_before=$(cpu_of "$broker_pid"); worker_before=$(cpu_of "$WPID")
   local t0; t0=$(date +%s.%N)
   if [ -n "$LGPID" ]; then
     # The load generator reports its own CPU from the end of publishing on (its listening).
@@ -136,8 +136,8 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
     { TIMEFORMAT="%U %S"; time "$BIN" loadgen --brokers "$BROKERS" --topic "$RUN-$name-in" --results "$RUN-$name-out" --count "$count" --rate "$rate" --linger-ms "${LINGER_MS:-5}" --drain-ms 5000 > "$WORK/$name.report" 2>&1 || true; } 2> "$WORK/$name.loadgen.cpu"
   fi
   local wall; wall=$(echo "$(date +%s.%N) - $t0" | bc)
-  local worker_cpu tansu_cpu pg_cpu lg_cpu
-  worker_cpu=$(echo "$(cpu_of "$WPID") - $worker_before" | bc); tansu_cpu=$(echo "$(cpu_of "$tansu_pid") - $tansu_before" | bc)
+  local worker_cpu broker_cpu pg_cpu lg_cpu
+  worker_cpu=$(echo "$(cpu_of "$WPID") - $worker_before" | bc); broker_cpu=$(echo "$(cpu_of "$broker_pid") - $broker_before" | bc)
   pg_cpu=$(echo "$(cpu_of_postgres) - $pg_before" | bc); lg_cpu=$(awk '{print $1 + $2}' "$WORK/$name.loadgen.cpu" 2>/dev/null || echo 0)
   curl -s 127.0.0.1:9477/metrics > "$WORK/$name.metrics" || true
   if [ -n "${WORKER_LOG_DIR:-}" ]; then cp "$WORK/$name.log" "$WORKER_LOG_DIR/$name.log"; fi
@@ -148,7 +148,7 @@ scenario() { # name count rate(0 = max, "preload" = backlog first) partitions si
   cat "$WORK/$name.report"
   if [ -n "${WORKER_LOG_DIR:-}" ]; then cp "$WORK/$name.log" "$WORKER_LOG_DIR/$name.log"; fi
   echo "worker peak RSS: $((peak / 1024)) MB; RSS over the run (MB at 25/50/75/100%): $(awk '{v[NR]=$1} END {for (q=1; q<=4; q++) {i=int(NR*q/4); if (i<1) i=1; printf "%d ", v[i]/1024}}' "$WORK/$name.rss")"
-  printf 'CPU seconds over %.1f s of wall time (2 cores = %.1f CPU-s): sluice worker %.2f, %s broker %.2f, postgres %.2f, loadgen %.2f\n' "$wall" "$(echo "$wall * 2" | bc)" "$worker_cpu" "${BROKER:-tansu}" "$tansu_cpu" "$pg_cpu" "$lg_cpu"
+  printf 'CPU seconds over %.1f s of wall time (2 cores = %.1f CPU-s): sluice worker %.2f, %s broker %.2f, postgres %.2f, loadgen %.2f\n' "$wall" "$(echo "$wall * 2" | bc)" "$worker_cpu" "${BROKER:-tansu}" "$broker_cpu" "$pg_cpu" "$lg_cpu"
   awk -v name="$name" '
     /^sluice_inference_latency_seconds_sum/ {inf=$2}
     /^sluice_inference_latency_seconds_count/ {runs=$2}
