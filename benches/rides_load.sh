@@ -28,7 +28,7 @@ bash scripts/pg.sh >/dev/null
 BENCH_PORT="${BENCH_KAFKA_PORT:-19095}"
 BROKERS="127.0.0.1:$BENCH_PORT"
 cargo build --release --bin sluice 2>&1 | tail -n 1
-BIN=target/release/sluice
+BIN="${CARGO_TARGET_DIR:-target}/release/sluice"
 TANSU=$(bash scripts/kafka.sh path)
 RUN="bench$(date +%s)"
 WORK=$(mktemp -d)

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 cargo build --bin sluice
-./target/debug/sluice run topologies/qa_csv.toml "$@"
+# CARGO_TARGET_DIR, when set, is where cargo put the binary.
+"${CARGO_TARGET_DIR:-target}/debug/sluice" run topologies/qa_csv.toml "$@"
 echo
 echo "first answers (out/qa_csv/answers.w0.jsonl):"
 head -n 3 out/qa_csv/answers.w0.jsonl
