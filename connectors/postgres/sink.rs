@@ -192,8 +192,7 @@ impl PostgresWriter {
         // transaction as the answers, so a replayed epoch holds no answer already stored, and
         // existing IDs are rare: a client that sends an ID again, or a rerun of a file. Then the
         // insert fails on the primary key, nothing of it is kept, and the transaction is redone
-        // with the upsert.
-        let answer_sql = if answers.is_empty() { None } else { Some((self.answer_insert(&passthrough, false), self.answer_insert(&passthrough, true))) };
+        // with the upsert. Each statement is built only when it is used.
         let dead_sql = format!(
             "INSERT INTO {t} AS cur (source, position, reason, detail, raw, pipeline) \
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[]) \
@@ -268,17 +267,18 @@ impl PostgresWriter {
         let o_part: Vec<i32> = latest_offsets.keys().map(|k| k.1).collect();
         let o_next: Vec<i64> = latest_offsets.values().copied().collect();
         let pipeline = self.target.pipeline.clone();
-        let client = self.client.as_mut().expect("connected");
         let mut upsert = self.upsert_writes > 0;
         self.upsert_writes = self.upsert_writes.saturating_sub(1);
         loop {
+            let answer_sql = if answers.is_empty() { None } else { Some(self.answer_insert(&passthrough, upsert)) };
+            let client = self.client.as_mut().expect("connected");
             let result = self.rt.block_on(async {
                 let tx = client.transaction().await?;
-                if let Some((insert_sql, upsert_sql)) = &answer_sql {
+                if let Some(sql) = &answer_sql {
                     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&ids];
                     params.extend(value_cols.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)));
                     params.push(&model);
-                    tx.execute(if upsert { upsert_sql.as_str() } else { insert_sql.as_str() }, &params).await?;
+                    tx.execute(sql.as_str(), &params).await?;
                 }
                 if !dead.is_empty() {
                     tx.execute(dead_sql.as_str(), &[&d_source, &d_pos, &d_reason, &d_detail, &d_raw, &d_pipeline]).await?;
