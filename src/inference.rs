@@ -111,7 +111,7 @@ where
         let rx = rx.clone();
         let queued = queued.clone();
         let join = std::thread::Builder::new()
-            .name(format!("sluice-infer-{i}"))
+            .name(format!("sluice-inference-{i}"))
             .spawn(move || serve(model, rx, policy, queued))
             .map_err(|e| format!("cannot start an inference thread: {e}"))?;
         joins.push(join);
@@ -125,6 +125,7 @@ fn serve<M: Model>(mut model: M, rx: Receiver<Submission<M::Unit, M::Out>>, poli
     let latency = metrics::histogram!(crate::metrics::INFERENCE_LATENCY);
     let batch_size = metrics::histogram!(crate::metrics::BATCH_SIZE);
     let queue = metrics::gauge!(crate::metrics::INFERENCE_QUEUE);
+    let mut inject_panic = crate::fault::injected(crate::fault::Fault::ModelPanic);
     while let Some(subs) = batcher::collect(&rx, &policy, |s| s.units.len()) {
         let replies: Vec<Arc<ReplyTo<M::Out>>> = subs.iter().map(|s| s.reply.clone()).collect();
         let mut units: Vec<(usize, Unit<M::Unit>)> = Vec::with_capacity(subs.iter().map(|s| s.units.len()).sum());
@@ -136,7 +137,10 @@ fn serve<M: Model>(mut model: M, rx: Receiver<Submission<M::Unit, M::Out>>, poli
         for batch in batcher::group_by_cost(units, |(_, u)| M::cost(&u.unit), run_size) {
             let inputs: Vec<&M::Unit> = batch.iter().map(|(_, u)| &u.unit).collect();
             let started = Instant::now();
-            let outs = model.run(&inputs);
+            if std::mem::take(&mut inject_panic) {
+                panic!("injected fault: the model panicked (SLUICE_FAULT=model-panic)");
+            }
+            let outs = run_isolating(&mut model, &inputs);
             latency.record(started.elapsed().as_secs_f64());
             batch_size.record(inputs.len() as f64);
             drop(inputs);
@@ -145,16 +149,49 @@ fn serve<M: Model>(mut model: M, rx: Receiver<Submission<M::Unit, M::Out>>, poli
     }
 }
 
-/// Sends each unit's result to its requester: one message per requester.
-fn deliver<U, O>(batch: Vec<(usize, Unit<U>)>, outs: Result<Vec<O>, String>, replies: &[Arc<ReplyTo<O>>]) {
-    let results: Vec<Result<O, String>> = match outs {
-        Ok(outs) if outs.len() == batch.len() => outs.into_iter().map(Ok).collect(),
-        Ok(outs) => {
-            let msg = format!("model returned {} outputs for {} units", outs.len(), batch.len());
-            batch.iter().map(|_| Err(msg.clone())).collect()
+/// One model run whose output count is checked.
+fn run_checked<M: Model>(model: &mut M, units: &[&M::Unit]) -> Result<Vec<M::Out>, String> {
+    let outs = model.run(units)?;
+    if outs.len() != units.len() {
+        return Err(format!("model returned {} outputs for {} units", outs.len(), units.len()));
+    }
+    Ok(outs)
+}
+
+/// Runs a batch; a failed run is retried once, then split in halves until the failing units
+/// are isolated, so only they fail and their batch-mates (other workers' included) get answers.
+fn run_isolating<M: Model>(model: &mut M, units: &[&M::Unit]) -> Vec<Result<M::Out, String>> {
+    match run_checked(model, units) {
+        Ok(outs) => outs.into_iter().map(Ok).collect(),
+        Err(e) => {
+            metrics::counter!(crate::metrics::INFERENCE_RETRIES).increment(1);
+            tracing::warn!(units = units.len(), "model run failed, retrying once: {e}");
+            match run_checked(model, units) {
+                Ok(outs) => outs.into_iter().map(Ok).collect(),
+                Err(e) => split_run(model, units, e),
+            }
         }
-        Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
-    };
+    }
+}
+
+fn split_run<M: Model>(model: &mut M, units: &[&M::Unit], error: String) -> Vec<Result<M::Out, String>> {
+    if units.len() <= 1 {
+        return units.iter().map(|_| Err(error.clone())).collect();
+    }
+    metrics::counter!(crate::metrics::INFERENCE_RETRIES).increment(1);
+    let (a, b) = units.split_at(units.len() / 2);
+    let mut out = Vec::with_capacity(units.len());
+    for half in [a, b] {
+        match run_checked(model, half) {
+            Ok(outs) => out.extend(outs.into_iter().map(Ok)),
+            Err(e) => out.extend(split_run(model, half, e)),
+        }
+    }
+    out
+}
+
+/// Sends each unit's result to its requester: one message per requester.
+fn deliver<U, O>(batch: Vec<(usize, Unit<U>)>, results: Vec<Result<O, String>>, replies: &[Arc<ReplyTo<O>>]) {
     let mut by_reply: Vec<Vec<Completion<O>>> = (0..replies.len()).map(|_| Vec::new()).collect();
     for ((r, u), result) in batch.into_iter().zip(results) {
         by_reply[r].push(Completion { ticket: u.ticket, index: u.index, result });
@@ -229,5 +266,50 @@ mod tests {
         let (got, sizes) = run_service(false);
         assert_eq!(got.len(), 8);
         assert!(sizes.iter().all(|s| *s == 1), "{sizes:?}");
+    }
+
+    /// Fails every run that holds a unit equal to `poison`, and counts runs.
+    struct Poisoned {
+        poison: usize,
+        runs: usize,
+    }
+
+    impl Model for Poisoned {
+        type Unit = usize;
+        type Out = usize;
+        fn cost(_: &usize) -> usize {
+            1
+        }
+        fn batch_invariant(&self) -> bool {
+            true
+        }
+        fn run(&mut self, units: &[&usize]) -> Result<Vec<usize>, String> {
+            self.runs += 1;
+            if units.iter().any(|u| **u == self.poison) {
+                return Err(format!("cannot run unit {}", self.poison));
+            }
+            Ok(units.iter().map(|u| **u + 100).collect())
+        }
+    }
+
+    #[test]
+    fn a_failing_run_is_retried_then_split_so_only_the_failing_unit_fails() {
+        let mut model = Poisoned { poison: 5, runs: 0 };
+        let units: Vec<usize> = (0..8).collect();
+        let refs: Vec<&usize> = units.iter().collect();
+        let results = run_isolating(&mut model, &refs);
+        assert_eq!(results.len(), 8);
+        for (u, r) in units.iter().zip(&results) {
+            if *u == 5 {
+                assert_eq!(r.as_ref().unwrap_err(), "cannot run unit 5");
+            } else {
+                assert_eq!(r.as_ref().ok(), Some(&(u + 100)), "unit {u} keeps its answer");
+            }
+        }
+        // 2 whole-batch tries, then halves down to the unit: at most 2 + 2 * log2(8) runs.
+        assert!(model.runs <= 8, "{} runs", model.runs);
+        let mut healthy = Poisoned { poison: 99, runs: 0 };
+        assert!(run_isolating(&mut healthy, &refs).iter().all(|r| r.is_ok()));
+        assert_eq!(healthy.runs, 1, "a good batch runs once");
     }
 }

@@ -102,6 +102,9 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")))
         .with_writer(std::io::stderr)
         .init();
+    // A panic on any thread (worker, inference, sink) ends the process, non-zero, naming the
+    // thread, so that a supervisor restarts it; a task's panic on one record is contained.
+    sluice::guard::install_panic_hook();
     if let Err(e) = real_main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
@@ -186,7 +189,7 @@ fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Loadgen { brokers, topic, results, count, rate, seed, drain_ms, preload, linger_ms } => {
-            let spec = sluice::loadgen::LoadSpec {
+            let spec = sluice::connectors::kafka::loadgen::LoadSpec {
                 brokers,
                 requests_topic: topic,
                 results_topic: results,
@@ -197,7 +200,7 @@ fn real_main() -> anyhow::Result<()> {
                 preload,
                 linger_ms,
             };
-            let report = sluice::loadgen::run(&spec).map_err(anyhow::Error::msg)?;
+            let report = sluice::connectors::kafka::loadgen::run(&spec).map_err(anyhow::Error::msg)?;
             println!("{report}");
             if report.lost > 0 {
                 bail!("{} requests got no answer", report.lost);

@@ -23,6 +23,12 @@ pub const END_TO_END_LATENCY: &str = "sluice_end_to_end_latency_seconds";
 /// Epochs a source has opened that the sinks have not yet made durable.
 pub const EPOCHS_IN_FLIGHT: &str = "sluice_source_epochs_in_flight";
 /// Sink write failures that were retried. Label: `sink`.
+/// Counter: records dropped because their ID's content was unchanged (no inference, no write).
+pub const UNCHANGED: &str = "sluice_records_unchanged_total";
+/// Counter: records a sink refused (isolated from their batch and dead-lettered), by sink.
+pub const SINK_REJECTED: &str = "sluice_sink_rejected_total";
+/// Counter: model runs retried or split after an error.
+pub const INFERENCE_RETRIES: &str = "sluice_inference_retries_total";
 pub const SINK_RETRIES: &str = "sluice_sink_retries_total";
 /// Seconds one sink epoch write took. Label: `sink`.
 pub const SINK_WRITE_LATENCY: &str = "sluice_sink_write_seconds";
@@ -53,6 +59,9 @@ fn describe() {
     describe_counter!(SOURCE_RECORDS, "Records read by a source.");
     describe_counter!(ANSWERS, "Answers made durable by the sinks.");
     describe_counter!(DEAD_LETTERS, "Records refused, by reason.");
+    describe_counter!(UNCHANGED, "Records whose ID's content was unchanged: not recomputed.");
+    describe_counter!(SINK_REJECTED, "Records a sink refused, isolated and dead-lettered, by sink.");
+    describe_counter!(INFERENCE_RETRIES, "Model runs retried or split after an error.");
     describe_histogram!(BATCH_SIZE, "Units per model run.");
     describe_histogram!(INFERENCE_LATENCY, "Seconds per model run.");
     describe_gauge!(INFERENCE_QUEUE, "Units waiting for the model.");

@@ -1,36 +1,68 @@
 //! The record envelope every stage carries: request ID, payload, source position and ingest time,
-//! plus the answer and dead-letter shapes the sinks write.
+//! plus the changes (upserts and deletes) and dead-letter shapes the sinks write.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// Where a record came from, precise enough to replay or acknowledge it.
+/// What a position's number counts, for people and for derived IDs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PosUnit {
+    /// A data row of a file, counted from 1 (the header is not a row); `shard` is unused.
+    Row,
+    /// An offset within a shard (a Kafka partition).
+    Offset,
+    /// A sequence number of a generated record.
+    Seq,
+}
+
+/// Where a record came from, precise enough to replay or acknowledge it. It names no connector:
+/// `source` is a file's path relative to its source root, a topic or a subscription; `shard` a
+/// partition; `offset` a row, an offset or a sequence number, as `unit` says.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum SourcePos {
-    /// A data row of a file: `row` counts data rows from 1 (the header is not a row).
-    File { file: String, row: u64, byte_offset: u64 },
-    /// A Kafka message.
-    Kafka { topic: std::sync::Arc<str>, partition: i32, offset: i64 },
-    /// A record made by a built-in generator.
-    Generated { seq: u64 },
+pub struct SourcePos {
+    pub source: std::sync::Arc<str>,
+    pub shard: i32,
+    pub offset: u64,
+    pub unit: PosUnit,
 }
 
 impl SourcePos {
+    /// A data row of a file (`file` relative to the source root).
+    pub fn row(file: std::sync::Arc<str>, row: u64) -> Self {
+        SourcePos { source: file, shard: 0, offset: row, unit: PosUnit::Row }
+    }
+
+    /// An offset within a shard of a stream.
+    pub fn offset(source: std::sync::Arc<str>, shard: i32, offset: u64) -> Self {
+        SourcePos { source, shard, offset, unit: PosUnit::Offset }
+    }
+
+    /// A generated record.
+    pub fn seq(source: std::sync::Arc<str>, seq: u64) -> Self {
+        SourcePos { source, shard: 0, offset: seq, unit: PosUnit::Seq }
+    }
+
     /// The source name (file or topic) as written to the dead-letter table.
     pub fn source(&self) -> String {
-        match self {
-            SourcePos::File { file, .. } => file.clone(),
-            SourcePos::Kafka { topic, .. } => topic.to_string(),
-            SourcePos::Generated { .. } => "generator".to_string(),
-        }
+        self.source.to_string()
     }
 
     /// The position within the source, as written to the dead-letter table.
     pub fn position(&self) -> String {
-        match self {
-            SourcePos::File { row, .. } => format!("row {row}"),
-            SourcePos::Kafka { partition, offset, .. } => format!("partition {partition} offset {offset}"),
-            SourcePos::Generated { seq } => format!("seq {seq}"),
+        match self.unit {
+            PosUnit::Row => format!("row {}", self.offset),
+            PosUnit::Offset => format!("partition {} offset {}", self.shard, self.offset),
+            PosUnit::Seq => format!("seq {}", self.offset),
+        }
+    }
+
+    /// The ID of a record that carries none: stable across replays, never random.
+    /// `2024/q.csv:17` for a file row, `rides/2/1043` for a stream offset.
+    pub fn derived_id(&self) -> String {
+        match self.unit {
+            PosUnit::Row => format!("{}:{}", self.source, self.offset),
+            PosUnit::Offset => format!("{}/{}/{}", self.source, self.shard, self.offset),
+            PosUnit::Seq => format!("{}-{}", self.source, self.offset),
         }
     }
 }
@@ -42,18 +74,34 @@ impl fmt::Display for SourcePos {
 }
 
 /// A request on its way through the dataflow.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope<P> {
     /// The request ID: from the message, or derived deterministically from the source position.
     pub id: String,
-    /// The task's request payload.
-    pub payload: P,
+    /// The task's request payload; `None` asks to delete the ID's answer (a tombstone).
+    pub payload: Option<P>,
     /// Columns or fields that pass through to the answer unchanged, in source order.
     pub passthrough: Vec<(String, String)>,
     /// Where the request came from.
     pub pos: SourcePos,
     /// Wall-clock milliseconds since the Unix epoch when the source read it.
     pub ingest_ms: u64,
+    /// The original bytes, so that a dead letter from any later stage carries them.
+    pub raw: Vec<u8>,
+    /// Hash of the record's content (its bytes; not its position or ingest time): an ID that
+    /// arrives again with the same hash is not recomputed.
+    pub content: u64,
+    /// Order of this change among the changes of its ID's worker, given when it is keyed by ID;
+    /// sinks apply an epoch's changes in this order.
+    pub seq: u64,
+}
+
+/// The content hash of a record's bytes.
+pub fn content_hash(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::hash::DefaultHasher::new();
+    h.write(bytes);
+    h.finish()
 }
 
 /// One typed output value of a task.
@@ -101,6 +149,49 @@ pub struct Answer {
     pub model: std::sync::Arc<str>,
     pub pos: SourcePos,
     pub ingest_ms: u64,
+    /// The request's original bytes, for a dead letter if a sink refuses this answer.
+    pub raw: Vec<u8>,
+    /// Order among its worker's changes (see [`Envelope::seq`]).
+    pub seq: u64,
+}
+
+/// The removal of an ID's answer, in every sink.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub id: String,
+    pub pos: SourcePos,
+    pub ingest_ms: u64,
+    pub seq: u64,
+}
+
+/// What reaches a sink: an answer to upsert by its ID, or an ID whose answer is deleted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Change {
+    Upsert(Answer),
+    Delete(Deleted),
+}
+
+impl Change {
+    pub fn id(&self) -> &str {
+        match self {
+            Change::Upsert(a) => &a.id,
+            Change::Delete(d) => &d.id,
+        }
+    }
+
+    pub fn seq(&self) -> u64 {
+        match self {
+            Change::Upsert(a) => a.seq,
+            Change::Delete(d) => d.seq,
+        }
+    }
+
+    pub fn pos(&self) -> &SourcePos {
+        match self {
+            Change::Upsert(a) => &a.pos,
+            Change::Delete(d) => &d.pos,
+        }
+    }
 }
 
 /// Why a record was refused. The label is a low-cardinality metric label and a table column.
@@ -118,11 +209,20 @@ pub enum DeadReason {
     WrongType,
     QuestionTooLong,
     InferenceFailed,
+    /// A request ID with a NUL byte, invalid UTF-8, or longer than `runtime.max_id_bytes`.
+    InvalidId,
+    /// A text field with a NUL byte, which no SQL text column can hold.
+    InvalidText,
+    /// A sink refused the record itself (for Postgres a data exception or a program limit; for
+    /// Kafka a message too large); the rest of its batch was written.
+    SinkRejected,
+    /// The task's code panicked on this record; the panic was contained.
+    TaskFailed,
 }
 
 impl DeadReason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [DeadReason; 12] = [
+    pub const ALL: [DeadReason; 16] = [
         DeadReason::MissingColumn,
         DeadReason::ExtraColumn,
         DeadReason::EmptyField,
@@ -135,6 +235,10 @@ impl DeadReason {
         DeadReason::WrongType,
         DeadReason::QuestionTooLong,
         DeadReason::InferenceFailed,
+        DeadReason::InvalidId,
+        DeadReason::InvalidText,
+        DeadReason::SinkRejected,
+        DeadReason::TaskFailed,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -151,6 +255,10 @@ impl DeadReason {
             DeadReason::WrongType => "wrong_type",
             DeadReason::QuestionTooLong => "question_too_long",
             DeadReason::InferenceFailed => "inference_failed",
+            DeadReason::InvalidId => "invalid_id",
+            DeadReason::InvalidText => "invalid_text",
+            DeadReason::SinkRejected => "sink_rejected",
+            DeadReason::TaskFailed => "task_failed",
         }
     }
 }
@@ -161,8 +269,42 @@ pub struct DeadLetter {
     pub pos: SourcePos,
     pub reason: DeadReason,
     pub detail: String,
+    /// The original bytes, cut to `runtime.max_dead_letter_bytes` by [`DeadLetter::bound`].
     pub raw: Vec<u8>,
     pub ingest_ms: u64,
+    /// The full length of the original bytes (set by [`DeadLetter::bound`]).
+    pub raw_len: u64,
+    /// Hex SHA-256 of the full original bytes (set by [`DeadLetter::bound`]).
+    pub raw_sha256: String,
+}
+
+impl DeadLetter {
+    pub fn new(pos: SourcePos, reason: DeadReason, detail: String, raw: Vec<u8>, ingest_ms: u64) -> Self {
+        DeadLetter { pos, reason, detail, raw, ingest_ms, raw_len: 0, raw_sha256: String::new() }
+    }
+
+    /// Bounds the dead letter before a sink sees it: raw bytes above `limit` are cut, and the
+    /// full length and SHA-256 are kept; a detail is cut to 1,000 bytes; NUL bytes in the
+    /// detail (which no text column can hold) become U+FFFD.
+    pub fn bound(&mut self, limit: usize) {
+        use sha2::{Digest, Sha256};
+        if self.raw_sha256.is_empty() {
+            self.raw_len = self.raw.len() as u64;
+            self.raw_sha256 = hex::encode(Sha256::digest(&self.raw));
+        }
+        self.raw.truncate(limit);
+        if self.detail.len() > 1000 {
+            let mut cut = 1000;
+            while !self.detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            self.detail.truncate(cut);
+            self.detail.push('…');
+        }
+        if self.detail.contains('\0') {
+            self.detail = self.detail.replace('\0', "\u{FFFD}");
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch.

@@ -1,24 +1,19 @@
 //! Builds and runs a topology: starts the inference service, assembles the timely dataflow on
-//! every worker (source → [key by ID for files] → infer → durable sink, with dead letters and
-//! source offsets beside), and waits until finite input is durable or a signal stops it.
+//! every worker (source harness → decode → key by ID → infer → durable sink, with dead letters
+//! and checkpoints beside), and waits until finite input is durable or a signal stops it. It
+//! knows sources and sinks only through their contracts and the registry.
 
 use crate::batcher::BatchPolicy;
-use crate::connectors::files::csv::{csv_source, CsvSettings};
-use crate::connectors::files::{self, jsonl::JsonlWriter, InputFile};
-use crate::connectors::kafka::sink::KafkaWriter;
-use crate::connectors::kafka::source::{kafka_source, KafkaSettings};
-use crate::connectors::postgres::sink::expand_env;
-use crate::connectors::postgres::{PostgresTarget, PostgresWriter};
-use crate::connectors::SinkWriter;
-use crate::generator::{generator_source, GeneratorSettings};
 use crate::inference::{self, InferenceHandle};
+use crate::operators::decode::{decode, DecodeSettings};
 use crate::operators::{infer::infer, key_by_id::key_by_id, sink::durable_sink};
 use crate::progress::{self, Progress};
+use crate::sink::{SinkContext, SinkFactory, SinkWriter};
+use crate::source::harness::{source_harness, FatalSlot, HarnessSettings};
 use crate::tasks::extractive_qa::{ExtractiveQa, QaModel, QaSettings};
 use crate::tasks::tabular::{Tabular, TabularModel};
 use crate::tasks::{self, Task};
-use crate::topology::{BatchInvariance, SinkConfig, SourceConfig, StartFrom, TaskConfig, Topology};
-use std::collections::HashMap;
+use crate::topology::{BatchInvariance, SinkConfig, TaskConfig, Topology};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -53,7 +48,7 @@ pub struct Summary {
 /// The sinks a topology writes to: its own, or the embedded default (JSON lines in `out/<name>`).
 pub fn resolve_sinks(topology: &Topology) -> Vec<SinkConfig> {
     if topology.sinks.is_empty() {
-        vec![SinkConfig::Jsonl { dir: PathBuf::from("out").join(&topology.name) }]
+        vec![SinkConfig::default_jsonl(PathBuf::from("out").join(&topology.name))]
     } else {
         topology.sinks.clone()
     }
@@ -69,6 +64,7 @@ pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, String> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).map_err(|e| format!("cannot handle signals: {e}"))?;
     }
+    crate::guard::start_watchdog(stop.clone(), Duration::from_millis(topology.runtime.shutdown_grace_ms));
     let policy = policy(topology);
     let threads = topology.batching.intra_threads;
     match &topology.task {
@@ -127,37 +123,6 @@ fn timely_config(workers: usize, opts: &RunOptions) -> timely::Config {
     timely::Config { communication, worker: timely::WorkerConfig::default() }
 }
 
-fn make_writers<T: Task>(sinks: &[SinkConfig], pipeline: &str, worker: usize, task: &T) -> Result<Vec<Box<dyn SinkWriter>>, String> {
-    let mut out: Vec<Box<dyn SinkWriter>> = Vec::new();
-    for s in sinks {
-        match s {
-            SinkConfig::Jsonl { dir } => out.push(Box::new(JsonlWriter::open(dir, worker, task.output_columns())?)),
-            SinkConfig::Kafka { brokers, topic, dead_letter_topic, idempotent, client } => {
-                out.push(Box::new(KafkaWriter::new(&expand_env(brokers), topic, dead_letter_topic.as_deref(), *idempotent, client, task.output_columns())?))
-            }
-            SinkConfig::Postgres { url, table, dead_letter_table, schema } => out.push(Box::new(PostgresWriter::new(
-                PostgresTarget {
-                    url: url.clone(),
-                    schema: schema.clone(),
-                    table: table.clone(),
-                    dead_letter_table: dead_letter_table.clone(),
-                    pipeline: pipeline.to_string(),
-                },
-                task.output_columns(),
-            )?)),
-        }
-    }
-    Ok(out)
-}
-
-/// A source as each worker builds it.
-#[derive(Clone)]
-enum SourcePlan {
-    Csv { files: Vec<InputFile>, settings: CsvSettings },
-    Kafka(KafkaSettings),
-    Generator(GeneratorSettings),
-}
-
 fn run_dataflow<T: Task>(
     topology: &Topology,
     opts: &RunOptions,
@@ -167,93 +132,54 @@ fn run_dataflow<T: Task>(
 ) -> Result<Summary, String> {
     let workers = opts.workers.unwrap_or(topology.runtime.workers).max(1);
     let rt = &topology.runtime;
-    let sinks = resolve_sinks(topology);
-    let mut outputs = Vec::new();
-    let mut resume: HashMap<i32, i64> = HashMap::new();
-    for s in &sinks {
-        match s {
-            SinkConfig::Jsonl { dir } => {
-                // This process's workers replace what an earlier run wrote.
-                std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-                for w in opts.process * workers..(opts.process + 1) * workers {
-                    for f in [format!("answers.w{w}.jsonl"), format!("dead_letters.w{w}.jsonl")] {
-                        let _ = std::fs::remove_file(dir.join(f));
-                    }
-                }
-                outputs.push(format!("{}/", dir.display()));
-            }
-            SinkConfig::Postgres { url, table, dead_letter_table, schema } => {
-                let target = PostgresTarget {
-                    url: url.clone(),
-                    schema: schema.clone(),
-                    table: table.clone(),
-                    dead_letter_table: dead_letter_table.clone(),
-                    pipeline: topology.name.clone(),
-                };
-                let mut pg = PostgresWriter::new(target, task.output_columns())?;
-                pg.connect_now().map_err(|e| format!("postgres sink: {e}\n  hint: start Postgres (scripts/pg.sh starts a local one) and check sinks.url"))?;
-                if let SourceConfig::Kafka { topic, .. } = &topology.source {
-                    resume = pg.load_offsets(topic).map_err(|e| format!("cannot read stored offsets: {e}"))?;
-                }
-                outputs.push(format!("postgres table {schema}.{table} (dead letters in {schema}.{dead_letter_table})"));
-            }
-            SinkConfig::Kafka { topic, dead_letter_topic, .. } => {
-                outputs.push(format!("kafka topic {topic}{}", dead_letter_topic.as_ref().map(|d| format!(" (dead letters in {d})")).unwrap_or_default()));
-            }
-        }
-    }
-    let plan = match &topology.source {
-        SourceConfig::Csv { path, max_field_bytes } => SourcePlan::Csv {
-            files: files::expand(path)?,
-            settings: CsvSettings { max_field_bytes: *max_field_bytes, epoch_records: rt.epoch_records, max_epochs_in_flight: rt.max_epochs_in_flight },
-        },
-        SourceConfig::Kafka { brokers, topic, group_id, id, max_message_bytes, epoch_ms, start, idle_exit_ms, client } => SourcePlan::Kafka(KafkaSettings {
-            client: client.clone(),
-            brokers: expand_env(brokers),
-            topic: topic.as_str().into(),
-            group_id: group_id.clone().unwrap_or_else(|| format!("sluice-{}", topology.name)),
-            id_from: id.clone(),
-            max_message_bytes: *max_message_bytes,
-            epoch_records: rt.epoch_records,
-            epoch_ms: *epoch_ms,
-            max_epochs_in_flight: rt.max_epochs_in_flight,
-            max_records_in_flight: rt.max_records_in_flight,
-            start_latest: *start == StartFrom::Latest,
-            idle_exit: idle_exit_ms.map(Duration::from_millis),
-            resume,
-        }),
-        SourceConfig::Generator { count, rate, seed } => SourcePlan::Generator(GeneratorSettings {
-            count: *count,
-            rate: *rate,
-            seed: *seed,
-            epoch_records: rt.epoch_records,
-            max_epochs_in_flight: rt.max_epochs_in_flight,
-        }),
+    let source = topology.source.factory(&topology.name)?;
+    let ctx = SinkContext {
+        pipeline: topology.name.clone(),
+        columns: task.output_columns(),
+        resumable: source.resumable(),
+        workers: opts.process * workers..(opts.process + 1) * workers,
     };
+    let sinks: Vec<Arc<dyn SinkFactory>> = resolve_sinks(topology).iter().map(|s| s.factory()).collect();
+    let mut outputs = Vec::new();
+    // The sinks that store checkpoints are written last, in the order given, so the last of
+    // them holds the oldest: the source resumes from there.
+    let mut resume = Vec::new();
+    for s in &sinks {
+        if let Some(stored) = s.open(&ctx).map_err(|e| format!("{} sink: {e}", s.kind()))? {
+            resume = stored;
+        }
+        outputs.push(s.describe());
+    }
+    if !resume.is_empty() {
+        tracing::info!(checkpoints = resume.len(), "resuming {} from the checkpoints stored with the answers", source.describe());
+    }
+    let resume = Arc::new(resume);
+    let harness =
+        HarnessSettings { epoch_records: rt.epoch_records, max_epochs_in_flight: rt.max_epochs_in_flight, max_records_in_flight: rt.max_records_in_flight };
+    let decoding = DecodeSettings { id_from: source.id_from(), max_id_bytes: rt.max_id_bytes };
+    let (keying, window, max_dead) = (source.keying(), rt.dedupe_window, rt.max_dead_letter_bytes);
+    let fatal = FatalSlot::default();
     let progress = Arc::new(Progress::default());
     let bar = progress::spawn_bar(progress.clone(), opts.progress && rt.progress);
     let started = Instant::now();
-    let name = topology.name.clone();
     let p2 = progress.clone();
+    let f2 = fatal.clone();
     let guards = timely::execute(timely_config(workers, opts), move |worker| -> Result<(), String> {
         let index = worker.index();
-        let peers = worker.peers();
-        let writers = make_writers(&sinks, &name, index, task.as_ref())?;
+        let mut writers: Vec<Box<dyn SinkWriter>> = Vec::new();
+        for s in &sinks {
+            let w = s.writer(&ctx, index).map_err(|e| format!("{} sink: {e}", s.kind()))?;
+            writers.push(crate::fault::FaultySink::wrap(w));
+        }
         let durable = ProbeHandle::new();
         worker.dataflow::<u64, _, _>(|scope| {
-            let (requests, bad, offsets) = match plan.clone() {
-                SourcePlan::Csv { files, settings } => {
-                    let mine: Vec<InputFile> = files.into_iter().enumerate().filter(|(i, _)| i % peers == index).map(|(_, f)| f).collect();
-                    let (requests, bad, offsets) = csv_source(scope, mine, task.clone(), settings, durable.clone(), p2.clone());
-                    // File rows become a differential collection keyed by ID: one answer per ID.
-                    (key_by_id(requests), bad, offsets)
-                }
-                SourcePlan::Kafka(settings) => kafka_source(scope, settings, task.clone(), durable.clone(), stop.clone(), p2.clone()),
-                SourcePlan::Generator(settings) => generator_source(scope, settings, task.clone(), durable.clone(), stop.clone(), p2.clone()),
-            };
+            let (records, checkpoints) =
+                source_harness(scope, source.clone(), resume.clone(), harness.clone(), durable.clone(), stop.clone(), f2.clone(), p2.clone());
+            let (requests, bad) = decode(records, task.clone(), decoding.clone());
+            let (requests, deletes) = key_by_id(requests, keying, window);
             let (answers, refused) = infer(requests, task.clone(), handle.clone());
             let dead = bad.concat(refused);
-            durable_sink(answers, dead, offsets, writers, p2.clone()).probe_with(&durable);
+            durable_sink(answers, deletes, dead, checkpoints, writers, max_dead, p2.clone()).probe_with(&durable);
         });
         while worker.step_or_park(None) {}
         Ok(())
@@ -265,6 +191,9 @@ fn run_dataflow<T: Task>(
     }
     for r in results {
         r??;
+    }
+    if let Some(e) = fatal.take() {
+        return Err(e);
     }
     Ok(Summary {
         read: progress.read.load(Ordering::Relaxed),

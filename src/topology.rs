@@ -47,83 +47,29 @@ pub struct Topology {
     pub metrics: MetricsConfig,
 }
 
-/// A source of requests, tagged by `type`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SourceConfig {
-    /// CSV files: one file, a glob, or a directory of `*.csv`.
-    Csv {
-        /// File, glob or directory.
-        path: String,
-        /// A field longer than this many bytes is a dead letter (`oversize_field`).
-        #[serde(default = "default_max_field_bytes")]
-        max_field_bytes: usize,
-    },
-    /// Kafka: partitions are owned by timely workers (partition % workers == worker index).
-    Kafka {
-        /// Bootstrap servers, e.g. `127.0.0.1:19092`. `${VAR}` is read from the environment.
-        brokers: String,
-        /// Topic of requests.
-        topic: String,
-        /// Consumer group the offsets are committed under (for lag monitoring only).
-        #[serde(default)]
-        group_id: Option<String>,
-        /// Where the request ID comes from: `{ from = "field", name = "request_id" }`, `{ from = "key" }`,
-        /// `{ from = "header", name = "..." }` or `{ from = "position" }`. Without one it is topic/partition/offset.
-        #[serde(default)]
-        id: crate::connectors::kafka::IdFrom,
-        /// A larger message is a dead letter (`oversize_message`).
-        #[serde(default = "default_max_message_bytes")]
-        max_message_bytes: usize,
-        /// Close an epoch after this many milliseconds (or `runtime.epoch_records` messages).
-        #[serde(default = "default_epoch_ms")]
-        epoch_ms: u64,
-        /// Where partitions with no stored offset start: `earliest` or `latest`.
-        #[serde(default)]
-        start: StartFrom,
-        /// Stop after this long with no new message (benchmarks, tests); omit to run forever.
-        #[serde(default)]
-        idle_exit_ms: Option<u64>,
-        /// librdkafka consumer properties applied over sluice's defaults, e.g.
-        /// `client = { "fetch.wait.max.ms" = "5" }`. Assignment, offsets and commits stay sluice's.
-        #[serde(default)]
-        client: std::collections::BTreeMap<String, String>,
-    },
-    /// The built-in ride generator (no server needed).
-    Generator {
-        /// Rides to generate; omit for an endless stream.
-        #[serde(default)]
-        count: Option<u64>,
-        /// Rides per second across the process; omit for as fast as possible.
-        #[serde(default)]
-        rate: Option<f64>,
-        /// Seed of the deterministic generator.
-        #[serde(default = "default_seed")]
-        seed: u64,
-    },
-}
+pub use crate::connectors::registry::{SinkConfig, SourceConfig};
 
-/// Where a partition without a stored offset starts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StartFrom {
-    #[default]
-    Earliest,
-    Latest,
-}
-
-fn default_max_message_bytes() -> usize {
-    65_536
-}
-fn default_epoch_ms() -> u64 {
-    50
-}
-fn default_seed() -> u64 {
-    1
-}
-
-fn default_max_field_bytes() -> usize {
-    100_000
+/// Expands `${VAR}` and `${VAR:-default}` from the environment.
+pub fn expand_env(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        match rest[start..].find('}') {
+            Some(end) => {
+                let spec = &rest[start + 2..start + end];
+                let (var, default) = spec.split_once(":-").unwrap_or((spec, ""));
+                out.push_str(&std::env::var(var).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_string()));
+                rest = &rest[start + end + 1..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The task and its model, tagged by `type`.
@@ -255,6 +201,34 @@ pub struct RuntimeConfig {
     /// Show a progress bar for finite inputs when stderr is a terminal.
     #[serde(default = "default_true")]
     pub progress: bool,
+    /// A longer request ID is a dead letter (`invalid_id`).
+    #[serde(default = "default_max_id_bytes")]
+    pub max_id_bytes: usize,
+    /// A dead letter keeps at most this many of its original bytes (with the full length and
+    /// SHA-256), so that no dead letter is too large for a sink.
+    #[serde(default = "default_max_dead_letter_bytes")]
+    pub max_dead_letter_bytes: usize,
+    /// After SIGTERM or SIGINT, the run has this long to drain; a sink still failing then ends
+    /// the process non-zero, with nothing undurable acknowledged.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+    /// Streams: request IDs (per worker) whose content hash is remembered, so that an ID
+    /// arriving again unchanged is answered once. Tables remember every ID.
+    #[serde(default = "default_dedupe_window")]
+    pub dedupe_window: usize,
+}
+
+fn default_max_id_bytes() -> usize {
+    512
+}
+fn default_max_dead_letter_bytes() -> usize {
+    262_144
+}
+fn default_shutdown_grace_ms() -> u64 {
+    30_000
+}
+fn default_dedupe_window() -> usize {
+    262_144
 }
 
 fn default_workers() -> usize {
@@ -281,55 +255,12 @@ impl Default for RuntimeConfig {
             max_epochs_in_flight: default_max_epochs_in_flight(),
             max_records_in_flight: default_max_records_in_flight(),
             progress: true,
+            max_id_bytes: default_max_id_bytes(),
+            max_dead_letter_bytes: default_max_dead_letter_bytes(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+            dedupe_window: default_dedupe_window(),
         }
     }
-}
-
-/// A sink, tagged by `type`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SinkConfig {
-    /// JSON lines: `answers.w<worker>.jsonl` and `dead_letters.w<worker>.jsonl` in `dir`.
-    Jsonl {
-        /// Output folder; created if missing.
-        dir: PathBuf,
-    },
-    /// PostgreSQL: one upserted row per request ID, written in one transaction per epoch.
-    Postgres {
-        /// Connection string, e.g. `postgres://user:pass@127.0.0.1:5432/db`. `${VAR}` is read from the environment.
-        url: String,
-        /// Answer table; created if missing. Any name is allowed; it is always quoted.
-        table: String,
-        /// Dead-letter table; created if missing.
-        #[serde(default = "default_dead_letter_table")]
-        dead_letter_table: String,
-        /// Schema holding both tables.
-        #[serde(default = "default_schema")]
-        schema: String,
-    },
-    /// Kafka: answers keyed by request ID (also in a `request_id` header); at-least-once.
-    Kafka {
-        /// Bootstrap servers. `${VAR}` is read from the environment.
-        brokers: String,
-        /// Results topic.
-        topic: String,
-        /// Dead-letter topic; omit to keep dead letters in the other sinks only.
-        #[serde(default)]
-        dead_letter_topic: Option<String>,
-        /// Use Kafka's idempotent producer.
-        #[serde(default = "default_true")]
-        idempotent: bool,
-        /// librdkafka producer properties applied over sluice's defaults, e.g. `client = { "linger.ms" = "5" }`.
-        #[serde(default)]
-        client: std::collections::BTreeMap<String, String>,
-    },
-}
-
-fn default_dead_letter_table() -> String {
-    "dead_letters".to_string()
-}
-fn default_schema() -> String {
-    "public".to_string()
 }
 
 /// The Prometheus endpoint.
@@ -367,34 +298,8 @@ impl Topology {
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
             return Err(err("name", format!("`{}` is not a usable name", self.name), "use letters, digits, `_` and `-`, e.g. name = \"qa_csv\""));
         }
-        match &self.source {
-            SourceConfig::Csv { path, max_field_bytes } => {
-                if path.is_empty() {
-                    return Err(err("source.path", "is empty".into(), "give a CSV file, a glob like `data/*.csv`, or a directory"));
-                }
-                if *max_field_bytes == 0 {
-                    return Err(err("source.max_field_bytes", "must be at least 1".into(), "set it to the largest field you accept, e.g. 100000"));
-                }
-            }
-            SourceConfig::Kafka { brokers, topic, max_message_bytes, epoch_ms, .. } => {
-                if brokers.is_empty() {
-                    return Err(err("source.brokers", "is empty".into(), "use host:port of a broker, e.g. 127.0.0.1:19092"));
-                }
-                if topic.is_empty() {
-                    return Err(err("source.topic", "is empty".into(), "name the requests topic, e.g. rides"));
-                }
-                if *max_message_bytes == 0 {
-                    return Err(err("source.max_message_bytes", "must be at least 1".into(), "use e.g. 65536"));
-                }
-                if *epoch_ms == 0 {
-                    return Err(err("source.epoch_ms", "must be at least 1".into(), "use e.g. 50"));
-                }
-            }
-            SourceConfig::Generator { rate, .. } => {
-                if rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
-                    return Err(err("source.rate", "must be above 0".into(), "omit it for full speed, or give rides per second, e.g. 5000"));
-                }
-            }
+        if let Err((field, message, hint)) = self.source.check() {
+            return Err(err(field, message, hint));
         }
         match &self.task {
             TaskConfig::ExtractiveQa { model, tokenizer, max_seq_len, doc_stride, max_answer_len, .. } => {
@@ -451,12 +356,25 @@ impl Topology {
         if self.runtime.max_epochs_in_flight == 0 {
             return Err(err("runtime.max_epochs_in_flight", "must be at least 1".into(), "use e.g. 4"));
         }
+        if self.runtime.max_id_bytes == 0 || self.runtime.max_id_bytes > 2048 {
+            return Err(err(
+                "runtime.max_id_bytes",
+                format!("{} is outside 1..=2048", self.runtime.max_id_bytes),
+                "use 512 (the default); a Postgres key must fit in an index row",
+            ));
+        }
+        if self.runtime.max_dead_letter_bytes < 1024 {
+            return Err(err("runtime.max_dead_letter_bytes", "must be at least 1024".into(), "use 262144 (the default)"));
+        }
+        if self.runtime.dedupe_window == 0 {
+            return Err(err("runtime.dedupe_window", "must be at least 1".into(), "use 262144 (the default)"));
+        }
         if self.runtime.max_records_in_flight == 0 {
             return Err(err("runtime.max_records_in_flight", "must be at least 1".into(), "use e.g. 65536"));
         }
         for (i, sink) in self.sinks.iter().enumerate() {
-            if let SinkConfig::Kafka { brokers, topic, .. } = sink {
-                if brokers.is_empty() || topic.is_empty() {
+            if let SinkConfig::Kafka(k) = sink {
+                if k.brokers.is_empty() || k.topic.is_empty() {
                     return Err(err(
                         &format!("sinks[{i}]"),
                         "needs `brokers` and `topic`".into(),
@@ -464,11 +382,11 @@ impl Topology {
                     ));
                 }
             }
-            if let SinkConfig::Postgres { url, table, dead_letter_table, schema } = sink {
-                if url.is_empty() {
+            if let SinkConfig::Postgres(pg) = sink {
+                if pg.url.is_empty() {
                     return Err(err(&format!("sinks[{i}].url"), "is empty".into(), "use postgres://user:password@host:5432/database"));
                 }
-                for (field, name) in [("table", table), ("dead_letter_table", dead_letter_table), ("schema", schema)] {
+                for (field, name) in [("table", &pg.table), ("dead_letter_table", &pg.dead_letter_table), ("schema", &pg.schema)] {
                     if let Err(why) = crate::sql::check_identifier(name) {
                         return Err(err(&format!("sinks[{i}].{field}"), why, "use 1 to 63 bytes with no NUL or control characters, e.g. qa_answers"));
                     }
@@ -581,12 +499,13 @@ brokers = "127.0.0.1:19092"
 topic = "out"
 "#;
         let t = Topology::parse("k.toml", text).unwrap();
-        let SourceConfig::Kafka { id, epoch_ms, start, .. } = t.source else { panic!("kafka source") };
-        assert_eq!(id, crate::connectors::kafka::IdFrom::Key);
-        assert_eq!((epoch_ms, start), (50, StartFrom::Earliest));
-        assert!(matches!(&t.sinks[0], SinkConfig::Kafka { idempotent: true, .. }));
+        let SourceConfig::Kafka(k) = t.source else { panic!("kafka source") };
+        assert_eq!(k.id, crate::source::IdFrom::Key);
+        assert_eq!((k.epoch_ms, k.start), (50, crate::connectors::kafka::source::StartFrom::Earliest));
+        assert!(matches!(&t.sinks[0], SinkConfig::Kafka(s) if s.idempotent));
         let tuned = text.replace("id = { from = \"key\" }", "id = { from = \"key\" }\nclient = { \"fetch.wait.max.ms\" = \"20\" }");
-        let SourceConfig::Kafka { client, .. } = Topology::parse("k.toml", &tuned).unwrap().source else { panic!("kafka source") };
+        let SourceConfig::Kafka(k) = Topology::parse("k.toml", &tuned).unwrap().source else { panic!("kafka source") };
+        let client = k.client;
         assert_eq!(client.get("fetch.wait.max.ms").map(String::as_str), Some("20"), "librdkafka properties pass through");
         let bad = text.replace("id = { from = \"key\" }", "id = { from = \"nowhere\" }");
         assert!(Topology::parse("k.toml", &bad).is_err());

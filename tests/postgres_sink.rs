@@ -97,10 +97,10 @@ fn a_hostile_table_name_is_quoted_not_executed() {
 /// offsets are stored with it.
 #[test]
 fn a_batch_meeting_existing_ids_is_written_whole_as_an_upsert() {
-    use sluice::connectors::kafka::source::SourceOffset;
     use sluice::connectors::postgres::sink::{PostgresTarget, PostgresWriter};
-    use sluice::connectors::{EpochBatch, SinkWriter};
-    use sluice::record::{Answer, Column, ColumnKind, SourcePos, Value};
+    use sluice::record::{Answer, Change, Column, ColumnKind, SourcePos, Value};
+    use sluice::sink::{EpochBatch, SinkWriter};
+    use sluice::source::Checkpoint;
     static COLUMNS: [Column; 1] = [Column { name: "duration", kind: ColumnKind::Float }];
     exec("DROP TABLE IF EXISTS it_upsert_answers; DROP TABLE IF EXISTS it_upsert_dead;");
     let target = PostgresTarget {
@@ -111,26 +111,37 @@ fn a_batch_meeting_existing_ids_is_written_whole_as_an_upsert() {
         pipeline: "it_upsert".into(),
     };
     let mut writer = PostgresWriter::new(target, &COLUMNS).unwrap();
-    writer.connect_now().unwrap(); // creates the tables, sluice_offsets included
-    exec("DELETE FROM sluice_offsets WHERE pipeline = 'it_upsert';");
+    writer.connect_now().unwrap(); // creates the tables, sluice_checkpoints included
+    exec("DELETE FROM sluice_checkpoints WHERE pipeline = 'it_upsert';");
     let batch = |ids: &[(&str, f64)], next_offset: i64| EpochBatch {
         epoch: next_offset as u64,
-        answers: ids
+        changes: ids
             .iter()
-            .map(|(id, d)| Answer {
-                id: id.to_string(),
-                values: vec![Value::Float(*d)],
-                passthrough: Vec::new(),
-                model: "rides@test".into(),
-                pos: SourcePos::Generated { seq: 0 },
-                ingest_ms: 0,
+            .map(|(id, d)| {
+                Change::Upsert(Answer {
+                    id: id.to_string(),
+                    values: vec![Value::Float(*d)],
+                    passthrough: Vec::new(),
+                    model: "rides@test".into(),
+                    pos: SourcePos::seq("generator".into(), 0),
+                    ingest_ms: 0,
+                    raw: Vec::new(),
+                    seq: 0,
+                })
             })
             .collect(),
         dead: Vec::new(),
-        offsets: vec![SourceOffset { topic: "it-upsert".into(), partition: 0, next_offset }],
+        checkpoints: vec![Checkpoint { scope: "it-upsert".into(), shard: "0".into(), position: next_offset.to_string() }],
     };
     let rows = || -> Vec<(String, f64)> { query("SELECT id, duration FROM it_upsert_answers ORDER BY id").iter().map(|r| (r.get(0), r.get(1))).collect() };
-    let offset = || -> i64 { query("SELECT next_offset FROM sluice_offsets WHERE pipeline = 'it_upsert'").first().unwrap().get(0) };
+    let offset = || -> i64 {
+        query("SELECT position FROM sluice_checkpoints WHERE pipeline = 'it_upsert' AND target = 'public.it_upsert_answers'")
+            .first()
+            .unwrap()
+            .get::<_, String>(0)
+            .parse()
+            .unwrap()
+    };
     writer.write(&batch(&[("a", 1.0), ("b", 2.0)], 2)).unwrap();
     assert_eq!(rows(), vec![("a".into(), 1.0), ("b".into(), 2.0)]);
     assert_eq!(offset(), 2);
@@ -143,4 +154,46 @@ fn a_batch_meeting_existing_ids_is_written_whole_as_an_upsert() {
     let after: Vec<String> = query("SELECT id || updated_at::text FROM it_upsert_answers ORDER BY id").iter().map(|r| r.get(0)).collect();
     assert_eq!(before, after, "an unchanged answer leaves its row untouched");
     assert_eq!(offset(), 7);
+}
+
+/// A delete removes the row in the same transaction, and a record Postgres refuses (a NUL byte
+/// in a text value: class 22) is reported as the record's fault, not retried for ever.
+#[test]
+fn a_delete_removes_the_row_and_a_record_postgres_refuses_is_a_record_error() {
+    use sluice::connectors::postgres::sink::{PostgresTarget, PostgresWriter};
+    use sluice::record::{Answer, Change, Column, ColumnKind, Deleted, SourcePos, Value};
+    use sluice::sink::{EpochBatch, SinkError, SinkWriter};
+    static COLUMNS: [Column; 1] = [Column { name: "label", kind: ColumnKind::Text }];
+    exec("DROP TABLE IF EXISTS it_delete_answers; DROP TABLE IF EXISTS it_delete_dead;");
+    let target = PostgresTarget {
+        url: pg_url(),
+        schema: "public".into(),
+        table: "it_delete_answers".into(),
+        dead_letter_table: "it_delete_dead".into(),
+        pipeline: "it_delete".into(),
+    };
+    let mut writer = PostgresWriter::new(target, &COLUMNS).unwrap();
+    let upsert = |id: &str, label: &str, seq: u64| {
+        Change::Upsert(Answer {
+            id: id.into(),
+            values: vec![Value::Text(label.into())],
+            passthrough: Vec::new(),
+            model: "m@test".into(),
+            pos: SourcePos::seq("g".into(), seq),
+            ingest_ms: 0,
+            raw: Vec::new(),
+            seq,
+        })
+    };
+    let delete = |id: &str, seq: u64| Change::Delete(Deleted { id: id.into(), pos: SourcePos::seq("g".into(), seq), ingest_ms: 0, seq });
+    let write = |w: &mut PostgresWriter, changes: Vec<Change>| w.write(&EpochBatch { epoch: 1, changes, dead: Vec::new(), checkpoints: Vec::new() });
+    write(&mut writer, vec![upsert("a", "x", 1), upsert("b", "y", 2), upsert("c", "z", 3)]).unwrap();
+    // In one batch: b is deleted, c is deleted then written again, a is written then deleted.
+    write(&mut writer, vec![delete("b", 4), delete("c", 5), upsert("c", "z2", 6), upsert("a", "x2", 7), delete("a", 8)]).unwrap();
+    let ids: Vec<(String, String)> = query("SELECT id, label FROM it_delete_answers ORDER BY id").iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(ids, vec![("c".to_string(), "z2".to_string())], "the last change of each ID wins");
+    match write(&mut writer, vec![upsert("d", "bad\0label", 9)]) {
+        Err(SinkError::Record(why)) => assert!(why.contains("0x00") || why.contains("invalid byte sequence"), "{why}"),
+        other => panic!("a NUL byte must be the record's fault, got {other:?}"),
+    }
 }

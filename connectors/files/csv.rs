@@ -1,27 +1,324 @@
-//! The CSV source: a timely operator that reads this worker's share of the input files, frames
-//! and validates every record, parses the good ones with arrow-csv, and emits requests and dead
-//! letters in epochs of `epoch_records`, pausing while too many epochs are not yet durable.
+//! The CSV source, on the engine's source harness: it reads this worker's share of the input
+//! files once, streaming (memory does not grow with file size), frames and validates every
+//! record, parses the good ones with arrow-csv, and supplies them as named fields with their
+//! original bytes. A header's empty column names become `column_<n>`; names are cut to 63 bytes
+//! (Postgres's limit) and made unique with a `_<k>` suffix.
 
-use super::scan::{RawRecord, Scanner};
+use super::scan::{RawRecord as Framed, Scanner};
 use super::InputFile;
-use crate::progress::Progress;
-use crate::record::{now_ms, DeadLetter, DeadReason, Envelope, SourcePos};
-use crate::tasks::Task;
+use crate::record::{now_ms, DeadReason, SourcePos};
+use crate::source::{Body, Checkpoint, Keying, Poll, RawRecord, Source, SourceError, SourceFactory};
 use arrow::array::{Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
-use std::sync::atomic::Ordering;
+use serde::Deserialize;
+use std::collections::VecDeque;
+use std::io::Read;
 use std::sync::Arc;
-use std::time::Duration;
-use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
-use timely::dataflow::operators::generic::OutputBuilder;
-use timely::dataflow::{ProbeHandle, Scope};
 
-/// Settings of the CSV source.
-#[derive(Clone, Debug)]
-pub struct CsvSettings {
+/// `[source] type = "csv"`: one file, a glob, or a directory of `*.csv`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsvConfig {
+    /// File, glob or directory. Row IDs derived without an `id` column use the file's path
+    /// relative to this root (`2024/q.csv:17`).
+    pub path: String,
+    /// A field longer than this many bytes is a dead letter (`oversize_field`).
+    #[serde(default = "default_max_field_bytes")]
     pub max_field_bytes: usize,
-    pub epoch_records: usize,
-    pub max_epochs_in_flight: u64,
+}
+
+fn default_max_field_bytes() -> usize {
+    100_000
+}
+
+impl CsvConfig {
+    /// Refuses settings that cannot work: `(field, message, hint)`.
+    pub fn check(&self) -> Result<(), (&'static str, String, &'static str)> {
+        if self.path.is_empty() {
+            return Err(("source.path", "is empty".into(), "give a CSV file, a glob like `data/*.csv`, or a directory"));
+        }
+        if self.max_field_bytes == 0 {
+            return Err(("source.max_field_bytes", "must be at least 1".into(), "set it to the largest field you accept, e.g. 100000"));
+        }
+        Ok(())
+    }
+}
+
+/// Builds each worker's CSV source over the files the path names (listed once, at start).
+pub struct CsvFactory {
+    pub config: CsvConfig,
+    pub files: Vec<InputFile>,
+}
+
+impl SourceFactory for CsvFactory {
+    fn kind(&self) -> &'static str {
+        "csv"
+    }
+    fn build(&self, worker: usize, peers: usize, _resume: &[Checkpoint]) -> Result<Box<dyn Source>, SourceError> {
+        let files: VecDeque<InputFile> = self.files.iter().enumerate().filter(|(i, _)| i % peers == worker).map(|(_, f)| f.clone()).collect();
+        Ok(Box::new(CsvSource { files, open: None, max_field: self.config.max_field_bytes }))
+    }
+    fn resumable(&self) -> bool {
+        false
+    }
+    fn keying(&self) -> Keying {
+        Keying::Table
+    }
+    fn describe(&self) -> String {
+        format!("{} CSV file(s) at {}", self.files.len(), self.config.path)
+    }
+}
+
+/// Bytes read from a file at a time.
+const READ_CHUNK: usize = 1 << 20;
+
+/// A file being read: a window of its bytes, from the first record not yet supplied.
+struct OpenFile {
+    name: Arc<str>,
+    reader: std::fs::File,
+    buf: Vec<u8>,
+    /// Where the next record starts in `buf`.
+    at: usize,
+    eof: bool,
+    row: u64,
+    /// Column names; `None` until the header is read, empty when the header was unusable.
+    header: Option<Vec<Arc<str>>>,
+    id_col: Option<usize>,
+}
+
+impl OpenFile {
+    fn open(file: &InputFile) -> std::io::Result<Self> {
+        Ok(OpenFile {
+            name: file.name.as_str().into(),
+            reader: std::fs::File::open(&file.path)?,
+            buf: Vec::with_capacity(READ_CHUNK),
+            at: 0,
+            eof: false,
+            row: 0,
+            header: None,
+            id_col: None,
+        })
+    }
+
+    /// Reads the next chunk; drops what was already supplied first.
+    fn fill(&mut self) -> std::io::Result<()> {
+        if self.at > 0 {
+            self.buf.drain(..self.at);
+            self.at = 0;
+        }
+        let len = self.buf.len();
+        self.buf.resize(len + READ_CHUNK, 0);
+        let n = self.reader.read(&mut self.buf[len..])?;
+        self.buf.truncate(len + n);
+        if n == 0 {
+            self.eof = true;
+        }
+        Ok(())
+    }
+}
+
+/// Column names as they are written: an empty one is `column_<n>` (1-based), NUL bytes are
+/// dropped, a name is cut to 63 bytes, and a repeated name gets `_2`, `_3`, ….
+pub fn normalize_header(names: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for (i, raw) in names.iter().enumerate() {
+        let mut name: String = raw.trim().chars().filter(|c| *c != '\0').collect();
+        if name.is_empty() {
+            name = format!("column_{}", i + 1);
+        }
+        let cut = |s: &mut String, max: usize| {
+            if s.len() > max {
+                let mut at = max;
+                while !s.is_char_boundary(at) {
+                    at -= 1;
+                }
+                s.truncate(at);
+            }
+        };
+        cut(&mut name, 63);
+        let base = name.clone();
+        let mut k = 1;
+        while out.contains(&name) {
+            k += 1;
+            name = base.clone();
+            cut(&mut name, 63 - format!("_{k}").len());
+            name.push_str(&format!("_{k}"));
+        }
+        out.push(name);
+    }
+    out
+}
+
+struct CsvSource {
+    files: VecDeque<InputFile>,
+    open: Option<OpenFile>,
+    max_field: usize,
+}
+
+impl CsvSource {
+    /// The longest record kept whole while looking for its end; beyond it the record is refused
+    /// up to its first line end.
+    fn max_record(&self) -> usize {
+        self.max_field.saturating_mul(8).max(READ_CHUNK)
+    }
+}
+
+impl Source for CsvSource {
+    fn poll(&mut self, _epoch: u64, budget: usize, out: &mut Vec<RawRecord>) -> Result<Poll, SourceError> {
+        let now = now_ms();
+        let max_record = self.max_record();
+        while out.len() < budget {
+            if self.open.is_none() {
+                let Some(file) = self.files.pop_front() else { return Ok(Poll::Done) };
+                match OpenFile::open(&file) {
+                    Ok(f) => self.open = Some(f),
+                    Err(e) => {
+                        out.push(RawRecord {
+                            bytes: Vec::new(),
+                            body: Body::Refused(DeadReason::BrokenQuoting, format!("cannot read {}: {e}", file.path.display())),
+                            pos: SourcePos::row(file.name.as_str().into(), 0),
+                            id: None,
+                            ingest_ms: now,
+                        });
+                        continue;
+                    }
+                }
+            }
+            let f = self.open.as_mut().expect("a file is open");
+            // Frame the records wholly inside the buffer.
+            let mut framed: Vec<(u64, Framed)> = Vec::new();
+            let mut need_more = false;
+            {
+                let data = &f.buf[..];
+                let mut scanner = Scanner::new(data, self.max_field);
+                if f.at > 0 || f.row > 0 || f.header.is_some() {
+                    scanner.set_position(f.at);
+                }
+                let mut row = f.row;
+                while out.len() + framed.len() < budget {
+                    let before = scanner.position();
+                    let Some(rec) = scanner.next() else { break };
+                    let cut_short =
+                        rec.offset + rec.bytes.len() == data.len() || matches!(&rec.error, Some((DeadReason::BrokenQuoting, d)) if d.contains("never closes"));
+                    if cut_short && !f.eof && data.len() - before < max_record {
+                        scanner.set_position(before);
+                        need_more = true;
+                        break;
+                    }
+                    if f.header.is_some() {
+                        row += 1;
+                    }
+                    framed.push((row, rec));
+                    if f.header.is_none() {
+                        break;
+                    }
+                }
+                f.at = scanner.position();
+                f.row = row;
+                let _ = data;
+            }
+            if framed.is_empty() {
+                if f.eof && !need_more {
+                    self.open = None;
+                    continue;
+                }
+                if let Err(e) = f.fill() {
+                    let name = f.name.clone();
+                    self.open = None;
+                    out.push(RawRecord {
+                        bytes: Vec::new(),
+                        body: Body::Refused(DeadReason::BrokenQuoting, format!("reading {name} failed: {e}")),
+                        pos: SourcePos::row(name, 0),
+                        id: None,
+                        ingest_ms: now,
+                    });
+                }
+                continue;
+            }
+            if f.header.is_none() {
+                let (_, rec) = framed.remove(0);
+                let header = match &rec.error {
+                    Some((reason, detail)) => {
+                        out.push(RawRecord {
+                            bytes: rec.bytes.to_vec(),
+                            body: Body::Refused(*reason, format!("bad header: {detail}; the file's records are refused with it")),
+                            pos: SourcePos::row(f.name.clone(), 0),
+                            id: None,
+                            ingest_ms: now,
+                        });
+                        Vec::new()
+                    }
+                    None => match parse_rows(&[rec.bytes], rec.fields) {
+                        Ok(mut rows) => normalize_header(&rows.remove(0)),
+                        Err(e) => {
+                            out.push(RawRecord {
+                                bytes: rec.bytes.to_vec(),
+                                body: Body::Refused(DeadReason::BrokenQuoting, format!("bad header: {e}; the file's records are refused with it")),
+                                pos: SourcePos::row(f.name.clone(), 0),
+                                id: None,
+                                ingest_ms: now,
+                            });
+                            Vec::new()
+                        }
+                    },
+                };
+                f.id_col = header.iter().position(|h| h == "id");
+                f.header = Some(header.into_iter().map(Arc::from).collect());
+                continue;
+            }
+            supply(f, framed, now, out);
+        }
+        Ok(Poll::More)
+    }
+}
+
+/// Turns framed records of `f` into raw records: refused ones with their reason, good ones
+/// parsed into named fields.
+fn supply(f: &OpenFile, framed: Vec<(u64, Framed)>, now: u64, out: &mut Vec<RawRecord>) {
+    let header = f.header.as_ref().expect("the header is read");
+    let columns = header.len();
+    let names = || header.iter().map(|h| &**h).collect::<Vec<&str>>().join(", ");
+    let refused = |row: u64, bytes: &[u8], reason: DeadReason, detail: String| RawRecord {
+        bytes: bytes.to_vec(),
+        body: Body::Refused(reason, detail),
+        pos: SourcePos::row(f.name.clone(), row),
+        id: None,
+        ingest_ms: now,
+    };
+    let mut slots: Vec<Option<RawRecord>> = Vec::with_capacity(framed.len());
+    let mut good: Vec<(usize, u64, &[u8])> = Vec::new();
+    for (row, rec) in &framed {
+        let slot = if columns == 0 {
+            Some(refused(*row, rec.bytes, DeadReason::MissingColumn, "the file has no usable header".into()))
+        } else if let Some((reason, detail)) = &rec.error {
+            Some(refused(*row, rec.bytes, *reason, detail.clone()))
+        } else if rec.fields < columns {
+            Some(refused(*row, rec.bytes, DeadReason::MissingColumn, format!("expected {columns} fields ({}), found {}", names(), rec.fields)))
+        } else if rec.fields > columns {
+            Some(refused(*row, rec.bytes, DeadReason::ExtraColumn, format!("expected {columns} fields ({}), found {}", names(), rec.fields)))
+        } else {
+            good.push((slots.len(), *row, rec.bytes));
+            None
+        };
+        slots.push(slot);
+    }
+    let bytes: Vec<&[u8]> = good.iter().map(|(_, _, b)| *b).collect();
+    let parsed: Vec<Result<Vec<String>, String>> = match parse_rows(&bytes, columns) {
+        Ok(rows) => rows.into_iter().map(Ok).collect(),
+        // Isolate whichever record arrow refused; the others still parse.
+        Err(_) => bytes.iter().map(|b| parse_rows(&[b], columns).map(|mut v| v.remove(0))).collect(),
+    };
+    for ((slot, row, raw), values) in good.into_iter().zip(parsed) {
+        slots[slot] = Some(match values {
+            Err(e) => refused(row, raw, DeadReason::BrokenQuoting, e),
+            Ok(values) => {
+                let id = f.id_col.map(|i| values[i].trim().as_bytes().to_vec()).filter(|id| !id.is_empty());
+                let fields: Vec<(Arc<str>, String)> = header.iter().cloned().zip(values).collect();
+                RawRecord { bytes: raw.to_vec(), body: Body::Fields(fields), pos: SourcePos::row(f.name.clone(), row), id, ingest_ms: now }
+            }
+        });
+    }
+    out.extend(slots.into_iter().flatten());
 }
 
 /// Parses well-framed CSV records into rows of text with arrow-csv. `None` values are empty fields.
@@ -54,212 +351,6 @@ pub fn parse_rows(records: &[&[u8]], columns: usize) -> Result<Vec<Vec<String>>,
     Ok((0..batch.num_rows()).map(|r| cols.iter().map(|c| if c.is_null(r) { String::new() } else { c.value(r).to_string() }).collect()).collect())
 }
 
-struct OpenFile {
-    file: InputFile,
-    data: Vec<u8>,
-    pos: usize,
-    row: u64,
-    header: Vec<String>,
-}
-
-/// The outcome of reading one record.
-enum Item<R> {
-    Ok(Envelope<R>),
-    Dead(DeadLetter),
-}
-
-/// Reads, validates and decodes up to `limit` records from `open`.
-fn read_chunk<T: Task>(task: &T, open: &mut OpenFile, limit: usize, max_field: usize) -> Vec<Item<T::Request>> {
-    let mut scanner = Scanner::new(&open.data, max_field);
-    scanner.set_position(open.pos);
-    let mut raw: Vec<(u64, RawRecord)> = Vec::with_capacity(limit);
-    for rec in scanner.by_ref().take(limit) {
-        open.row += 1;
-        raw.push((open.row, rec));
-    }
-    open.pos = scanner.position();
-    let now = now_ms();
-    let pos = |row: u64, rec: &RawRecord| SourcePos::File { file: open.file.name.clone(), row, byte_offset: rec.offset as u64 };
-    let dead = |row, rec: &RawRecord, reason, detail| Item::Dead(DeadLetter { pos: pos(row, rec), reason, detail, raw: rec.bytes.to_vec(), ingest_ms: now });
-    let columns = open.header.len();
-    let mut out = Vec::with_capacity(raw.len());
-    let mut good: Vec<&(u64, RawRecord)> = Vec::new();
-    for item in &raw {
-        let (row, rec) = item;
-        if let Some((reason, detail)) = &rec.error {
-            out.push((*row, dead(*row, rec, *reason, detail.clone())));
-        } else if rec.fields < columns {
-            out.push((
-                *row,
-                dead(*row, rec, DeadReason::MissingColumn, format!("expected {columns} fields ({}), found {}", open.header.join(", "), rec.fields)),
-            ));
-        } else if rec.fields > columns {
-            out.push((*row, dead(*row, rec, DeadReason::ExtraColumn, format!("expected {columns} fields ({}), found {}", open.header.join(", "), rec.fields))));
-        } else {
-            good.push(item);
-        }
-    }
-    let bytes: Vec<&[u8]> = good.iter().map(|(_, r)| r.bytes).collect();
-    let parsed: Vec<Result<Vec<String>, String>> = match parse_rows(&bytes, columns) {
-        Ok(rows) => rows.into_iter().map(Ok).collect(),
-        // Isolate whichever record arrow refused; the others still parse.
-        Err(_) => bytes.iter().map(|b| parse_rows(&[b], columns).map(|mut v| v.remove(0))).collect(),
-    };
-    let id_col = open.header.iter().position(|h| h == "id");
-    for ((row, rec), values) in good.into_iter().zip(parsed) {
-        let values = match values {
-            Ok(v) => v,
-            Err(e) => {
-                out.push((*row, dead(*row, rec, DeadReason::BrokenQuoting, e)));
-                continue;
-            }
-        };
-        let fields: Vec<(&str, &str)> = open.header.iter().map(|h| h.as_str()).zip(values.iter().map(|v| v.as_str())).collect();
-        match task.decode_fields(&fields) {
-            Ok((payload, passthrough)) => {
-                let id = match id_col.map(|i| values[i].trim()) {
-                    Some(id) if !id.is_empty() => id.to_string(),
-                    _ => format!("{}:{}", open.file.name, row),
-                };
-                out.push((*row, Item::Ok(Envelope { id, payload, passthrough, pos: pos(*row, rec), ingest_ms: now })));
-            }
-            Err((reason, detail)) => out.push((*row, dead(*row, rec, reason, detail))),
-        }
-    }
-    out.sort_by_key(|(row, _)| *row);
-    out.into_iter().map(|(_, item)| item).collect()
-}
-
-/// Opens a file and reads its header. A file whose header is unusable becomes one dead letter
-/// holding the whole file.
-fn open_file(file: &InputFile, max_field: usize) -> Result<OpenFile, DeadLetter> {
-    let refuse = |detail: String, raw: Vec<u8>| DeadLetter {
-        pos: SourcePos::File { file: file.name.clone(), row: 0, byte_offset: 0 },
-        reason: DeadReason::BrokenQuoting,
-        detail,
-        raw,
-        ingest_ms: now_ms(),
-    };
-    let data = std::fs::read(&file.path).map_err(|e| refuse(format!("cannot read {}: {e}", file.path.display()), Vec::new()))?;
-    let mut scanner = Scanner::new(&data, max_field);
-    let header = match scanner.next() {
-        None => Vec::new(),
-        Some(rec) => {
-            if let Some((reason, detail)) = rec.error {
-                let mut d = refuse(format!("bad header: {detail}"), data.clone());
-                d.reason = reason;
-                return Err(d);
-            }
-            parse_rows(&[rec.bytes], rec.fields)
-                .map_err(|e| refuse(format!("bad header: {e}"), data.clone()))?
-                .remove(0)
-                .into_iter()
-                .map(|h| h.trim().to_string())
-                .collect()
-        }
-    };
-    let pos = scanner.position();
-    Ok(OpenFile { file: file.clone(), data, pos, row: 0, header })
-}
-
-/// Counts the data records of a file (for the progress bar).
-pub fn count_records(file: &InputFile, max_field: usize) -> u64 {
-    std::fs::read(&file.path).map(|d| Scanner::new(&d, max_field).count().saturating_sub(1) as u64).unwrap_or(0)
-}
-
-/// Builds the source operator for this worker's `files`. Outputs: requests, dead letters, and an
-/// offsets stream that stays empty.
-pub fn csv_source<'s, T: Task>(
-    scope: Scope<'s, u64>,
-    files: Vec<InputFile>,
-    task: Arc<T>,
-    settings: CsvSettings,
-    durable: ProbeHandle<u64>,
-    progress: Arc<Progress>,
-) -> crate::connectors::kafka::source::SourceStreams<'s, T::Request> {
-    let mut builder = OperatorBuilder::new("CsvSource".to_owned(), scope);
-    let (ok_out, ok_stream) = builder.new_output::<Vec<Envelope<T::Request>>>();
-    let (dead_out, dead_stream) = builder.new_output::<Vec<DeadLetter>>();
-    // Files carry no offsets: rerunning a file is made safe by the upsert by ID.
-    let (_offsets_out, offsets_stream) = builder.new_output::<Vec<crate::connectors::kafka::source::SourceOffset>>();
-    let mut ok_out = OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<Envelope<T::Request>>>>::from(ok_out);
-    let mut dead_out = OutputBuilder::<_, timely::container::CapacityContainerBuilder<Vec<DeadLetter>>>::from(dead_out);
-    let activator = scope.activator_for(builder.operator_info().address);
-
-    builder.build(move |caps| {
-        let mut caps = Some(caps);
-        let mut epoch: u64 = 0;
-        let mut pending: std::collections::VecDeque<InputFile> = files.into_iter().collect();
-        let mut open: Option<OpenFile> = None;
-        let mut counted = false;
-        move |_frontiers| {
-            let Some(cs) = caps.as_mut() else { return };
-            if !counted {
-                counted = true;
-                let total: u64 = pending.iter().map(|f| count_records(f, settings.max_field_bytes)).sum();
-                progress.total.fetch_add(total, Ordering::Relaxed);
-            }
-            // Backpressure: pause while too many epochs are not yet durable at the sinks.
-            let oldest = durable.with_frontier(|f| f.first().copied()).unwrap_or(epoch);
-            let in_flight = epoch.saturating_sub(oldest);
-            metrics::gauge!(crate::metrics::EPOCHS_IN_FLIGHT).set(in_flight as f64);
-            if in_flight >= settings.max_epochs_in_flight {
-                // Files wait for throughput, not latency: poll the sinks' progress gently.
-                activator.activate_after(Duration::from_millis(5));
-                return;
-            }
-            let mut ok = ok_out.activate();
-            let mut dead = dead_out.activate();
-            let mut ok_session = ok.session(&cs[0]);
-            let mut dead_session = dead.session(&cs[1]);
-            let mut budget = settings.epoch_records;
-            let mut read = 0u64;
-            while budget > 0 {
-                if open.is_none() {
-                    let Some(file) = pending.pop_front() else {
-                        break;
-                    };
-                    match open_file(&file, settings.max_field_bytes) {
-                        Ok(f) => open = Some(f),
-                        Err(d) => {
-                            dead_session.give(d);
-                            continue;
-                        }
-                    }
-                }
-                let f = open.as_mut().expect("a file is open");
-                let items = read_chunk(task.as_ref(), f, budget, settings.max_field_bytes);
-                if items.is_empty() {
-                    open = None;
-                    continue;
-                }
-                budget = budget.saturating_sub(items.len());
-                read += items.len() as u64;
-                for item in items {
-                    match item {
-                        Item::Ok(env) => ok_session.give(env),
-                        Item::Dead(d) => dead_session.give(d),
-                    }
-                }
-            }
-            drop(ok_session);
-            drop(dead_session);
-            progress.read.fetch_add(read, Ordering::Relaxed);
-            metrics::counter!(crate::metrics::SOURCE_RECORDS, "connector" => "csv").increment(read);
-            if open.is_none() && pending.is_empty() {
-                caps = None;
-            } else {
-                epoch += 1;
-                for c in cs.iter_mut() {
-                    c.downgrade(&epoch);
-                }
-                activator.activate();
-            }
-        }
-    });
-    (ok_stream, dead_stream, offsets_stream)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +359,52 @@ mod tests {
     fn arrow_parses_quoted_fields_and_empty_values() {
         let rows = parse_rows(&[b"1,\"a, \"\"b\"\"\",", b"2,plain,x"], 3).unwrap();
         assert_eq!(rows, vec![vec!["1".to_string(), "a, \"b\"".into(), "".into()], vec!["2".into(), "plain".into(), "x".into()]]);
+    }
+
+    #[test]
+    fn header_names_are_made_usable_and_unique() {
+        let names: Vec<String> = ["id", "question", "context", "", " city ", "city", &"x".repeat(80)].iter().map(|s| s.to_string()).collect();
+        let got = normalize_header(&names);
+        assert_eq!(&got[..6], &["id", "question", "context", "column_4", "city", "city_2"]);
+        assert_eq!(got[6].len(), 63);
+    }
+
+    /// Reads every record of `text` through the source, with a tiny chunk size in effect by
+    /// using a budget of 1 record per poll.
+    fn read_all(text: &[u8]) -> Vec<RawRecord> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.csv");
+        std::fs::write(&path, text).unwrap();
+        let factory = CsvFactory {
+            config: CsvConfig { path: path.display().to_string(), max_field_bytes: 1000 },
+            files: vec![InputFile { path, name: "sub/q.csv".into() }],
+        };
+        let mut source = factory.build(0, 1, &[]).unwrap();
+        let mut all = Vec::new();
+        for _ in 0..100 {
+            let mut out = Vec::new();
+            let polled = source.poll(0, 1, &mut out).unwrap();
+            all.extend(out);
+            if polled == Poll::Done {
+                break;
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn records_stream_with_their_rows_ids_and_bytes() {
+        let got = read_all(b"id,question,context,\n1,q1,c1,\n,q2,\"two\nlines\",\nbad\n");
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].id.as_deref(), Some(&b"1"[..]));
+        match &got[0].body {
+            Body::Fields(f) => assert_eq!(f.iter().map(|(k, _)| &**k).collect::<Vec<_>>(), vec!["id", "question", "context", "column_4"]),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(got[1].id, None, "an empty id cell: the ID is derived");
+        assert_eq!(got[1].pos.derived_id(), "sub/q.csv:2");
+        assert_eq!(got[1].bytes, b",q2,\"two\nlines\",");
+        assert!(matches!(got[2].body, Body::Refused(DeadReason::MissingColumn, _)));
     }
 
     #[test]

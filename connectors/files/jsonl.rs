@@ -1,34 +1,188 @@
-//! The JSON-lines sink, the embedded default: each worker appends its answers to
-//! `answers.w<worker>.jsonl` and its dead letters to `dead_letters.w<worker>.jsonl`, synced per epoch.
+//! The JSON-lines sink, the embedded default: each worker appends its changes to
+//! `answers.w<worker>.jsonl` (an `"op": "upsert"` line with the answer, or an `"op": "delete"`
+//! line with the ID; the last line of an ID is its state) and its dead letters to
+//! `dead_letters.w<worker>.jsonl`, synced per write. For a source that resumes (Kafka), each
+//! write then atomically replaces `checkpoint.w<worker>.json`, which holds the sources'
+//! checkpoints and the length of both files: a restart cuts the files back to those lengths
+//! and resumes the source from there, so answers are neither lost nor written twice. For a
+//! source that reads everything again (files), a run starts the files afresh.
 
-use crate::connectors::{EpochBatch, SinkError, SinkWriter};
-use crate::record::{Answer, Column, DeadLetter};
+use crate::record::{Answer, Change, Column, DeadLetter};
+use crate::sink::{EpochBatch, SinkContext, SinkError, SinkFactory, SinkWriter};
+use crate::source::Checkpoint;
 use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// `[[sinks]] type = "jsonl"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlConfig {
+    /// Output folder; created if missing.
+    pub dir: PathBuf,
+}
+
+/// What `checkpoint.w<worker>.json` holds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CheckpointFile {
+    answers_len: u64,
+    dead_len: u64,
+    /// Per scope and shard: the position and when it was written (ms), so that the newest wins
+    /// when several workers' files name the same shard (after the worker count changed).
+    checkpoints: Vec<(Checkpoint, u64)>,
+}
+
+fn answers_file(dir: &Path, worker: usize) -> PathBuf {
+    dir.join(format!("answers.w{worker}.jsonl"))
+}
+fn dead_file(dir: &Path, worker: usize) -> PathBuf {
+    dir.join(format!("dead_letters.w{worker}.jsonl"))
+}
+fn checkpoint_file(dir: &Path, worker: usize) -> PathBuf {
+    dir.join(format!("checkpoint.w{worker}.json"))
+}
+
+fn read_checkpoint(path: &Path) -> Result<Option<CheckpointFile>, SinkError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| SinkError::Config(format!("{} is not a sluice checkpoint file ({e}); move it away to start afresh", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(SinkError::Transient(format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+/// Cuts `path` back to `len` bytes (a missing file is fine).
+fn cut_to(path: &Path, len: u64) -> Result<(), SinkError> {
+    match OpenOptions::new().write(true).open(path) {
+        Ok(f) => {
+            if f.metadata().map(|m| m.len() > len).unwrap_or(false) {
+                tracing::info!("{}: cutting back to {len} bytes, the length its checkpoint covers", path.display());
+                f.set_len(len).and_then(|_| f.sync_all()).map_err(|e| SinkError::Transient(format!("cannot cut {}: {e}", path.display())))?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SinkError::Transient(format!("cannot open {}: {e}", path.display()))),
+    }
+}
+
+impl SinkFactory for JsonlConfig {
+    fn kind(&self) -> &'static str {
+        "jsonl"
+    }
+
+    fn describe(&self) -> String {
+        format!("{}/", self.dir.display())
+    }
+
+    fn open(&self, ctx: &SinkContext) -> Result<Option<Vec<Checkpoint>>, SinkError> {
+        let dir = &self.dir;
+        std::fs::create_dir_all(dir).map_err(|e| SinkError::Config(format!("cannot create {}: {e}", dir.display())))?;
+        if !ctx.resumable {
+            // The source reads everything again: this process's workers start their files afresh.
+            for w in ctx.workers.clone() {
+                for f in [answers_file(dir, w), dead_file(dir, w), checkpoint_file(dir, w)] {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+            return Ok(None);
+        }
+        for w in ctx.workers.clone() {
+            let cp = read_checkpoint(&checkpoint_file(dir, w))?.unwrap_or_default();
+            cut_to(&answers_file(dir, w), cp.answers_len)?;
+            cut_to(&dead_file(dir, w), cp.dead_len)?;
+        }
+        // Every worker's file (another process's too): per shard, the newest position.
+        let mut newest: BTreeMap<(String, String), (String, u64)> = BTreeMap::new();
+        let entries = std::fs::read_dir(dir).map_err(|e| SinkError::Transient(format!("cannot list {}: {e}", dir.display())))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if !(name.starts_with("checkpoint.w") && name.ends_with(".json")) {
+                continue;
+            }
+            for (c, at) in read_checkpoint(&entry.path())?.unwrap_or_default().checkpoints {
+                let key = (c.scope, c.shard);
+                if newest.get(&key).is_none_or(|(_, t)| *t <= at) {
+                    newest.insert(key, (c.position, at));
+                }
+            }
+        }
+        Ok(Some(newest.into_iter().map(|((scope, shard), (position, _))| Checkpoint { scope, shard, position }).collect()))
+    }
+
+    fn writer(&self, ctx: &SinkContext, worker: usize) -> Result<Box<dyn SinkWriter>, SinkError> {
+        Ok(Box::new(JsonlWriter::open(&self.dir, worker, ctx.columns, ctx.resumable)?))
+    }
+}
 
 /// Writes JSON lines into a folder.
 pub struct JsonlWriter {
+    dir: PathBuf,
+    worker: usize,
     answers: File,
     dead: File,
     columns: &'static [Column],
+    resumable: bool,
+    checkpoints: BTreeMap<(String, String), (String, u64)>,
 }
 
 impl JsonlWriter {
     /// Opens (appending) this worker's files in `dir`.
-    pub fn open(dir: &Path, worker: usize, columns: &'static [Column]) -> Result<Self, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let open = |name: String| {
-            OpenOptions::new().create(true).append(true).open(dir.join(&name)).map_err(|e| format!("cannot open {}: {e}", dir.join(name).display()))
+    pub fn open(dir: &Path, worker: usize, columns: &'static [Column], resumable: bool) -> Result<Self, SinkError> {
+        std::fs::create_dir_all(dir).map_err(|e| SinkError::Config(format!("cannot create {}: {e}", dir.display())))?;
+        let open = |path: PathBuf| {
+            OpenOptions::new().create(true).append(true).open(&path).map_err(|e| SinkError::Config(format!("cannot open {}: {e}", path.display())))
         };
-        Ok(JsonlWriter { answers: open(format!("answers.w{worker}.jsonl"))?, dead: open(format!("dead_letters.w{worker}.jsonl"))?, columns })
+        let mut checkpoints = BTreeMap::new();
+        if resumable {
+            for (c, at) in read_checkpoint(&checkpoint_file(dir, worker))?.unwrap_or_default().checkpoints {
+                checkpoints.insert((c.scope, c.shard), (c.position, at));
+            }
+        }
+        Ok(JsonlWriter {
+            dir: dir.to_path_buf(),
+            worker,
+            answers: open(answers_file(dir, worker))?,
+            dead: open(dead_file(dir, worker))?,
+            columns,
+            resumable,
+            checkpoints,
+        })
+    }
+
+    /// Replaces the checkpoint file atomically: write a temporary file, sync it, rename it.
+    fn store_checkpoint(&mut self, batch: &EpochBatch) -> std::io::Result<()> {
+        let now = crate::record::now_ms();
+        for c in &batch.checkpoints {
+            self.checkpoints.insert((c.scope.clone(), c.shard.clone()), (c.position.clone(), now));
+        }
+        let file = CheckpointFile {
+            answers_len: self.answers.metadata()?.len(),
+            dead_len: self.dead.metadata()?.len(),
+            checkpoints: self
+                .checkpoints
+                .iter()
+                .map(|((scope, shard), (position, at))| (Checkpoint { scope: scope.clone(), shard: shard.clone(), position: position.clone() }, *at))
+                .collect(),
+        };
+        let path = checkpoint_file(&self.dir, self.worker);
+        let tmp = path.with_extension("json.tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(&file).expect("a checkpoint serializes"))?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        File::open(&self.dir)?.sync_all()
     }
 }
 
 /// The JSON object written for an answer.
 pub fn answer_json(a: &Answer, columns: &[Column]) -> serde_json::Value {
     let mut m = serde_json::Map::new();
+    m.insert("op".into(), "upsert".into());
     m.insert("id".into(), a.id.clone().into());
     for (c, v) in columns.iter().zip(&a.values) {
         m.insert(c.name.into(), v.to_json());
@@ -41,7 +195,16 @@ pub fn answer_json(a: &Answer, columns: &[Column]) -> serde_json::Value {
     serde_json::Value::Object(m)
 }
 
-/// The JSON object written for a dead letter; `raw_base64` holds the original bytes exactly.
+/// The JSON object written for a change.
+pub fn change_json(c: &Change, columns: &[Column]) -> serde_json::Value {
+    match c {
+        Change::Upsert(a) => answer_json(a, columns),
+        Change::Delete(d) => serde_json::json!({"op": "delete", "id": d.id, "source": d.pos.to_string()}),
+    }
+}
+
+/// The JSON object written for a dead letter; `raw_base64` holds the original bytes exactly
+/// (cut to `runtime.max_dead_letter_bytes`; `raw_len` and `raw_sha256` describe them whole).
 pub fn dead_letter_json(d: &DeadLetter) -> serde_json::Value {
     serde_json::json!({
         "source": d.pos.source(),
@@ -49,6 +212,8 @@ pub fn dead_letter_json(d: &DeadLetter) -> serde_json::Value {
         "reason": d.reason.as_str(),
         "detail": d.detail,
         "raw_base64": base64::engine::general_purpose::STANDARD.encode(&d.raw),
+        "raw_len": d.raw_len,
+        "raw_sha256": d.raw_sha256,
     })
 }
 
@@ -57,18 +222,40 @@ impl SinkWriter for JsonlWriter {
         "jsonl"
     }
 
+    fn stores_checkpoints(&self) -> bool {
+        self.resumable
+    }
+
     fn write(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
+        // A write that fails half-way is undone, so its retry does not write lines twice.
+        let len = |f: &File| f.metadata().map(|m| m.len()).map_err(|e| SinkError::Transient(e.to_string()));
+        let (answers_len, dead_len) = (len(&self.answers)?, len(&self.dead)?);
+        let result = self.write_lines(batch);
+        if result.is_err() {
+            let _ = self.answers.set_len(answers_len);
+            let _ = self.dead.set_len(dead_len);
+        }
+        result
+    }
+}
+
+impl JsonlWriter {
+    fn write_lines(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
         let mut buf = Vec::new();
-        for a in &batch.answers {
-            serde_json::to_writer(&mut buf, &answer_json(a, self.columns)).map_err(|e| SinkError::Fatal(e.to_string()))?;
+        for c in &batch.changes {
+            serde_json::to_writer(&mut buf, &change_json(c, self.columns)).map_err(|e| SinkError::Config(e.to_string()))?;
             buf.push(b'\n');
         }
         self.answers.write_all(&buf).and_then(|_| self.answers.sync_data()).map_err(|e| SinkError::Transient(e.to_string()))?;
         buf.clear();
         for d in &batch.dead {
-            serde_json::to_writer(&mut buf, &dead_letter_json(d)).map_err(|e| SinkError::Fatal(e.to_string()))?;
+            serde_json::to_writer(&mut buf, &dead_letter_json(d)).map_err(|e| SinkError::Config(e.to_string()))?;
             buf.push(b'\n');
         }
-        self.dead.write_all(&buf).and_then(|_| self.dead.sync_data()).map_err(|e| SinkError::Transient(e.to_string()))
+        self.dead.write_all(&buf).and_then(|_| self.dead.sync_data()).map_err(|e| SinkError::Transient(e.to_string()))?;
+        if self.resumable {
+            self.store_checkpoint(batch).map_err(|e| SinkError::Transient(format!("cannot store the checkpoint in {}: {e}", self.dir.display())))?;
+        }
+        Ok(())
     }
 }

@@ -2,15 +2,20 @@
 //! the ID also in a `request_id` header, through an idempotent producer. An epoch counts as
 //! written only when every message is acknowledged; otherwise the whole epoch is sent again, so
 //! the topic is at-least-once and a duplicate carries the same ID. Dead letters go to their own
-//! topic with the reason in a header and the original bytes as the payload.
+//! topic with the reason in a header and the original bytes as the payload. A delete is a
+//! tombstone: the ID as key (and header) and no value, which log compaction also honours.
+//! A message the producer refuses as too large is the record's fault, not the broker's: it is
+//! isolated and dead-lettered while the rest of the epoch is written.
 
 use super::{base_config, ID_HEADER};
-use crate::connectors::{EpochBatch, SinkError, SinkWriter};
-use crate::record::{Answer, Column, Value};
+use crate::record::{Answer, Change, Column, Value};
+use crate::sink::{EpochBatch, SinkContext, SinkError, SinkFactory, SinkWriter};
+use crate::source::Checkpoint;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
+use serde::Deserialize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +56,50 @@ fn wait_drained(pending: impl Fn() -> u64, timeout: Duration) -> Result<(), u64>
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(1));
+    }
+}
+
+/// `[[sinks]] type = "kafka"`: answers keyed by request ID (also in a `request_id` header); at-least-once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// Bootstrap servers. `${VAR}` is read from the environment.
+    pub brokers: String,
+    /// Results topic.
+    pub topic: String,
+    /// Dead-letter topic; omit to keep dead letters in the other sinks only.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// Use Kafka's idempotent producer.
+    #[serde(default = "default_true")]
+    pub idempotent: bool,
+    /// librdkafka producer properties applied over sluice's defaults, e.g. `client = { "linger.ms" = "5" }`.
+    #[serde(default)]
+    pub client: std::collections::BTreeMap<String, String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl SinkFactory for KafkaSinkConfig {
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+
+    fn describe(&self) -> String {
+        format!("kafka topic {}{}", self.topic, self.dead_letter_topic.as_ref().map(|d| format!(" (dead letters in {d})")).unwrap_or_default())
+    }
+
+    fn open(&self, _ctx: &SinkContext) -> Result<Option<Vec<Checkpoint>>, SinkError> {
+        Ok(None)
+    }
+
+    fn writer(&self, ctx: &SinkContext, _worker: usize) -> Result<Box<dyn SinkWriter>, SinkError> {
+        let brokers = crate::topology::expand_env(&self.brokers);
+        let w = KafkaWriter::new(&brokers, &self.topic, self.dead_letter_topic.as_deref(), self.idempotent, &self.client, ctx.columns)
+            .map_err(SinkError::Config)?;
+        Ok(Box::new(w))
     }
 }
 
@@ -179,9 +228,12 @@ impl KafkaWriter {
         })
     }
 
-    /// Hands one message to the producer, waiting while its queue is full.
-    fn send(&self, topic: &str, key: &[u8], payload: &[u8], headers: OwnedHeaders) -> Result<(), SinkError> {
-        let mut record = BaseRecord::to(topic).key(key).payload(payload).headers(headers);
+    /// Hands one message (`None`: a tombstone) to the producer, waiting while its queue is full.
+    fn send(&self, topic: &str, key: &[u8], payload: Option<&[u8]>, headers: OwnedHeaders) -> Result<(), SinkError> {
+        let mut record = BaseRecord::to(topic).key(key).headers(headers);
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
@@ -189,28 +241,40 @@ impl KafkaWriter {
                     record = r;
                     std::thread::sleep(Duration::from_millis(1));
                 }
+                Err((e @ KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                    return Err(SinkError::Record(format!("{topic}: {e} ({} bytes)", payload.map(|p| p.len()).unwrap_or(0))))
+                }
                 Err((e, _)) => return Err(SinkError::Transient(format!("cannot produce to {topic}: {e}"))),
             }
         }
     }
 
-    /// Sends the answers, then the dead letters.
+    /// Sends the changes, then the dead letters.
     fn send_all(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
         let mut buf = Vec::with_capacity(256);
-        for a in &batch.answers {
-            buf.clear();
-            self.json.write(&mut buf, a);
-            let headers = OwnedHeaders::new_with_capacity(1).insert(Header { key: ID_HEADER, value: Some(a.id.as_bytes()) });
-            self.send(&self.topic, a.id.as_bytes(), &buf, headers)?;
+        for c in &batch.changes {
+            let id = c.id();
+            let headers = OwnedHeaders::new_with_capacity(1).insert(Header { key: ID_HEADER, value: Some(id.as_bytes()) });
+            match c {
+                Change::Upsert(a) => {
+                    buf.clear();
+                    self.json.write(&mut buf, a);
+                    self.send(&self.topic, id.as_bytes(), Some(&buf), headers)?;
+                }
+                Change::Delete(_) => self.send(&self.topic, id.as_bytes(), None, headers)?,
+            }
         }
         if let Some(dead_topic) = &self.dead_letter_topic {
             for d in &batch.dead {
                 let position = d.pos.to_string();
+                let raw_len = d.raw_len.to_string();
                 let headers = OwnedHeaders::new()
                     .insert(Header { key: "reason", value: Some(d.reason.as_str().as_bytes()) })
                     .insert(Header { key: "detail", value: Some(d.detail.as_bytes()) })
-                    .insert(Header { key: "source", value: Some(position.as_bytes()) });
-                self.send(dead_topic, position.as_bytes(), &d.raw, headers)?;
+                    .insert(Header { key: "source", value: Some(position.as_bytes()) })
+                    .insert(Header { key: "raw_len", value: Some(raw_len.as_bytes()) })
+                    .insert(Header { key: "raw_sha256", value: Some(d.raw_sha256.as_bytes()) });
+                self.send(dead_topic, position.as_bytes(), Some(&d.raw), headers)?;
             }
         }
         Ok(())
@@ -269,8 +333,10 @@ mod tests {
             values: vec![Value::Float(x), Value::Text("fast\nride".into())],
             passthrough: Vec::new(),
             model: "rides@0123456789ab".into(),
-            pos: SourcePos::Generated { seq: 7 },
+            pos: SourcePos::seq("generator".into(), 7),
             ingest_ms: 42,
+            raw: Vec::new(),
+            seq: 0,
         };
         let mut json = ResultJson::new(&columns);
         let mut buf = Vec::new();

@@ -1,17 +1,82 @@
 //! The Postgres sink: one row per request ID in the answer table, written with UNNEST in one
-//! transaction per epoch together with that epoch's dead letters and source offsets. New IDs go
-//! in with a plain insert; a batch meeting an existing ID is redone as an upsert, which rewrites
-//! a row only when its content changes, so rerunning the same input leaves exactly the same rows.
+//! transaction per epoch together with that epoch's deletes, dead letters and source
+//! checkpoints. New IDs go in with a plain insert; a batch meeting an existing ID is redone as
+//! an upsert, which rewrites a row only when its content changes, so rerunning the same input
+//! leaves exactly the same rows. Checkpoints are keyed by the pipeline's identity (its name and
+//! its answer table), dead letters by pipeline, source and position, so pipelines sharing a
+//! database never overwrite each other's. Errors are classified: data exceptions (class 22)
+//! and program limits (class 54) are the record's fault and get it isolated; syntax and
+//! permission errors (classes 42, 28) stop the run; the rest is retried.
 
-use crate::connectors::{EpochBatch, SinkError, SinkWriter};
-use crate::record::{Answer, Column, ColumnKind, DeadLetter, Value};
+use crate::record::{Answer, Change, Column, ColumnKind, DeadLetter, Value};
+use crate::sink::{EpochBatch, SinkContext, SinkError, SinkFactory, SinkWriter};
+use crate::source::Checkpoint;
 use crate::sql::{qualified, quote_ident};
+use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
-/// The table holding each pipeline's source offsets, written in the same transaction as its answers.
-pub const OFFSETS_TABLE: &str = "sluice_offsets";
+/// The table holding each pipeline's source checkpoints, written in the same transaction as its answers.
+pub const CHECKPOINTS_TABLE: &str = "sluice_checkpoints";
+/// Where sluice before checkpoints stored Kafka offsets; read once when a pipeline has no checkpoints yet.
+pub const LEGACY_OFFSETS_TABLE: &str = "sluice_offsets";
+
+/// `[[sinks]] type = "postgres"`: one upserted row per request ID, written in one transaction per epoch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connection string, e.g. `postgres://user:pass@127.0.0.1:5432/db`. `${VAR}` is read from the environment.
+    pub url: String,
+    /// Answer table; created if missing. Any name is allowed; it is always quoted.
+    pub table: String,
+    /// Dead-letter table; created if missing.
+    #[serde(default = "default_dead_letter_table")]
+    pub dead_letter_table: String,
+    /// Schema holding both tables.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+}
+
+fn default_dead_letter_table() -> String {
+    "dead_letters".to_string()
+}
+fn default_schema() -> String {
+    "public".to_string()
+}
+
+impl PostgresConfig {
+    fn target(&self, pipeline: &str) -> PostgresTarget {
+        PostgresTarget {
+            url: self.url.clone(),
+            schema: self.schema.clone(),
+            table: self.table.clone(),
+            dead_letter_table: self.dead_letter_table.clone(),
+            pipeline: pipeline.to_string(),
+        }
+    }
+}
+
+impl SinkFactory for PostgresConfig {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn describe(&self) -> String {
+        format!("postgres table {}.{} (dead letters in {}.{})", self.schema, self.table, self.schema, self.dead_letter_table)
+    }
+
+    fn open(&self, ctx: &SinkContext) -> Result<Option<Vec<Checkpoint>>, SinkError> {
+        let mut pg = PostgresWriter::new(self.target(&ctx.pipeline), ctx.columns)?;
+        let hint = "\n  hint: start Postgres (scripts/pg.sh starts a local one) and check sinks.url";
+        pg.connect_now().map_err(|e| SinkError::Config(format!("{e}{hint}")))?;
+        pg.load_checkpoints().map(Some).map_err(|e| SinkError::Config(format!("cannot read stored checkpoints: {e}")))
+    }
+
+    fn writer(&self, ctx: &SinkContext, _worker: usize) -> Result<Box<dyn SinkWriter>, SinkError> {
+        Ok(Box::new(PostgresWriter::new(self.target(&ctx.pipeline), ctx.columns)?))
+    }
+}
 
 /// Where the sink writes.
 #[derive(Clone, Debug)]
@@ -20,7 +85,8 @@ pub struct PostgresTarget {
     pub schema: String,
     pub table: String,
     pub dead_letter_table: String,
-    /// Written into the dead-letter table's `pipeline` column.
+    /// The pipeline's name: with the answer table, the key of its checkpoints; with source and
+    /// position, the key of its dead letters.
     pub pipeline: String,
 }
 
@@ -63,16 +129,19 @@ pub struct PostgresWriter {
 /// the same input meets one on every write; this keeps it from paying for two statements each).
 const UPSERT_AFTER_CONFLICT: u32 = 64;
 
-fn classify(e: tokio_postgres::Error) -> SinkError {
-    match e.code() {
+/// Classifies a Postgres error by what helps: isolating the record, stopping, or retrying.
+pub fn classify(e: tokio_postgres::Error) -> SinkError {
+    let text = match e.as_db_error() {
+        Some(db) => format!("{e}: {}", db.message()),
+        None => e.to_string(),
+    };
+    match e.code().map(|c| c.code()) {
+        // Class 22 (data exception: a NUL byte, a value out of range) and 54 (program limit: an
+        // index row too large) are the record's fault: isolate it.
+        Some(code) if code.starts_with("22") || code.starts_with("54") => SinkError::Record(text),
         // Class 42 (syntax or access rule) and 28 (authorization) cannot succeed on retry.
-        Some(code) if code.code().starts_with("42") || code.code().starts_with("28") => {
-            SinkError::Fatal(format!("{e}: {}", e.as_db_error().map(|d| d.message()).unwrap_or("")))
-        }
-        _ => SinkError::Transient(match e.as_db_error() {
-            Some(db) => format!("{e}: {}", db.message()),
-            None => e.to_string(),
-        }),
+        Some(code) if code.starts_with("42") || code.starts_with("28") => SinkError::Config(text),
+        _ => SinkError::Transient(text),
     }
 }
 
@@ -86,8 +155,8 @@ fn sql_type(kind: ColumnKind) -> &'static str {
 
 impl PostgresWriter {
     /// Prepares a writer; it connects (and creates its tables) on the first write, and reconnects after errors.
-    pub fn new(target: PostgresTarget, columns: &'static [Column]) -> Result<Self, String> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start a runtime: {e}"))?;
+    pub fn new(target: PostgresTarget, columns: &'static [Column]) -> Result<Self, SinkError> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| SinkError::Config(format!("cannot start a runtime: {e}")))?;
         Ok(PostgresWriter { rt, target, columns, client: None, known: BTreeSet::new(), upsert_writes: 0 })
     }
 
@@ -101,17 +170,33 @@ impl PostgresWriter {
         qualified(&self.target.schema, &self.target.table)
     }
 
-    fn offsets_table(&self) -> String {
-        qualified(&self.target.schema, OFFSETS_TABLE)
+    fn checkpoints_table(&self) -> String {
+        qualified(&self.target.schema, CHECKPOINTS_TABLE)
     }
 
-    /// The source offsets stored with this pipeline's answers, by partition.
-    pub fn load_offsets(&mut self, topic: &str) -> Result<HashMap<i32, i64>, SinkError> {
+    /// The checkpoints stored with this pipeline's answers (its name and its answer table). A
+    /// pipeline with none yet falls back to the offsets an older sluice stored for its name.
+    pub fn load_checkpoints(&mut self) -> Result<Vec<Checkpoint>, SinkError> {
         self.client()?;
-        let sql = format!("SELECT partition, next_offset FROM {} WHERE pipeline = $1 AND topic = $2", self.offsets_table());
         let client = self.client.as_ref().expect("connected");
-        let rows = self.rt.block_on(client.query(sql.as_str(), &[&self.target.pipeline, &topic])).map_err(classify)?;
-        Ok(rows.iter().map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1))).collect())
+        let sql = format!("SELECT scope, shard, position FROM {} WHERE pipeline = $1 AND target = $2", self.checkpoints_table());
+        let target = self.table();
+        let rows = self.rt.block_on(client.query(sql.as_str(), &[&self.target.pipeline, &target])).map_err(classify)?;
+        let mut out: Vec<Checkpoint> = rows.iter().map(|r| Checkpoint { scope: r.get(0), shard: r.get(1), position: r.get(2) }).collect();
+        if out.is_empty() {
+            let legacy = qualified(&self.target.schema, LEGACY_OFFSETS_TABLE);
+            let exists = format!("SELECT to_regclass('{}') IS NOT NULL", legacy.replace('\'', "''"));
+            let found: bool = self.rt.block_on(client.query_one(exists.as_str(), &[])).map_err(classify)?.get(0);
+            if found {
+                let sql = format!("SELECT topic, partition, next_offset FROM {legacy} WHERE pipeline = $1");
+                let rows = self.rt.block_on(client.query(sql.as_str(), &[&self.target.pipeline])).map_err(classify)?;
+                out = rows
+                    .iter()
+                    .map(|r| Checkpoint { scope: r.get(0), shard: r.get::<_, i32>(1).to_string(), position: r.get::<_, i64>(2).to_string() })
+                    .collect();
+            }
+        }
+        Ok(out)
     }
 
     fn dead_table(&self) -> String {
@@ -138,14 +223,25 @@ impl PostgresWriter {
                 cols.push_str(&format!(", {} {}", quote_ident(c.name), sql_type(c.kind)));
             }
             cols.push_str(", model TEXT NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now()");
+            let dead = self.dead_table();
+            let dead_literal = dead.replace('\'', "''");
+            // A dead-letter table made by an older sluice is keyed by source and position only,
+            // and lacks the length and hash of cut raw bytes: bring it up to date.
             let ddl = format!(
                 "SELECT pg_advisory_xact_lock(7364912); \
-                 CREATE TABLE IF NOT EXISTS {} ({cols}); \
-                 CREATE TABLE IF NOT EXISTS {} (source TEXT NOT NULL, position TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, raw BYTEA NOT NULL, pipeline TEXT NOT NULL, first_seen TIMESTAMPTZ NOT NULL DEFAULT now(), last_seen TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (source, position)); \
-                 CREATE TABLE IF NOT EXISTS {} (pipeline TEXT NOT NULL, topic TEXT NOT NULL, partition INT NOT NULL, next_offset BIGINT NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, topic, partition));",
-                self.table(),
-                self.dead_table(),
-                self.offsets_table()
+                 CREATE TABLE IF NOT EXISTS {table} ({cols}); \
+                 CREATE TABLE IF NOT EXISTS {dead} (source TEXT NOT NULL, position TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, raw BYTEA NOT NULL, pipeline TEXT NOT NULL, raw_len BIGINT, raw_sha256 TEXT, first_seen TIMESTAMPTZ NOT NULL DEFAULT now(), last_seen TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, source, position)); \
+                 ALTER TABLE {dead} ADD COLUMN IF NOT EXISTS raw_len BIGINT, ADD COLUMN IF NOT EXISTS raw_sha256 TEXT; \
+                 DO $sluice$ DECLARE pk text; BEGIN \
+                   IF NOT EXISTS (SELECT 1 FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY(c.conkey) \
+                                  WHERE c.conrelid = '{dead_literal}'::regclass AND c.contype = 'p' AND a.attname = 'pipeline') THEN \
+                     SELECT conname INTO pk FROM pg_constraint WHERE conrelid = '{dead_literal}'::regclass AND contype = 'p'; \
+                     EXECUTE format('ALTER TABLE {dead_escaped} DROP CONSTRAINT %I, ADD PRIMARY KEY (pipeline, source, position)', pk); \
+                   END IF; END $sluice$; \
+                 CREATE TABLE IF NOT EXISTS {checkpoints} (pipeline TEXT NOT NULL, target TEXT NOT NULL, scope TEXT NOT NULL, shard TEXT NOT NULL, position TEXT NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, target, scope, shard));",
+                table = self.table(),
+                dead_escaped = dead.replace('\'', "''").replace('%', "%%"),
+                checkpoints = self.checkpoints_table()
             );
             self.rt.block_on(client.batch_execute(&format!("BEGIN; {ddl} COMMIT;"))).map_err(classify)?;
             self.client = Some(client);
@@ -172,13 +268,22 @@ impl PostgresWriter {
     }
 
     fn write_inner(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
-        // Last answer per ID wins within an epoch; an upsert may touch each row only once.
-        let mut latest: HashMap<&str, &Answer> = HashMap::new();
-        for a in &batch.answers {
-            latest.insert(a.id.as_str(), a);
+        // The last change per ID wins; an upsert may touch each row only once.
+        let mut latest: HashMap<&str, &Change> = HashMap::with_capacity(batch.changes.len());
+        for c in &batch.changes {
+            latest.insert(c.id(), c);
         }
-        let mut answers: Vec<&Answer> = latest.into_values().collect();
+        let mut answers: Vec<&Answer> = Vec::with_capacity(latest.len());
+        let mut deleted: Vec<&str> = Vec::new();
+        for c in latest.into_values() {
+            match c {
+                Change::Upsert(a) => answers.push(a),
+                Change::Delete(d) => deleted.push(d.id.as_str()),
+            }
+        }
         answers.sort_by(|a, b| a.id.cmp(&b.id));
+        deleted.sort_unstable();
+        let delete_sql = format!("DELETE FROM {} WHERE id = ANY($1::text[])", self.table());
         let mut dead_latest: HashMap<(String, String), &DeadLetter> = HashMap::new();
         for d in &batch.dead {
             dead_latest.insert((d.pos.source(), d.pos.position()), d);
@@ -194,10 +299,10 @@ impl PostgresWriter {
         // insert fails on the primary key, nothing of it is kept, and the transaction is redone
         // with the upsert. Each statement is built only when it is used.
         let dead_sql = format!(
-            "INSERT INTO {t} AS cur (source, position, reason, detail, raw, pipeline) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[]) \
-             ON CONFLICT (source, position) DO UPDATE SET reason = EXCLUDED.reason, detail = EXCLUDED.detail, raw = EXCLUDED.raw, pipeline = EXCLUDED.pipeline, last_seen = now() \
-             WHERE (cur.reason, cur.detail, cur.raw, cur.pipeline) IS DISTINCT FROM (EXCLUDED.reason, EXCLUDED.detail, EXCLUDED.raw, EXCLUDED.pipeline)",
+            "INSERT INTO {t} AS cur (source, position, reason, detail, raw, pipeline, raw_len, raw_sha256) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::int8[], $8::text[]) \
+             ON CONFLICT (pipeline, source, position) DO UPDATE SET reason = EXCLUDED.reason, detail = EXCLUDED.detail, raw = EXCLUDED.raw, raw_len = EXCLUDED.raw_len, raw_sha256 = EXCLUDED.raw_sha256, last_seen = now() \
+             WHERE (cur.reason, cur.detail, cur.raw) IS DISTINCT FROM (EXCLUDED.reason, EXCLUDED.detail, EXCLUDED.raw)",
             t = self.dead_table()
         );
 
@@ -206,7 +311,7 @@ impl PostgresWriter {
         // Every answer of a process carries its task's one model label.
         let model: &str = answers.first().map(|a| &*a.model).unwrap_or_default();
         if let Some(other) = answers.iter().find(|a| &*a.model != model) {
-            return Err(SinkError::Fatal(format!("one batch holds answers of two models ({model} and {})", other.model)));
+            return Err(SinkError::Config(format!("one batch holds answers of two models ({model} and {})", other.model)));
         }
         let mut value_cols: Vec<Box<dyn ToSql + Sync>> = Vec::new();
         for (i, c) in self.columns.iter().enumerate() {
@@ -253,20 +358,23 @@ impl PostgresWriter {
         let d_detail: Vec<&str> = dead.iter().map(|(_, d)| d.detail.as_str()).collect();
         let d_raw: Vec<&[u8]> = dead.iter().map(|(_, d)| d.raw.as_slice()).collect();
         let d_pipeline: Vec<&str> = dead.iter().map(|_| self.target.pipeline.as_str()).collect();
+        let d_len: Vec<i64> = dead.iter().map(|(_, d)| d.raw_len as i64).collect();
+        let d_sha: Vec<&str> = dead.iter().map(|(_, d)| d.raw_sha256.as_str()).collect();
 
-        let offsets_sql = format!(
-            "INSERT INTO {} AS cur (pipeline, topic, partition, next_offset) SELECT $1, * FROM UNNEST($2::text[], $3::int4[], $4::int8[]) \
-             ON CONFLICT (pipeline, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
-            self.offsets_table()
+        let checkpoints_sql = format!(
+            "INSERT INTO {} AS cur (pipeline, target, scope, shard, position) SELECT $1, $2, * FROM UNNEST($3::text[], $4::text[], $5::text[]) \
+             ON CONFLICT (pipeline, target, scope, shard) DO UPDATE SET position = EXCLUDED.position, updated_at = now()",
+            self.checkpoints_table()
         );
-        let mut latest_offsets: std::collections::BTreeMap<(&str, i32), i64> = std::collections::BTreeMap::new();
-        for o in &batch.offsets {
-            latest_offsets.insert((o.topic.as_str(), o.partition), o.next_offset);
+        let mut latest_checkpoints: std::collections::BTreeMap<(&str, &str), &str> = std::collections::BTreeMap::new();
+        for c in &batch.checkpoints {
+            latest_checkpoints.insert((c.scope.as_str(), c.shard.as_str()), c.position.as_str());
         }
-        let o_topic: Vec<&str> = latest_offsets.keys().map(|k| k.0).collect();
-        let o_part: Vec<i32> = latest_offsets.keys().map(|k| k.1).collect();
-        let o_next: Vec<i64> = latest_offsets.values().copied().collect();
+        let c_scope: Vec<&str> = latest_checkpoints.keys().map(|k| k.0).collect();
+        let c_shard: Vec<&str> = latest_checkpoints.keys().map(|k| k.1).collect();
+        let c_position: Vec<&str> = latest_checkpoints.values().copied().collect();
         let pipeline = self.target.pipeline.clone();
+        let target = self.table();
         let mut upsert = self.upsert_writes > 0;
         self.upsert_writes = self.upsert_writes.saturating_sub(1);
         loop {
@@ -280,11 +388,14 @@ impl PostgresWriter {
                     params.push(&model);
                     tx.execute(sql.as_str(), &params).await?;
                 }
-                if !dead.is_empty() {
-                    tx.execute(dead_sql.as_str(), &[&d_source, &d_pos, &d_reason, &d_detail, &d_raw, &d_pipeline]).await?;
+                if !deleted.is_empty() {
+                    tx.execute(delete_sql.as_str(), &[&deleted]).await?;
                 }
-                if !o_topic.is_empty() {
-                    tx.execute(offsets_sql.as_str(), &[&pipeline, &o_topic, &o_part, &o_next]).await?;
+                if !dead.is_empty() {
+                    tx.execute(dead_sql.as_str(), &[&d_source, &d_pos, &d_reason, &d_detail, &d_raw, &d_pipeline, &d_len, &d_sha]).await?;
+                }
+                if !c_scope.is_empty() {
+                    tx.execute(checkpoints_sql.as_str(), &[&pipeline, &target, &c_scope, &c_shard, &c_position]).await?;
                 }
                 tx.commit().await
             });
@@ -354,7 +465,7 @@ impl SinkWriter for PostgresWriter {
         "postgres"
     }
 
-    fn stores_offsets(&self) -> bool {
+    fn stores_checkpoints(&self) -> bool {
         true
     }
 

@@ -90,7 +90,12 @@ pub fn infer<'s, T: Task>(
                 let mut units = Vec::with_capacity(data.len());
                 let mut admitted = 0;
                 for env in data.drain(..) {
-                    match task.prepare(&env.payload) {
+                    let Some(payload) = env.payload.as_ref() else { continue };
+                    let prepared = match crate::guard::contain(|| task.prepare(payload)) {
+                        Ok(result) => result,
+                        Err(panic) => Err((DeadReason::TaskFailed, format!("the task panicked preparing the request: {panic}"))),
+                    };
+                    match prepared {
                         Ok((prepared, request_units)) => {
                             let ticket = first_ticket + pending.len() as u64;
                             let request_units = request_units.into_iter();
@@ -99,13 +104,7 @@ pub fn infer<'s, T: Task>(
                             pending.push_back(Some(Pending { time, env, prepared, outs: Outs::new(n), remaining: n, error: None }));
                             admitted += 1;
                         }
-                        Err((reason, detail)) => refused.push(DeadLetter {
-                            raw: serde_json::to_vec(&env.payload).unwrap_or_default(),
-                            pos: env.pos,
-                            reason,
-                            detail,
-                            ingest_ms: env.ingest_ms,
-                        }),
+                        Err((reason, detail)) => refused.push(DeadLetter::new(env.pos, reason, detail, env.raw, env.ingest_ms)),
                     }
                 }
                 if admitted > 0 {
@@ -140,25 +139,28 @@ pub fn infer<'s, T: Task>(
             let mut failed: BTreeMap<u64, Vec<DeadLetter>> = BTreeMap::new();
             for ticket in finished {
                 let p = pending[(ticket - first_ticket) as usize].take().expect("finished ticket is pending");
-                if let Some(error) = p.error {
-                    failed.entry(p.time).or_default().push(DeadLetter {
-                        raw: serde_json::to_vec(&p.env.payload).unwrap_or_default(),
-                        pos: p.env.pos,
-                        reason: DeadReason::InferenceFailed,
-                        detail: error,
-                        ingest_ms: p.env.ingest_ms,
-                    });
-                } else {
-                    let (payload, prepared) = (&p.env.payload, p.prepared);
-                    let values = p.outs.finish(|outs| task.finish(payload, prepared, outs));
-                    answers.entry(p.time).or_default().push(Answer {
-                        id: p.env.id,
+                let env = p.env;
+                let finished = match (p.error, env.payload.as_ref()) {
+                    (Some(error), _) => Err((DeadReason::InferenceFailed, error)),
+                    (None, None) => Err((DeadReason::TaskFailed, "a request without a payload reached the model".to_string())),
+                    (None, Some(payload)) => {
+                        let (outs, prepared) = (p.outs, p.prepared);
+                        crate::guard::contain(|| outs.finish(|outs| task.finish(payload, prepared, outs)))
+                            .map_err(|panic| (DeadReason::TaskFailed, format!("the task panicked finishing the answer: {panic}")))
+                    }
+                };
+                match finished {
+                    Err((reason, detail)) => failed.entry(p.time).or_default().push(DeadLetter::new(env.pos, reason, detail, env.raw, env.ingest_ms)),
+                    Ok(values) => answers.entry(p.time).or_default().push(Answer {
+                        id: env.id,
                         values,
-                        passthrough: p.env.passthrough,
+                        passthrough: env.passthrough,
                         model: model_label.clone(),
-                        pos: p.env.pos,
-                        ingest_ms: p.env.ingest_ms,
-                    });
+                        pos: env.pos,
+                        ingest_ms: env.ingest_ms,
+                        raw: env.raw,
+                        seq: env.seq,
+                    }),
                 }
             }
             for (time, list) in answers {

@@ -1,40 +1,200 @@
-//! Keys requests by their ID as a differential collection and keeps one request per ID: the one
-//! latest in its source. Records are exchanged by ID, so every ID lives on exactly one worker and
-//! the result does not depend on the number of workers.
+//! Keys requests by ID: records are exchanged by ID, so every ID lives on exactly one worker,
+//! and each worker keeps, per ID, only a hash of the ID and of the record's content (never the
+//! payload). A record whose content equals what its ID last had is dropped: the answer already
+//! in every sink stands, and it costs no inference. A changed record goes on to the model and
+//! replaces its answer; a delete (a tombstone) goes straight to the sinks. Every change gets a
+//! sequence number, so the sinks apply an epoch's changes to an ID in the order they were made.
+//!
+//! Tables (files) wait for each epoch to complete and keep, per ID, the record latest in its
+//! source; their state covers every ID. Streams key records as they arrive (no added latency)
+//! and remember only a window of recent IDs (`runtime.dedupe_window`), so state stays bounded.
 
-use crate::record::Envelope;
-use differential_dataflow::AsCollection;
-use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::generic::Operator;
+use crate::record::{Deleted, Envelope};
+use crate::source::Keying;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
-/// Keeps, for each request ID, the record with the greatest source position.
-pub fn key_by_id<'s, P>(requests: Stream<'s, u64, Vec<Envelope<P>>>) -> Stream<'s, u64, Vec<Envelope<P>>>
+/// The 64-bit hash an ID is known by in the state and routed by.
+pub fn id_hash(id: &str) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
+}
+
+/// Per-ID content hashes. Unbounded for tables; for streams two generations of at most
+/// `window / 2` IDs each, the older dropped whole when the newer fills, so lookups and memory
+/// stay constant (about 40 bytes an ID).
+pub struct Seen {
+    current: HashMap<u64, u64>,
+    previous: HashMap<u64, u64>,
+    window: Option<usize>,
+}
+
+impl Seen {
+    pub fn new(window: Option<usize>) -> Self {
+        Seen { current: HashMap::new(), previous: HashMap::new(), window }
+    }
+
+    /// Records `content` for `id`; true when it differs from what the ID had (or the ID is new).
+    pub fn changed(&mut self, id: u64, content: u64) -> bool {
+        let before = self.current.get(&id).or_else(|| self.previous.get(&id)).copied();
+        if before == Some(content) {
+            return false;
+        }
+        self.insert(id, content);
+        true
+    }
+
+    fn insert(&mut self, id: u64, content: u64) {
+        if let Some(window) = self.window {
+            if self.current.len() >= (window / 2).max(1) && !self.current.contains_key(&id) {
+                self.previous = std::mem::take(&mut self.current);
+            }
+        }
+        self.current.insert(id, content);
+    }
+
+    pub fn forget(&mut self, id: u64) {
+        self.current.remove(&id);
+        self.previous.remove(&id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+enum Decision<P> {
+    Run(Envelope<P>),
+    Delete(Deleted),
+    Unchanged,
+}
+
+/// What becomes of one record, given the state of its ID.
+fn decide<P>(mut env: Envelope<P>, seen: &mut Seen, seq: &mut u64) -> Decision<P> {
+    let key = id_hash(&env.id);
+    if env.payload.is_none() {
+        seen.forget(key);
+        *seq += 1;
+        return Decision::Delete(Deleted { id: env.id, pos: env.pos, ingest_ms: env.ingest_ms, seq: *seq });
+    }
+    if !seen.changed(key, env.content) {
+        return Decision::Unchanged;
+    }
+    *seq += 1;
+    env.seq = *seq;
+    Decision::Run(env)
+}
+
+/// Keys `requests` by ID. Outputs: requests to run (with a payload), and deletes.
+#[allow(clippy::type_complexity)]
+pub fn key_by_id<'s, P>(
+    requests: Stream<'s, u64, Vec<Envelope<P>>>,
+    keying: Keying,
+    window: usize,
+) -> (Stream<'s, u64, Vec<Envelope<P>>>, Stream<'s, u64, Vec<Deleted>>)
 where
-    P: timely::ExchangeData + differential_dataflow::ExchangeData + std::hash::Hash,
+    P: timely::ExchangeData,
 {
-    let updates = requests.unary(Pipeline, "KeyById", |_, _| {
-        move |input, output| {
+    let mut builder = OperatorBuilder::new("KeyById".to_owned(), requests.scope());
+    let mut input = builder.new_input(requests, Exchange::new(|env: &Envelope<P>| id_hash(&env.id)));
+    let (req_out, req_stream) = builder.new_output::<Vec<Envelope<P>>>();
+    let (del_out, del_stream) = builder.new_output::<Vec<Deleted>>();
+    let mut req_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<Envelope<P>>>>::from(req_out);
+    let mut del_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<Deleted>>>::from(del_out);
+    builder.build(move |_| {
+        let mut seen = Seen::new(match keying {
+            Keying::Table => None,
+            Keying::Stream => Some(window),
+        });
+        let mut seq: u64 = 0;
+        // Tables: per open epoch, the latest record of each ID, and capabilities for both outputs.
+        let mut waiting: BTreeMap<u64, (Capability<u64>, Capability<u64>, HashMap<String, Envelope<P>>)> = BTreeMap::new();
+        let unchanged = metrics::counter!(crate::metrics::UNCHANGED);
+        move |frontiers| {
+            let mut reqs = req_out.activate();
+            let mut dels = del_out.activate();
             input.for_each(|cap, data| {
                 let Some(&time) = cap.least() else { return };
-                output.session(&cap).give_iterator(data.drain(..).map(|env| ((env.id.clone(), env), time, 1isize)));
-            });
-        }
-    });
-    let latest = updates.as_collection().reduce_named("LatestPerId", |_id, versions, output| {
-        if let Some((env, _)) = versions.iter().filter(|(_, diff)| *diff > 0).max_by(|a, b| a.0.pos.cmp(&b.0.pos)) {
-            output.push(((*env).clone(), 1isize));
-        }
-    });
-    latest.inner.unary(Pipeline, "NewVersions", |_, _| {
-        move |input, output| {
-            input.for_each(|cap, data| {
-                for ((_id, env), time, diff) in data.drain(..) {
-                    if diff > 0 {
-                        output.session(&cap.delayed(&time, 0)).give(env);
+                match keying {
+                    Keying::Stream => {
+                        let (rcap, dcap) = (cap.delayed(&time, 0), cap.delayed(&time, 1));
+                        let (mut rs, mut ds) = (reqs.session(&rcap), dels.session(&dcap));
+                        for env in data.drain(..) {
+                            match decide(env, &mut seen, &mut seq) {
+                                Decision::Run(env) => rs.give(env),
+                                Decision::Delete(d) => ds.give(d),
+                                Decision::Unchanged => unchanged.increment(1),
+                            }
+                        }
+                    }
+                    Keying::Table => {
+                        let entry = waiting.entry(time).or_insert_with(|| (cap.delayed(&time, 0), cap.delayed(&time, 1), HashMap::new()));
+                        for env in data.drain(..) {
+                            match entry.2.get(&env.id) {
+                                Some(held) if held.pos > env.pos => {}
+                                _ => {
+                                    entry.2.insert(env.id.clone(), env);
+                                }
+                            }
+                        }
                     }
                 }
             });
+            // Tables: an epoch is complete once the input frontier has passed it.
+            while let Some((&t, _)) = waiting.first_key_value() {
+                if frontiers.iter().any(|f| f.frontier().less_equal(&t)) {
+                    break;
+                }
+                let (rcap, dcap, latest) = waiting.remove(&t).expect("first key exists");
+                let mut latest: Vec<Envelope<P>> = latest.into_values().collect();
+                latest.sort_by(|a, b| a.pos.cmp(&b.pos));
+                let (mut rs, mut ds) = (reqs.session(&rcap), dels.session(&dcap));
+                for env in latest {
+                    match decide(env, &mut seen, &mut seq) {
+                        Decision::Run(env) => rs.give(env),
+                        Decision::Delete(d) => ds.give(d),
+                        Decision::Unchanged => unchanged.increment(1),
+                    }
+                }
+            }
         }
-    })
+    });
+    (req_stream, del_stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Seen;
+
+    #[test]
+    fn an_unchanged_record_is_not_a_change_and_a_changed_one_is() {
+        let mut s = Seen::new(None);
+        assert!(s.changed(1, 10), "a new ID");
+        assert!(!s.changed(1, 10), "the same content again");
+        assert!(s.changed(1, 11), "new content");
+        s.forget(1);
+        assert!(s.changed(1, 11), "after a delete the ID is new again");
+    }
+
+    #[test]
+    fn a_stream_window_keeps_recent_ids_and_bounds_the_rest() {
+        let mut s = Seen::new(Some(4));
+        for id in 0..100u64 {
+            assert!(s.changed(id, id));
+        }
+        assert!(s.len() <= 4, "at most the window: {}", s.len());
+        assert!(!s.changed(99, 99), "the most recent ID is remembered");
+        assert!(s.changed(0, 0), "an old ID fell out of the window and counts as new");
+    }
 }

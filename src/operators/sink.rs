@@ -1,12 +1,15 @@
-//! The durable sink operator: gathers each epoch's answers and dead letters, and once the epoch is
-//! complete hands it to a chain of sink threads, one per configured sink, each writing it in turn
-//! and retrying with backoff until it is durable. The operator holds a capability on its (empty) output until then,
+//! The durable sink operator: gathers each epoch's changes (answers and deletes), dead letters
+//! and source checkpoints, and once the epoch is complete hands it, in change order, to a chain
+//! of sink threads, one per configured sink, each writing it in turn. Transient errors are
+//! retried with backoff; a record a sink refuses is isolated by splitting the batch and becomes
+//! a dead letter while the rest is written; a configuration error stops the process. The
+//! operator holds a capability on its (empty) output until the last sink has written an epoch,
 //! so a probe on that output says exactly which epochs are durable.
 
-use crate::connectors::kafka::source::SourceOffset;
-use crate::connectors::{EpochBatch, SinkError, SinkWriter};
 use crate::progress::Progress;
-use crate::record::{now_ms, Answer, DeadLetter};
+use crate::record::{now_ms, Answer, Change, DeadLetter, DeadReason, Deleted};
+use crate::sink::{EpochBatch, SinkError, SinkWriter};
+use crate::source::Checkpoint;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -25,23 +28,28 @@ struct Ack {
     dead: u64,
 }
 
-/// Writes `answers`, `dead` and the source `offsets` through `writers`. The returned stream carries no data; probe it to
-/// learn which epochs are durable.
+/// Writes `answers`, `deletes`, `dead` and the sources' `checkpoints` through `writers`; dead
+/// letters are bounded to `max_dead_letter_bytes` of raw bytes first. The returned stream
+/// carries no data; probe it to learn which epochs are durable.
+#[allow(clippy::too_many_arguments)]
 pub fn durable_sink<'s>(
     answers: Stream<'s, u64, Vec<Answer>>,
+    deletes: Stream<'s, u64, Vec<Deleted>>,
     dead: Stream<'s, u64, Vec<DeadLetter>>,
-    offsets: Stream<'s, u64, Vec<SourceOffset>>,
+    checkpoints: Stream<'s, u64, Vec<Checkpoint>>,
     mut writers: Vec<Box<dyn SinkWriter>>,
+    max_dead_letter_bytes: usize,
     progress: Arc<Progress>,
 ) -> Stream<'s, u64, Vec<()>> {
     let scope = answers.scope();
     let worker_index = scope.index();
     let mut builder = OperatorBuilder::new("DurableSink".to_owned(), scope);
     let mut ans_in = builder.new_input(answers, Pipeline);
+    let mut del_in = builder.new_input(deletes, Pipeline);
     let mut dead_in = builder.new_input(dead, Pipeline);
-    let mut off_in = builder.new_input(offsets, Pipeline);
-    // The sink that stores offsets goes last, after every other sink holds the epoch.
-    writers.sort_by_key(|w| w.stores_offsets());
+    let mut cp_in = builder.new_input(checkpoints, Pipeline);
+    // The sink that stores checkpoints goes last, after every other sink holds the epoch.
+    writers.sort_by_key(|w| w.stores_checkpoints());
     let (out, stream) = builder.new_output::<Vec<()>>();
     let _out = OutputBuilder::<_, CapacityContainerBuilder<Vec<()>>>::from(out);
     let address = builder.operator_info().address.to_vec();
@@ -61,30 +69,41 @@ pub fn durable_sink<'s>(
             ans_in.for_each(|cap, data| {
                 let Some(&t) = cap.least() else { return };
                 let entry = buffered.entry(t).or_insert_with(|| {
-                    (cap.delayed(&t, 0), EpochBatch { epoch: t, answers: Vec::with_capacity(answers_hint.min(16_384)), ..Default::default() })
+                    (cap.delayed(&t, 0), EpochBatch { epoch: t, changes: Vec::with_capacity(answers_hint.min(16_384)), ..Default::default() })
                 });
-                entry.1.answers.append(data);
+                entry.1.changes.extend(data.drain(..).map(Change::Upsert));
+            });
+            del_in.for_each(|cap, data| {
+                let Some(&t) = cap.least() else { return };
+                let entry = buffered.entry(t).or_insert_with(|| (cap.delayed(&t, 0), EpochBatch { epoch: t, ..Default::default() }));
+                entry.1.changes.extend(data.drain(..).map(Change::Delete));
             });
             dead_in.for_each(|cap, data| {
                 let Some(&t) = cap.least() else { return };
                 let entry = buffered.entry(t).or_insert_with(|| (cap.delayed(&t, 0), EpochBatch { epoch: t, ..Default::default() }));
                 entry.1.dead.append(data);
             });
-            off_in.for_each(|cap, data| {
+            cp_in.for_each(|cap, data| {
                 let Some(&t) = cap.least() else { return };
                 let entry = buffered.entry(t).or_insert_with(|| (cap.delayed(&t, 0), EpochBatch { epoch: t, ..Default::default() }));
-                entry.1.offsets.append(data);
+                entry.1.checkpoints.append(data);
             });
             // Hand over every complete epoch, oldest first.
             while let Some((&t, _)) = buffered.first_key_value() {
                 if frontiers.iter().any(|f| f.frontier().less_equal(&t)) {
                     break;
                 }
-                let (cap, batch) = buffered.remove(&t).expect("first key exists");
-                answers_hint = batch.answers.len();
+                let (cap, mut batch) = buffered.remove(&t).expect("first key exists");
+                answers_hint = batch.changes.len();
+                // Answers come back from the model in completion order: apply every change in
+                // the order it was made, so an ID's last change wins in every sink.
+                batch.changes.sort_unstable_by_key(Change::seq);
+                for d in &mut batch.dead {
+                    d.bound(max_dead_letter_bytes);
+                }
                 writing.insert(t, cap);
                 if let Some(tx) = &batch_tx {
-                    let ack = Ack { epoch: batch.epoch, answers: batch.answers.len() as u64, dead: batch.dead.len() as u64 };
+                    let ack = Ack { epoch: batch.epoch, answers: batch.changes.len() as u64, dead: batch.dead.len() as u64 };
                     tx.send((batch, vec![ack])).expect("the sink threads outlive the operator");
                 }
             }
@@ -164,19 +183,21 @@ fn stage_loop(
                 Err(_) => break,
             }
         }
-        let (batch, epochs) = merge(queued);
+        let (mut batch, epochs) = merge(queued);
         if let Some(w) = writer.as_mut() {
-            write_with_retry(w.as_mut(), &batch);
+            write_durably(w.as_mut(), &mut batch);
         }
         if let Some(next) = &forward {
             next.send((batch, epochs)).expect("the next sink stage outlives this one");
             continue;
         }
         let now = now_ms();
-        for a in &batch.answers {
-            latency.record(now.saturating_sub(a.ingest_ms) as f64 / 1000.0);
+        for c in &batch.changes {
+            if let Change::Upsert(a) = c {
+                latency.record(now.saturating_sub(a.ingest_ms) as f64 / 1000.0);
+            }
         }
-        answers.increment(batch.answers.len() as u64);
+        answers.increment(batch.changes.len() as u64);
         for d in &batch.dead {
             metrics::counter!(crate::metrics::DEAD_LETTERS, "reason" => d.reason.as_str()).increment(1);
         }
@@ -190,43 +211,118 @@ fn stage_loop(
 /// Most groups written as one.
 const MAX_GROUP: usize = 16;
 
-/// Concatenates groups, oldest first, into one batch (sinks keep the latest answer per ID and the
-/// latest offset per partition, so later epochs win), keeping every epoch's acknowledgement.
+/// Concatenates groups, oldest first, into one batch (sinks apply changes in order and keep the
+/// latest checkpoint per shard, so later epochs win), keeping every epoch's acknowledgement.
 fn merge(queued: Vec<Group>) -> Group {
     let mut acks = Vec::new();
     let mut merged = EpochBatch::default();
     for (mut b, a) in queued {
         acks.extend(a);
-        if merged.answers.is_empty() {
-            std::mem::swap(&mut merged.answers, &mut b.answers);
+        if merged.changes.is_empty() {
+            std::mem::swap(&mut merged.changes, &mut b.changes);
         } else {
-            merged.answers.append(&mut b.answers);
+            merged.changes.append(&mut b.changes);
         }
         merged.dead.append(&mut b.dead);
-        merged.offsets.append(&mut b.offsets);
+        merged.checkpoints.append(&mut b.checkpoints);
         merged.epoch = b.epoch;
     }
     (merged, acks)
 }
 
-/// Writes until the sink accepts the epoch: nothing is dropped. Transient errors back off
-/// exponentially up to 10 s; a fatal error stops the process, since no later write can succeed.
-fn write_with_retry(writer: &mut dyn SinkWriter, batch: &EpochBatch) {
+/// Writes `batch` until the sink holds it. Records the sink refuses are isolated and become
+/// dead letters, written to this sink and, through `batch`, to the sinks after it.
+fn write_durably(writer: &mut dyn SinkWriter, batch: &mut EpochBatch) {
+    let Err(first) = write_retrying(writer, batch) else { return };
+    tracing::warn!(sink = writer.kind(), epoch = batch.epoch, "the sink refused a record ({first}); isolating it");
+    let whole = std::mem::take(batch);
+    let (refused_changes, refused_dead) = isolate(writer, whole.changes.clone(), whole.dead.clone(), whole.epoch);
+    let kind = writer.kind();
+    let mut dead: Vec<DeadLetter> = refused_changes
+        .iter()
+        .map(|(c, why)| {
+            let (raw, ingest_ms) = match c {
+                Change::Upsert(a) => (a.raw.clone(), a.ingest_ms),
+                Change::Delete(d) => (d.id.clone().into_bytes(), d.ingest_ms),
+            };
+            let mut d = DeadLetter::new(c.pos().clone(), DeadReason::SinkRejected, format!("the {kind} sink refused it: {why}"), raw, ingest_ms);
+            d.bound(usize::MAX);
+            d
+        })
+        .collect();
+    for (mut d, why) in refused_dead {
+        // A dead letter the sink itself refuses (too large for it): keep its first KiB, its length and hash.
+        d.detail = format!("{} (the {kind} sink refused the full dead letter: {why})", d.detail);
+        d.raw.truncate(1024);
+        dead.push(d);
+    }
+    metrics::counter!(crate::metrics::SINK_REJECTED, "sink" => kind).increment(dead.len() as u64);
+    let refused_seqs: std::collections::HashSet<u64> = refused_changes.iter().map(|(c, _)| c.seq()).collect();
+    let last = EpochBatch { epoch: whole.epoch, changes: Vec::new(), dead: dead.clone(), checkpoints: whole.checkpoints.clone() };
+    if let Err(e) = write_retrying(writer, &last) {
+        // Even the bounded dead letters were refused: say so loudly rather than stall.
+        for d in &dead {
+            tracing::error!(sink = kind, source = %d.pos, sha256 = %d.raw_sha256, "a dead letter could not be written: {e}");
+        }
+        let _ = write_retrying(writer, &EpochBatch { epoch: whole.epoch, checkpoints: whole.checkpoints.clone(), ..Default::default() });
+    }
+    let mut kept_dead: Vec<DeadLetter> = whole.dead;
+    kept_dead.extend(dead.into_iter().filter(|d| d.reason == DeadReason::SinkRejected));
+    *batch = EpochBatch {
+        epoch: whole.epoch,
+        changes: whole.changes.into_iter().filter(|c| !refused_seqs.contains(&c.seq())).collect(),
+        dead: kept_dead,
+        checkpoints: whole.checkpoints,
+    };
+}
+
+/// Writes the changes and dead letters in ever smaller parts until each part is written or is
+/// one record the sink refuses. Returns the refused records with the sink's reason.
+#[allow(clippy::type_complexity)]
+fn isolate(writer: &mut dyn SinkWriter, changes: Vec<Change>, dead: Vec<DeadLetter>, epoch: u64) -> (Vec<(Change, String)>, Vec<(DeadLetter, String)>) {
+    let part = EpochBatch { epoch, changes, dead, checkpoints: Vec::new() };
+    let Err(why) = write_retrying(writer, &part) else { return (Vec::new(), Vec::new()) };
+    let EpochBatch { mut changes, mut dead, .. } = part;
+    match (changes.len(), dead.len()) {
+        (1, 0) => (vec![(changes.remove(0), why)], Vec::new()),
+        (0, 1) => (Vec::new(), vec![(dead.remove(0), why)]),
+        (0, n) => {
+            let rest = dead.split_off(n / 2);
+            let (c1, d1) = isolate(writer, Vec::new(), dead, epoch);
+            let (c2, d2) = isolate(writer, Vec::new(), rest, epoch);
+            ([c1, c2].concat(), [d1, d2].concat())
+        }
+        (n, _) => {
+            // Changes in order: the first half is written before the second.
+            let rest = if n > 1 { changes.split_off(n / 2) } else { Vec::new() };
+            let (c1, d1) = isolate(writer, changes, if n > 1 { Vec::new() } else { std::mem::take(&mut dead) }, epoch);
+            let (c2, d2) = if n > 1 { isolate(writer, rest, dead, epoch) } else { (Vec::new(), Vec::new()) };
+            ([c1, c2].concat(), [d1, d2].concat())
+        }
+    }
+}
+
+/// Writes until the sink accepts the batch or refuses a record in it (`Err` with the sink's
+/// reason). Transient errors back off exponentially up to 10 s. A configuration error stops the
+/// process, since no later write can succeed. After a stop signal the watchdog ends the process
+/// once the grace period is over, with nothing undurable acknowledged.
+fn write_retrying(writer: &mut dyn SinkWriter, batch: &EpochBatch) -> Result<(), String> {
     let mut delay = Duration::from_millis(100);
     loop {
         let started = Instant::now();
         match writer.write(batch) {
             Ok(()) => {
                 metrics::histogram!(crate::metrics::SINK_WRITE_LATENCY, "sink" => writer.kind()).record(started.elapsed().as_secs_f64());
-                return;
+                return Ok(());
             }
+            Err(SinkError::Record(e)) => return Err(e),
             Err(SinkError::Transient(e)) => {
                 metrics::counter!(crate::metrics::SINK_RETRIES, "sink" => writer.kind()).increment(1);
                 tracing::warn!(sink = writer.kind(), epoch = batch.epoch, "write failed, retrying in {:?}: {e}", delay);
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
-            Err(SinkError::Fatal(e)) => {
+            Err(SinkError::Config(e)) => {
                 tracing::error!(sink = writer.kind(), "cannot write: {e}");
                 eprintln!("error: {} sink: {e}", writer.kind());
                 std::process::exit(2);
@@ -240,22 +336,25 @@ mod tests {
     use super::*;
     use crate::record::SourcePos;
 
+    fn answer(id: &str, epoch: u64, seq: u64) -> Change {
+        Change::Upsert(Answer {
+            id: id.to_string(),
+            values: Vec::new(),
+            passthrough: Vec::new(),
+            model: "m@0".into(),
+            pos: SourcePos::seq("generator".into(), epoch),
+            ingest_ms: 0,
+            raw: id.as_bytes().to_vec(),
+            seq,
+        })
+    }
+
     fn batch(epoch: u64, ids: &[&str], offset: i64) -> EpochBatch {
         EpochBatch {
             epoch,
-            answers: ids
-                .iter()
-                .map(|id| Answer {
-                    id: id.to_string(),
-                    values: Vec::new(),
-                    passthrough: Vec::new(),
-                    model: "m@0".into(),
-                    pos: SourcePos::Generated { seq: epoch },
-                    ingest_ms: 0,
-                })
-                .collect(),
+            changes: ids.iter().enumerate().map(|(i, id)| answer(id, epoch, epoch * 100 + i as u64)).collect(),
             dead: Vec::new(),
-            offsets: vec![SourceOffset { topic: "t".into(), partition: 0, next_offset: offset }],
+            checkpoints: vec![Checkpoint { scope: "t".into(), shard: "0".into(), position: offset.to_string() }],
         }
     }
 
@@ -274,10 +373,10 @@ mod tests {
         fn write(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
             std::thread::sleep(self.delay);
             let mut log = self.log.lock().unwrap();
-            log.extend(batch.answers.iter().map(|a| (self.name, a.id.clone())));
+            log.extend(batch.changes.iter().map(|c| (self.name, c.id().to_string())));
             Ok(())
         }
-        fn stores_offsets(&self) -> bool {
+        fn stores_checkpoints(&self) -> bool {
             self.offsets
         }
     }
@@ -295,7 +394,7 @@ mod tests {
                     Box::new(Recorder { name: "offsets", offsets: true, delay: Duration::from_millis(1), log: log.clone() }),
                     Box::new(Recorder { name: "topic", offsets: false, delay: Duration::from_millis(10), log: log.clone() }),
                 ];
-                writers.sort_by_key(|w| w.stores_offsets());
+                writers.sort_by_key(|w| w.stores_checkpoints());
                 let (tx, acks, threads) = spawn_stages(writers, 0, activator);
                 for e in 0..8u64 {
                     let ids = [format!("e{e}a"), format!("e{e}b")];
@@ -326,16 +425,50 @@ mod tests {
     #[test]
     fn a_group_keeps_epoch_order_and_acknowledges_every_epoch() {
         let group = |b: EpochBatch| {
-            let ack = Ack { epoch: b.epoch, answers: b.answers.len() as u64, dead: 0 };
+            let ack = Ack { epoch: b.epoch, answers: b.changes.len() as u64, dead: 0 };
             (b, vec![ack])
         };
         let (merged, acks) = merge(vec![group(batch(3, &["a", "b"], 10)), group(batch(4, &["a"], 12)), group(batch(7, &[], 15))]);
-        let order: Vec<(&str, u64)> =
-            merged.answers.iter().map(|a| (a.id.as_str(), a.ingest_ms + if let SourcePos::Generated { seq } = a.pos { seq } else { 0 })).collect();
+        let order: Vec<(&str, u64)> = merged.changes.iter().map(|c| (c.id(), c.pos().offset)).collect();
         assert_eq!(order, vec![("a", 3), ("b", 3), ("a", 4)], "older epochs first, so the later answer for an ID wins in the sinks");
-        assert_eq!(merged.offsets.last().map(|o| o.next_offset), Some(15), "the newest offset comes last");
+        assert_eq!(merged.checkpoints.last().map(|o| o.position.as_str()), Some("15"), "the newest checkpoint comes last");
         assert_eq!(merged.epoch, 7);
         let acked: Vec<(u64, u64)> = acks.iter().map(|a| (a.epoch, a.answers)).collect();
         assert_eq!(acked, vec![(3, 2), (4, 1), (7, 0)]);
+    }
+
+    /// A sink that refuses any batch holding a change whose ID starts with `bad`, and logs what it wrote.
+    struct Picky {
+        written: Vec<String>,
+        dead: Vec<(String, DeadReason)>,
+        checkpoints: usize,
+    }
+
+    impl SinkWriter for Picky {
+        fn kind(&self) -> &'static str {
+            "picky"
+        }
+        fn write(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
+            if let Some(c) = batch.changes.iter().find(|c| c.id().starts_with("bad")) {
+                return Err(SinkError::Record(format!("cannot store {}", c.id())));
+            }
+            self.written.extend(batch.changes.iter().map(|c| c.id().to_string()));
+            self.dead.extend(batch.dead.iter().map(|d| (String::from_utf8_lossy(&d.raw).to_string(), d.reason)));
+            self.checkpoints += batch.checkpoints.len();
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_record_the_sink_refuses_becomes_a_dead_letter_and_the_rest_is_written_in_order() {
+        let mut sink = Picky { written: Vec::new(), dead: Vec::new(), checkpoints: 0 };
+        let mut b = batch(1, &["a", "b", "bad1", "c", "d", "bad2", "e"], 9);
+        write_durably(&mut sink, &mut b);
+        assert_eq!(sink.written, vec!["a", "b", "c", "d", "e"], "the good changes, each once, in order");
+        assert_eq!(sink.dead, vec![("bad1".to_string(), DeadReason::SinkRejected), ("bad2".to_string(), DeadReason::SinkRejected)]);
+        assert_eq!(sink.checkpoints, 1, "the checkpoint is written once, after everything else");
+        let forwarded: Vec<&str> = b.changes.iter().map(|c| c.id()).collect();
+        assert_eq!(forwarded, vec!["a", "b", "c", "d", "e"], "later sinks get the batch without the refused changes");
+        assert_eq!(b.dead.len(), 2, "and with their dead letters");
     }
 }

@@ -1,0 +1,177 @@
+//! The decode stage every source shares: raw records become requests or dead letters. It
+//! validates the request ID (UTF-8, no NUL byte, at most `runtime.max_id_bytes`; a numeric JSON
+//! ID keeps its exact text), refuses text with a NUL byte, renames pass-through fields that
+//! clash with sluice's own columns, and runs the task's decoding with its panics contained.
+
+use crate::json::{JsonFields, TextValue};
+use crate::record::{content_hash, Column, DeadLetter, DeadReason, Envelope};
+use crate::source::{Body, IdFrom, RawRecord};
+use crate::tasks::Task;
+use std::sync::Arc;
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::Stream;
+
+/// Names sluice writes beside a task's own output columns; a pass-through field with one of
+/// these names (or a task output's name) is kept as `input_<name>`.
+pub const RESERVED_COLUMNS: [&str; 5] = ["id", "model", "model_version", "updated_at", "op"];
+
+/// How records are decoded.
+#[derive(Clone, Debug)]
+pub struct DecodeSettings {
+    pub id_from: IdFrom,
+    /// A longer request ID is a dead letter (`invalid_id`).
+    pub max_id_bytes: usize,
+}
+
+/// Checks a request ID; `Ok(None)` for an empty one (the position-derived ID is used).
+pub fn check_id(bytes: &[u8], max: usize) -> Result<Option<String>, String> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    if bytes.len() > max {
+        return Err(format!("the request ID is {} bytes; the limit (runtime.max_id_bytes) is {max}", bytes.len()));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("the request ID is not UTF-8 (at byte {})", e.valid_up_to()))?;
+    if let Some(at) = text.bytes().position(|b| b == 0) {
+        return Err(format!("the request ID holds a NUL byte at byte {at}"));
+    }
+    Ok(Some(text.to_string()))
+}
+
+/// The name a pass-through field is written under.
+pub fn passthrough_name(name: &str, outputs: &[Column]) -> String {
+    if RESERVED_COLUMNS.contains(&name) || outputs.iter().any(|c| c.name == name) {
+        format!("input_{name}")
+    } else {
+        name.to_string()
+    }
+}
+
+/// Decodes one raw record.
+pub fn decode_record<T: Task>(task: &T, s: &DecodeSettings, rec: RawRecord) -> Result<Envelope<T::Request>, DeadLetter> {
+    let RawRecord { bytes, body, pos, id, ingest_ms } = rec;
+    let dead = |reason, detail: String, bytes: Vec<u8>| DeadLetter::new(pos.clone(), reason, detail, bytes, ingest_ms);
+    let mut given = match id.as_deref().map(|b| check_id(b, s.max_id_bytes)) {
+        Some(Err(e)) => return Err(dead(DeadReason::InvalidId, e, bytes)),
+        Some(Ok(id)) => id,
+        None => None,
+    };
+    let (payload, passthrough) = match body {
+        Body::Refused(reason, detail) => return Err(dead(reason, detail, bytes)),
+        Body::Delete => {
+            let Some(id) = given else {
+                return Err(dead(DeadReason::MissingField, "an empty message (a tombstone) without a request ID: nothing to delete".into(), bytes));
+            };
+            return Ok(Envelope { id, payload: None, passthrough: Vec::new(), pos, ingest_ms, raw: bytes, content: 0, seq: 0 });
+        }
+        Body::Fields(fields) => {
+            if let Some((name, _)) = fields.iter().find(|(_, v)| v.contains('\0')) {
+                return Err(dead(DeadReason::InvalidText, format!("field `{name}` holds a NUL byte, which no text column can store"), bytes));
+            }
+            let named: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (&**k, v.as_str())).collect();
+            match crate::guard::contain(|| task.decode_fields(&named)) {
+                Ok(Ok((payload, passthrough))) => (payload, passthrough),
+                Ok(Err((reason, detail))) => return Err(dead(reason, detail, bytes)),
+                Err(panic) => return Err(dead(DeadReason::TaskFailed, format!("the task panicked decoding the record: {panic}"), bytes)),
+            }
+        }
+        Body::Json => {
+            let text = match std::str::from_utf8(&bytes) {
+                Ok(t) => t,
+                Err(e) => return Err(dead(DeadReason::InvalidUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to()), bytes)),
+            };
+            let obj = match JsonFields::parse(text) {
+                Ok(o) => o,
+                Err(e) => return Err(dead(DeadReason::NotJson, format!("not a JSON object: {e}"), bytes)),
+            };
+            if given.is_none() {
+                if let IdFrom::Field { name } = &s.id_from {
+                    let found = match obj.text(name) {
+                        Some(TextValue::String(v)) => check_id(v.as_bytes(), s.max_id_bytes),
+                        Some(TextValue::Number(n)) => check_id(n.as_bytes(), s.max_id_bytes),
+                        _ => Ok(None),
+                    };
+                    match found {
+                        Ok(id) => given = id,
+                        Err(e) => return Err(dead(DeadReason::InvalidId, e, bytes)),
+                    }
+                }
+            }
+            match crate::guard::contain(|| task.decode_json(&obj)) {
+                Ok(Ok(payload)) => (payload, Vec::new()),
+                Ok(Err((reason, detail))) => return Err(dead(reason, detail, bytes)),
+                Err(panic) => return Err(dead(DeadReason::TaskFailed, format!("the task panicked decoding the message: {panic}"), bytes)),
+            }
+        }
+    };
+    let outputs = task.output_columns();
+    let passthrough = passthrough.into_iter().map(|(k, v)| (passthrough_name(&k, outputs), v)).collect();
+    let id = given.unwrap_or_else(|| pos.derived_id());
+    let content = content_hash(&bytes);
+    Ok(Envelope { id, payload: Some(payload), passthrough, pos, ingest_ms, raw: bytes, content, seq: 0 })
+}
+
+/// The decode operator: requests out of the first stream, dead letters out of the second.
+#[allow(clippy::type_complexity)]
+pub fn decode<'s, T: Task>(
+    records: Stream<'s, u64, Vec<RawRecord>>,
+    task: Arc<T>,
+    settings: DecodeSettings,
+) -> (Stream<'s, u64, Vec<Envelope<T::Request>>>, Stream<'s, u64, Vec<DeadLetter>>) {
+    let mut builder = OperatorBuilder::new("Decode".to_owned(), records.scope());
+    let mut input = builder.new_input(records, Pipeline);
+    let (ok_out, ok_stream) = builder.new_output::<Vec<Envelope<T::Request>>>();
+    let (dead_out, dead_stream) = builder.new_output::<Vec<DeadLetter>>();
+    let mut ok_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<Envelope<T::Request>>>>::from(ok_out);
+    let mut dead_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<DeadLetter>>>::from(dead_out);
+    builder.build(move |_| {
+        move |_frontiers| {
+            let mut ok = ok_out.activate();
+            let mut dead = dead_out.activate();
+            input.for_each(|cap, data| {
+                let Some(&time) = cap.least() else { return };
+                let ok_cap = cap.delayed(&time, 0);
+                let mut ok_session = ok.session(&ok_cap);
+                let mut refused = Vec::new();
+                for rec in data.drain(..) {
+                    match decode_record(task.as_ref(), &settings, rec) {
+                        Ok(env) => ok_session.give(env),
+                        Err(d) => refused.push(d),
+                    }
+                }
+                drop(ok_session);
+                if !refused.is_empty() {
+                    let dcap = cap.delayed(&time, 1);
+                    dead.session(&dcap).give_iterator(refused.into_iter());
+                }
+            });
+        }
+    });
+    (ok_stream, dead_stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_with_nul_too_long_or_not_utf8_are_refused_and_empty_ones_derived() {
+        assert_eq!(check_id(b"ride-1", 512), Ok(Some("ride-1".into())));
+        assert_eq!(check_id(b"", 512), Ok(None));
+        assert!(check_id(b"poison\0id", 512).unwrap_err().contains("NUL"));
+        assert!(check_id(&[b'x'; 8200], 512).unwrap_err().contains("8200 bytes"));
+        assert!(check_id(b"\xff\xfe", 512).unwrap_err().contains("UTF-8"));
+    }
+
+    #[test]
+    fn passthrough_names_that_clash_with_sluices_own_get_a_prefix() {
+        let outputs = [Column { name: "answer", kind: crate::record::ColumnKind::Text }];
+        assert_eq!(passthrough_name("model", &outputs), "input_model");
+        assert_eq!(passthrough_name("answer", &outputs), "input_answer");
+        assert_eq!(passthrough_name("updated_at", &outputs), "input_updated_at");
+        assert_eq!(passthrough_name("city", &outputs), "city");
+    }
+}

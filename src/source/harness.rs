@@ -1,0 +1,306 @@
+//! The source harness: one timely operator that drives any [`Source`] on its worker. It owns
+//! epochs (clock ticks for streams, record counts for tables), the in-flight bounds (epochs and
+//! records not yet durable), stopping on a signal or at the end of finite input, and
+//! acknowledging to the source only what a probe on the sinks says is durable. After it stops
+//! reading it stays until everything it read is durable, so a source can acknowledge the last
+//! of it (or leave it to be redelivered when the process is cut short).
+
+use super::{Checkpoint, Poll, RawRecord, Source, SourceError, SourceFactory};
+use crate::progress::Progress;
+use crate::record::now_ms;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::{ProbeHandle, Scope, Stream};
+
+/// The engine's bounds and pacing for a source.
+#[derive(Clone, Debug)]
+pub struct HarnessSettings {
+    /// Most records per poll, and per epoch when epochs are counted in records.
+    pub epoch_records: usize,
+    pub max_epochs_in_flight: u64,
+    /// A worker pauses while this many of its records are in epochs not yet durable.
+    pub max_records_in_flight: usize,
+}
+
+/// A run-stopping error raised on a worker thread (a source that cannot work as configured);
+/// the run stops and returns it.
+#[derive(Clone, Default)]
+pub struct FatalSlot(Arc<Mutex<Option<String>>>);
+
+impl FatalSlot {
+    pub fn set(&self, message: String) {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        slot.get_or_insert(message);
+    }
+
+    pub fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// What a worker has read that the sinks have not yet made durable: records per epoch. It bounds
+/// both the number of such epochs and their records. Clock epochs can hold any number of
+/// records, so the record bound is what keeps memory flat.
+#[derive(Debug)]
+pub struct InFlight {
+    records: BTreeMap<u64, usize>,
+    max_epochs: u64,
+    max_records: usize,
+}
+
+impl InFlight {
+    pub fn new(max_epochs: u64, max_records: usize) -> Self {
+        InFlight { records: BTreeMap::new(), max_epochs, max_records }
+    }
+
+    /// Every epoch before `oldest` is durable.
+    pub fn durable_before(&mut self, oldest: u64) {
+        self.records = self.records.split_off(&oldest);
+    }
+
+    /// How many records may be read into `epoch` now; 0 means pause. Reading more into an epoch
+    /// that already holds data adds no epoch, so only the record bound applies to it.
+    pub fn budget(&self, epoch: u64) -> usize {
+        if self.records.len() as u64 >= self.max_epochs && !self.records.contains_key(&epoch) {
+            return 0;
+        }
+        // At most `max_epochs` entries: summing them is as cheap as keeping a counter.
+        self.max_records.saturating_sub(self.records.values().sum())
+    }
+
+    pub fn add(&mut self, epoch: u64, n: usize) {
+        if n > 0 {
+            *self.records.entry(epoch).or_default() += n;
+        }
+    }
+
+    /// Epochs holding records that are not yet durable.
+    pub fn epochs(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+/// What the operator is doing.
+enum Phase {
+    /// The source is not built yet (or its build failed transiently).
+    Starting,
+    Reading(Box<dyn Source>),
+    /// No more reading: waiting until everything read is durable, then acknowledging it.
+    Draining(Box<dyn Source>),
+    Finished,
+}
+
+/// Builds this worker's source operator. Outputs: raw records, and each closed epoch's checkpoints.
+#[allow(clippy::too_many_arguments)]
+pub fn source_harness<'s>(
+    scope: Scope<'s, u64>,
+    factory: Arc<dyn SourceFactory>,
+    resume: Arc<Vec<Checkpoint>>,
+    settings: HarnessSettings,
+    durable: ProbeHandle<u64>,
+    stop: Arc<AtomicBool>,
+    fatal: FatalSlot,
+    progress: Arc<Progress>,
+) -> (Stream<'s, u64, Vec<RawRecord>>, Stream<'s, u64, Vec<Checkpoint>>) {
+    let (index, peers) = (scope.index(), scope.peers());
+    let kind = factory.kind();
+    let mut builder = OperatorBuilder::new(format!("Source({kind})"), scope);
+    let (rec_out, rec_stream) = builder.new_output::<Vec<RawRecord>>();
+    let (cp_out, cp_stream) = builder.new_output::<Vec<Checkpoint>>();
+    let mut rec_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<RawRecord>>>::from(rec_out);
+    let mut cp_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<Checkpoint>>>::from(cp_out);
+    let activator = scope.activator_for(builder.operator_info().address);
+    let records_metric = metrics::counter!(crate::metrics::SOURCE_RECORDS, "connector" => kind);
+
+    builder.build(move |caps| {
+        let mut caps = Some(caps);
+        let mut phase = Phase::Starting;
+        let mut backoff = Duration::from_millis(100);
+        let clock = factory.epoch_every().map(|d| d.as_millis().max(1) as u64);
+        let idle_exit = factory.idle_exit();
+        let mut epoch: u64 = clock.map(|ms| now_ms() / ms).unwrap_or(0);
+        let mut open_records = 0usize;
+        let mut in_flight = InFlight::new(settings.max_epochs_in_flight, settings.max_records_in_flight);
+        let mut acknowledged: u64 = 0;
+        let mut last_record = Instant::now();
+        let mut buf: Vec<RawRecord> = Vec::new();
+        move |_frontiers| {
+            let oldest = durable.with_frontier(|f| f.first().copied()).unwrap_or(u64::MAX);
+            in_flight.durable_before(oldest);
+            metrics::gauge!(crate::metrics::EPOCHS_IN_FLIGHT).set(in_flight.epochs() as f64);
+            match &mut phase {
+                Phase::Finished => return,
+                Phase::Draining(source) => {
+                    if oldest > acknowledged {
+                        acknowledged = oldest;
+                        source.durable(oldest);
+                    }
+                    if oldest == u64::MAX {
+                        phase = Phase::Finished;
+                    } else {
+                        activator.activate_after(Duration::from_millis(5));
+                    }
+                    return;
+                }
+                Phase::Reading(source) if oldest > acknowledged => {
+                    acknowledged = oldest;
+                    source.durable(oldest);
+                }
+                _ => {}
+            }
+            let Some(cs) = caps.as_mut() else { return };
+            let stopping = stop.load(Ordering::Relaxed) || idle_exit.is_some_and(|d| last_record.elapsed() >= d && in_flight.is_empty() && open_records == 0);
+            // Clock epochs: close the open one when the clock has moved on.
+            if let Some(ms) = clock {
+                let tick = now_ms() / ms;
+                if tick > epoch {
+                    if let Phase::Reading(source) = &mut phase {
+                        if open_records > 0 {
+                            cp_out.activate().session(&cs[1]).give_iterator(source.checkpoint(epoch).into_iter());
+                            open_records = 0;
+                        }
+                    }
+                    epoch = tick;
+                    for c in cs.iter_mut() {
+                        c.downgrade(&epoch);
+                    }
+                }
+            }
+            if stopping {
+                finish(&mut phase, &mut caps, &mut cp_out, epoch, open_records);
+                activator.activate();
+                return;
+            }
+            if let Phase::Starting = phase {
+                match factory.build(index, peers, &resume) {
+                    Ok(source) => {
+                        if let Some(total) = source.total_hint() {
+                            progress.total.fetch_add(total, Ordering::Relaxed);
+                        }
+                        phase = Phase::Reading(source);
+                        backoff = Duration::from_millis(100);
+                        last_record = Instant::now();
+                    }
+                    Err(SourceError::Transient(e)) => {
+                        tracing::warn!("{kind} source: {e}; retrying in {backoff:?}");
+                        activator.activate_after(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        return;
+                    }
+                    Err(SourceError::Config(e)) => {
+                        fatal.set(format!("{kind} source: {e}"));
+                        stop.store(true, Ordering::Relaxed);
+                        phase = Phase::Finished;
+                        caps = None;
+                        return;
+                    }
+                }
+            }
+            let Phase::Reading(source) = &mut phase else { return };
+            let mut budget = in_flight.budget(epoch).min(settings.epoch_records);
+            if clock.is_none() {
+                budget = budget.min(settings.epoch_records.saturating_sub(open_records));
+            }
+            if budget == 0 {
+                // Backpressure: leave the input where it is until the sinks catch up.
+                activator.activate_after(Duration::from_millis(1));
+                return;
+            }
+            let polled = source.poll(epoch, budget, &mut buf);
+            let n = buf.len();
+            if n > 0 {
+                rec_out.activate().session(&cs[0]).give_container(&mut buf);
+                buf.clear();
+                open_records += n;
+                in_flight.add(epoch, n);
+                last_record = Instant::now();
+                progress.read.fetch_add(n as u64, Ordering::Relaxed);
+                records_metric.increment(n as u64);
+            }
+            if clock.is_none() && open_records >= settings.epoch_records {
+                cp_out.activate().session(&cs[1]).give_iterator(source.checkpoint(epoch).into_iter());
+                open_records = 0;
+                epoch += 1;
+                for c in cs.iter_mut() {
+                    c.downgrade(&epoch);
+                }
+            }
+            match polled {
+                Ok(Poll::More) => activator.activate(),
+                Ok(Poll::Idle(d)) => activator.activate_after(clock.map(|ms| d.min(Duration::from_millis(ms))).unwrap_or(d)),
+                Ok(Poll::Done) => {
+                    finish(&mut phase, &mut caps, &mut cp_out, epoch, open_records);
+                    activator.activate();
+                }
+                Err(SourceError::Transient(e)) => {
+                    tracing::warn!("{kind} source: {e}; polling again in {backoff:?}");
+                    activator.activate_after(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(SourceError::Config(e)) => {
+                    fatal.set(format!("{kind} source: {e}"));
+                    stop.store(true, Ordering::Relaxed);
+                    activator.activate();
+                }
+            }
+        }
+    });
+    (rec_stream, cp_stream)
+}
+
+type CpOut<'s> = OutputBuilder<u64, CapacityContainerBuilder<Vec<Checkpoint>>>;
+
+/// Stops reading: closes the open epoch (its checkpoints travel with its answers), drops the
+/// capabilities so downstream drains, and waits for durability to acknowledge the rest.
+fn finish(phase: &mut Phase, caps: &mut Option<Vec<timely::dataflow::operators::Capability<u64>>>, cp_out: &mut CpOut<'_>, epoch: u64, open_records: usize) {
+    let Some(cs) = caps.as_ref() else { return };
+    let next = match std::mem::replace(phase, Phase::Finished) {
+        Phase::Reading(mut source) => {
+            if open_records > 0 {
+                cp_out.activate().session(&cs[1]).give_iterator(source.checkpoint(epoch).into_iter());
+            }
+            Phase::Draining(source)
+        }
+        other => other,
+    };
+    *phase = match next {
+        Phase::Starting => Phase::Finished,
+        other => other,
+    };
+    *caps = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InFlight;
+
+    #[test]
+    fn in_flight_bounds_epochs_and_records() {
+        let mut f = InFlight::new(2, 100);
+        assert_eq!(f.budget(1), 100, "nothing in flight");
+        f.add(1, 60);
+        assert_eq!(f.budget(1), 40, "the open epoch may take what is left of the record bound");
+        f.add(2, 30);
+        assert_eq!(f.budget(3), 0, "a third epoch would exceed the epoch bound");
+        assert_eq!(f.budget(2), 10, "the open epoch holds data already, so it adds no epoch");
+        f.add(2, 10);
+        assert_eq!(f.budget(2), 0, "the record bound is reached");
+        f.durable_before(2);
+        assert_eq!(f.epochs(), 1);
+        assert_eq!(f.budget(3), 60, "epoch 1's 60 records are durable");
+        f.add(3, 0);
+        assert_eq!(f.epochs(), 1, "an epoch with no records is not in flight");
+        f.durable_before(u64::MAX);
+        assert!(f.is_empty());
+        assert_eq!(f.budget(9), 100);
+    }
+}
