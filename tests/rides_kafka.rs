@@ -98,7 +98,7 @@ fn bad_messages_become_dead_letters_and_the_worker_keeps_going() {
     assert_eq!(on_topic.len(), 6, "dead letters are on the dead-letter topic too");
     assert!(on_topic.iter().all(|(_, _, h)| h.contains_key("reason")));
     // The worker committed past the bad messages: the stored offsets cover every message.
-    let stored: i64 = query(&format!("SELECT coalesce(sum(next_offset), 0)::bigint FROM sluice_offsets WHERE pipeline = '{}'", s.name))[0].get(0);
+    let stored: i64 = query(&format!("SELECT coalesce(sum(position::bigint), 0)::bigint FROM sluice_checkpoints WHERE pipeline = '{}'", s.name))[0].get(0);
     assert_eq!(stored, messages.len() as i64);
 }
 
@@ -140,7 +140,7 @@ fn sigterm_drains_commits_and_exits_zero() {
     let status = worker.wait();
     assert!(status.success(), "exit status {status:?}");
     // Everything before the stored offsets has its answer, and nothing after it does.
-    let stored: i64 = query(&format!("SELECT coalesce(sum(next_offset), 0)::bigint FROM sluice_offsets WHERE pipeline = '{}'", s.name))[0].get(0);
+    let stored: i64 = query(&format!("SELECT coalesce(sum(position::bigint), 0)::bigint FROM sluice_checkpoints WHERE pipeline = '{}'", s.name))[0].get(0);
     assert_eq!(count_rows(&s.table), stored, "answers and offsets were committed together");
     // A restart picks up exactly where it stopped.
     let _again = start_worker(s.dir.path(), &s.topology(), 1);

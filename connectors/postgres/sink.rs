@@ -170,6 +170,11 @@ impl PostgresWriter {
         qualified(&self.target.schema, &self.target.table)
     }
 
+    /// The answer table as `schema.table`: with the pipeline's name, the key of its checkpoints.
+    fn target_key(&self) -> String {
+        format!("{}.{}", self.target.schema, self.target.table)
+    }
+
     fn checkpoints_table(&self) -> String {
         qualified(&self.target.schema, CHECKPOINTS_TABLE)
     }
@@ -180,7 +185,7 @@ impl PostgresWriter {
         self.client()?;
         let client = self.client.as_ref().expect("connected");
         let sql = format!("SELECT scope, shard, position FROM {} WHERE pipeline = $1 AND target = $2", self.checkpoints_table());
-        let target = self.table();
+        let target = self.target_key();
         let rows = self.rt.block_on(client.query(sql.as_str(), &[&self.target.pipeline, &target])).map_err(classify)?;
         let mut out: Vec<Checkpoint> = rows.iter().map(|r| Checkpoint { scope: r.get(0), shard: r.get(1), position: r.get(2) }).collect();
         if out.is_empty() {
@@ -374,7 +379,7 @@ impl PostgresWriter {
         let c_shard: Vec<&str> = latest_checkpoints.keys().map(|k| k.1).collect();
         let c_position: Vec<&str> = latest_checkpoints.values().copied().collect();
         let pipeline = self.target.pipeline.clone();
-        let target = self.table();
+        let target = self.target_key();
         let mut upsert = self.upsert_writes > 0;
         self.upsert_writes = self.upsert_writes.saturating_sub(1);
         loop {

@@ -5,9 +5,12 @@
 //! replaces its answer; a delete (a tombstone) goes straight to the sinks. Every change gets a
 //! sequence number, so the sinks apply an epoch's changes to an ID in the order they were made.
 //!
-//! Tables (files) wait for each epoch to complete and keep, per ID, the record latest in its
-//! source; their state covers every ID. Streams key records as they arrive (no added latency)
-//! and remember only a window of recent IDs (`runtime.dedupe_window`), so state stays bounded.
+//! Tables (files) are exchanged by ID, wait for each epoch to complete and keep, per ID, the
+//! record latest in its source; their state covers every ID. Streams stay on the worker that
+//! read them (their checkpoints must commit in the same transaction as their answers, on that
+//! worker), key records as they arrive (no added latency) and remember only a window of recent
+//! IDs (`runtime.dedupe_window`), so state stays bounded. A stream's repeated ID is recognized
+//! when it comes through the same worker: for Kafka, when it is produced with the same key.
 
 use crate::record::{Deleted, Envelope};
 use crate::source::Keying;
@@ -106,8 +109,12 @@ pub fn key_by_id<'s, P>(
 where
     P: timely::ExchangeData,
 {
-    let mut builder = OperatorBuilder::new("KeyById".to_owned(), requests.scope());
-    let mut input = builder.new_input(requests, Exchange::new(|env: &Envelope<P>| id_hash(&env.id)));
+    let scope = requests.scope();
+    let here = scope.index() as u64;
+    let mut builder = OperatorBuilder::new("KeyById".to_owned(), scope);
+    // Tables go to the worker that owns their ID; streams stay where they were read.
+    let route = move |env: &Envelope<P>| if keying == Keying::Table { id_hash(&env.id) } else { here };
+    let mut input = builder.new_input(requests, Exchange::new(route));
     let (req_out, req_stream) = builder.new_output::<Vec<Envelope<P>>>();
     let (del_out, del_stream) = builder.new_output::<Vec<Deleted>>();
     let mut req_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<Envelope<P>>>>::from(req_out);
