@@ -34,7 +34,7 @@ pub fn spawn_sluice(dir: &Path, topology: &str, args: &[&str], env: &[(&str, &st
     let out_path = dir.join(format!("{id}.stdout"));
     let err_path = dir.join(format!("{id}.stderr"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    cmd.current_dir(dir).args(["run", path.to_str().unwrap(), "--no-progress"]).args(args);
+    cmd.current_dir(dir).args(["run", path.to_str().unwrap(), "--no-progress"]).args(args).env("NO_COLOR", "1");
     for (k, v) in env {
         cmd.env(k, v);
     }
