@@ -244,11 +244,55 @@ pub fn create_partitions(topic: &str, total: usize) {
     }
 }
 
+/// Grows `topic` to `total` partitions while clients use it. With a broker that supports
+/// CreatePartitions this is `create_partitions`. Tansu 0.6.0 (the test broker) answers
+/// CreatePartitions with UNSUPPORTED_VERSION, so there the topic is deleted and created again with
+/// `total` partitions: to a reader, partitions 1.. appear just as if they had been added (partition 0
+/// starts over empty). Returns which way was taken. Waits until the broker reports `total`.
+pub fn grow_partitions(topic: &str, total: usize) -> &'static str {
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let how = match rt.block_on(admin.create_partitions(&[NewPartitions::new(topic, total)], &opts)) {
+        Ok(results) => {
+            for r in results {
+                r.unwrap_or_else(|(t, e)| panic!("cannot add partitions to {t}: {e}"));
+            }
+            "create_partitions"
+        }
+        Err(e) if e.to_string().contains("UnsupportedFeature") || e.to_string().contains("not supported") => {
+            let deleted = rt.block_on(admin.delete_topics(&[topic], &opts)).expect("delete topic");
+            for r in deleted {
+                r.unwrap_or_else(|(t, e)| panic!("cannot delete topic {t}: {e}"));
+            }
+            let until = Instant::now() + Duration::from_secs(15);
+            loop {
+                let new = rdkafka::admin::NewTopic::new(topic, total as i32, rdkafka::admin::TopicReplication::Fixed(1));
+                let r = rt.block_on(admin.create_topics(&[new], &opts)).expect("create topic");
+                match r.into_iter().next().expect("one result") {
+                    Ok(_) => break,
+                    Err((t, e)) if Instant::now() < until => {
+                        eprintln!("recreating {t}: {e}; retrying");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err((t, e)) => panic!("cannot create topic {t} again: {e}"),
+                }
+            }
+            "delete and create again (the broker has no CreatePartitions)"
+        }
+        Err(e) => panic!("create partitions: {e}"),
+    };
+    assert!(wait_until(Duration::from_secs(15), || partition_count(topic) == total), "the broker does not report {total} partitions for {topic}");
+    how
+}
+
 /// The number of partitions of `topic` the broker reports.
 pub fn partition_count(topic: &str) -> usize {
     let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).unwrap();
-    md.topics().first().map(|t| t.partitions().len()).unwrap_or(0)
+    match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+        Ok(md) => md.topics().first().filter(|t| t.error().is_none()).map(|t| t.partitions().len()).unwrap_or(0),
+        Err(_) => 0,
+    }
 }
 
 /// A message read back: key, payload (None for a tombstone), headers, partition, offset.
