@@ -366,3 +366,45 @@ pub fn ride_body(raw_id_json: &str, seed: usize) -> Vec<u8> {
 pub fn ride(id: &str, seed: usize) -> Vec<u8> {
     ride_body(&serde_json::to_string(id).unwrap(), seed)
 }
+
+// ---- Postgres, tolerant of a server that is briefly unreachable (for polling loops) -------------
+
+/// Runs a query against the test Postgres; `Err` instead of a panic when it cannot connect or fails.
+pub fn try_query(sql: &str) -> Result<Vec<tokio_postgres::Row>, String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&super::pg_url(), tokio_postgres::NoTls).await.map_err(|e| format!("connect: {e}"))?;
+        tokio::spawn(conn);
+        client.query(sql, &[]).await.map_err(|e| format!("{sql}: {e}"))
+    })
+}
+
+/// The rows of `table`; 0 while it does not exist yet or Postgres cannot be reached.
+pub fn poll_rows(table: &str) -> i64 {
+    if !poll_exists(table) {
+        return 0;
+    }
+    try_query(&format!("SELECT count(*) FROM {}", quote_pg(table))).ok().and_then(|r| r.first().map(|r| r.get::<_, i64>(0))).unwrap_or(0)
+}
+
+/// Whether `table` exists (false when Postgres cannot be reached).
+pub fn poll_exists(table: &str) -> bool {
+    try_query(&format!("SELECT to_regclass('{}') IS NOT NULL", quote_pg(table).replace('\'', "''")))
+        .ok()
+        .and_then(|r| r.first().map(|r| r.get::<_, bool>(0)))
+        .unwrap_or(false)
+}
+
+/// Whether `table` has a row with this `id` (false while it does not exist or Postgres is unreachable).
+pub fn poll_has_id(table: &str, id: &str) -> bool {
+    poll_exists(table)
+        && try_query(&format!("SELECT count(*) FROM {} WHERE id = '{}'", quote_pg(table), id.replace('\'', "''")))
+            .ok()
+            .and_then(|r| r.first().map(|r| r.get::<_, i64>(0) > 0))
+            .unwrap_or(false)
+}
+
+/// A quoted SQL identifier.
+pub fn quote_pg(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
