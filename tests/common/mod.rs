@@ -70,6 +70,7 @@ pub fn answers_by_id(dir: &Path) -> BTreeMap<String, serde_json::Value> {
     read_lines(dir, "answers.w").into_iter().map(|v| (v["id"].as_str().unwrap().to_string(), v)).collect()
 }
 
+pub mod blackbox;
 pub mod kafka;
 pub mod rides;
 
