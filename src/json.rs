@@ -18,7 +18,7 @@ pub struct JsonFields<'a> {
 pub enum TextValue {
     /// A JSON string, unescaped.
     String(String),
-    /// A JSON number, as serde_json prints it.
+    /// A JSON number, exactly as written in the message.
     Number(String),
     /// Anything else (object, array, boolean, null).
     Other,
@@ -72,7 +72,8 @@ pub fn text_value(raw: &RawValue) -> TextValue {
         // A string without escapes is its bytes between the quotes.
         Some(b'"') if !s.contains('\\') => TextValue::String(s[1..s.len() - 1].to_string()),
         Some(b'"') => serde_json::from_str::<String>(s).map(TextValue::String).unwrap_or(TextValue::Other),
-        Some(b'-' | b'0'..=b'9') => serde_json::from_str::<serde_json::Number>(s).map(|n| TextValue::Number(n.to_string())).unwrap_or(TextValue::Other),
+        // A number keeps its exact text: no round trip through f64, so distinct IDs stay distinct.
+        Some(b'-' | b'0'..=b'9') => TextValue::Number(s.to_string()),
         _ => TextValue::Other,
     }
 }

@@ -347,8 +347,10 @@ fn two_pipelines_sharing_a_dead_letter_table_keep_both_rows() {
         run_ok(dir.path(), &qa_topology(&name, &input, &pg_sink(&format!("{name}_answers"), &shared_dead), ""), Duration::from_secs(45));
         names.push(name);
     }
-    let rows: Vec<(String, String, String)> =
-        query(&format!("SELECT pipeline, source, position FROM {} ORDER BY pipeline", quote(&shared_dead))).iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let rows: Vec<(String, String, String)> = query(&format!("SELECT pipeline, source, position FROM {} ORDER BY pipeline", quote(&shared_dead)))
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
     let pipelines: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
     assert_eq!(pipelines, names.iter().map(String::as_str).collect::<Vec<_>>(), "one dead-letter row per pipeline, got {rows:?}");
     let by_pos: BTreeMap<(String, String), usize> = rows.iter().fold(BTreeMap::new(), |mut m, r| {

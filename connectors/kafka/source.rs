@@ -257,10 +257,11 @@ impl KafkaSource {
                 return;
             }
         };
+        tracing::debug!(topic = %self.topic, count, known = self.partitions, "partition count");
         if count <= self.partitions {
             return;
         }
-        let added: Vec<i32> = (self.partitions as i32..count as i32).filter(|p| (*p as usize) % self.peers == self.worker).collect();
+        let added = added_partitions(self.partitions, count, self.worker, self.peers);
         let mut tpl = TopicPartitionList::new();
         for p in &added {
             let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Beginning);
@@ -279,6 +280,12 @@ impl KafkaSource {
     fn header(m: &rdkafka::message::BorrowedMessage<'_>, name: &str) -> Option<Vec<u8>> {
         m.headers().and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value).map(|v| v.to_vec()))
     }
+}
+
+/// The partitions worker `worker` of `peers` starts reading when the topic grows from `known`
+/// to `count` partitions.
+pub fn added_partitions(known: usize, count: usize, worker: usize, peers: usize) -> Vec<i32> {
+    (known as i32..count as i32).filter(|p| (*p as usize) % peers.max(1) == worker).collect()
 }
 
 impl Source for KafkaSource {
@@ -339,5 +346,18 @@ impl Source for KafkaSource {
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!("broker offset commit failed (the durable offsets are in the sink): {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::added_partitions;
+
+    #[test]
+    fn partitions_added_to_a_topic_go_to_the_worker_that_owns_their_number() {
+        assert_eq!(added_partitions(1, 3, 0, 2), vec![2]);
+        assert_eq!(added_partitions(1, 3, 1, 2), vec![1]);
+        assert_eq!(added_partitions(3, 3, 0, 2), Vec::<i32>::new(), "no growth, nothing new");
+        assert_eq!(added_partitions(0, 4, 0, 1), vec![0, 1, 2, 3]);
     }
 }

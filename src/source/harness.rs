@@ -211,6 +211,7 @@ pub fn source_harness<'s>(
                 budget = budget.min(settings.epoch_records.saturating_sub(open_records));
             }
             if budget == 0 {
+                tracing::trace!(epoch, in_flight = in_flight.epochs(), "{kind} source paused");
                 // Backpressure: leave the input where it is until the sinks catch up.
                 activator.activate_after(Duration::from_millis(1));
                 return;

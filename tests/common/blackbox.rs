@@ -177,12 +177,7 @@ pub fn qa_csv(prefix: &str, n: usize) -> String {
 
 /// A producer that also accepts messages of up to `max_bytes`.
 pub fn big_producer(max_bytes: usize) -> BaseProducer {
-    rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("linger.ms", "2")
-        .set("message.max.bytes", max_bytes.to_string())
-        .create()
-        .unwrap()
+    rdkafka::ClientConfig::new().set("bootstrap.servers", brokers()).set("linger.ms", "2").set("message.max.bytes", max_bytes.to_string()).create().unwrap()
 }
 
 /// One message to produce: any of key, payload (None = a tombstone) and partition may be absent.
@@ -197,7 +192,7 @@ impl Msg {
     pub fn keyed(key: &str, payload: &[u8]) -> Msg {
         Msg { key: Some(key.as_bytes().to_vec()), payload: Some(payload.to_vec()), partition: None }
     }
-    pub fn to_partition(mut self, p: i32) -> Msg {
+    pub fn on_partition(mut self, p: i32) -> Msg {
         self.partition = Some(p);
         self
     }
