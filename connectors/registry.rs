@@ -62,6 +62,30 @@ impl SourceConfig {
 }
 
 impl SinkConfig {
+    /// Refuses settings that cannot work: `(field within the sink, message, hint)`.
+    pub fn check(&self) -> Result<(), (&'static str, String, String)> {
+        match self {
+            SinkConfig::Jsonl(_) => Ok(()),
+            SinkConfig::Kafka(k) => {
+                if k.brokers.is_empty() || k.topic.is_empty() {
+                    return Err(("", "needs `brokers` and `topic`".into(), "e.g. brokers = \"127.0.0.1:19092\", topic = \"ride-durations\"".into()));
+                }
+                Ok(())
+            }
+            SinkConfig::Postgres(pg) => {
+                if pg.url.is_empty() {
+                    return Err(("url", "is empty".into(), "use postgres://user:password@host:5432/database".into()));
+                }
+                for (field, name) in [("table", &pg.table), ("dead_letter_table", &pg.dead_letter_table), ("schema", &pg.schema)] {
+                    if let Err(why) = crate::sql::check_identifier(name) {
+                        return Err((field, why, "use 1 to 63 bytes with no NUL or control characters, e.g. qa_answers".into()));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// The sink's factory.
     pub fn factory(&self) -> Arc<dyn SinkFactory> {
         match self {
@@ -74,5 +98,39 @@ impl SinkConfig {
     /// The embedded default: JSON lines in `dir`.
     pub fn default_jsonl(dir: std::path::PathBuf) -> Self {
         SinkConfig::Jsonl(JsonlConfig { dir })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{SinkConfig, SourceConfig};
+
+    #[test]
+    fn kafka_source_and_sinks_parse_with_defaults() {
+        let text = r#"name = "k"
+[source]
+type = "kafka"
+brokers = "127.0.0.1:19092"
+topic = "rides"
+id = { from = "key" }
+[task]
+type = "tabular"
+model = "Cargo.toml"
+[[sinks]]
+type = "kafka"
+brokers = "127.0.0.1:19092"
+topic = "out"
+"#;
+        let t = crate::topology::Topology::parse("k.toml", text).unwrap();
+        let SourceConfig::Kafka(k) = t.source else { panic!("kafka source") };
+        assert_eq!(k.id, crate::source::IdFrom::Key);
+        assert_eq!((k.epoch_ms, k.start), (50, super::super::kafka::source::StartFrom::Earliest));
+        assert!(matches!(&t.sinks[0], SinkConfig::Kafka(s) if s.idempotent));
+        let tuned = text.replace("id = { from = \"key\" }", "id = { from = \"key\" }\nclient = { \"fetch.wait.max.ms\" = \"20\" }");
+        let SourceConfig::Kafka(k) = crate::topology::Topology::parse("k.toml", &tuned).unwrap().source else { panic!("kafka source") };
+        let client = k.client;
+        assert_eq!(client.get("fetch.wait.max.ms").map(String::as_str), Some("20"), "librdkafka properties pass through");
+        let bad = text.replace("id = { from = \"key\" }", "id = { from = \"nowhere\" }");
+        assert!(crate::topology::Topology::parse("k.toml", &bad).is_err());
     }
 }

@@ -373,24 +373,9 @@ impl Topology {
             return Err(err("runtime.max_records_in_flight", "must be at least 1".into(), "use e.g. 65536"));
         }
         for (i, sink) in self.sinks.iter().enumerate() {
-            if let SinkConfig::Kafka(k) = sink {
-                if k.brokers.is_empty() || k.topic.is_empty() {
-                    return Err(err(
-                        &format!("sinks[{i}]"),
-                        "needs `brokers` and `topic`".into(),
-                        "e.g. brokers = \"127.0.0.1:19092\", topic = \"ride-durations\"",
-                    ));
-                }
-            }
-            if let SinkConfig::Postgres(pg) = sink {
-                if pg.url.is_empty() {
-                    return Err(err(&format!("sinks[{i}].url"), "is empty".into(), "use postgres://user:password@host:5432/database"));
-                }
-                for (field, name) in [("table", &pg.table), ("dead_letter_table", &pg.dead_letter_table), ("schema", &pg.schema)] {
-                    if let Err(why) = crate::sql::check_identifier(name) {
-                        return Err(err(&format!("sinks[{i}].{field}"), why, "use 1 to 63 bytes with no NUL or control characters, e.g. qa_answers"));
-                    }
-                }
+            if let Err((field, message, hint)) = sink.check() {
+                let field = if field.is_empty() { format!("sinks[{i}]") } else { format!("sinks[{i}].{field}") };
+                return Err(err(&field, message, &hint));
             }
         }
         if let Some(listen) = &self.metrics.listen {
@@ -480,35 +465,6 @@ tokenizer = "Cargo.toml"
         let TaskConfig::ExtractiveQa { max_seq_len, doc_stride, max_answer_len, .. } = t.task else { panic!("a QA task") };
         assert_eq!((max_seq_len, doc_stride, max_answer_len), (384, 128, 30));
         assert!(t.sinks.is_empty());
-    }
-
-    #[test]
-    fn kafka_source_and_sinks_parse_with_defaults() {
-        let text = r#"name = "k"
-[source]
-type = "kafka"
-brokers = "127.0.0.1:19092"
-topic = "rides"
-id = { from = "key" }
-[task]
-type = "tabular"
-model = "Cargo.toml"
-[[sinks]]
-type = "kafka"
-brokers = "127.0.0.1:19092"
-topic = "out"
-"#;
-        let t = Topology::parse("k.toml", text).unwrap();
-        let SourceConfig::Kafka(k) = t.source else { panic!("kafka source") };
-        assert_eq!(k.id, crate::source::IdFrom::Key);
-        assert_eq!((k.epoch_ms, k.start), (50, crate::connectors::kafka::source::StartFrom::Earliest));
-        assert!(matches!(&t.sinks[0], SinkConfig::Kafka(s) if s.idempotent));
-        let tuned = text.replace("id = { from = \"key\" }", "id = { from = \"key\" }\nclient = { \"fetch.wait.max.ms\" = \"20\" }");
-        let SourceConfig::Kafka(k) = Topology::parse("k.toml", &tuned).unwrap().source else { panic!("kafka source") };
-        let client = k.client;
-        assert_eq!(client.get("fetch.wait.max.ms").map(String::as_str), Some("20"), "librdkafka properties pass through");
-        let bad = text.replace("id = { from = \"key\" }", "id = { from = \"nowhere\" }");
-        assert!(Topology::parse("k.toml", &bad).is_err());
     }
 
     #[test]

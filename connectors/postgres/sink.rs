@@ -12,6 +12,7 @@ use crate::record::{Answer, Change, Column, ColumnKind, DeadLetter, Value};
 use crate::sink::{EpochBatch, SinkContext, SinkError, SinkFactory, SinkWriter};
 use crate::source::Checkpoint;
 use crate::sql::{qualified, quote_ident};
+pub use crate::topology::expand_env;
 use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
 use tokio_postgres::types::ToSql;
@@ -88,29 +89,6 @@ pub struct PostgresTarget {
     /// The pipeline's name: with the answer table, the key of its checkpoints; with source and
     /// position, the key of its dead letters.
     pub pipeline: String,
-}
-
-/// Expands `${VAR}` and `${VAR:-default}` from the environment.
-pub fn expand_env(s: &str) -> String {
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        match rest[start..].find('}') {
-            Some(end) => {
-                let spec = &rest[start + 2..start + end];
-                let (var, default) = spec.split_once(":-").unwrap_or((spec, ""));
-                out.push_str(&std::env::var(var).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_string()));
-                rest = &rest[start + end + 1..];
-            }
-            None => {
-                out.push_str(&rest[start..]);
-                rest = "";
-            }
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// Writes answers and dead letters to Postgres. Owns a small runtime for the async client.
