@@ -215,7 +215,6 @@ impl Source for CsvSource {
                 }
                 f.at = scanner.position();
                 f.row = row;
-                let _ = data;
             }
             if framed.is_empty() {
                 if f.eof && !need_more {

@@ -264,18 +264,15 @@ type CpOut<'s> = OutputBuilder<u64, CapacityContainerBuilder<Vec<Checkpoint>>>;
 /// capabilities so downstream drains, and waits for durability to acknowledge the rest.
 fn finish(phase: &mut Phase, caps: &mut Option<Vec<timely::dataflow::operators::Capability<u64>>>, cp_out: &mut CpOut<'_>, epoch: u64, open_records: usize) {
     let Some(cs) = caps.as_ref() else { return };
-    let next = match std::mem::replace(phase, Phase::Finished) {
+    *phase = match std::mem::replace(phase, Phase::Finished) {
         Phase::Reading(mut source) => {
             if open_records > 0 {
                 cp_out.activate().session(&cs[1]).give_iterator(source.checkpoint(epoch).into_iter());
             }
             Phase::Draining(source)
         }
-        other => other,
-    };
-    *phase = match next {
-        Phase::Starting => Phase::Finished,
-        other => other,
+        Phase::Draining(source) => Phase::Draining(source),
+        Phase::Starting | Phase::Finished => Phase::Finished,
     };
     *caps = None;
 }
