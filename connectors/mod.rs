@@ -6,5 +6,8 @@
 pub mod files;
 pub mod generator;
 pub mod kafka;
+pub mod loadgen;
 pub mod postgres;
+pub mod pubsub;
 pub mod registry;
+pub mod results;

@@ -8,8 +8,11 @@ use super::generator::GeneratorConfig;
 use super::kafka::sink::KafkaSinkConfig;
 use super::kafka::source::{KafkaFactory, KafkaSourceConfig};
 use super::postgres::sink::PostgresConfig;
+use super::pubsub::sink::PubsubSinkConfig;
+use super::pubsub::source::{PubsubFactory, PubsubSourceConfig};
 use crate::sink::SinkFactory;
 use crate::source::SourceFactory;
+use crate::topology::RuntimeConfig;
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -23,6 +26,8 @@ pub enum SourceConfig {
     Kafka(KafkaSourceConfig),
     /// The built-in ride generator (no server needed).
     Generator(GeneratorConfig),
+    /// Google Pub/Sub: a pull subscription shared by every worker; acked once durable.
+    Pubsub(PubsubSourceConfig),
 }
 
 /// A sink, tagged by `type`.
@@ -35,6 +40,8 @@ pub enum SinkConfig {
     Postgres(PostgresConfig),
     /// Kafka: answers keyed by request ID (also in a `request_id` header); at-least-once.
     Kafka(KafkaSinkConfig),
+    /// Google Pub/Sub: answers with the request ID as an attribute; at-least-once.
+    Pubsub(PubsubSinkConfig),
 }
 
 impl SourceConfig {
@@ -44,11 +51,13 @@ impl SourceConfig {
             SourceConfig::Csv(c) => c.check(),
             SourceConfig::Kafka(c) => c.check(),
             SourceConfig::Generator(c) => c.check(),
+            SourceConfig::Pubsub(c) => c.check(),
         }
     }
 
-    /// The factory that builds each worker's source; `pipeline` names the default consumer group.
-    pub fn factory(&self, pipeline: &str) -> Result<Arc<dyn SourceFactory>, String> {
+    /// The factory that builds each worker's source; `pipeline` names the default consumer group,
+    /// and `runtime` bounds what a source may hold unacknowledged.
+    pub fn factory(&self, pipeline: &str, runtime: &RuntimeConfig) -> Result<Arc<dyn SourceFactory>, String> {
         Ok(match self {
             SourceConfig::Csv(c) => Arc::new(CsvFactory { config: c.clone(), files: super::files::expand(&c.path)? }),
             SourceConfig::Kafka(c) => Arc::new(KafkaFactory {
@@ -57,6 +66,7 @@ impl SourceConfig {
                 group_id: c.group_id.clone().unwrap_or_else(|| format!("sluice-{pipeline}")),
             }),
             SourceConfig::Generator(c) => Arc::new(c.clone()),
+            SourceConfig::Pubsub(c) => Arc::new(PubsubFactory::new(c.clone(), runtime.max_records_in_flight)),
         })
     }
 }
@@ -66,6 +76,7 @@ impl SinkConfig {
     pub fn check(&self) -> Result<(), (&'static str, String, String)> {
         match self {
             SinkConfig::Jsonl(_) => Ok(()),
+            SinkConfig::Pubsub(p) => p.check(),
             SinkConfig::Kafka(k) => {
                 if k.brokers.is_empty() || k.topic.is_empty() {
                     return Err(("", "needs `brokers` and `topic`".into(), "e.g. brokers = \"127.0.0.1:19092\", topic = \"ride-durations\"".into()));
@@ -92,6 +103,7 @@ impl SinkConfig {
             SinkConfig::Jsonl(c) => Arc::new(c.clone()),
             SinkConfig::Postgres(c) => Arc::new(c.clone()),
             SinkConfig::Kafka(c) => Arc::new(c.clone()),
+            SinkConfig::Pubsub(c) => Arc::new(c.clone()),
         }
     }
 

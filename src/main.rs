@@ -2,7 +2,9 @@
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use sluice::connectors::kafka::client::RequestClient;
+use sluice::connectors::kafka::client::{KafkaAnswers, KafkaPublish, RequestClient};
+use sluice::connectors::loadgen::{self, Answers, Publish};
+use sluice::connectors::pubsub;
 use sluice::runtime::{self, RunOptions};
 use sluice::topology::{TaskConfig, Topology};
 use std::path::PathBuf;
@@ -46,14 +48,8 @@ enum Command {
     Check { topology: PathBuf },
     /// Publish one request with a fresh ID and print the answer that carries that ID.
     Request {
-        #[arg(long, default_value = "127.0.0.1:19092")]
-        brokers: String,
-        /// Requests topic.
-        #[arg(long, default_value = "rides")]
-        topic: String,
-        /// Results topic.
-        #[arg(long, default_value = "ride-durations")]
-        results: String,
+        #[command(flatten)]
+        broker: Broker,
         /// The request as a JSON object, e.g. '{"PULocationID": 161, "DOLocationID": 236, "trip_distance": 2.1}'.
         #[arg(long)]
         json: String,
@@ -62,12 +58,8 @@ enum Command {
     },
     /// Publish generated rides at a rate and report throughput, latency percentiles, lost and duplicate answers.
     Loadgen {
-        #[arg(long, default_value = "127.0.0.1:19092")]
-        brokers: String,
-        #[arg(long, default_value = "rides")]
-        topic: String,
-        #[arg(long, default_value = "ride-durations")]
-        results: String,
+        #[command(flatten)]
+        broker: Broker,
         /// Rides to send.
         #[arg(long, default_value_t = 100_000)]
         count: u64,
@@ -83,7 +75,7 @@ enum Command {
         /// afterwards answers the backlog (first to last answer).
         #[arg(long)]
         preload: bool,
-        /// The publisher's linger.ms: how long it gathers requests into one produce request.
+        /// Kafka: the publisher's linger.ms, how long it gathers requests into one produce request.
         #[arg(long, default_value_t = 5)]
         linger_ms: u64,
     },
@@ -95,6 +87,41 @@ enum Command {
         #[arg(long = "topic", required = true)]
         topics: Vec<sluice::connectors::kafka::mock::MockTopic>,
     },
+}
+
+/// Which broker a client command talks to, and its topics.
+#[derive(clap::Args)]
+struct Broker {
+    /// Talk to Google Pub/Sub (or its emulator) instead of Kafka.
+    #[arg(long)]
+    pubsub: bool,
+    /// Kafka bootstrap servers.
+    #[arg(long, default_value = "127.0.0.1:19092")]
+    brokers: String,
+    /// Pub/Sub endpoint, e.g. http://127.0.0.1:8085; default: PUBSUB_EMULATOR_HOST, else Google's.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Pub/Sub service-account key file; default: anonymous on an emulator, else Application Default Credentials.
+    #[arg(long)]
+    credentials_file: Option<PathBuf>,
+    /// Requests topic [Kafka: rides; Pub/Sub: projects/sluice-local/topics/rides].
+    #[arg(long)]
+    topic: Option<String>,
+    /// Results topic [Kafka: ride-durations; Pub/Sub: projects/sluice-local/topics/ride-durations].
+    #[arg(long)]
+    results: Option<String>,
+}
+
+impl Broker {
+    fn topics(&self) -> (String, String) {
+        let (t, r) =
+            if self.pubsub { ("projects/sluice-local/topics/rides", "projects/sluice-local/topics/ride-durations") } else { ("rides", "ride-durations") };
+        (self.topic.clone().unwrap_or_else(|| t.into()), self.results.clone().unwrap_or_else(|| r.into()))
+    }
+
+    fn connection(&self) -> pubsub::Connection {
+        pubsub::Connection { endpoint: self.endpoint.clone(), credentials_file: self.credentials_file.clone() }
+    }
 }
 
 fn main() {
@@ -180,27 +207,30 @@ fn real_main() -> anyhow::Result<()> {
                 std::thread::park();
             }
         }
-        Command::Request { brokers, topic, results, json, timeout_ms } => {
+        Command::Request { broker, json, timeout_ms } => {
             let payload: serde_json::Value = serde_json::from_str(&json).context("--json must be a JSON object")?;
             let obj = payload.as_object().context("--json must be a JSON object")?.clone();
-            let client = RequestClient::connect(&brokers, &topic, &results)?;
-            let (id, answer) = client.request(obj, Duration::from_millis(timeout_ms))?;
+            let (topic, results) = broker.topics();
+            let timeout = Duration::from_millis(timeout_ms);
+            let (id, answer) = if broker.pubsub {
+                pubsub::client::RequestClient::connect(&broker.connection(), &topic, &results)?.request(obj, timeout)?
+            } else {
+                RequestClient::connect(&broker.brokers, &topic, &results)?.request(obj, timeout)?
+            };
             println!("{}", serde_json::json!({"request_id": id, "answer": answer}));
             Ok(())
         }
-        Command::Loadgen { brokers, topic, results, count, rate, seed, drain_ms, preload, linger_ms } => {
-            let spec = sluice::connectors::kafka::loadgen::LoadSpec {
-                brokers,
-                requests_topic: topic,
-                results_topic: results,
-                count,
-                rate,
-                seed,
-                drain: Duration::from_millis(drain_ms),
-                preload,
-                linger_ms,
+        Command::Loadgen { broker, count, rate, seed, drain_ms, preload, linger_ms } => {
+            let spec = loadgen::LoadSpec { run_id: loadgen::new_run_id(), count, rate, seed, drain: Duration::from_millis(drain_ms), preload };
+            let (topic, results) = broker.topics();
+            let (mut publish, answers): (Box<dyn Publish>, Box<dyn Answers>) = if broker.pubsub {
+                let answers = pubsub::client::PubsubAnswers::open(&broker.connection(), &results, &format!("{}-", spec.run_id)).map_err(anyhow::Error::msg)?;
+                (Box::new(pubsub::client::PubsubPublish::new(&broker.connection(), &topic).map_err(anyhow::Error::msg)?), Box::new(answers))
+            } else {
+                let answers = KafkaAnswers(sluice::connectors::kafka::client::consumer_at_end(&broker.brokers, &results)?);
+                (Box::new(KafkaPublish::new(&broker.brokers, &topic, linger_ms).map_err(anyhow::Error::msg)?), Box::new(answers))
             };
-            let report = sluice::connectors::kafka::loadgen::run(&spec).map_err(anyhow::Error::msg)?;
+            let report = loadgen::run(&spec, publish.as_mut(), answers).map_err(anyhow::Error::msg)?;
             println!("{report}");
             if report.lost > 0 {
                 bail!("{} requests got no answer", report.lost);

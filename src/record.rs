@@ -13,6 +13,8 @@ pub enum PosUnit {
     Offset,
     /// A sequence number of a generated record.
     Seq,
+    /// A message ID (a Pub/Sub message); `shard` is unused.
+    Message,
 }
 
 /// Where a record came from, precise enough to replay or acknowledge it. It names no connector:
@@ -37,6 +39,11 @@ impl SourcePos {
         SourcePos { source, shard, offset, unit: PosUnit::Offset }
     }
 
+    /// A message of a subscription, by its message ID.
+    pub fn message(source: std::sync::Arc<str>, id: u64) -> Self {
+        SourcePos { source, shard: 0, offset: id, unit: PosUnit::Message }
+    }
+
     /// A generated record.
     pub fn seq(source: std::sync::Arc<str>, seq: u64) -> Self {
         SourcePos { source, shard: 0, offset: seq, unit: PosUnit::Seq }
@@ -53,16 +60,18 @@ impl SourcePos {
             PosUnit::Row => format!("row {}", self.offset),
             PosUnit::Offset => format!("partition {} offset {}", self.shard, self.offset),
             PosUnit::Seq => format!("seq {}", self.offset),
+            PosUnit::Message => format!("message {}", self.offset),
         }
     }
 
     /// The ID of a record that carries none: stable across replays, never random.
-    /// `2024/q.csv:17` for a file row, `rides/2/1043` for a stream offset.
+    /// `2024/q.csv:17` for a file row, `rides/2/1043` for a stream offset, `1043` for a message.
     pub fn derived_id(&self) -> String {
         match self.unit {
             PosUnit::Row => format!("{}:{}", self.source, self.offset),
             PosUnit::Offset => format!("{}/{}/{}", self.source, self.shard, self.offset),
             PosUnit::Seq => format!("{}-{}", self.source, self.offset),
+            PosUnit::Message => self.offset.to_string(),
         }
     }
 }

@@ -132,7 +132,7 @@ fn run_dataflow<T: Task>(
 ) -> Result<Summary, String> {
     let workers = opts.workers.unwrap_or(topology.runtime.workers).max(1);
     let rt = &topology.runtime;
-    let source = topology.source.factory(&topology.name)?;
+    let source = topology.source.factory(&topology.name, &topology.runtime)?;
     let ctx = SinkContext {
         pipeline: topology.name.clone(),
         columns: task.output_columns(),

@@ -45,30 +45,30 @@ fn a_thousand_concurrent_requests_each_get_their_own_answer() {
 fn loadgen_matches_every_answer_to_its_request_and_paces_its_rate() {
     let s = setup("itlg");
     let _worker = start_worker(s.dir.path(), &s.topology(), 2);
-    let spec = |count: u64, rate: f64, preload: bool| sluice::connectors::kafka::loadgen::LoadSpec {
-        brokers: brokers(),
-        requests_topic: s.topic.clone(),
-        results_topic: s.results.clone(),
-        count,
-        rate,
-        seed: 9,
-        drain: Duration::from_secs(20),
-        preload,
-        linger_ms: 5,
+    use sluice::connectors::kafka::client::{consumer_at_end, KafkaAnswers, KafkaPublish};
+    use sluice::connectors::loadgen::{new_run_id, run, LoadReport, LoadSpec};
+    let load = |count: u64, rate: f64, preload: bool| -> LoadReport {
+        let spec = LoadSpec { run_id: new_run_id(), count, rate, seed: 9, drain: Duration::from_secs(20), preload };
+        let answers = Box::new(KafkaAnswers(consumer_at_end(&brokers(), &s.results).unwrap()));
+        let mut publish = KafkaPublish::new(&brokers(), &s.topic, 5).unwrap();
+        let report = run(&spec, &mut publish, answers).unwrap();
+        // Run IDs are made of milliseconds: the next run's must differ.
+        std::thread::sleep(Duration::from_millis(2));
+        report
     };
     // As fast as it can: every answer comes back once and is matched to its own request.
-    let fast = sluice::connectors::kafka::loadgen::run(&spec(3000, 0.0, false)).unwrap();
+    let fast = load(3000, 0.0, false);
     assert_eq!((fast.sent, fast.answered, fast.lost, fast.duplicates, fast.foreign), (3000, 3000, 0, 0, 0), "{fast}");
     assert!(fast.p50_ms > 0.0 && fast.p50_ms <= fast.p95_ms && fast.p95_ms <= fast.p99_ms && fast.p99_ms <= fast.max_ms, "{fast}");
     assert!(fast.throughput.is_finite() && fast.steady_rate.is_finite() && fast.steady_rate > 0.0, "{fast}");
     // At a target rate: 1,000 rides at 2,000/s take at least half a second to send.
-    let paced = sluice::connectors::kafka::loadgen::run(&spec(1000, 2000.0, false)).unwrap();
+    let paced = load(1000, 2000.0, false);
     assert_eq!((paced.answered, paced.lost, paced.duplicates), (1000, 0, 0), "{paced}");
     assert!(paced.send_seconds >= 0.45, "sent 1,000 at 2,000/s in {:.3} s", paced.send_seconds);
     // Preloaded (here the worker already runs): the report counts from the first answer. (Later
     // runs may see a few of an earlier run's answers as foreign: Tansu reports the end of the
     // results topic about one batch short, so a new listener starts slightly before the end.)
-    let pre = sluice::connectors::kafka::loadgen::run(&spec(2000, 0.0, true)).unwrap();
+    let pre = load(2000, 0.0, true);
     assert_eq!((pre.answered, pre.lost, pre.duplicates), (2000, 0, 0), "{pre}");
     assert!(pre.preloaded && pre.steady_rate > 0.0, "{pre}");
 }

@@ -179,3 +179,58 @@ impl Drop for RequestClient {
         }
     }
 }
+
+/// The load generator's publishing side on Kafka: requests keyed by ID, the ID also in a header.
+pub struct KafkaPublish {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    topic: String,
+}
+
+impl KafkaPublish {
+    /// A producer for `topic`; `linger_ms` is how long it gathers requests into one produce
+    /// request (librdkafka's default is 5), as a backend's client would.
+    pub fn new(brokers: &str, topic: &str, linger_ms: u64) -> Result<Self, String> {
+        let producer = base_config(brokers)
+            .set("linger.ms", linger_ms.to_string())
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "2000000")
+            .create()
+            .map_err(|e| format!("cannot create a producer: {e}"))?;
+        Ok(KafkaPublish { producer, topic: topic.to_string() })
+    }
+}
+
+impl crate::connectors::loadgen::Publish for KafkaPublish {
+    fn send(&mut self, id: &str, body: &[u8]) -> Result<(), String> {
+        let headers = OwnedHeaders::new().insert(Header { key: ID_HEADER, value: Some(id.as_bytes()) });
+        let mut record = BaseRecord::to(&self.topic).key(id.as_bytes()).payload(body).headers(headers);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                Err((e, _)) => return Err(format!("publish: {e}")),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        self.producer.flush(Duration::from_secs(60)).map_err(|e| format!("flush: {e}"))
+    }
+}
+
+/// The load generator's listening side on Kafka: the results topic from its current end. The
+/// topic is keyed by request ID, so the ID is read from the key, with no header parsing.
+pub struct KafkaAnswers(pub BaseConsumer);
+
+impl crate::connectors::loadgen::Answers for KafkaAnswers {
+    fn poll(&mut self, wait: Duration, on_id: &mut dyn FnMut(Option<&[u8]>)) {
+        match self.0.poll(wait) {
+            Some(Ok(m)) => on_id(m.key()),
+            Some(Err(e)) => tracing::debug!("loadgen poll: {e}"),
+            None => {}
+        }
+    }
+}

