@@ -9,7 +9,7 @@ use super::kafka::sink::KafkaSinkConfig;
 use super::kafka::source::{KafkaFactory, KafkaSourceConfig};
 use super::postgres::sink::PostgresConfig;
 use crate::sink::SinkFactory;
-use crate::source::SourceFactory;
+use crate::source::{SourceError, SourceFactory};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -48,9 +48,10 @@ impl SourceConfig {
     }
 
     /// The factory that builds each worker's source; `pipeline` names the default consumer group.
-    pub fn factory(&self, pipeline: &str) -> Result<Arc<dyn SourceFactory>, String> {
+    /// A source whose input cannot be found (no file matches) is a configuration error.
+    pub fn factory(&self, pipeline: &str) -> Result<Arc<dyn SourceFactory>, SourceError> {
         Ok(match self {
-            SourceConfig::Csv(c) => Arc::new(CsvFactory { config: c.clone(), files: super::files::expand(&c.path)? }),
+            SourceConfig::Csv(c) => Arc::new(CsvFactory { config: c.clone(), files: super::files::expand(&c.path).map_err(SourceError::Config)? }),
             SourceConfig::Kafka(c) => Arc::new(KafkaFactory {
                 config: c.clone(),
                 brokers: crate::topology::expand_env(&c.brokers),
