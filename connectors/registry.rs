@@ -11,7 +11,7 @@ use super::postgres::sink::PostgresConfig;
 use super::pubsub::sink::PubsubSinkConfig;
 use super::pubsub::source::{PubsubFactory, PubsubSourceConfig};
 use crate::sink::SinkFactory;
-use crate::source::SourceFactory;
+use crate::source::{SourceError, SourceFactory};
 use crate::topology::RuntimeConfig;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -56,10 +56,11 @@ impl SourceConfig {
     }
 
     /// The factory that builds each worker's source; `pipeline` names the default consumer group,
-    /// and `runtime` bounds what a source may hold unacknowledged.
-    pub fn factory(&self, pipeline: &str, runtime: &RuntimeConfig) -> Result<Arc<dyn SourceFactory>, String> {
+    /// and `runtime` bounds what a source may hold unacknowledged. A source whose input cannot be
+    /// found (no file matches) is a configuration error.
+    pub fn factory(&self, pipeline: &str, runtime: &RuntimeConfig) -> Result<Arc<dyn SourceFactory>, SourceError> {
         Ok(match self {
-            SourceConfig::Csv(c) => Arc::new(CsvFactory { config: c.clone(), files: super::files::expand(&c.path)? }),
+            SourceConfig::Csv(c) => Arc::new(CsvFactory { config: c.clone(), files: super::files::expand(&c.path).map_err(SourceError::Config)? }),
             SourceConfig::Kafka(c) => Arc::new(KafkaFactory {
                 config: c.clone(),
                 brokers: crate::topology::expand_env(&c.brokers),

@@ -4,11 +4,48 @@
 
 use crate::batcher::{self, BatchPolicy};
 use crossbeam_channel::{Receiver, Sender};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 use timely::scheduling::SyncActivator;
+
+/// An inference error: the model (or ONNX Runtime) cannot be set up, or a batch cannot be run.
+/// Set-up errors stop the run before it starts; run errors fail only the units they hit.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum InferenceError {
+    /// The ONNX Runtime shared library cannot be found, loaded or started, so no model can run.
+    /// The message says how to install it.
+    #[error("{0}")]
+    Library(String),
+    /// A model or tokenizer file cannot be read or loaded, or does not fit its task (missing
+    /// inputs or outputs, unsupported element types or shapes): the run cannot start.
+    #[error("{reason}")]
+    Load { path: PathBuf, reason: String },
+    /// An inference thread cannot be started.
+    #[error("cannot start an inference thread: {0}")]
+    Spawn(Arc<std::io::Error>),
+    /// The model's input tensors cannot be built from the batch's units (a value the tensor
+    /// refuses): the same units would fail again, so the batch is split at once to isolate them.
+    #[error("{0}")]
+    Input(String),
+    /// ONNX Runtime failed the run, or its outputs are not what the task expects: the batch is
+    /// retried once, then split until the failing units are isolated.
+    #[error("{0}")]
+    Run(String),
+    /// The inference service stopped (its model thread panicked) before running the unit.
+    #[error("inference service stopped")]
+    Stopped,
+}
+
+impl InferenceError {
+    /// Whether running the same batch again may succeed. A batch whose error is not retryable
+    /// is split without a second try.
+    pub fn retryable(&self) -> bool {
+        matches!(self, InferenceError::Run(_))
+    }
+}
 
 /// A model the service can run: it turns a batch of units into one output per unit.
 pub trait Model: Send + 'static {
@@ -21,14 +58,14 @@ pub trait Model: Send + 'static {
     /// Whether a unit's output is independent of the other units in its batch.
     fn batch_invariant(&self) -> bool;
     /// Runs one batch. The output has one entry per unit, in order.
-    fn run(&mut self, units: &[&Self::Unit]) -> Result<Vec<Self::Out>, String>;
+    fn run(&mut self, units: &[&Self::Unit]) -> Result<Vec<Self::Out>, InferenceError>;
 }
 
 /// One unit's result, addressed to the requester's ticket.
 pub struct Completion<O> {
     pub ticket: u64,
     pub index: usize,
-    pub result: Result<O, String>,
+    pub result: Result<O, InferenceError>,
 }
 
 /// Where a requester (one timely operator) receives its completions, and how it is woken. The
@@ -89,8 +126,7 @@ impl<M: Model> InferenceHandle<M> {
         if let Err(err) = self.tx.send(Submission { units, reply: reply.clone() }) {
             // The service is gone (a model thread panicked): answer with an error, never drop.
             let sub = err.into_inner();
-            let failed =
-                sub.units.into_iter().map(|u| Completion { ticket: u.ticket, index: u.index, result: Err("inference service stopped".into()) }).collect();
+            let failed = sub.units.into_iter().map(|u| Completion { ticket: u.ticket, index: u.index, result: Err(InferenceError::Stopped) }).collect();
             sub.reply.send(failed);
         }
     }
@@ -98,10 +134,10 @@ impl<M: Model> InferenceHandle<M> {
 
 /// Starts `threads` model threads, each with its own model from `factory`. Returns the handle and
 /// the threads to join after the last handle is dropped.
-pub fn start<M, F>(threads: usize, policy: BatchPolicy, factory: F) -> Result<(InferenceHandle<M>, Vec<JoinHandle<()>>), String>
+pub fn start<M, F>(threads: usize, policy: BatchPolicy, factory: F) -> Result<(InferenceHandle<M>, Vec<JoinHandle<()>>), InferenceError>
 where
     M: Model,
-    F: Fn() -> Result<M, String>,
+    F: Fn() -> Result<M, InferenceError>,
 {
     let (tx, rx) = crossbeam_channel::unbounded::<Submission<M::Unit, M::Out>>();
     let queued = Arc::new(AtomicI64::new(0));
@@ -113,7 +149,7 @@ where
         let join = std::thread::Builder::new()
             .name(format!("sluice-inference-{i}"))
             .spawn(move || serve(model, rx, policy, queued))
-            .map_err(|e| format!("cannot start an inference thread: {e}"))?;
+            .map_err(|e| InferenceError::Spawn(Arc::new(e)))?;
         joins.push(join);
     }
     Ok((InferenceHandle { tx, queued }, joins))
@@ -150,19 +186,24 @@ fn serve<M: Model>(mut model: M, rx: Receiver<Submission<M::Unit, M::Out>>, poli
 }
 
 /// One model run whose output count is checked.
-fn run_checked<M: Model>(model: &mut M, units: &[&M::Unit]) -> Result<Vec<M::Out>, String> {
+fn run_checked<M: Model>(model: &mut M, units: &[&M::Unit]) -> Result<Vec<M::Out>, InferenceError> {
     let outs = model.run(units)?;
     if outs.len() != units.len() {
-        return Err(format!("model returned {} outputs for {} units", outs.len(), units.len()));
+        return Err(InferenceError::Run(format!("model returned {} outputs for {} units", outs.len(), units.len())));
     }
     Ok(outs)
 }
 
-/// Runs a batch; a failed run is retried once, then split in halves until the failing units
-/// are isolated, so only they fail and their batch-mates (other workers' included) get answers.
-fn run_isolating<M: Model>(model: &mut M, units: &[&M::Unit]) -> Vec<Result<M::Out, String>> {
+/// Runs a batch; a failed run is retried once (if its error is retryable), then split in halves
+/// until the failing units are isolated, so only they fail and their batch-mates (other
+/// workers' included) get answers.
+fn run_isolating<M: Model>(model: &mut M, units: &[&M::Unit]) -> Vec<Result<M::Out, InferenceError>> {
     match run_checked(model, units) {
         Ok(outs) => outs.into_iter().map(Ok).collect(),
+        Err(e) if !e.retryable() => {
+            tracing::warn!(units = units.len(), "model refused the batch, splitting it: {e}");
+            split_run(model, units, e)
+        }
         Err(e) => {
             metrics::counter!(crate::metrics::INFERENCE_RETRIES).increment(1);
             tracing::warn!(units = units.len(), "model run failed, retrying once: {e}");
@@ -174,7 +215,7 @@ fn run_isolating<M: Model>(model: &mut M, units: &[&M::Unit]) -> Vec<Result<M::O
     }
 }
 
-fn split_run<M: Model>(model: &mut M, units: &[&M::Unit], error: String) -> Vec<Result<M::Out, String>> {
+fn split_run<M: Model>(model: &mut M, units: &[&M::Unit], error: InferenceError) -> Vec<Result<M::Out, InferenceError>> {
     if units.len() <= 1 {
         return units.iter().map(|_| Err(error.clone())).collect();
     }
@@ -191,7 +232,7 @@ fn split_run<M: Model>(model: &mut M, units: &[&M::Unit], error: String) -> Vec<
 }
 
 /// Sends each unit's result to its requester: one message per requester.
-fn deliver<U, O>(batch: Vec<(usize, Unit<U>)>, results: Vec<Result<O, String>>, replies: &[Arc<ReplyTo<O>>]) {
+fn deliver<U, O>(batch: Vec<(usize, Unit<U>)>, results: Vec<Result<O, InferenceError>>, replies: &[Arc<ReplyTo<O>>]) {
     let mut by_reply: Vec<Vec<Completion<O>>> = (0..replies.len()).map(|_| Vec::new()).collect();
     for ((r, u), result) in batch.into_iter().zip(results) {
         by_reply[r].push(Completion { ticket: u.ticket, index: u.index, result });
@@ -223,7 +264,7 @@ mod tests {
         fn batch_invariant(&self) -> bool {
             self.invariant
         }
-        fn run(&mut self, units: &[&usize]) -> Result<Vec<usize>, String> {
+        fn run(&mut self, units: &[&usize]) -> Result<Vec<usize>, InferenceError> {
             self.sizes.lock().unwrap().push(units.len());
             Ok(units.iter().map(|u| **u * 2).collect())
         }
@@ -268,10 +309,12 @@ mod tests {
         assert!(sizes.iter().all(|s| *s == 1), "{sizes:?}");
     }
 
-    /// Fails every run that holds a unit equal to `poison`, and counts runs.
+    /// Fails every run that holds a unit equal to `poison`, and counts runs. With `refuse`, the
+    /// failure is a refused input (not retryable) rather than a failed run.
     struct Poisoned {
         poison: usize,
         runs: usize,
+        refuse: bool,
     }
 
     impl Model for Poisoned {
@@ -283,10 +326,11 @@ mod tests {
         fn batch_invariant(&self) -> bool {
             true
         }
-        fn run(&mut self, units: &[&usize]) -> Result<Vec<usize>, String> {
+        fn run(&mut self, units: &[&usize]) -> Result<Vec<usize>, InferenceError> {
             self.runs += 1;
             if units.iter().any(|u| **u == self.poison) {
-                return Err(format!("cannot run unit {}", self.poison));
+                let why = format!("cannot run unit {}", self.poison);
+                return Err(if self.refuse { InferenceError::Input(why) } else { InferenceError::Run(why) });
             }
             Ok(units.iter().map(|u| **u + 100).collect())
         }
@@ -294,22 +338,35 @@ mod tests {
 
     #[test]
     fn a_failing_run_is_retried_then_split_so_only_the_failing_unit_fails() {
-        let mut model = Poisoned { poison: 5, runs: 0 };
+        let mut model = Poisoned { poison: 5, runs: 0, refuse: false };
         let units: Vec<usize> = (0..8).collect();
         let refs: Vec<&usize> = units.iter().collect();
         let results = run_isolating(&mut model, &refs);
         assert_eq!(results.len(), 8);
         for (u, r) in units.iter().zip(&results) {
             if *u == 5 {
-                assert_eq!(r.as_ref().unwrap_err(), "cannot run unit 5");
+                assert!(matches!(r, Err(InferenceError::Run(why)) if why == "cannot run unit 5"), "unit 5 fails with the model's error");
             } else {
                 assert_eq!(r.as_ref().ok(), Some(&(u + 100)), "unit {u} keeps its answer");
             }
         }
         // 2 whole-batch tries, then halves down to the unit: at most 2 + 2 * log2(8) runs.
         assert!(model.runs <= 8, "{} runs", model.runs);
-        let mut healthy = Poisoned { poison: 99, runs: 0 };
+        let mut healthy = Poisoned { poison: 99, runs: 0, refuse: false };
         assert!(run_isolating(&mut healthy, &refs).iter().all(|r| r.is_ok()));
         assert_eq!(healthy.runs, 1, "a good batch runs once");
+    }
+
+    #[test]
+    fn a_refused_input_is_split_without_a_retry() {
+        let units: Vec<usize> = (0..8).collect();
+        let refs: Vec<&usize> = units.iter().collect();
+        let mut retried = Poisoned { poison: 5, runs: 0, refuse: false };
+        run_isolating(&mut retried, &refs);
+        let mut refused = Poisoned { poison: 5, runs: 0, refuse: true };
+        let results = run_isolating(&mut refused, &refs);
+        assert_eq!(refused.runs, retried.runs - 1, "the same split, less the whole-batch retry");
+        assert!(matches!(&results[5], Err(e) if !e.retryable() && e.to_string() == "cannot run unit 5"));
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 7);
     }
 }

@@ -156,7 +156,7 @@ fn real_main() -> anyhow::Result<()> {
                 bail!("--process {process} is not below the {} hosts in the hostfile", hosts.len());
             }
             let opts = RunOptions { workers, process, hosts, progress: !no_progress };
-            let s = runtime::run(&t, &opts).map_err(anyhow::Error::msg)?;
+            let s = runtime::run(&t, &opts)?;
             let secs = s.elapsed.as_secs_f64();
             println!(
                 "{}: answered {}, dead letters {}, read {} rows in {:.1} s ({:.1} rows/s)",
@@ -179,19 +179,19 @@ fn real_main() -> anyhow::Result<()> {
         }
         Command::Check { topology } => {
             let t = Topology::load(&topology)?;
-            sluice::ortlib::environment().map_err(anyhow::Error::msg)?;
+            sluice::ortlib::environment()?;
             println!("onnx runtime: ok");
             match &t.task {
                 TaskConfig::ExtractiveQa { model, tokenizer, max_seq_len, doc_stride, max_answer_len, .. } => {
-                    sluice::tasks::extractive_qa::QaModel::load(model, t.batching.padding, *max_seq_len, 0, true).map_err(anyhow::Error::msg)?;
+                    sluice::tasks::extractive_qa::QaModel::load(model, t.batching.padding, *max_seq_len, 0, true)?;
                     println!("model {}: ok", model.display());
                     let settings =
                         sluice::tasks::extractive_qa::QaSettings { max_seq_len: *max_seq_len, doc_stride: *doc_stride, max_answer_len: *max_answer_len };
-                    sluice::tasks::extractive_qa::ExtractiveQa::new(tokenizer, settings, String::new()).map_err(anyhow::Error::msg)?;
+                    sluice::tasks::extractive_qa::ExtractiveQa::new(tokenizer, settings, String::new())?;
                     println!("tokenizer {}: ok", tokenizer.display());
                 }
                 TaskConfig::Tabular { model, output, .. } => {
-                    let task = sluice::tasks::tabular::Tabular::new(model, output.as_deref(), String::new()).map_err(anyhow::Error::msg)?;
+                    let task = sluice::tasks::tabular::Tabular::new(model, output.as_deref(), String::new())?;
                     let inputs: Vec<String> = task.specs().iter().map(|s| format!("{} ({:?})", s.name, s.kind)).collect();
                     println!("model {}: ok; inputs {}", model.display(), inputs.join(", "));
                 }

@@ -34,7 +34,7 @@ pub const SINK_RETRIES: &str = "sluice_sink_retries_total";
 pub const SINK_WRITE_LATENCY: &str = "sluice_sink_write_seconds";
 
 /// Installs the Prometheus exporter on `addr` and registers every metric with a description.
-pub fn install(addr: SocketAddr) -> Result<(), String> {
+pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     PrometheusBuilder::new()
         .with_http_listener(addr)
@@ -48,8 +48,7 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
                 &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
             )
         })
-        .and_then(|b| b.install())
-        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+        .and_then(|b| b.install())?;
     describe();
     Ok(())
 }

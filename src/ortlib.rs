@@ -3,10 +3,11 @@
 //! sluice links ONNX Runtime at run time (`ort`'s `load-dynamic`). The library comes from the
 //! `onnxruntime` PyPI wheel, which `scripts/setup.sh` installs into `~/.cache/sluice/venv`.
 
+use crate::inference::InferenceError;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-static ENV: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+static ENV: OnceLock<Result<ort::environment::Environment, InferenceError>> = OnceLock::new();
 
 /// Where the library is looked for, in order: `ORT_DYLIB_PATH`, then the set-up script's venv.
 pub fn candidates() -> Vec<PathBuf> {
@@ -26,17 +27,17 @@ pub fn candidates() -> Vec<PathBuf> {
 }
 
 /// The process's ONNX Runtime environment, loading the library on first use.
-pub fn environment() -> Result<&'static ort::environment::Environment, String> {
+pub fn environment() -> Result<&'static ort::environment::Environment, InferenceError> {
     ENV.get_or_init(|| {
         let candidates = candidates();
         let path = candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
-            format!(
+            InferenceError::Library(format!(
                 "ONNX Runtime library not found (looked at: {}).\n  hint: run `scripts/setup.sh`, which installs the `onnxruntime` wheel into ~/.cache/sluice/venv, or set ORT_DYLIB_PATH to libonnxruntime.so",
                 if candidates.is_empty() { "nothing; HOME is unset".to_string() } else { candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ") }
-            )
+            ))
         })?;
-        let builder = ort::init_from(&path).map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", path.display()))?;
-        builder.with_name("sluice").build().map_err(|e| format!("cannot start ONNX Runtime: {e}"))
+        let builder = ort::init_from(&path).map_err(|e| InferenceError::Library(format!("cannot load ONNX Runtime from {}: {e}", path.display())))?;
+        builder.with_name("sluice").build().map_err(|e| InferenceError::Library(format!("cannot start ONNX Runtime: {e}")))
     })
     .as_ref()
     .map_err(|e| e.clone())

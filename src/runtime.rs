@@ -4,12 +4,13 @@
 //! knows sources and sinks only through their contracts and the registry.
 
 use crate::batcher::BatchPolicy;
-use crate::inference::{self, InferenceHandle};
+use crate::inference::{self, InferenceError, InferenceHandle};
 use crate::operators::decode::{decode, DecodeSettings};
 use crate::operators::{infer::infer, key_by_id::key_by_id, sink::durable_sink};
 use crate::progress::{self, Progress};
-use crate::sink::{SinkContext, SinkFactory, SinkWriter};
+use crate::sink::{SinkContext, SinkError, SinkFactory, SinkWriter};
 use crate::source::harness::{source_harness, FatalSlot, HarnessSettings};
+use crate::source::SourceError;
 use crate::tasks::extractive_qa::{ExtractiveQa, QaModel, QaSettings};
 use crate::tasks::tabular::{Tabular, TabularModel};
 use crate::tasks::{self, Task};
@@ -34,6 +35,33 @@ pub struct RunOptions {
     pub progress: bool,
 }
 
+/// Why a run could not start or did not finish: one component's error, with its message. The
+/// message holds the cause's text (no `source()` chain), so `{:#}` at the CLI prints it once.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The Prometheus exporter cannot serve `metrics.listen`.
+    #[error("cannot serve metrics on {listen}: {reason}")]
+    Metrics { listen: String, reason: String },
+    /// The process cannot handle SIGTERM and SIGINT.
+    #[error("cannot handle signals: {0}")]
+    Signals(std::io::Error),
+    /// The model, its tokenizer or ONNX Runtime cannot be loaded.
+    #[error(transparent)]
+    Inference(#[from] InferenceError),
+    /// The source cannot be built, or failed as configured while reading.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// A sink cannot be opened or cannot give a worker its writer.
+    #[error("{kind} sink: {error}")]
+    Sink { kind: &'static str, error: SinkError },
+    /// Timely cannot start its workers (e.g. a cluster peer is unreachable).
+    #[error("cannot start the timely workers: {0}")]
+    Timely(String),
+    /// A timely worker thread panicked.
+    #[error("a timely worker panicked: {0}")]
+    WorkerPanicked(String),
+}
+
 /// What a finished run did.
 #[derive(Clone, Debug)]
 pub struct Summary {
@@ -56,13 +84,15 @@ pub fn resolve_sinks(topology: &Topology) -> Vec<SinkConfig> {
 
 /// Runs a topology until its finite input is durable, or until SIGTERM/SIGINT: then sources
 /// stop reading, the batches in flight drain, the sinks commit, and the run returns.
-pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, String> {
+pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, RunError> {
     if let Some(listen) = &topology.metrics.listen {
-        crate::metrics::install(listen.parse().map_err(|e| format!("metrics.listen: {e}"))?)?;
+        let metrics_error = |reason: String| RunError::Metrics { listen: listen.clone(), reason };
+        let addr = listen.parse().map_err(|e| metrics_error(format!("`metrics.listen` is not an address ({e})")))?;
+        crate::metrics::install(addr).map_err(|e| metrics_error(e.to_string()))?;
     }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, stop.clone()).map_err(|e| format!("cannot handle signals: {e}"))?;
+        signal_hook::flag::register(signal, stop.clone()).map_err(RunError::Signals)?;
     }
     crate::guard::start_watchdog(stop.clone(), Duration::from_millis(topology.runtime.shutdown_grace_ms));
     let policy = policy(topology);
@@ -129,7 +159,7 @@ fn run_dataflow<T: Task>(
     task: Arc<T>,
     handle: InferenceHandle<T::Model>,
     stop: Arc<AtomicBool>,
-) -> Result<Summary, String> {
+) -> Result<Summary, RunError> {
     let workers = opts.workers.unwrap_or(topology.runtime.workers).max(1);
     let rt = &topology.runtime;
     let source = topology.source.factory(&topology.name, &topology.runtime)?;
@@ -145,7 +175,7 @@ fn run_dataflow<T: Task>(
     // them holds the oldest: the source resumes from there.
     let mut resume = Vec::new();
     for s in &sinks {
-        if let Some(stored) = s.open(&ctx).map_err(|e| format!("{} sink: {e}", s.kind()))? {
+        if let Some(stored) = s.open(&ctx).map_err(|error| RunError::Sink { kind: s.kind(), error })? {
             resume = stored;
         }
         outputs.push(s.describe());
@@ -164,11 +194,11 @@ fn run_dataflow<T: Task>(
     let started = Instant::now();
     let p2 = progress.clone();
     let f2 = fatal.clone();
-    let guards = timely::execute(timely_config(workers, opts), move |worker| -> Result<(), String> {
+    let guards = timely::execute(timely_config(workers, opts), move |worker| -> Result<(), RunError> {
         let index = worker.index();
         let mut writers: Vec<Box<dyn SinkWriter>> = Vec::new();
         for s in &sinks {
-            let w = s.writer(&ctx, index).map_err(|e| format!("{} sink: {e}", s.kind()))?;
+            let w = s.writer(&ctx, index).map_err(|error| RunError::Sink { kind: s.kind(), error })?;
             writers.push(crate::fault::FaultySink::wrap(w));
         }
         let durable = ProbeHandle::new();
@@ -183,17 +213,18 @@ fn run_dataflow<T: Task>(
         });
         while worker.step_or_park(None) {}
         Ok(())
-    })?;
+    })
+    .map_err(RunError::Timely)?;
     let results = guards.join();
     progress.finished.store(true, Ordering::Relaxed);
     if let Some(b) = bar {
         let _ = b.join();
     }
     for r in results {
-        r??;
+        r.map_err(RunError::WorkerPanicked)??;
     }
     if let Some(e) = fatal.take() {
-        return Err(e);
+        return Err(e.into());
     }
     Ok(Summary {
         read: progress.read.load(Ordering::Relaxed),

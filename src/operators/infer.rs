@@ -3,7 +3,7 @@
 //! post-processes them into answers. It holds a capability for every epoch with requests still at
 //! the model, so downstream progress (and source acknowledgement) waits for them.
 
-use crate::inference::{InferenceHandle, Model, ReplyTo, Unit};
+use crate::inference::{InferenceError, InferenceHandle, Model, ReplyTo, Unit};
 use crate::record::{Answer, DeadLetter, DeadReason, Envelope};
 use crate::tasks::Task;
 use std::collections::{BTreeMap, VecDeque};
@@ -21,7 +21,7 @@ struct Pending<T: Task> {
     prepared: T::Prepared,
     outs: Outs<<T::Model as Model>::Out>,
     remaining: usize,
-    error: Option<String>,
+    error: Option<InferenceError>,
 }
 
 /// A request's model outputs as they arrive. Most requests are one unit, held without a `Vec`.
@@ -141,7 +141,7 @@ pub fn infer<'s, T: Task>(
                 let p = pending[(ticket - first_ticket) as usize].take().expect("finished ticket is pending");
                 let env = p.env;
                 let finished = match (p.error, env.payload.as_ref()) {
-                    (Some(error), _) => Err((DeadReason::InferenceFailed, error)),
+                    (Some(error), _) => Err((DeadReason::InferenceFailed, error.to_string())),
                     (None, None) => Err((DeadReason::TaskFailed, "a request without a payload reached the model".to_string())),
                     (None, Some(payload)) => {
                         let (outs, prepared) = (p.outs, p.prepared);

@@ -28,17 +28,17 @@ pub struct HarnessSettings {
 }
 
 /// A run-stopping error raised on a worker thread (a source that cannot work as configured);
-/// the run stops and returns it.
+/// the run stops and returns the first one.
 #[derive(Clone, Default)]
-pub struct FatalSlot(Arc<Mutex<Option<String>>>);
+pub struct FatalSlot(Arc<Mutex<Option<SourceError>>>);
 
 impl FatalSlot {
-    pub fn set(&self, message: String) {
+    pub fn set(&self, error: SourceError) {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        slot.get_or_insert(message);
+        slot.get_or_insert(error);
     }
 
-    pub fn take(&self) -> Option<String> {
+    pub fn take(&self) -> Option<SourceError> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
@@ -197,7 +197,7 @@ pub fn source_harness<'s>(
                         return;
                     }
                     Err(SourceError::Config(e)) => {
-                        fatal.set(format!("{kind} source: {e}"));
+                        fatal.set(SourceError::Config(format!("{kind} source: {e}")));
                         stop.store(true, Ordering::Relaxed);
                         phase = Phase::Finished;
                         caps = None;
@@ -248,7 +248,7 @@ pub fn source_harness<'s>(
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Err(SourceError::Config(e)) => {
-                    fatal.set(format!("{kind} source: {e}"));
+                    fatal.set(SourceError::Config(format!("{kind} source: {e}")));
                     stop.store(true, Ordering::Relaxed);
                     activator.activate();
                 }

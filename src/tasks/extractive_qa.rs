@@ -3,7 +3,7 @@
 //! way the transformers question-answering pipeline does.
 
 use super::{Refusal, Task};
-use crate::inference::Model;
+use crate::inference::{InferenceError, Model};
 use crate::record::{Column, ColumnKind, DeadReason, Value};
 use crate::topology::Padding;
 use serde::{Deserialize, Serialize};
@@ -65,10 +65,11 @@ const COLUMNS: &[Column] = &[
 
 impl ExtractiveQa {
     /// Loads the tokenizer and sets its truncation to strided windows.
-    pub fn new(tokenizer_path: &Path, settings: QaSettings, label: String) -> Result<Self, String> {
-        let mut tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|e| format!("cannot load tokenizer {}: {e}", tokenizer_path.display()))?;
+    pub fn new(tokenizer_path: &Path, settings: QaSettings, label: String) -> Result<Self, InferenceError> {
+        let refuse = |reason: String| InferenceError::Load { path: tokenizer_path.to_path_buf(), reason };
+        let mut tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|e| refuse(format!("cannot load tokenizer {}: {e}", tokenizer_path.display())))?;
         // Windows are cut by `windows`; the tokenizer itself must neither truncate nor pad.
-        tokenizer.with_truncation(None).map_err(|e| format!("cannot clear truncation: {e}"))?;
+        tokenizer.with_truncation(None).map_err(|e| refuse(format!("cannot clear truncation: {e}")))?;
         tokenizer.with_padding(None);
         let added_tokens = tokenizer.get_post_processor().map(|p| p.added_tokens(true)).unwrap_or(0);
         let cls_id = ["[CLS]", "<s>", "<cls>"].iter().find_map(|t| tokenizer.token_to_id(t));
@@ -263,23 +264,27 @@ pub struct QaModel {
 
 impl QaModel {
     /// Loads the model and checks its inputs and outputs.
-    pub fn load(path: &Path, padding: Padding, max_seq_len: usize, intra_threads: usize, invariant: bool) -> Result<Self, String> {
+    pub fn load(path: &Path, padding: Padding, max_seq_len: usize, intra_threads: usize, invariant: bool) -> Result<Self, InferenceError> {
         let env = crate::ortlib::environment()?;
-        let mut builder = ort::session::Session::builder(env).map_err(|e| format!("cannot create an ONNX Runtime session: {e}"))?;
+        let refuse = |reason: String| InferenceError::Load { path: path.to_path_buf(), reason };
+        let mut builder = ort::session::Session::builder(env).map_err(|e| refuse(format!("cannot create an ONNX Runtime session: {e}")))?;
         if intra_threads > 0 {
-            builder = builder.with_intra_threads(intra_threads).map_err(|e| format!("cannot set intra_threads: {e}"))?;
+            builder = builder.with_intra_threads(intra_threads).map_err(|e| refuse(format!("cannot set intra_threads: {e}")))?;
         }
-        let session = builder.commit_from_file(path).map_err(|e| format!("cannot load model {}: {e}", path.display()))?;
+        let session = builder.commit_from_file(path).map_err(|e| refuse(format!("cannot load model {}: {e}", path.display())))?;
         let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
         for need in ["input_ids", "attention_mask"] {
             if !inputs.contains(&need) {
-                return Err(format!("model {} has no `{need}` input (it has {inputs:?}); export a QA model with Hugging Face Optimum", path.display()));
+                return Err(refuse(format!("model {} has no `{need}` input (it has {inputs:?}); export a QA model with Hugging Face Optimum", path.display())));
             }
         }
         for need in ["start_logits", "end_logits"] {
             if !outputs.contains(&need) {
-                return Err(format!("model {} has no `{need}` output (it has {outputs:?}); export a QA model with Hugging Face Optimum", path.display()));
+                return Err(refuse(format!(
+                    "model {} has no `{need}` output (it has {outputs:?}); export a QA model with Hugging Face Optimum",
+                    path.display()
+                )));
             }
         }
         let has_type_ids = inputs.contains(&"token_type_ids");
@@ -299,7 +304,7 @@ impl Model for QaModel {
         self.invariant
     }
 
-    fn run(&mut self, units: &[&Window]) -> Result<Vec<WindowLogits>, String> {
+    fn run(&mut self, units: &[&Window]) -> Result<Vec<WindowLogits>, InferenceError> {
         use ort::value::Tensor;
         let longest = units.iter().map(|u| u.ids.len()).max().unwrap_or(0);
         let width = match self.padding {
@@ -317,15 +322,15 @@ impl Model for QaModel {
             types[row..row + u.type_ids.len()].copy_from_slice(&u.type_ids);
         }
         let shape = vec![b as i64, width as i64];
-        let t = |v: Vec<i64>| Tensor::from_array((shape.clone(), v)).map_err(|e| format!("cannot build input tensor: {e}"));
+        let t = |v: Vec<i64>| Tensor::from_array((shape.clone(), v)).map_err(|e| InferenceError::Input(format!("cannot build input tensor: {e}")));
         let outputs = if self.has_type_ids {
             self.session.run(ort::inputs!["input_ids" => t(ids)?, "attention_mask" => t(mask)?, "token_type_ids" => t(types)?])
         } else {
             self.session.run(ort::inputs!["input_ids" => t(ids)?, "attention_mask" => t(mask)?])
         }
-        .map_err(|e| format!("model run failed: {e}"))?;
-        let (_, start) = outputs["start_logits"].try_extract_tensor::<f32>().map_err(|e| format!("bad start_logits: {e}"))?;
-        let (_, end) = outputs["end_logits"].try_extract_tensor::<f32>().map_err(|e| format!("bad end_logits: {e}"))?;
+        .map_err(|e| InferenceError::Run(format!("model run failed: {e}")))?;
+        let (_, start) = outputs["start_logits"].try_extract_tensor::<f32>().map_err(|e| InferenceError::Run(format!("bad start_logits: {e}")))?;
+        let (_, end) = outputs["end_logits"].try_extract_tensor::<f32>().map_err(|e| InferenceError::Run(format!("bad end_logits: {e}")))?;
         Ok(units
             .iter()
             .enumerate()

@@ -4,7 +4,7 @@
 pub mod extractive_qa;
 pub mod tabular;
 
-use crate::inference::Model;
+use crate::inference::{InferenceError, Model};
 use crate::json::{text_value, JsonFields, TextValue};
 use crate::record::{Column, DeadReason, Value};
 
@@ -53,9 +53,10 @@ pub trait Task: Send + Sync + 'static {
 }
 
 /// `name@version`, the version being the first 12 hex digits of the model file's SHA-256.
-pub fn model_label(name: &str, model_path: &std::path::Path) -> Result<String, String> {
+pub fn model_label(name: &str, model_path: &std::path::Path) -> Result<String, InferenceError> {
     use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(model_path).map_err(|e| format!("cannot read model {}: {e}", model_path.display()))?;
+    let bytes = std::fs::read(model_path)
+        .map_err(|e| InferenceError::Load { path: model_path.to_path_buf(), reason: format!("cannot read model {}: {e}", model_path.display()) })?;
     let digest = Sha256::digest(&bytes);
     Ok(format!("{name}@{}", &hex::encode(digest)[..12]))
 }

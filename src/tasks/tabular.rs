@@ -3,7 +3,7 @@
 //! the graph) needs no feature code. The first output (or the configured one) is the prediction.
 
 use super::{Refusal, Task};
-use crate::inference::Model;
+use crate::inference::{InferenceError, Model};
 use crate::json::{JsonFields, TextValue};
 use crate::record::{Column, ColumnKind, DeadReason, Value};
 use ort::value::{TensorElementType, ValueType};
@@ -45,8 +45,9 @@ pub struct InputSpec {
 
 const COLUMNS: &[Column] = &[Column { name: "prediction", kind: ColumnKind::Float }];
 
-/// Reads the model's inputs and picks its prediction output.
-fn describe(session: &ort::session::Session, output: Option<&str>) -> Result<(Vec<InputSpec>, String), String> {
+/// Reads the model's inputs and picks its prediction output; `path` is the model's file.
+fn describe(session: &ort::session::Session, path: &Path, output: Option<&str>) -> Result<(Vec<InputSpec>, String), InferenceError> {
+    let refuse = |reason: String| InferenceError::Load { path: path.to_path_buf(), reason };
     let mut specs = Vec::new();
     for input in session.inputs() {
         let (kind, rank) = match input.dtype() {
@@ -58,40 +59,44 @@ fn describe(session: &ort::session::Session, output: Option<&str>) -> Result<(Ve
                     TensorElementType::Float64 => InputKind::F64,
                     TensorElementType::String => InputKind::Str,
                     other => {
-                        return Err(format!("input `{}` has element type {other:?}; tabular supports int64, int32, float, double and string", input.name()))
+                        return Err(refuse(format!(
+                            "input `{}` has element type {other:?}; tabular supports int64, int32, float, double and string",
+                            input.name()
+                        )))
                     }
                 };
                 let rank = shape.len();
                 if !(1..=2).contains(&rank) || (rank == 2 && shape[1] > 1) {
-                    return Err(format!("input `{}` has shape {shape:?}; tabular feeds one value per row ([N] or [N, 1])", input.name()));
+                    return Err(refuse(format!("input `{}` has shape {shape:?}; tabular feeds one value per row ([N] or [N, 1])", input.name())));
                 }
                 (kind, rank)
             }
-            other => return Err(format!("input `{}` is {other:?}, not a tensor", input.name())),
+            other => return Err(refuse(format!("input `{}` is {other:?}, not a tensor", input.name()))),
         };
         specs.push(InputSpec { name: input.name().to_string(), kind, rank });
     }
     let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
     let out = match output {
         Some(o) if names.contains(&o) => o.to_string(),
-        Some(o) => return Err(format!("model has no output `{o}` (it has {names:?})")),
-        None => names.first().ok_or("model has no outputs")?.to_string(),
+        Some(o) => return Err(refuse(format!("model has no output `{o}` (it has {names:?})"))),
+        None => names.first().ok_or_else(|| refuse("model has no outputs".into()))?.to_string(),
     };
     Ok((specs, out))
 }
 
-fn load_session(path: &Path, intra_threads: usize) -> Result<ort::session::Session, String> {
+fn load_session(path: &Path, intra_threads: usize) -> Result<ort::session::Session, InferenceError> {
     let env = crate::ortlib::environment()?;
+    let refuse = |reason: String| InferenceError::Load { path: path.to_path_buf(), reason };
     // Tabular models are tiny (microseconds per batch): a thread pool that spin-waits between runs
     // costs more CPU than it saves, so one thread without spinning unless configured otherwise.
     let threads = if intra_threads > 0 { intra_threads } else { 1 };
     let mut builder = ort::session::Session::builder(env)
-        .map_err(|e| format!("cannot create an ONNX Runtime session: {e}"))?
+        .map_err(|e| refuse(format!("cannot create an ONNX Runtime session: {e}")))?
         .with_intra_threads(threads)
-        .map_err(|e| format!("cannot set intra_threads: {e}"))?
+        .map_err(|e| refuse(format!("cannot set intra_threads: {e}")))?
         .with_intra_op_spinning(false)
-        .map_err(|e| format!("cannot turn off spinning: {e}"))?;
-    builder.commit_from_file(path).map_err(|e| format!("cannot load model {}: {e}", path.display()))
+        .map_err(|e| refuse(format!("cannot turn off spinning: {e}")))?;
+    builder.commit_from_file(path).map_err(|e| refuse(format!("cannot load model {}: {e}", path.display())))
 }
 
 /// The tabular task.
@@ -102,9 +107,9 @@ pub struct Tabular {
 
 impl Tabular {
     /// Reads the model's input names and dtypes.
-    pub fn new(model: &Path, output: Option<&str>, label: String) -> Result<Self, String> {
+    pub fn new(model: &Path, output: Option<&str>, label: String) -> Result<Self, InferenceError> {
         let session = load_session(model, 1)?;
-        let (specs, _) = describe(&session, output)?;
+        let (specs, _) = describe(&session, model, output)?;
         Ok(Tabular { specs, label })
     }
 
@@ -196,9 +201,9 @@ pub struct TabularModel {
 }
 
 impl TabularModel {
-    pub fn load(path: &Path, output: Option<&str>, intra_threads: usize) -> Result<Self, String> {
+    pub fn load(path: &Path, output: Option<&str>, intra_threads: usize) -> Result<Self, InferenceError> {
         let session = load_session(path, intra_threads)?;
-        let (specs, output) = describe(&session, output)?;
+        let (specs, output) = describe(&session, path, output)?;
         Ok(TabularModel { session, specs, output })
     }
 }
@@ -215,13 +220,13 @@ impl Model for TabularModel {
         true
     }
 
-    fn run(&mut self, units: &[&TabularRequest]) -> Result<Vec<f64>, String> {
+    fn run(&mut self, units: &[&TabularRequest]) -> Result<Vec<f64>, InferenceError> {
         use ort::value::{DynValue, Tensor};
         let n = units.len();
         let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(self.specs.len());
         for (i, spec) in self.specs.iter().enumerate() {
             let shape: Vec<i64> = if spec.rank == 2 { vec![n as i64, 1] } else { vec![n as i64] };
-            let err = |e: ort::Error| format!("cannot build input `{}`: {e}", spec.name);
+            let err = |e: ort::Error| InferenceError::Input(format!("cannot build input `{}`: {e}", spec.name));
             let value: DynValue = match spec.kind {
                 InputKind::I64 => Tensor::from_array((shape, units.iter().map(|u| as_i64(&u.features[i])).collect::<Vec<i64>>())).map_err(err)?.into_dyn(),
                 InputKind::I32 => {
@@ -237,7 +242,7 @@ impl Model for TabularModel {
             };
             inputs.push((spec.name.clone(), value));
         }
-        let outputs = self.session.run(inputs).map_err(|e| format!("model run failed: {e}"))?;
+        let outputs = self.session.run(inputs).map_err(|e| InferenceError::Run(format!("model run failed: {e}")))?;
         let out = &outputs[self.output.as_str()];
         if let Ok((_, v)) = out.try_extract_tensor::<f32>() {
             return Ok(v.iter().take(n).map(|x| *x as f64).collect());
@@ -248,7 +253,7 @@ impl Model for TabularModel {
         if let Ok((_, v)) = out.try_extract_tensor::<i64>() {
             return Ok(v.iter().take(n).map(|x| *x as f64).collect());
         }
-        Err(format!("output `{}` is not a float, double or int64 tensor", self.output))
+        Err(InferenceError::Run(format!("output `{}` is not a float, double or int64 tensor", self.output)))
     }
 }
 
