@@ -398,3 +398,95 @@ fn two_processes_of_two_workers_share_one_subscription_with_no_loss() {
     assert!(na > 0 && nb > 0, "both processes read from the subscription: {na} and {nb}");
     assert!(na + nb >= 8000, "{na} + {nb} answers");
 }
+
+#[test]
+fn pubsub_mixes_with_kafka_and_json_lines_either_way() {
+    use common::blackbox::answer_ids;
+    use common::kafka::{brokers, create_topics, produce, producer, read_topic};
+    let s = setup("psmix", 10);
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = s.dir.path().join("answers");
+    let kafka_results = format!("{}_results", s.name);
+    let kafka_rides = format!("{}_rides", s.name);
+    create_topics(&[&kafka_results, &kafka_rides], 2);
+    // Pub/Sub -> JSON lines + Kafka.
+    let messages = rides("mx", 500, 3);
+    s.publish_rides(&messages);
+    let to_jsonl_and_kafka = format!(
+        r#"name = "{name}_a"
+[source]
+type = "pubsub"
+subscription = "{sub}"
+endpoint = "http://{emu}"
+[task]
+type = "tabular"
+model = "{root}/models/rides/model.onnx"
+[runtime]
+workers = 2
+progress = false
+[[sinks]]
+type = "jsonl"
+dir = "{out}"
+[[sinks]]
+type = "kafka"
+brokers = "{b}"
+topic = "{kafka_results}"
+"#,
+        name = s.name,
+        sub = s.subscription,
+        emu = emulator(),
+        out = out.display(),
+        b = brokers()
+    );
+    let mut w = s.run(&to_jsonl_and_kafka);
+    let want: HashSet<String> = messages.iter().map(|(id, _)| id.clone()).collect();
+    assert!(
+        wait_until(Duration::from_secs(60), || answer_ids(&out).into_iter().collect::<HashSet<_>>() == want),
+        "every ride in the JSON lines: {}",
+        w.stderr_tail()
+    );
+    let on_kafka: HashSet<String> = read_topic(&kafka_results, 500, Duration::from_secs(30)).into_iter().map(|(k, _, _)| k).collect();
+    assert_eq!(on_kafka, want, "every ride on the Kafka results topic");
+    w.signal("-TERM");
+    assert_eq!(exit_of(&mut w, Duration::from_secs(30)), 0, "{}", w.stderr_tail());
+    // Kafka -> Pub/Sub.
+    let answers = s.listen(&s.results);
+    let kafka_messages = rides("kx", 500, 4);
+    produce(&producer(), &kafka_rides, &kafka_messages);
+    let to_pubsub = format!(
+        r#"name = "{name}_b"
+[source]
+type = "kafka"
+brokers = "{b}"
+topic = "{kafka_rides}"
+epoch_ms = 20
+[task]
+type = "tabular"
+model = "{root}/models/rides/model.onnx"
+[runtime]
+workers = 2
+progress = false
+[[sinks]]
+type = "pubsub"
+endpoint = "http://{emu}"
+topic = "{results}"
+"#,
+        name = s.name,
+        b = brokers(),
+        emu = emulator(),
+        results = s.results
+    );
+    let mut k = s.run(&to_pubsub);
+    let mut seen = HashSet::new();
+    collect(&answers, Duration::from_secs(60), |got| {
+        if let Some(m) = got.last() {
+            assert_eq!(m.attributes.get("model").map(String::as_str), Some("rides"));
+            seen.insert(m.attributes.get("request_id").cloned().unwrap_or_default());
+        }
+        seen.len() >= 500
+    });
+    let want: HashSet<String> = kafka_messages.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(seen, want, "every Kafka ride answered on the Pub/Sub topic: {}", k.stderr_tail());
+    k.signal("-TERM");
+    assert_eq!(exit_of(&mut k, Duration::from_secs(30)), 0, "{}", k.stderr_tail());
+}
