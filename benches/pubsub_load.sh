@@ -8,13 +8,13 @@
 #   4. latency: RATE rides/s for LATENCY_COUNT rides through Pub/Sub -> model -> Pub/Sub + Postgres,
 #      p50/p95/p99 end to end (publish to the answer's arrival at the backend's subscription).
 # Each scenario gets fresh topics and subscriptions; the worker's CPU seconds and peak RSS are shown.
-# Usage: benches/pubsub_load.sh [COUNT=50000] [WORKERS=2]   (RATE=2000, LATENCY_COUNT=20000)
+# Usage: benches/pubsub_load.sh [COUNT=50000] [WORKERS=2]   (RATE=500, LATENCY_COUNT=10000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COUNT="${1:-50000}"
 WORKERS="${2:-2}"
-RATE="${RATE:-2000}"
-LATENCY_COUNT="${LATENCY_COUNT:-20000}"
+RATE="${RATE:-500}"
+LATENCY_COUNT="${LATENCY_COUNT:-10000}"
 bash scripts/setup.sh >/dev/null
 bash scripts/pg.sh >/dev/null
 bash scripts/pubsub.sh start >/dev/null
@@ -90,7 +90,7 @@ drain() { # name sinks-extra
   run_worker "$1"
   wait "$lg" || true
   echo "== $1 ($COUNT rides published first, $WORKERS workers)"
-  grep -v '^preloaded' "$WORK/$1.report"
+  grep -v '^preloaded [0-9]* rides$' "$WORK/$1.report"
   finish_worker "$1"
 }
 
