@@ -45,6 +45,10 @@ struct Setup {
 }
 
 fn setup(prefix: &str, ack_deadline_s: i32) -> Setup {
+    setup_with(prefix, ack_deadline_s, false)
+}
+
+fn setup_with(prefix: &str, ack_deadline_s: i32, exactly_once: bool) -> Setup {
     let name = unique(prefix);
     let topic = |t: &str| format!("projects/{PROJECT}/topics/{name}-{t}");
     let admin = Admin::connect(&connection().resolve()).expect("the Pub/Sub emulator (scripts/pubsub.sh start)");
@@ -61,7 +65,7 @@ fn setup(prefix: &str, ack_deadline_s: i32) -> Setup {
     for t in [&s.rides, &s.results, &s.dead] {
         s.admin.ensure_topic(t).unwrap();
     }
-    s.admin.ensure_subscription(&s.subscription, &s.rides, "", ack_deadline_s, false).unwrap();
+    s.admin.ensure_subscription(&s.subscription, &s.rides, "", ack_deadline_s, exactly_once).unwrap();
     s
 }
 
@@ -374,13 +378,19 @@ fn a_sink_stalled_past_the_ack_deadline_loses_nothing_and_memory_stays_bounded()
     eprintln!("peak RSS while the sink was stalled: {peak:.0} MB");
 }
 
-#[test]
-fn two_processes_of_two_workers_share_one_subscription_with_no_loss() {
-    let s = setup("psshare", 10);
-    let messages = rides("pw", 8000, 17);
+/// Two processes of two workers each (`cluster`: one timely cluster of both) read one
+/// subscription; every ride is answered exactly once in Postgres and both processes take part.
+fn two_processes_share_one_subscription(prefix: &str, cluster: bool) {
+    let s = setup(prefix, 10);
+    let messages = rides(prefix, 8000, 17);
     let topology = s.topology("", "");
-    let mut a = s.run(&topology);
-    let mut b = s.run(&topology);
+    let hosts = s.dir.path().join("hosts.txt");
+    let base = 25000 + (std::process::id() % 1000) as u16 * 2;
+    std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", base, base + 1)).unwrap();
+    let h = hosts.to_str().unwrap();
+    let start = |i: &str| if cluster { spawn_sluice(s.dir.path(), &topology, &["--process", i, "--hostfile", h], &[]) } else { s.run(&topology) };
+    let mut a = start("0");
+    let mut b = start("1");
     std::thread::sleep(Duration::from_secs(2));
     s.publish_rides(&messages);
     assert_eq!(wait_for_rows(&s.table, 8000, Duration::from_secs(120)), 8000, "{}\n{}", a.stderr_tail(), b.stderr_tail());
@@ -397,6 +407,31 @@ fn two_processes_of_two_workers_share_one_subscription_with_no_loss() {
     let (na, nb) = (answered(&a), answered(&b));
     assert!(na > 0 && nb > 0, "both processes read from the subscription: {na} and {nb}");
     assert!(na + nb >= 8000, "{na} + {nb} answers");
+}
+
+#[test]
+fn two_processes_of_two_workers_share_one_subscription_with_no_loss() {
+    two_processes_share_one_subscription("psshare", false);
+}
+
+#[test]
+fn a_timely_cluster_of_two_processes_shares_one_subscription_with_no_loss() {
+    two_processes_share_one_subscription("psclus", true);
+}
+
+#[test]
+fn an_exactly_once_subscription_is_answered_with_confirmed_acknowledgements() {
+    let s = setup_with("pseo", 10, true);
+    let messages = rides("pe", 3000, 23);
+    s.publish_rides(&messages);
+    let mut w = spawn_sluice(s.dir.path(), &s.topology("", ""), &[], &[("RUST_LOG", "sluice=info")]);
+    assert_eq!(wait_for_rows(&s.table, 3000, Duration::from_secs(60)), 3000, "{}", w.stderr_tail());
+    w.signal("-TERM");
+    assert_eq!(exit_of(&mut w, Duration::from_secs(30)), 0, "{}", w.stderr_tail());
+    assert_exactly_once(&s, &messages);
+    let log = w.stderr();
+    assert!(log.contains("exactly_once=true"), "the source saw the subscription's delivery type: {log}");
+    assert!(!log.contains("confirmed acknowledgement failed"), "no confirmed acknowledgement failed: {log}");
 }
 
 #[test]
