@@ -17,7 +17,7 @@ use crate::source::Keying;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use timely::container::CapacityContainerBuilder;
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::{Exchange, ParallelizationContract, Pipeline};
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Capability;
@@ -109,12 +109,28 @@ pub fn key_by_id<'s, P>(
 where
     P: timely::ExchangeData,
 {
+    // Tables go to the worker that owns their ID; streams stay where they were read (their
+    // checkpoints commit with their answers), with no exchange at all.
+    match keying {
+        Keying::Table => keyed(requests, Exchange::new(|env: &Envelope<P>| id_hash(&env.id)), keying, window),
+        Keying::Stream => keyed(requests, Pipeline, keying, window),
+    }
+}
+
+#[allow(clippy::type_complexity)]
+fn keyed<'s, P, C>(
+    requests: Stream<'s, u64, Vec<Envelope<P>>>,
+    pact: C,
+    keying: Keying,
+    window: usize,
+) -> (Stream<'s, u64, Vec<Envelope<P>>>, Stream<'s, u64, Vec<Deleted>>)
+where
+    P: timely::ExchangeData,
+    C: ParallelizationContract<u64, Vec<Envelope<P>>>,
+{
     let scope = requests.scope();
-    let here = scope.index() as u64;
     let mut builder = OperatorBuilder::new("KeyById".to_owned(), scope);
-    // Tables go to the worker that owns their ID; streams stay where they were read.
-    let route = move |env: &Envelope<P>| if keying == Keying::Table { id_hash(&env.id) } else { here };
-    let mut input = builder.new_input(requests, Exchange::new(route));
+    let mut input = builder.new_input(requests, pact);
     let (req_out, req_stream) = builder.new_output::<Vec<Envelope<P>>>();
     let (del_out, del_stream) = builder.new_output::<Vec<Deleted>>();
     let mut req_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<Envelope<P>>>>::from(req_out);
