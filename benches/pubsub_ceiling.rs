@@ -5,7 +5,6 @@
 //!
 //! `PUBSUB_EMULATOR_HOST=127.0.0.1:8085 cargo bench --bench pubsub_ceiling -- [count]`
 
-use google_cloud_pubsub::client::{Publisher, Subscriber};
 use google_cloud_pubsub::model::Message;
 use sluice::connectors::pubsub::admin::Admin;
 use sluice::connectors::pubsub::{runtime, Connection};
@@ -22,21 +21,10 @@ fn main() {
     let sub = format!("projects/sluice-local/subscriptions/bare-{tag}");
     admin.ensure_topic(&topic).unwrap();
     admin.ensure_subscription(&sub, &topic, "", 60, false).unwrap();
-    let endpoint = conn.endpoint.clone().expect("an emulator endpoint");
-    let creds = conn.credentials().unwrap();
+    // The sink's default batching: 1,000 messages, 4 MiB or 5 ms.
+    let publisher = conn.publisher(&topic, 1000, 4 << 20, Duration::from_millis(5)).unwrap();
+    let subscriber = conn.subscriber().unwrap();
     let _enter = runtime().enter();
-    let (publisher, subscriber) = runtime().block_on(async {
-        let p = Publisher::builder(topic.clone())
-            .with_endpoint(endpoint.clone())
-            .with_credentials(creds.clone())
-            .set_message_count_threshold(1000u32)
-            .set_delay_threshold(Duration::from_millis(5))
-            .build()
-            .await
-            .unwrap();
-        let s = Subscriber::builder().with_endpoint(endpoint).with_credentials(creds).build().await.unwrap();
-        (p, s)
-    });
     let mut rides = RideGenerator::new(42);
     let started = Instant::now();
     let futures: Vec<_> = (0..count)

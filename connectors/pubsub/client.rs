@@ -7,7 +7,7 @@
 use super::admin::Admin;
 use super::{project_of, runtime, Connection, Resolved, ID_ATTRIBUTE};
 use crate::connectors::loadgen::{Answers, Publish};
-use google_cloud_pubsub::client::{Publisher, Subscriber};
+use google_cloud_pubsub::client::Publisher;
 use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::ShutdownToken;
 use std::collections::HashMap;
@@ -58,15 +58,7 @@ impl ReplySubscription {
             tracing::debug!("reply subscription with a filter refused ({e}); subscribing to every answer");
             admin.ensure_subscription(&name, results_topic, "", 60, false).map_err(ClientError::PubSub)?;
         }
-        let creds = conn.credentials().map_err(ClientError::PubSub)?;
-        let subscriber = runtime().block_on(async {
-            let mut b = Subscriber::builder().with_credentials(creds);
-            if let Some(e) = &conn.endpoint {
-                b = b.with_endpoint(e.clone());
-            }
-            b.build().await
-        });
-        let subscriber = subscriber.map_err(|e| ClientError::PubSub(format!("cannot connect to {}: {e}", conn.describe())))?;
+        let subscriber = conn.subscriber().map_err(ClientError::PubSub)?;
         let _enter = runtime().enter();
         let mut stream = subscriber.subscribe(name.clone()).set_max_outstanding_messages(100_000i64).build();
         let shutdown = stream.shutdown_token();
@@ -128,19 +120,9 @@ pub struct RequestClient {
     router: Option<std::thread::JoinHandle<()>>,
 }
 
-/// A publisher for `topic`.
+/// A publisher for `topic`: requests go out within a millisecond, batched under load.
 fn publisher(conn: &Resolved, topic: &str) -> Result<Publisher, ClientError> {
-    let creds = conn.credentials().map_err(ClientError::PubSub)?;
-    let _enter = runtime().enter();
-    runtime()
-        .block_on(async {
-            let mut b = Publisher::builder(topic.to_string()).with_credentials(creds).set_delay_threshold(Duration::from_millis(1));
-            if let Some(e) = &conn.endpoint {
-                b = b.with_endpoint(e.clone());
-            }
-            b.build().await
-        })
-        .map_err(|e| ClientError::PubSub(format!("cannot connect to {}: {e}", conn.describe())))
+    conn.publisher(topic, 1000, 4 << 20, Duration::from_millis(1)).map_err(ClientError::PubSub)
 }
 
 /// The request message: the JSON body, and the ID as an attribute.

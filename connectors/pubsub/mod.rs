@@ -10,6 +10,7 @@ pub mod sink;
 pub mod source;
 
 use google_cloud_gax::error::rpc::Code;
+use google_cloud_pubsub::client::{Publisher, Subscriber};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -93,6 +94,40 @@ impl Resolved {
                  or point PUBSUB_EMULATOR_HOST at an emulator"
             )
         })
+    }
+
+    /// A publisher for `topic` that sends a batch at `messages` messages, `bytes` bytes or after
+    /// `delay`, whichever comes first.
+    pub fn publisher(&self, topic: &str, messages: u32, bytes: u32, delay: std::time::Duration) -> Result<Publisher, String> {
+        let creds = self.credentials()?;
+        let _enter = runtime().enter();
+        runtime()
+            .block_on(async {
+                let mut b = Publisher::builder(topic.to_string())
+                    .with_credentials(creds)
+                    .set_message_count_threshold(messages)
+                    .set_byte_threshold(bytes)
+                    .set_delay_threshold(delay);
+                if let Some(e) = &self.endpoint {
+                    b = b.with_endpoint(e.clone());
+                }
+                b.build().await
+            })
+            .map_err(|e| format!("cannot connect to Pub/Sub at {}: {e}", self.describe()))
+    }
+
+    /// A subscriber client.
+    pub fn subscriber(&self) -> Result<Subscriber, String> {
+        let creds = self.credentials()?;
+        runtime()
+            .block_on(async {
+                let mut b = Subscriber::builder().with_credentials(creds);
+                if let Some(e) = &self.endpoint {
+                    b = b.with_endpoint(e.clone());
+                }
+                b.build().await
+            })
+            .map_err(|e| format!("cannot connect to Pub/Sub at {}: {e}", self.describe()))
     }
 
     /// For people: the endpoint, never credentials.

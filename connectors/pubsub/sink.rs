@@ -90,21 +90,7 @@ impl PubsubSinkConfig {
     }
 
     fn publisher(&self, conn: &super::Resolved, topic: &str) -> Result<Publisher, SinkError> {
-        let creds = conn.credentials().map_err(SinkError::Config)?;
-        let _enter = runtime().enter();
-        runtime()
-            .block_on(async {
-                let mut b = Publisher::builder(topic.to_string())
-                    .with_credentials(creds)
-                    .set_message_count_threshold(self.batch_messages)
-                    .set_byte_threshold(self.batch_bytes)
-                    .set_delay_threshold(Duration::from_millis(self.batch_delay_ms));
-                if let Some(e) = &conn.endpoint {
-                    b = b.with_endpoint(e.clone());
-                }
-                b.build().await
-            })
-            .map_err(|e| SinkError::Config(format!("cannot connect to Pub/Sub at {}: {e}", conn.describe())))
+        conn.publisher(topic, self.batch_messages, self.batch_bytes, Duration::from_millis(self.batch_delay_ms)).map_err(SinkError::Config)
     }
 }
 

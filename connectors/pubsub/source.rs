@@ -172,16 +172,7 @@ impl PubsubFactory {
             Err((_, e)) => return Err(SourceError::Transient(e)),
         };
         tracing::info!(subscription = %self.config.subscription, topic = %info.topic, exactly_once = info.exactly_once, "pubsub source");
-        let creds = conn.credentials().map_err(SourceError::Config)?;
-        let subscriber = runtime().block_on(async {
-            let mut b = Subscriber::builder().with_credentials(creds);
-            if let Some(e) = &conn.endpoint {
-                b = b.with_endpoint(e.clone());
-            }
-            b.build().await
-        });
-        let subscriber = subscriber.map_err(|e| SourceError::Config(format!("cannot connect to Pub/Sub at {}: {e}", conn.describe())))?;
-        Ok(subscriber)
+        conn.subscriber().map_err(SourceError::Config)
     }
 }
 
