@@ -4,6 +4,7 @@
 
 use super::files::csv::{CsvConfig, CsvFactory};
 use super::files::jsonl::JsonlConfig;
+use super::files::live::{FilesConfig, FilesFactory};
 use super::generator::GeneratorConfig;
 use super::kafka::sink::KafkaSinkConfig;
 use super::kafka::source::{KafkaFactory, KafkaSourceConfig};
@@ -22,6 +23,9 @@ use std::sync::Arc;
 pub enum SourceConfig {
     /// CSV files: one file, a glob, or a directory of `*.csv`.
     Csv(CsvConfig),
+    /// Files in a folder or a bucket (S3, GCS), read once or watched; only changed rows are
+    /// recomputed, and removed rows' answers are deleted.
+    Files(FilesConfig),
     /// Kafka: partitions are owned by timely workers (partition % workers == worker index).
     Kafka(KafkaSourceConfig),
     /// The built-in ride generator (no server needed).
@@ -49,6 +53,7 @@ impl SourceConfig {
     pub fn check(&self) -> Result<(), (&'static str, String, &'static str)> {
         match self {
             SourceConfig::Csv(c) => c.check(),
+            SourceConfig::Files(c) => c.check(),
             SourceConfig::Kafka(c) => c.check(),
             SourceConfig::Generator(c) => c.check(),
             SourceConfig::Pubsub(c) => c.check(),
@@ -61,6 +66,7 @@ impl SourceConfig {
     pub fn factory(&self, pipeline: &str, runtime: &RuntimeConfig) -> Result<Arc<dyn SourceFactory>, SourceError> {
         Ok(match self {
             SourceConfig::Csv(c) => Arc::new(CsvFactory { config: c.clone(), files: super::files::expand(&c.path).map_err(SourceError::Config)? }),
+            SourceConfig::Files(c) => Arc::new(FilesFactory::new(c.clone())?),
             SourceConfig::Kafka(c) => Arc::new(KafkaFactory {
                 config: c.clone(),
                 brokers: crate::topology::expand_env(&c.brokers),

@@ -22,14 +22,22 @@ pub const INFERENCE_QUEUE: &str = "sluice_inference_queue_depth";
 pub const END_TO_END_LATENCY: &str = "sluice_end_to_end_latency_seconds";
 /// Epochs a source has opened that the sinks have not yet made durable.
 pub const EPOCHS_IN_FLIGHT: &str = "sluice_source_epochs_in_flight";
-/// Sink write failures that were retried. Label: `sink`.
 /// Counter: records dropped because their ID's content was unchanged (no inference, no write).
 pub const UNCHANGED: &str = "sluice_records_unchanged_total";
 /// Counter: records a sink refused (isolated from their batch and dead-lettered), by sink.
 pub const SINK_REJECTED: &str = "sluice_sink_rejected_total";
 /// Counter: model runs retried or split after an error.
 pub const INFERENCE_RETRIES: &str = "sluice_inference_retries_total";
+/// Sink write failures that were retried. Label: `sink`.
 pub const SINK_RETRIES: &str = "sluice_sink_retries_total";
+/// Counter: rows a file source read (changed or not).
+pub const FILE_ROWS_SEEN: &str = "sluice_file_rows_seen_total";
+/// Counter: rows a file source sent on because they were new or changed.
+pub const FILE_ROWS_RECOMPUTED: &str = "sluice_file_rows_recomputed_total";
+/// Counter: rows whose answers a file source deleted (gone from their file, or the file gone).
+pub const FILE_ROWS_RETRACTED: &str = "sluice_file_rows_retracted_total";
+/// Gauge: files a file source knows, by `state` (current, settling) and `worker`.
+pub const FILES: &str = "sluice_files";
 /// Seconds one sink epoch write took. Label: `sink`.
 pub const SINK_WRITE_LATENCY: &str = "sluice_sink_write_seconds";
 
@@ -67,6 +75,10 @@ fn describe() {
     describe_histogram!(END_TO_END_LATENCY, "Seconds from ingest to a durable answer.");
     describe_gauge!(EPOCHS_IN_FLIGHT, "Epochs not yet durable at the sinks.");
     describe_counter!(SINK_RETRIES, "Sink writes retried after an error.");
+    describe_counter!(FILE_ROWS_SEEN, "Rows a file source read, changed or not.");
+    describe_counter!(FILE_ROWS_RECOMPUTED, "Rows a file source sent to the model because they were new or changed.");
+    describe_counter!(FILE_ROWS_RETRACTED, "Rows whose answers a file source deleted.");
+    describe_gauge!(FILES, "Files a file source knows, by state.");
     describe_histogram!(SINK_WRITE_LATENCY, "Seconds per sink epoch write.");
     for reason in DeadReason::ALL {
         metrics::counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(0);

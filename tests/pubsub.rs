@@ -480,8 +480,17 @@ topic = "{kafka_results}"
         "every ride in the JSON lines: {}",
         w.stderr_tail()
     );
-    let on_kafka: HashSet<String> = read_topic(&kafka_results, 500, Duration::from_secs(30)).into_iter().map(|(k, _, _)| k).collect();
-    assert_eq!(on_kafka, want, "every ride on the Kafka results topic");
+    // The JSON lines are written before the Kafka sink's produce is confirmed: give a loaded
+    // machine time to finish it.
+    let on_kafka: HashSet<String> = read_topic(&kafka_results, 500, Duration::from_secs(90)).into_iter().map(|(k, _, _)| k).collect();
+    assert!(
+        on_kafka == want,
+        "every ride on the Kafka results topic: {} of {}, {} foreign; worker log:\n{}",
+        on_kafka.intersection(&want).count(),
+        want.len(),
+        on_kafka.difference(&want).count(),
+        w.stderr_tail()
+    );
     w.signal("-TERM");
     assert_eq!(exit_of(&mut w, Duration::from_secs(30)), 0, "{}", w.stderr_tail());
     // Kafka -> Pub/Sub.

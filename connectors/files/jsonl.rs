@@ -4,8 +4,10 @@
 //! `dead_letters.w<worker>.jsonl`, synced per write. For a source that resumes (Kafka), each
 //! write then atomically replaces `checkpoint.w<worker>.json`, which holds the sources'
 //! checkpoints and the length of both files: a restart cuts the files back to those lengths
-//! and resumes the source from there, so answers are neither lost nor written twice. For a
-//! source that reads everything again (files), a run starts the files afresh.
+//! and resumes the source from there, so answers are neither lost nor written twice. A long
+//! checkpoint (a file source's manifest) lives in a side file named by its content, written
+//! before the checkpoint file that names it. For a source that reads everything again (one-shot
+//! CSV), a run starts the files afresh.
 
 use crate::record::{Answer, Change, Column, DeadLetter};
 use crate::sink::{EpochBatch, SinkContext, SinkError, SinkFactory, SinkWriter};
@@ -43,6 +45,31 @@ fn dead_file(dir: &Path, worker: usize) -> PathBuf {
 }
 fn checkpoint_file(dir: &Path, worker: usize) -> PathBuf {
     dir.join(format!("checkpoint.w{worker}.json"))
+}
+
+/// A position longer than this is kept in a file of its own (a file source's manifest), so
+/// that the checkpoint file rewritten every epoch stays small; the checkpoint file holds
+/// `@side:<name>` instead.
+const SIDE_FILE_OVER: usize = 4096;
+const SIDE_REF: &str = "@side:";
+
+/// The side file of a long position: named by its content, so an unchanged one is not rewritten.
+fn side_name(worker: usize, position: &str) -> String {
+    use sha2::Digest;
+    format!("checkpoint.w{worker}.{}.pos", &hex::encode(sha2::Sha256::digest(position.as_bytes()))[..24])
+}
+
+/// A stored position, with a side-file reference replaced by the file's contents.
+fn resolve(dir: &Path, position: String) -> Result<String, SinkError> {
+    match position.strip_prefix(SIDE_REF) {
+        None => Ok(position),
+        Some(name) => std::fs::read_to_string(dir.join(name)).map_err(|e| {
+            SinkError::Config(format!(
+                "cannot read {} that a checkpoint names ({e}); move the folder's checkpoint files away to start afresh",
+                dir.join(name).display()
+            ))
+        }),
+    }
 }
 
 fn read_checkpoint(path: &Path) -> Result<Option<CheckpointFile>, SinkError> {
@@ -111,7 +138,11 @@ impl SinkFactory for JsonlConfig {
                 }
             }
         }
-        Ok(Some(newest.into_iter().map(|((scope, shard), (position, _))| Checkpoint { scope, shard, position }).collect()))
+        newest
+            .into_iter()
+            .map(|((scope, shard), (position, _))| Ok(Checkpoint { scope, shard, position: resolve(dir, position)? }))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
     }
 
     fn writer(&self, ctx: &SinkContext, worker: usize) -> Result<Box<dyn SinkWriter>, SinkError> {
@@ -158,7 +189,21 @@ impl JsonlWriter {
     fn store_checkpoint(&mut self, batch: &EpochBatch) -> std::io::Result<()> {
         let now = crate::record::now_ms();
         for c in &batch.checkpoints {
-            self.checkpoints.insert((c.scope.clone(), c.shard.clone()), (c.position.clone(), now));
+            let position = if c.position.len() > SIDE_FILE_OVER {
+                let name = side_name(self.worker, &c.position);
+                let path = self.dir.join(&name);
+                if !path.exists() {
+                    let tmp = path.with_extension("pos.tmp");
+                    let mut f = File::create(&tmp)?;
+                    f.write_all(c.position.as_bytes())?;
+                    f.sync_all()?;
+                    std::fs::rename(&tmp, &path)?;
+                }
+                format!("{SIDE_REF}{name}")
+            } else {
+                c.position.clone()
+            };
+            self.checkpoints.insert((c.scope.clone(), c.shard.clone()), (position, now));
         }
         let file = CheckpointFile {
             answers_len: self.answers.metadata()?.len(),
@@ -175,7 +220,17 @@ impl JsonlWriter {
         f.write_all(&serde_json::to_vec(&file).expect("a checkpoint serializes"))?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
-        File::open(&self.dir)?.sync_all()
+        File::open(&self.dir)?.sync_all()?;
+        // Side files no checkpoint names any more.
+        let named: std::collections::HashSet<&str> = self.checkpoints.values().filter_map(|(p, _)| p.strip_prefix(SIDE_REF)).collect();
+        let mine = format!("checkpoint.w{}.", self.worker);
+        for entry in std::fs::read_dir(&self.dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with(&mine) && name.ends_with(".pos") && !named.contains(name.as_str()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,9 +1,13 @@
-//! Files: the CSV source (framing and validation in `scan`, parsing with arrow-csv in `csv`) and
-//! the JSON-lines sink that is the embedded default.
+//! Files: the one-shot CSV source (framing and validation in `scan`, parsing with arrow-csv in
+//! `csv`), the live file source over folders and buckets (`live`, with its `manifest`s and
+//! `store`), and the JSON-lines sink that is the embedded default.
 
 pub mod csv;
 pub mod jsonl;
+pub mod live;
+pub mod manifest;
 pub mod scan;
+pub mod store;
 
 use std::path::{Path, PathBuf};
 

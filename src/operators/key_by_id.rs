@@ -6,7 +6,9 @@
 //! sequence number, so the sinks apply an epoch's changes to an ID in the order they were made.
 //!
 //! Tables (files) are exchanged by ID, wait for each epoch to complete and keep, per ID, the
-//! record latest in its source; their state covers every ID. Streams stay on the worker that
+//! record latest in its source; their state covers every ID. A source that supplies only
+//! changes (the live file source, which diffs against its own durable manifests) is keyed the
+//! same way with no state here. Streams stay on the worker that
 //! read them (their checkpoints must commit in the same transaction as their answers, on that
 //! worker), key records as they arrive (no added latency) and remember only a window of recent
 //! IDs (`runtime.dedupe_window`), so state stays bounded. A stream's repeated ID is recognized
@@ -84,14 +86,17 @@ enum Decision<P> {
 }
 
 /// What becomes of one record, given the state of its ID.
-fn decide<P>(mut env: Envelope<P>, seen: &mut Seen, seq: &mut u64) -> Decision<P> {
+/// `stateless`: the source supplies only changes, so every record is one.
+fn decide<P>(mut env: Envelope<P>, seen: &mut Seen, seq: &mut u64, stateless: bool) -> Decision<P> {
     let key = id_hash(&env.id);
     if env.payload.is_none() {
-        seen.forget(key);
+        if !stateless {
+            seen.forget(key);
+        }
         *seq += 1;
         return Decision::Delete(Deleted { id: env.id, pos: env.pos, ingest_ms: env.ingest_ms, seq: *seq });
     }
-    if !seen.changed(key, env.content) {
+    if !stateless && !seen.changed(key, env.content) {
         return Decision::Unchanged;
     }
     *seq += 1;
@@ -112,7 +117,7 @@ where
     // Tables go to the worker that owns their ID; streams stay where they were read (their
     // checkpoints commit with their answers), with no exchange at all.
     match keying {
-        Keying::Table => keyed(requests, Exchange::new(|env: &Envelope<P>| id_hash(&env.id)), keying, window),
+        Keying::Table | Keying::Changes => keyed(requests, Exchange::new(|env: &Envelope<P>| id_hash(&env.id)), keying, window),
         Keying::Stream => keyed(requests, Pipeline, keying, window),
     }
 }
@@ -137,9 +142,10 @@ where
     let mut del_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<Deleted>>>::from(del_out);
     builder.build(move |_| {
         let mut seen = Seen::new(match keying {
-            Keying::Table => None,
+            Keying::Table | Keying::Changes => None,
             Keying::Stream => Some(window),
         });
+        let stateless = keying == Keying::Changes;
         let mut seq: u64 = 0;
         // Tables: per open epoch, the latest record of each ID, and capabilities for both outputs.
         let mut waiting: BTreeMap<u64, (Capability<u64>, Capability<u64>, HashMap<String, Envelope<P>>)> = BTreeMap::new();
@@ -154,14 +160,14 @@ where
                         let (rcap, dcap) = (cap.delayed(&time, 0), cap.delayed(&time, 1));
                         let (mut rs, mut ds) = (reqs.session(&rcap), dels.session(&dcap));
                         for env in data.drain(..) {
-                            match decide(env, &mut seen, &mut seq) {
+                            match decide(env, &mut seen, &mut seq, stateless) {
                                 Decision::Run(env) => rs.give(env),
                                 Decision::Delete(d) => ds.give(d),
                                 Decision::Unchanged => unchanged.increment(1),
                             }
                         }
                     }
-                    Keying::Table => {
+                    Keying::Table | Keying::Changes => {
                         let entry = waiting.entry(time).or_insert_with(|| (cap.delayed(&time, 0), cap.delayed(&time, 1), HashMap::new()));
                         for env in data.drain(..) {
                             match entry.2.get(&env.id) {
@@ -184,7 +190,7 @@ where
                 latest.sort_by(|a, b| a.pos.cmp(&b.pos));
                 let (mut rs, mut ds) = (reqs.session(&rcap), dels.session(&dcap));
                 for env in latest {
-                    match decide(env, &mut seen, &mut seq) {
+                    match decide(env, &mut seen, &mut seq, stateless) {
                         Decision::Run(env) => rs.give(env),
                         Decision::Delete(d) => ds.give(d),
                         Decision::Unchanged => unchanged.increment(1),

@@ -235,6 +235,16 @@ pub fn source_harness<'s>(
                     c.downgrade(&epoch);
                 }
             }
+            // Counted epochs: an idle source closes its epoch, so what it supplied is answered
+            // now rather than when more arrives.
+            if clock.is_none() && matches!(polled, Ok(Poll::Idle(_))) && (open_records > 0 || source.wants_checkpoint()) {
+                cp_out.activate().session(&cs[1]).give_iterator(source.checkpoint(epoch).into_iter());
+                open_records = 0;
+                epoch += 1;
+                for c in cs.iter_mut() {
+                    c.downgrade(&epoch);
+                }
+            }
             match polled {
                 Ok(Poll::More) => activator.activate(),
                 Ok(Poll::Idle(d)) => activator.activate_after(clock.map(|ms| d.min(Duration::from_millis(ms))).unwrap_or(d)),
@@ -266,7 +276,7 @@ fn finish(phase: &mut Phase, caps: &mut Option<Vec<timely::dataflow::operators::
     let Some(cs) = caps.as_ref() else { return };
     *phase = match std::mem::replace(phase, Phase::Finished) {
         Phase::Reading(mut source) => {
-            if open_records > 0 {
+            if open_records > 0 || source.wants_checkpoint() {
                 cp_out.activate().session(&cs[1]).give_iterator(source.checkpoint(epoch).into_iter());
             }
             Phase::Draining(source)

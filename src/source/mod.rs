@@ -100,6 +100,11 @@ pub trait Source: 'static {
     fn checkpoint(&mut self, _epoch: u64) -> Vec<Checkpoint> {
         Vec::new()
     }
+    /// Whether checkpoints are waiting even though no record is (a file whose new version
+    /// changed nothing): the harness then closes the epoch to carry them.
+    fn wants_checkpoint(&self) -> bool {
+        false
+    }
     /// Every epoch before `before` is durable in every sink: acknowledge its input (commit
     /// offsets, ack messages). Called again as durability advances, and with `u64::MAX` once
     /// everything read is durable at the end of a run.
@@ -116,6 +121,9 @@ pub enum Keying {
     /// A table (files): within an epoch the record latest in its source wins, and the state
     /// (ID and content hash) is kept for every ID.
     Table,
+    /// A table whose source supplies only changes (it diffs against its own durable state, as
+    /// the live file source does): keyed like a table, with no per-ID state of its own.
+    Changes,
     /// A stream: records are keyed as they arrive (no added latency), and the state remembers
     /// the most recent IDs only (a bounded window).
     Stream,

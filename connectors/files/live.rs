@@ -1,0 +1,704 @@
+//! The live file source (`[source] type = "files"`), on the engine's source harness: it lists a
+//! local folder or an S3/GCS bucket, reads each new or changed CSV file once it has settled, and
+//! supplies only what changed against the file's manifest (row IDs and content hashes): new and
+//! changed rows go to the model, rows that went away (or every row of a removed file) become
+//! deletes, and unchanged rows cost no inference. Each file's new manifest is a checkpoint, so
+//! it becomes durable in the same transaction as the answers it describes; a restart diffs each
+//! file against it, so nothing answered is recomputed and a file changed while sluice was down
+//! is diffed correctly. With `watch = true` it keeps polling; without, it reads once and ends.
+
+use super::csv::{normalize_header, parse_rows};
+use super::manifest::{id_key, Diff, Manifest};
+use super::scan::{RawRecord as Framed, Scanner};
+use super::store::{FileReader, Listed, Store, StoreSettings};
+use crate::record::{content_hash, now_ms, DeadReason, SourcePos};
+use crate::source::{Body, Checkpoint, Keying, Poll, RawRecord, Source, SourceError, SourceFactory};
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the files are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    #[default]
+    Csv,
+}
+
+/// `[source] type = "files"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesConfig {
+    /// A local folder or file, `s3://bucket/prefix` or `gs://bucket/prefix`.
+    pub path: String,
+    #[serde(default)]
+    pub format: Format,
+    /// Keep running and follow new, changed and removed files.
+    #[serde(default)]
+    pub watch: bool,
+    /// How often the location is listed when watching.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+    /// A file is read once its tag has stayed the same across two listings at least this far
+    /// apart (a file still being written is left alone).
+    #[serde(default = "default_settle_ms")]
+    pub settle_ms: u64,
+    /// Only names ending with this are read (default: `.csv`).
+    pub suffix: Option<String>,
+    /// An S3-compatible endpoint (`http://127.0.0.1:19000`) or a GCS base URL (an emulator).
+    pub endpoint: Option<String>,
+    /// The S3 region (default: `AWS_REGION`, else us-east-1).
+    pub region: Option<String>,
+    /// A GCS service-account JSON file (default: Application Default Credentials). S3 keys come
+    /// from the `AWS_*` environment variables.
+    pub credentials_file: Option<String>,
+    /// A field longer than this many bytes is a dead letter (`oversize_field`).
+    #[serde(default = "default_max_field_bytes")]
+    pub max_field_bytes: usize,
+}
+
+fn default_poll_ms() -> u64 {
+    1000
+}
+fn default_settle_ms() -> u64 {
+    1000
+}
+fn default_max_field_bytes() -> usize {
+    100_000
+}
+
+impl FilesConfig {
+    /// Refuses settings that cannot work: `(field, message, hint)`.
+    pub fn check(&self) -> Result<(), (&'static str, String, &'static str)> {
+        if self.path.is_empty() {
+            return Err(("source.path", "is empty".into(), "give a folder, a file, s3://bucket/prefix or gs://bucket/prefix"));
+        }
+        if self.path.contains("://") && !self.path.starts_with("file://") && super::store::split_url(&self.path).is_none_or(|(s, _, _)| s != "s3" && s != "gs")
+        {
+            return Err((
+                "source.path",
+                format!("`{}` is not a location sluice reads", self.path),
+                "use a local path, s3://bucket/prefix or gs://bucket/prefix",
+            ));
+        }
+        if self.watch && self.poll_ms == 0 {
+            return Err(("source.poll_ms", "must be at least 1".into(), "list the location every second: poll_ms = 1000"));
+        }
+        if self.max_field_bytes == 0 {
+            return Err(("source.max_field_bytes", "must be at least 1".into(), "set it to the largest field you accept, e.g. 100000"));
+        }
+        Ok(())
+    }
+
+    fn settings(&self) -> StoreSettings {
+        StoreSettings {
+            endpoint: self.endpoint.as_deref().map(crate::topology::expand_env),
+            region: self.region.clone(),
+            credentials_file: self.credentials_file.clone(),
+        }
+    }
+
+    fn suffix(&self) -> &str {
+        self.suffix.as_deref().unwrap_or(".csv")
+    }
+}
+
+/// Builds each worker's live file source. Every worker lists the location and owns the files
+/// whose name hashes to it.
+pub struct FilesFactory {
+    pub config: FilesConfig,
+    /// The checkpoint scope: `files:` and the location.
+    scope: String,
+}
+
+impl FilesFactory {
+    /// Checks that the location can be opened (a missing folder, a bad URL) before the run.
+    pub fn new(config: FilesConfig) -> Result<Self, SourceError> {
+        let store = Store::open(&config.path, &config.settings()).map_err(SourceError::Config)?;
+        if !config.watch {
+            let listed = store.list(config.suffix()).map_err(SourceError::Transient)?;
+            if listed.is_empty() {
+                tracing::warn!("no `*{}` files at {}", config.suffix(), store.describe());
+            }
+        }
+        Ok(FilesFactory { scope: format!("files:{}", store.describe()), config })
+    }
+}
+
+/// The worker that owns `file`.
+fn owner(file: &str, peers: usize) -> usize {
+    (id_key(file) % peers.max(1) as u64) as usize
+}
+
+impl SourceFactory for FilesFactory {
+    fn kind(&self) -> &'static str {
+        "files"
+    }
+    fn build(&self, worker: usize, peers: usize, resume: &[Checkpoint]) -> Result<Box<dyn Source>, SourceError> {
+        let store = Store::open(&self.config.path, &self.config.settings()).map_err(SourceError::Config)?;
+        let mut known = HashMap::new();
+        for c in resume.iter().filter(|c| c.scope == self.scope && owner(&c.shard, peers) == worker) {
+            if c.position.is_empty() {
+                continue; // a file that went away
+            }
+            match Manifest::decode(&c.shard, &c.position) {
+                Ok(m) => {
+                    known.insert(c.shard.clone(), m);
+                }
+                Err(e) => tracing::warn!("files: the stored manifest of {} is unusable ({e}); the file is read again", c.shard),
+            }
+        }
+        if !known.is_empty() {
+            tracing::info!(worker, files = known.len(), rows = known.values().map(Manifest::len).sum::<usize>(), "files: resumed manifests");
+        }
+        Ok(Box::new(FilesSource {
+            store,
+            scope: self.scope.clone(),
+            suffix: self.config.suffix().to_string(),
+            worker,
+            peers,
+            watch: self.config.watch,
+            poll: Duration::from_millis(self.config.poll_ms),
+            settle: Duration::from_millis(self.config.settle_ms),
+            max_field: self.config.max_field_bytes,
+            known,
+            settling: HashMap::new(),
+            queue: VecDeque::new(),
+            queued: HashSet::new(),
+            current: None,
+            ready: Vec::new(),
+            listed_at: None,
+            metrics: FileMetrics::new(),
+        }))
+    }
+    fn resumable(&self) -> bool {
+        true
+    }
+    fn keying(&self) -> Keying {
+        Keying::Changes
+    }
+    fn describe(&self) -> String {
+        format!("{}files at {}", if self.config.watch { "watched " } else { "" }, self.config.path)
+    }
+}
+
+struct FileMetrics {
+    seen: metrics::Counter,
+    changed: metrics::Counter,
+    retracted: metrics::Counter,
+}
+
+impl FileMetrics {
+    fn new() -> Self {
+        FileMetrics {
+            seen: metrics::counter!(crate::metrics::FILE_ROWS_SEEN),
+            changed: metrics::counter!(crate::metrics::FILE_ROWS_RECOMPUTED),
+            retracted: metrics::counter!(crate::metrics::FILE_ROWS_RETRACTED),
+        }
+    }
+}
+
+enum Work {
+    Read(Listed),
+    Remove(String),
+}
+
+/// A file's header: names, where the `id` column is, and a hash that every row's content
+/// includes (a renamed column changes every row).
+struct Header {
+    names: Vec<Arc<str>>,
+    id_col: Option<usize>,
+    hash: u64,
+}
+
+/// A file being read and diffed.
+struct Reading {
+    name: Arc<str>,
+    reader: FileReader,
+    buf: Vec<u8>,
+    at: usize,
+    eof: bool,
+    row: u64,
+    header: Option<Header>,
+    diff: Option<Diff>,
+    /// After the last row: the new manifest, and the IDs still to delete.
+    done: Option<(Manifest, VecDeque<String>)>,
+    started: Instant,
+    rows: u64,
+    changed: u64,
+    gone: u64,
+}
+
+struct FilesSource {
+    store: Store,
+    scope: String,
+    suffix: String,
+    worker: usize,
+    peers: usize,
+    watch: bool,
+    poll: Duration,
+    settle: Duration,
+    max_field: usize,
+    /// The manifest of every file this worker owns, as supplied so far.
+    known: HashMap<String, Manifest>,
+    /// Changed files waiting to settle: their tag and when it was first seen.
+    settling: HashMap<String, (String, Instant)>,
+    queue: VecDeque<Work>,
+    queued: HashSet<String>,
+    current: Option<Reading>,
+    /// Manifests of files finished since the last checkpoint.
+    ready: Vec<Checkpoint>,
+    listed_at: Option<Instant>,
+    metrics: FileMetrics,
+}
+
+/// Rows framed per poll at most, so a large unchanged file does not hold the worker.
+const ROWS_PER_POLL: usize = 100_000;
+
+impl FilesSource {
+    /// Lists the location and queues what changed.
+    fn list(&mut self) -> Result<(), SourceError> {
+        let listed = self.store.list(&self.suffix).map_err(SourceError::Transient)?;
+        self.listed_at = Some(Instant::now());
+        let mut present = HashSet::new();
+        for l in listed.into_iter().filter(|l| owner(&l.name, self.peers) == self.worker) {
+            present.insert(l.name.clone());
+            if self.known.get(&l.name).is_some_and(|m| m.version == l.tag) {
+                self.settling.remove(&l.name);
+                continue;
+            }
+            if self.queued.contains(&l.name) || self.current.as_ref().is_some_and(|r| *r.name == *l.name) {
+                continue;
+            }
+            let ready = if !self.watch {
+                true
+            } else {
+                match self.settling.get(&l.name) {
+                    Some((tag, since)) if *tag == l.tag => since.elapsed() >= self.settle,
+                    _ => {
+                        self.settling.insert(l.name.clone(), (l.tag.clone(), Instant::now()));
+                        false
+                    }
+                }
+            };
+            if ready {
+                self.settling.remove(&l.name);
+                self.queued.insert(l.name.clone());
+                self.queue.push_back(Work::Read(l));
+            }
+        }
+        let gone: Vec<String> = self.known.keys().filter(|k| !present.contains(*k) && !self.queued.contains(*k)).cloned().collect();
+        for name in gone {
+            if self.current.as_ref().is_some_and(|r| *r.name == *name) {
+                continue;
+            }
+            self.queued.insert(name.clone());
+            self.queue.push_back(Work::Remove(name));
+        }
+        self.settling.retain(|k, _| present.contains(k));
+        metrics::gauge!(crate::metrics::FILES, "state" => "current", "worker" => self.worker.to_string()).set(self.known.len() as f64);
+        metrics::gauge!(crate::metrics::FILES, "state" => "settling", "worker" => self.worker.to_string()).set(self.settling.len() as f64);
+        Ok(())
+    }
+
+    fn start(&mut self, work: Work) {
+        match work {
+            Work::Remove(name) => {
+                self.queued.remove(&name);
+                let old = self.known.remove(&name).unwrap_or_default();
+                let ids: VecDeque<String> = old.ids(&name).into();
+                tracing::info!("files: {name} went away: deleting the answers of its {} rows", ids.len());
+                let name: Arc<str> = name.into();
+                self.current = Some(Reading {
+                    name,
+                    reader: FileReader::Empty,
+                    buf: Vec::new(),
+                    at: 0,
+                    eof: true,
+                    row: 0,
+                    header: None,
+                    diff: None,
+                    gone: ids.len() as u64,
+                    done: Some((Manifest::default(), ids)),
+                    started: Instant::now(),
+                    rows: 0,
+                    changed: 0,
+                });
+            }
+            Work::Read(l) => {
+                self.queued.remove(&l.name);
+                let name: Arc<str> = l.name.as_str().into();
+                match self.store.reader(&l.name) {
+                    Ok(reader) => {
+                        let old = self.known.remove(&l.name).unwrap_or_default();
+                        self.current = Some(Reading {
+                            name: name.clone(),
+                            reader,
+                            buf: Vec::new(),
+                            at: 0,
+                            eof: false,
+                            row: 0,
+                            header: None,
+                            diff: Some(Diff::new(&name, old, l.tag)),
+                            done: None,
+                            started: Instant::now(),
+                            rows: 0,
+                            changed: 0,
+                            gone: 0,
+                        });
+                    }
+                    // Gone between the listing and now, or unreadable: the next listing decides.
+                    Err(e) => tracing::warn!("files: {e}; trying again at the next listing"),
+                }
+            }
+        }
+    }
+
+    /// Advances the file being read: supplies its changes, at most `budget` records in all.
+    fn advance(&mut self, now: u64, budget: usize, out: &mut Vec<RawRecord>) -> Result<(), SourceError> {
+        let max_field = self.max_field;
+        let r = self.current.as_mut().expect("a file is being read");
+        if let Some((_, gone)) = &mut r.done {
+            while out.len() < budget {
+                let Some(id) = gone.pop_front() else { break };
+                self.metrics.retracted.increment(1);
+                out.push(RawRecord {
+                    bytes: id.clone().into_bytes(),
+                    body: Body::Delete,
+                    pos: SourcePos::row(r.name.clone(), 0),
+                    id: Some(id.into_bytes()),
+                    ingest_ms: now,
+                });
+            }
+            if gone.is_empty() {
+                let (manifest, _) = r.done.take().expect("done");
+                let r = self.current.take().expect("a file is being read");
+                let position = if manifest.version.is_empty() { String::new() } else { manifest.encode() };
+                self.ready.push(Checkpoint { scope: self.scope.clone(), shard: r.name.to_string(), position });
+                tracing::info!("files: {}: {} rows, {} new or changed, {} gone, in {} ms", r.name, r.rows, r.changed, r.gone, r.started.elapsed().as_millis());
+                if !manifest.version.is_empty() {
+                    self.known.insert(r.name.to_string(), manifest);
+                }
+            }
+            return Ok(());
+        }
+        let max_record = max_field.saturating_mul(8).max(1 << 20);
+        let mut framed_rows = 0usize;
+        while out.len() < budget && framed_rows < ROWS_PER_POLL {
+            // Frame what the buffer holds.
+            let mut framed: Vec<(u64, Framed)> = Vec::new();
+            let mut need_more = false;
+            {
+                let data = &r.buf[..];
+                let mut scanner = Scanner::new(data, max_field);
+                if r.at > 0 || r.header.is_some() {
+                    scanner.set_position(r.at);
+                }
+                let mut row = r.row;
+                while out.len() + framed.len() < budget && framed_rows + framed.len() < ROWS_PER_POLL {
+                    let before = scanner.position();
+                    let Some(rec) = scanner.next() else { break };
+                    let cut_short =
+                        rec.offset + rec.bytes.len() == data.len() || matches!(&rec.error, Some((DeadReason::BrokenQuoting, d)) if d.contains("never closes"));
+                    if cut_short && !r.eof && data.len() - before < max_record {
+                        scanner.set_position(before);
+                        need_more = true;
+                        break;
+                    }
+                    if r.header.is_some() {
+                        row += 1;
+                    }
+                    framed.push((row, rec));
+                    if r.header.is_none() {
+                        break;
+                    }
+                }
+                r.at = scanner.position();
+                r.row = row;
+            }
+            if framed.is_empty() {
+                if r.eof && !need_more {
+                    let diff = r.diff.take().expect("a diff while reading");
+                    let (manifest, gone) = diff.finish();
+                    r.gone = gone.len() as u64;
+                    r.done = Some((manifest, gone.into()));
+                    return Ok(());
+                }
+                if r.at > 0 {
+                    r.buf.drain(..r.at);
+                    r.at = 0;
+                }
+                match r.reader.read_into(&mut r.buf) {
+                    Ok(0) => r.eof = true,
+                    Ok(_) => {}
+                    Err(e) => return Err(SourceError::Transient(format!("{}: {e}", r.name))),
+                }
+                continue;
+            }
+            framed_rows += framed.len();
+            if r.header.is_none() {
+                let (_, rec) = framed.remove(0);
+                let names = match &rec.error {
+                    Some((reason, detail)) => {
+                        out.push(refused(&r.name, 0, rec.bytes, *reason, format!("bad header: {detail}; the file's records are refused with it"), now));
+                        Vec::new()
+                    }
+                    None => match parse_rows(&[rec.bytes], rec.fields) {
+                        Ok(mut rows) => normalize_header(&rows.remove(0)),
+                        Err(e) => {
+                            out.push(refused(
+                                &r.name,
+                                0,
+                                rec.bytes,
+                                DeadReason::BrokenQuoting,
+                                format!("bad header: {e}; the file's records are refused with it"),
+                                now,
+                            ));
+                            Vec::new()
+                        }
+                    },
+                };
+                let id_col = names.iter().position(|h| h == "id");
+                r.header = Some(Header { names: names.into_iter().map(Arc::from).collect(), id_col, hash: content_hash(rec.bytes) });
+            }
+            let (header, diff) = (r.header.as_ref().expect("the header is read"), r.diff.as_mut().expect("a diff while reading"));
+            let counts = supply(&r.name, header, diff, framed, now, out, &self.metrics);
+            r.rows += counts.0;
+            r.changed += counts.1;
+        }
+        Ok(())
+    }
+}
+
+fn refused(file: &Arc<str>, row: u64, bytes: &[u8], reason: DeadReason, detail: String, now: u64) -> RawRecord {
+    RawRecord { bytes: bytes.to_vec(), body: Body::Refused(reason, detail), pos: SourcePos::row(file.clone(), row), id: None, ingest_ms: now }
+}
+
+/// The `n`-th field of a well-framed CSV record, unquoted.
+pub fn nth_field(rec: &[u8], n: usize) -> Option<std::borrow::Cow<'_, str>> {
+    let mut i = 0;
+    let mut field = 0;
+    loop {
+        let quoted = rec.get(i) == Some(&b'"');
+        let start = i;
+        if quoted {
+            i += 1;
+            while i < rec.len() {
+                if rec[i] == b'"' {
+                    if rec.get(i + 1) == Some(&b'"') {
+                        i += 2;
+                        continue;
+                    }
+                    i += 1;
+                    break;
+                }
+                i += 1;
+            }
+        } else {
+            while i < rec.len() && rec[i] != b',' {
+                i += 1;
+            }
+        }
+        if field == n {
+            let raw = std::str::from_utf8(&rec[start..i]).ok()?;
+            return Some(if quoted { raw[1..raw.len().saturating_sub(1).max(1)].replace("\"\"", "\"").into() } else { raw.into() });
+        }
+        if i >= rec.len() {
+            return None;
+        }
+        i += 1; // the comma
+        field += 1;
+    }
+}
+
+/// Diffs framed records of `file` against its manifest and supplies the new and changed ones.
+/// Returns the rows seen and the rows supplied.
+fn supply(file: &Arc<str>, header: &Header, diff: &mut Diff, framed: Vec<(u64, Framed)>, now: u64, out: &mut Vec<RawRecord>, m: &FileMetrics) -> (u64, u64) {
+    let (mut rows, mut changed_rows) = (0, 0);
+    let columns = header.names.len();
+    let mut good: Vec<(u64, &[u8], String)> = Vec::new();
+    for (row, rec) in &framed {
+        let mut h = std::hash::DefaultHasher::new();
+        std::hash::Hasher::write_u64(&mut h, header.hash);
+        std::hash::Hasher::write(&mut h, rec.bytes);
+        let content = std::hash::Hasher::finish(&h);
+        let bad = if columns == 0 {
+            Some((DeadReason::MissingColumn, "the file has no usable header".to_string()))
+        } else if let Some((reason, detail)) = &rec.error {
+            Some((*reason, detail.clone()))
+        } else if rec.fields != columns {
+            let names = header.names.iter().map(|h| &**h).collect::<Vec<&str>>().join(", ");
+            let reason = if rec.fields < columns { DeadReason::MissingColumn } else { DeadReason::ExtraColumn };
+            Some((reason, format!("expected {columns} fields ({names}), found {}", rec.fields)))
+        } else {
+            None
+        };
+        let named = match (&bad, header.id_col) {
+            (None, Some(i)) => nth_field(rec.bytes, i).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()),
+            _ => None,
+        };
+        let (id, changed) = diff.row(named.as_deref(), content);
+        rows += 1;
+        m.seen.increment(1);
+        if !changed {
+            continue;
+        }
+        changed_rows += 1;
+        m.changed.increment(1);
+        match bad {
+            Some((reason, detail)) => out.push(RawRecord { id: Some(id.into_bytes()), ..refused(file, *row, rec.bytes, reason, detail, now) }),
+            None => good.push((*row, rec.bytes, id)),
+        }
+    }
+    if good.is_empty() {
+        return (rows, changed_rows);
+    }
+    let bytes: Vec<&[u8]> = good.iter().map(|(_, b, _)| *b).collect();
+    let parsed: Vec<Result<Vec<String>, String>> = match parse_rows(&bytes, columns) {
+        Ok(rows) => rows.into_iter().map(Ok).collect(),
+        Err(_) => bytes.iter().map(|b| parse_rows(&[b], columns).map(|mut v| v.remove(0))).collect(),
+    };
+    for ((row, raw, id), values) in good.into_iter().zip(parsed) {
+        out.push(match values {
+            Err(e) => RawRecord { id: Some(id.into_bytes()), ..refused(file, row, raw, DeadReason::BrokenQuoting, e, now) },
+            Ok(values) => {
+                let fields: Vec<(Arc<str>, String)> = header.names.iter().cloned().zip(values).collect();
+                RawRecord { bytes: raw.to_vec(), body: Body::Fields(fields), pos: SourcePos::row(file.clone(), row), id: Some(id.into_bytes()), ingest_ms: now }
+            }
+        });
+    }
+    (rows, changed_rows)
+}
+
+impl Source for FilesSource {
+    fn poll(&mut self, _epoch: u64, budget: usize, out: &mut Vec<RawRecord>) -> Result<Poll, SourceError> {
+        let now = now_ms();
+        while out.len() < budget {
+            if self.current.is_some() {
+                let before = out.len();
+                let rows_before = self.current.as_ref().map(|r| r.rows);
+                self.advance(now, budget, out)?;
+                // A large file hands the worker back between slices of rows.
+                if out.len() == before && self.current.is_some() && self.current.as_ref().map(|r| r.rows) != rows_before {
+                    return Ok(Poll::More);
+                }
+                continue;
+            }
+            if let Some(work) = self.queue.pop_front() {
+                self.start(work);
+                continue;
+            }
+            let due = self.listed_at.is_none_or(|t| self.watch && t.elapsed() >= self.poll);
+            if due {
+                self.list()?;
+                if !self.queue.is_empty() {
+                    continue;
+                }
+            }
+            if !self.watch {
+                return Ok(Poll::Done);
+            }
+            // Idle: the harness closes the epoch, so what was supplied is answered now.
+            let wait = self.poll.saturating_sub(self.listed_at.map(|t| t.elapsed()).unwrap_or_default());
+            let wait = if self.settling.is_empty() { wait } else { wait.min(self.settle) };
+            return Ok(Poll::Idle(wait.max(Duration::from_millis(1))));
+        }
+        Ok(Poll::More)
+    }
+
+    fn checkpoint(&mut self, _epoch: u64) -> Vec<Checkpoint> {
+        std::mem::take(&mut self.ready)
+    }
+
+    fn wants_checkpoint(&self) -> bool {
+        !self.ready.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_id_field_is_found_quoted_or_not() {
+        assert_eq!(nth_field(b"a,b,c", 1).as_deref(), Some("b"));
+        assert_eq!(nth_field(b"\"x,\"\"y\"\"\",z", 0).as_deref(), Some("x,\"y\""));
+        assert_eq!(nth_field(b"\"x,\"\"y\"\"\",z", 1).as_deref(), Some("z"));
+        assert_eq!(nth_field(b"a,,c", 1).as_deref(), Some(""));
+        assert_eq!(nth_field(b"a,b", 2), None);
+    }
+
+    fn drain(source: &mut Box<dyn Source>) -> (Vec<RawRecord>, Vec<Checkpoint>) {
+        let mut all = Vec::new();
+        for _ in 0..1000 {
+            let mut out = Vec::new();
+            let p = source.poll(0, 7, &mut out).unwrap();
+            all.extend(out);
+            if p == Poll::Done {
+                break;
+            }
+        }
+        (all, source.checkpoint(0))
+    }
+
+    fn ids(records: &[RawRecord], delete: bool) -> Vec<String> {
+        let mut v: Vec<String> =
+            records.iter().filter(|r| matches!(r.body, Body::Delete) == delete).map(|r| String::from_utf8(r.id.clone().unwrap()).unwrap()).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_rerun_supplies_only_what_changed_since_the_stored_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows: String = (0..50).map(|i| format!("r{i},question {i},context {i}\n")).collect();
+        std::fs::write(dir.path().join("a.csv"), format!("id,question,context\n{rows}")).unwrap();
+        std::fs::write(dir.path().join("b.csv"), "question,context\nq1,c1\nq2,c2\nq1,c1\n").unwrap();
+        let config = FilesConfig {
+            path: dir.path().display().to_string(),
+            format: Format::Csv,
+            watch: false,
+            poll_ms: 10,
+            settle_ms: 0,
+            suffix: None,
+            endpoint: None,
+            region: None,
+            credentials_file: None,
+            max_field_bytes: 1000,
+        };
+        let factory = FilesFactory::new(config).unwrap();
+        let (first, cps) = drain(&mut factory.build(0, 1, &[]).unwrap());
+        assert_eq!(first.len(), 53, "every row of both files");
+        assert_eq!(cps.len(), 2, "a manifest per file");
+        assert_eq!(ids(&first, false).iter().filter(|i| i.starts_with("b.csv#")).count(), 3);
+        // Edit one row, insert one at the top, remove one; add a row to b at the top.
+        let mut edited: Vec<String> = (0..50).map(|i| format!("r{i},question {i},context {i}")).collect();
+        edited[7] = "r7,question 7,a new context".into();
+        edited.remove(30);
+        edited.insert(0, "new,question,context".into());
+        std::fs::write(dir.path().join("a.csv"), format!("id,question,context\n{}\n", edited.join("\n"))).unwrap();
+        std::fs::write(dir.path().join("b.csv"), "question,context\nq0,c0\nq1,c1\nq2,c2\nq1,c1\n").unwrap();
+        let (second, cps2) = drain(&mut factory.build(0, 1, &cps).unwrap());
+        let upserts = ids(&second, false);
+        assert_eq!(upserts.len(), 3, "r7, new, and b's new row: {upserts:?}");
+        assert!(upserts.contains(&"r7".to_string()) && upserts.contains(&"new".to_string()));
+        assert_eq!(ids(&second, true), vec!["r30".to_string()]);
+        // Remove b: its three rows are deleted; nothing else runs.
+        std::fs::remove_file(dir.path().join("b.csv")).unwrap();
+        let mut stored = cps.clone();
+        stored.extend(cps2);
+        let latest: HashMap<String, Checkpoint> = stored.into_iter().map(|c| (c.shard.clone(), c)).collect();
+        let (third, cps3) = drain(&mut factory.build(0, 1, &latest.into_values().collect::<Vec<_>>()).unwrap());
+        assert!(ids(&third, false).is_empty());
+        assert_eq!(ids(&third, true).len(), 4, "b's four rows: {:?}", ids(&third, true));
+        assert_eq!(cps3.iter().find(|c| c.shard == "b.csv").map(|c| c.position.as_str()), Some(""), "b's manifest is cleared");
+    }
+
+    #[test]
+    fn files_are_split_between_workers_by_name() {
+        let names: Vec<String> = (0..100).map(|i| format!("f{i}.csv")).collect();
+        let w0 = names.iter().filter(|n| owner(n, 2) == 0).count();
+        assert!(w0 > 20 && w0 < 80, "{w0}");
+    }
+}

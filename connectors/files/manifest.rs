@@ -1,0 +1,253 @@
+//! Per-file manifests of the live file source: for each row of a file, its ID and a hash of its
+//! content (never the payload); the diff of a file's new version against them; and their compact
+//! durable form, a checkpoint position stored with the answers.
+//!
+//! Row identity: the `id` column's value when the file has one; otherwise
+//! `<file>#<content hash, 16 hex digits>`, with `~<k>` appended for the k-th exact duplicate
+//! (k ≥ 2) in the file. A derived ID survives rows being inserted or removed around it; editing
+//! the row gives it a new ID (the old answer is deleted and the new one written).
+
+use base64::Engine;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+
+/// The 64-bit hash a row's ID is known by.
+pub fn id_key(id: &str) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
+}
+
+/// The derived ID of the `k`-th (1-based) row of `file` with this content hash.
+pub fn derived_id(file: &str, content: u64, k: u32) -> String {
+    if k <= 1 {
+        format!("{file}#{content:016x}")
+    } else {
+        format!("{file}#{content:016x}~{k}")
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RowId {
+    /// A derived ID: the duplicate counter.
+    Derived(u32),
+    /// An `id` cell: where it lies in the manifest's arena.
+    Named { at: u32, len: u32 },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Row {
+    content: u64,
+    id: RowId,
+}
+
+/// What sluice knows of one file: the version it last read, and per row, the ID and content hash.
+/// About 30 bytes a row, plus the bytes of `id` cells.
+#[derive(Clone, Debug, Default)]
+pub struct Manifest {
+    /// The file's tag when it was read.
+    pub version: String,
+    rows: HashMap<u64, Row>,
+    arena: String,
+}
+
+impl Manifest {
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn id_of(&self, file: &str, row: &Row) -> String {
+        match row.id {
+            RowId::Derived(k) => derived_id(file, row.content, k),
+            RowId::Named { at, len } => self.arena[at as usize..(at + len) as usize].to_string(),
+        }
+    }
+
+    /// Every row's ID (for a file that went away).
+    pub fn ids(&self, file: &str) -> Vec<String> {
+        let mut ids: Vec<String> = self.rows.values().map(|r| self.id_of(file, r)).collect();
+        ids.sort();
+        ids
+    }
+
+    /// The durable form: a checkpoint position.
+    pub fn encode(&self) -> String {
+        let mut b = Vec::with_capacity(16 + self.version.len() + self.rows.len() * 13 + self.arena.len());
+        b.extend_from_slice(b"SLM1");
+        b.extend_from_slice(&(self.version.len() as u32).to_le_bytes());
+        b.extend_from_slice(self.version.as_bytes());
+        b.extend_from_slice(&(self.rows.len() as u64).to_le_bytes());
+        for row in self.rows.values() {
+            b.extend_from_slice(&row.content.to_le_bytes());
+            match row.id {
+                RowId::Derived(k) => {
+                    b.push(0);
+                    b.extend_from_slice(&k.to_le_bytes());
+                }
+                RowId::Named { at, len } => {
+                    b.push(1);
+                    b.extend_from_slice(&len.to_le_bytes());
+                    b.extend_from_slice(&self.arena.as_bytes()[at as usize..(at + len) as usize]);
+                }
+            }
+        }
+        base64::engine::general_purpose::STANDARD.encode(b)
+    }
+
+    /// Reads a manifest of `file` back from [`Manifest::encode`]'s form.
+    pub fn decode(file: &str, position: &str) -> Result<Manifest, String> {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(position).map_err(|e| format!("not base64: {e}"))?;
+        let mut r = Cursor { b: &bytes, at: 0 };
+        if r.take(4)? != b"SLM1" {
+            return Err("not a sluice file manifest".into());
+        }
+        let vlen = r.u32()? as usize;
+        let version = String::from_utf8(r.take(vlen)?.to_vec()).map_err(|_| "bad version")?;
+        let n = r.u64()? as usize;
+        let mut m = Manifest { version, rows: HashMap::with_capacity(n), arena: String::new() };
+        for _ in 0..n {
+            let content = r.u64()?;
+            match r.take(1)?[0] {
+                0 => {
+                    let k = r.u32()?;
+                    m.rows.insert(id_key(&derived_id(file, content, k)), Row { content, id: RowId::Derived(k) });
+                }
+                1 => {
+                    let len = r.u32()?;
+                    let id = std::str::from_utf8(r.take(len as usize)?).map_err(|_| "bad id")?;
+                    let at = m.arena.len() as u32;
+                    m.arena.push_str(id);
+                    m.rows.insert(id_key(id), Row { content, id: RowId::Named { at, len } });
+                }
+                _ => return Err("bad row kind".into()),
+            }
+        }
+        Ok(m)
+    }
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let s = self.b.get(self.at..self.at + n).ok_or("truncated manifest")?;
+        self.at += n;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+}
+
+/// A file's new version being read against its manifest.
+pub struct Diff {
+    file: String,
+    old: Manifest,
+    next: Manifest,
+    /// Derived rows seen so far per content hash (for the duplicate counter).
+    dups: HashMap<u64, u32>,
+}
+
+impl Diff {
+    pub fn new(file: &str, old: Manifest, version: String) -> Self {
+        Diff { file: file.to_string(), old, next: Manifest { version, ..Manifest::default() }, dups: HashMap::new() }
+    }
+
+    /// A row of the new version, with its `id` cell if the file has one: its ID, and whether it
+    /// is new or changed (so it must go to the model).
+    pub fn row(&mut self, named: Option<&str>, content: u64) -> (String, bool) {
+        let (id, rid) = match named {
+            Some(id) => {
+                let at = self.next.arena.len() as u32;
+                self.next.arena.push_str(id);
+                (id.to_string(), RowId::Named { at, len: id.len() as u32 })
+            }
+            None => {
+                let k = self.dups.entry(content).or_insert(0);
+                *k += 1;
+                (derived_id(&self.file, content, *k), RowId::Derived(*k))
+            }
+        };
+        let key = id_key(&id);
+        let changed = self.old.rows.get(&key).is_none_or(|r| r.content != content);
+        self.next.rows.insert(key, Row { content, id: rid });
+        (id, changed)
+    }
+
+    /// The new manifest, and the IDs of rows the new version no longer has.
+    pub fn finish(self) -> (Manifest, Vec<String>) {
+        let mut gone: Vec<String> = self.old.rows.iter().filter(|(k, _)| !self.next.rows.contains_key(k)).map(|(_, r)| self.old.id_of(&self.file, r)).collect();
+        gone.sort();
+        let mut next = self.next;
+        // The arena may hold IDs of rows overwritten by a later row with the same ID; it is
+        // rebuilt only when that waste is large.
+        if next.arena.len() > 64
+            && next.arena.len() > 2 * next.rows.values().map(|r| if let RowId::Named { len, .. } = r.id { len as usize } else { 0 }).sum::<usize>()
+        {
+            let mut arena = String::new();
+            for r in next.rows.values_mut() {
+                if let RowId::Named { at, len } = r.id {
+                    let new_at = arena.len() as u32;
+                    arena.push_str(&next.arena[at as usize..(at + len) as usize]);
+                    r.id = RowId::Named { at: new_at, len };
+                }
+            }
+            next.arena = arena;
+        }
+        (next, gone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(old: Manifest, rows: &[(Option<&str>, u64)]) -> (Manifest, Vec<(String, bool)>, Vec<String>) {
+        let mut d = Diff::new("f.csv", old, "v".into());
+        let seen: Vec<(String, bool)> = rows.iter().map(|(id, c)| d.row(*id, *c)).collect();
+        let (m, gone) = d.finish();
+        (m, seen, gone)
+    }
+
+    #[test]
+    fn only_new_and_changed_rows_are_sent_and_missing_ones_are_gone() {
+        let (m, seen, gone) = read(Manifest::default(), &[(Some("a"), 1), (Some("b"), 2), (Some("c"), 3)]);
+        assert!(seen.iter().all(|(_, changed)| *changed), "a new file: every row is new");
+        assert!(gone.is_empty());
+        let (_, seen, gone) = read(m, &[(Some("a"), 1), (Some("b"), 20), (Some("d"), 4)]);
+        assert_eq!(seen, vec![("a".into(), false), ("b".into(), true), ("d".into(), true)]);
+        assert_eq!(gone, vec!["c".to_string()]);
+    }
+
+    #[test]
+    fn derived_ids_survive_an_insert_above_and_count_duplicates() {
+        let (m, seen, _) = read(Manifest::default(), &[(None, 10), (None, 11), (None, 10)]);
+        assert_eq!(seen[0].0, "f.csv#000000000000000a");
+        assert_eq!(seen[2].0, "f.csv#000000000000000a~2", "an exact duplicate gets a counter");
+        let (_, seen, gone) = read(m, &[(None, 99), (None, 10), (None, 11), (None, 10)]);
+        assert_eq!(seen.iter().filter(|(_, changed)| *changed).count(), 1, "only the inserted row is new: {seen:?}");
+        assert!(gone.is_empty());
+    }
+
+    #[test]
+    fn a_manifest_survives_its_durable_form() {
+        let (m, _, _) = read(Manifest::default(), &[(Some("x,1"), 5), (None, 6), (None, 6), (Some("ünï"), 7)]);
+        let back = Manifest::decode("f.csv", &m.encode()).unwrap();
+        assert_eq!(back.version, "v");
+        assert_eq!(back.ids("f.csv"), m.ids("f.csv"));
+        let (_, seen, gone) = read(back, &[(Some("x,1"), 5), (None, 6), (None, 6), (Some("ünï"), 7)]);
+        assert!(seen.iter().all(|(_, changed)| !changed), "nothing changed: {seen:?}");
+        assert!(gone.is_empty());
+        assert!(Manifest::decode("f.csv", "bm90IGEgbWFuaWZlc3Q=").is_err());
+    }
+}

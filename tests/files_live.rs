@@ -1,0 +1,516 @@
+//! The live file source end to end, black-box against the real binary, the Postgres that
+//! scripts/pg.sh starts, the Kafka-protocol broker of scripts/kafka.sh, the local S3 server
+//! (moto) that scripts/test.sh starts on 127.0.0.1:19000, and fake-gcs-server (scripts/gcs.sh):
+//! files are watched, only changed rows are recomputed, removed rows lose their answers in every
+//! sink, and the answers always equal a fresh full run over the current files.
+
+mod common;
+
+use common::blackbox::{json_lines, spawn_sluice, wait_until, Sluice};
+use common::kafka::unique;
+use common::{pg_url, query};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn rides_csv(prefix: &str, ids: bool, rows: impl IntoIterator<Item = usize>) -> String {
+    let mut s = String::from(if ids { "id,PULocationID,DOLocationID,trip_distance\n" } else { "PULocationID,DOLocationID,trip_distance\n" });
+    for i in rows {
+        let (pu, do_, d) = (1 + i % 263, 1 + (i * 7) % 263, 0.5 + (i % 97) as f64 * 0.25);
+        if ids {
+            s.push_str(&format!("{prefix}{i},{pu},{do_},{d}\n"));
+        } else {
+            s.push_str(&format!("{pu},{do_},{d}\n"));
+        }
+    }
+    s
+}
+
+struct Live {
+    name: String,
+    table: String,
+    dir: tempfile::TempDir,
+}
+
+impl Live {
+    fn new(prefix: &str) -> Live {
+        let name = unique(prefix);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("in")).unwrap();
+        Live { table: format!("{name}_answers"), name, dir }
+    }
+    fn input(&self) -> PathBuf {
+        self.dir.path().join("in")
+    }
+    fn out(&self) -> PathBuf {
+        self.dir.path().join("out")
+    }
+    /// A rides topology over `path` (watched), answering into JSON lines, Postgres and `extra` sinks.
+    fn topology(&self, path: &str, watch: bool, source_extra: &str, sinks_extra: &str) -> String {
+        format!(
+            r#"name = "{name}"
+[source]
+type = "files"
+path = "{path}"
+watch = {watch}
+poll_ms = 100
+settle_ms = 300
+{source_extra}
+[task]
+type = "tabular"
+model = "{root}/models/rides/model.onnx"
+[runtime]
+workers = 2
+progress = false
+[[sinks]]
+type = "jsonl"
+dir = "{out}"
+[[sinks]]
+type = "postgres"
+url = "{pg}"
+table = "{table}"
+{sinks_extra}
+"#,
+            name = self.name,
+            root = env!("CARGO_MANIFEST_DIR"),
+            out = self.out().display(),
+            pg = pg_url(),
+            table = self.table,
+        )
+    }
+    fn watch(&self, sinks_extra: &str) -> Sluice {
+        spawn_sluice(self.dir.path(), &self.topology(&self.input().display().to_string(), true, "", sinks_extra), &[], &[("RUST_LOG", "sluice=info")])
+    }
+    /// ID to (prediction, updated_at as text) in Postgres.
+    fn rows(&self) -> BTreeMap<String, (f64, String)> {
+        if common::count_rows(&self.table) == 0 {
+            return BTreeMap::new();
+        }
+        query(&format!("SELECT id, prediction, updated_at::text FROM {}", sluice::sql::quote_ident(&self.table)))
+            .iter()
+            .map(|r| (r.get::<_, String>(0), (r.get::<_, f64>(1), r.get::<_, String>(2))))
+            .collect()
+    }
+    fn wait_rows(&self, pred: impl Fn(&BTreeMap<String, (f64, String)>) -> bool, what: &str, w: &Sluice) {
+        assert!(wait_until(Duration::from_secs(60), || pred(&self.rows())), "{what}: {} rows now\n{}", self.rows().len(), w.stderr_tail());
+    }
+}
+
+/// The last JSON-lines op per ID: `Some(prediction)` for an upsert, `None` for a delete.
+fn jsonl_state(dir: &Path) -> HashMap<String, Option<f64>> {
+    let mut m = HashMap::new();
+    for v in json_lines(dir, "answers.w") {
+        let id = v["id"].as_str().unwrap().to_string();
+        m.insert(id, if v["op"] == "delete" { None } else { v["prediction"].as_f64() });
+    }
+    m
+}
+
+fn stop(w: &mut Sluice) -> String {
+    w.signal("-TERM");
+    let status = w.wait_timeout(Duration::from_secs(30)).unwrap_or_else(|| panic!("sluice did not stop\n{}", w.stderr_tail()));
+    assert_eq!(status.code(), Some(0), "{}", w.stderr_tail());
+    w.stdout()
+}
+
+/// `answered N` from a run's summary line.
+fn answered(stdout: &str) -> u64 {
+    stdout.split("answered ").nth(1).and_then(|r| r.split(',').next()).and_then(|n| n.trim().parse().ok()).unwrap_or_else(|| panic!("no summary in {stdout:?}"))
+}
+
+/// Writes `text` to `path` through a temporary file and a rename, as a careful producer does.
+fn put(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn editing_one_row_of_10000_recomputes_that_row_alone_and_touches_no_other() {
+    let s = Live::new("flone");
+    let file = s.input().join("rides.csv");
+    put(&file, &rides_csv("r", true, 0..10_000));
+    let mut w = s.watch("");
+    s.wait_rows(|r| r.len() == 10_000, "the first pass answers every row", &w);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = s.rows();
+    let mut text = rides_csv("r", true, 0..10_000);
+    text = text.replace("\nr4321,", "\nr4321,99,");
+    let row = text.lines().find(|l| l.starts_with("r4321,")).unwrap().to_string();
+    let fixed = format!("r4321,{}", row.split(',').skip(2).collect::<Vec<_>>().join(","));
+    text = text.replace(&row, &fixed.replace("r4321,", "r4321,7,"));
+    put(&file, &text);
+    s.wait_rows(|r| r.get("r4321").map(|v| &v.1) != before.get("r4321").map(|v| &v.1), "the edited row's answer is rewritten", &w);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = s.rows();
+    assert_eq!(after.len(), 10_000);
+    let touched: Vec<&String> = after.iter().filter(|(id, v)| before.get(*id) != Some(v)).map(|(id, _)| id).collect();
+    assert_eq!(touched, vec!["r4321"], "only the edited row's answer (and its updated_at) changed");
+    let out = stop(&mut w);
+    assert_eq!(answered(&out), 10_001, "the model saw 10,000 rows, then one: {out}");
+    assert!(w.stderr().contains("rides.csv: 10000 rows, 1 new or changed, 0 gone"), "{}", w.stderr_tail());
+}
+
+#[test]
+fn removed_rows_and_a_removed_file_lose_their_answers_in_postgres_json_lines_and_kafka() {
+    use common::blackbox::read_until;
+    use common::kafka::{brokers, create_topics};
+    let s = Live::new("fldel");
+    let topic = format!("{}_results", s.name);
+    create_topics(&[&topic], 1);
+    put(&s.input().join("a.csv"), &rides_csv("a", true, 0..100));
+    put(&s.input().join("b.csv"), &rides_csv("b", true, 0..50));
+    let kafka = format!("[[sinks]]\ntype = \"kafka\"\nbrokers = \"{}\"\ntopic = \"{topic}\"\n", brokers());
+    let mut w = s.watch(&kafka);
+    s.wait_rows(|r| r.len() == 150, "both files answered", &w);
+    // Remove rows a10..a19 from a, and the whole of b.
+    put(&s.input().join("a.csv"), &rides_csv("a", true, (0..100).filter(|i| !(10..20).contains(i))));
+    std::fs::remove_file(s.input().join("b.csv")).unwrap();
+    s.wait_rows(|r| r.len() == 90, "the removed rows' answers are deleted", &w);
+    let rows = s.rows();
+    assert!(rows.keys().all(|id| id.starts_with('a')) && !rows.contains_key("a15"), "{:?}", rows.keys().take(5).collect::<Vec<_>>());
+    stop(&mut w);
+    let jsonl = jsonl_state(&s.out());
+    assert_eq!(jsonl.values().filter(|v| v.is_some()).count(), 90, "JSON lines: the last op of 60 IDs is a delete");
+    assert_eq!(jsonl.get("a15"), Some(&None));
+    assert_eq!(jsonl.get("b3"), Some(&None));
+    let got = read_until(&topic, Duration::from_secs(30), Duration::from_millis(500), |g| g.iter().filter(|m| m.payload.is_none()).count() >= 60);
+    let mut last: HashMap<String, bool> = HashMap::new();
+    for m in &got {
+        last.insert(m.key_str(), m.payload.is_some());
+    }
+    assert_eq!(last.values().filter(|alive| !**alive).count(), 60, "Kafka: a tombstone for each removed row");
+    assert_eq!(last.get("b0"), Some(&false));
+}
+
+#[test]
+fn a_row_inserted_at_the_top_of_a_file_without_ids_recomputes_nothing_else() {
+    let s = Live::new("fltop");
+    let file = s.input().join("noids.csv");
+    put(&file, &rides_csv("", false, 1..=500));
+    let mut w = s.watch("");
+    s.wait_rows(|r| r.len() == 500, "every row answered under a derived ID", &w);
+    let before = s.rows();
+    assert!(before.keys().all(|id| id.starts_with("noids.csv#")), "{:?}", before.keys().next());
+    let mut text = rides_csv("", false, 1..=500);
+    text = text.replacen('\n', "\n5,6,7.5\n", 1);
+    put(&file, &text);
+    s.wait_rows(|r| r.len() == 501, "the inserted row is answered", &w);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = s.rows();
+    let changed = after.iter().filter(|(id, v)| before.get(*id) != Some(v)).count();
+    assert_eq!(changed, 1, "only the new row is new or changed");
+    let out = stop(&mut w);
+    assert_eq!(answered(&out), 501, "{out}");
+}
+
+#[test]
+fn changes_made_while_sluice_was_stopped_are_all_that_a_restart_recomputes() {
+    let s = Live::new("flrestart");
+    put(&s.input().join("a.csv"), &rides_csv("a", true, 0..2000));
+    put(&s.input().join("b.csv"), &rides_csv("b", true, 0..1000));
+    let once = s.topology(&s.input().display().to_string(), false, "", "");
+    let mut first = spawn_sluice(s.dir.path(), &once, &[], &[]);
+    let status = first.wait_timeout(Duration::from_secs(120)).expect("a one-shot run ends");
+    assert!(status.success(), "{}", first.stderr_tail());
+    assert_eq!(answered(&first.stdout()), 3000);
+    assert_eq!(s.rows().len(), 3000);
+    // While stopped: edit 5 rows of a, remove b, add c.
+    let mut a = rides_csv("a", true, 0..2000);
+    for i in [3, 300, 999, 1500, 1999] {
+        let line = a.lines().find(|l| l.starts_with(&format!("a{i},"))).unwrap().to_string();
+        a = a.replace(&line, &format!("a{i},1,2,33.5"));
+    }
+    put(&s.input().join("a.csv"), &a);
+    std::fs::remove_file(s.input().join("b.csv")).unwrap();
+    put(&s.input().join("c.csv"), &rides_csv("c", true, 0..10));
+    let mut second = spawn_sluice(s.dir.path(), &once, &[], &[("RUST_LOG", "sluice=info")]);
+    let status = second.wait_timeout(Duration::from_secs(120)).expect("a one-shot run ends");
+    assert!(status.success(), "{}", second.stderr_tail());
+    assert_eq!(answered(&second.stdout()), 15, "5 edited rows and c's 10: {}", second.stdout());
+    let rows = s.rows();
+    assert_eq!(rows.len(), 2010, "b's 1,000 answers are gone");
+    assert!(rows.keys().all(|id| !id.starts_with('b')));
+    // A third run with nothing changed computes nothing.
+    let mut third = spawn_sluice(s.dir.path(), &once, &[], &[]);
+    assert!(third.wait_timeout(Duration::from_secs(120)).expect("ends").success(), "{}", third.stderr_tail());
+    assert_eq!(answered(&third.stdout()), 0, "{}", third.stdout());
+}
+
+#[test]
+fn the_json_lines_default_keeps_its_manifests_and_resumes_without_recomputing() {
+    let s = Live::new("fljsonl");
+    put(&s.input().join("a.csv"), &rides_csv("a", true, 0..3000));
+    let text = format!(
+        r#"name = "{name}"
+[source]
+type = "files"
+path = "{input}"
+[task]
+type = "tabular"
+model = "{root}/models/rides/model.onnx"
+[runtime]
+workers = 2
+progress = false
+[[sinks]]
+type = "jsonl"
+dir = "{out}"
+"#,
+        name = s.name,
+        input = s.input().display(),
+        root = env!("CARGO_MANIFEST_DIR"),
+        out = s.out().display()
+    );
+    let mut first = spawn_sluice(s.dir.path(), &text, &[], &[]);
+    assert!(first.wait_timeout(Duration::from_secs(120)).expect("ends").success(), "{}", first.stderr_tail());
+    assert_eq!(answered(&first.stdout()), 3000);
+    let sides = std::fs::read_dir(s.out()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".pos")).count();
+    assert_eq!(sides, 1, "the manifest of a.csv is a side file of the checkpoint");
+    put(&s.input().join("a.csv"), &rides_csv("a", true, 1..3000));
+    let mut second = spawn_sluice(s.dir.path(), &text, &[], &[]);
+    assert!(second.wait_timeout(Duration::from_secs(120)).expect("ends").success(), "{}", second.stderr_tail());
+    assert_eq!(answered(&second.stdout()), 0, "{}", second.stdout());
+    let state = jsonl_state(&s.out());
+    assert_eq!(state.len(), 3000);
+    assert_eq!(state.get("a0"), Some(&None), "the removed row's last op is a delete");
+    assert_eq!(state.values().filter(|v| v.is_some()).count(), 2999);
+}
+
+#[test]
+fn a_file_written_slowly_is_read_once_and_complete() {
+    let s = Live::new("flslow");
+    let mut w = s.watch("");
+    std::thread::sleep(Duration::from_millis(500));
+    // Appended in 10 pieces 150 ms apart, in place (no rename): the size keeps changing.
+    let text = rides_csv("s", true, 0..1000);
+    let lines: Vec<&str> = text.lines().collect();
+    let path = s.input().join("slow.csv");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&path).unwrap();
+        for chunk in lines.chunks(101) {
+            for l in chunk {
+                writeln!(f, "{l}").unwrap();
+            }
+            f.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    }
+    s.wait_rows(|r| r.len() == 1000, "every row of the finished file", &w);
+    std::thread::sleep(Duration::from_millis(800));
+    let out = stop(&mut w);
+    assert_eq!(answered(&out), 1000, "read once, complete: {out}");
+    let reads = w.stderr().matches("slow.csv: ").count();
+    assert_eq!(reads, 1, "one read of the file: {}", w.stderr_tail());
+}
+
+/// A full one-shot run over `path` into a fresh JSON-lines folder: ID to prediction.
+fn fresh_full_run(s: &Live, path: &str, source_extra: &str) -> BTreeMap<String, f64> {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"name = "{name}_fresh"
+[source]
+type = "files"
+path = "{path}"
+{source_extra}
+[task]
+type = "tabular"
+model = "{root}/models/rides/model.onnx"
+[runtime]
+progress = false
+[[sinks]]
+type = "jsonl"
+dir = "{out}"
+"#,
+        name = s.name,
+        root = env!("CARGO_MANIFEST_DIR"),
+        out = dir.path().join("out").display()
+    );
+    let mut w = spawn_sluice(dir.path(), &text, &[], &[]);
+    assert!(w.wait_timeout(Duration::from_secs(120)).expect("ends").success(), "{}", w.stderr_tail());
+    jsonl_state(&dir.path().join("out")).into_iter().filter_map(|(k, v)| v.map(|p| (k, p))).collect()
+}
+
+fn predictions(s: &Live) -> BTreeMap<String, f64> {
+    s.rows().into_iter().map(|(k, v)| (k, v.0)).collect()
+}
+
+#[test]
+fn after_random_edits_the_table_equals_a_fresh_full_run() {
+    let s = Live::new("flrandom");
+    // A small deterministic generator: files, rows with and without IDs, edits, inserts, removals.
+    let mut seed: u64 = 0x5eed;
+    let mut next = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let mut files: BTreeMap<String, (bool, Vec<usize>)> = BTreeMap::new();
+    for f in 0..4 {
+        files.insert(format!("f{f}.csv"), (f % 2 == 0, (0..200).map(|i| f * 1000 + i).collect()));
+    }
+    let write = |files: &BTreeMap<String, (bool, Vec<usize>)>, s: &Live| {
+        for (name, (ids, rows)) in files {
+            put(&s.input().join(name), &rides_csv("k", *ids, rows.iter().copied()));
+        }
+    };
+    write(&files, &s);
+    let mut w = s.watch("");
+    s.wait_rows(|r| r.len() == 800, "the first pass", &w);
+    for round in 0..6 {
+        let names: Vec<String> = files.keys().cloned().collect();
+        let name = &names[next(names.len())];
+        match next(4) {
+            0 => {
+                // Edit some rows (a new value for the row's features).
+                let rows = &mut files.get_mut(name).unwrap().1;
+                for _ in 0..5 {
+                    let i = next(rows.len());
+                    rows[i] += 50_000 + round;
+                }
+            }
+            1 => {
+                let rows = &mut files.get_mut(name).unwrap().1;
+                let i = next(rows.len());
+                rows.insert(i, 90_000 + round * 10);
+                rows.insert(0, 91_000 + round * 10);
+            }
+            2 => {
+                let rows = &mut files.get_mut(name).unwrap().1;
+                for _ in 0..7 {
+                    let i = next(rows.len());
+                    rows.remove(i);
+                }
+            }
+            _ => {
+                if files.len() > 2 {
+                    files.remove(name);
+                    std::fs::remove_file(s.input().join(name)).unwrap();
+                }
+            }
+        }
+        if next(3) == 0 {
+            files.insert(format!("new{round}.csv"), (round % 2 == 1, (0..30).map(|i| 70_000 + round * 100 + i).collect()));
+        }
+        write(&files, &s);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let want = fresh_full_run(&s, &s.input().display().to_string(), "");
+    assert!(
+        wait_until(Duration::from_secs(60), || predictions(&s) == want),
+        "the table equals a fresh full run: {} rows vs {}\n{}",
+        predictions(&s).len(),
+        want.len(),
+        w.stderr_tail()
+    );
+    stop(&mut w);
+}
+
+/// The local S3 server scripts/test.sh starts (moto, for Tansu's persistent store).
+fn s3_endpoint() -> String {
+    std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:19000".into())
+}
+
+fn s3_store(bucket: &str) -> object_store::aws::AmazonS3 {
+    object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_endpoint(s3_endpoint())
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .build()
+        .unwrap()
+}
+
+/// Creates a bucket on the test's S3 server with a plain `PUT /<bucket>`.
+fn create_bucket(endpoint: &str, bucket: &str) {
+    use std::io::{Read, Write};
+    let host = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let mut c = std::net::TcpStream::connect(host).unwrap_or_else(|e| panic!("no S3 server at {endpoint} (scripts/test.sh starts one): {e}"));
+    write!(c, "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200") || reply.contains("BucketAlreadyOwnedByYou"), "create bucket {bucket}: {reply}");
+}
+
+fn object_put(store: &dyn object_store::ObjectStore, name: &str, text: &str) {
+    use object_store::ObjectStoreExt;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(store.put(&object_store::path::Path::from(name), text.to_string().into_bytes().into())).unwrap();
+}
+
+fn object_delete(store: &dyn object_store::ObjectStore, name: &str) {
+    use object_store::ObjectStoreExt;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(store.delete(&object_store::path::Path::from(name))).unwrap();
+}
+
+/// Runs the same edits against a bucket and a local folder and compares both with fresh runs.
+fn bucket_follows_edits(s: &Live, store: &dyn object_store::ObjectStore, url: &str, source_extra: &str, env: &[(&str, &str)]) {
+    object_put(store, "in/a.csv", &rides_csv("a", true, 0..300));
+    object_put(store, "in/sub/b.csv", &rides_csv("", false, 0..100));
+    object_put(store, "in/notes.txt", "not a csv");
+    let text = s.topology(url, true, source_extra, "");
+    let mut w = spawn_sluice(s.dir.path(), &text, &[], env);
+    s.wait_rows(|r| r.len() == 400, "both objects answered", &w);
+    object_put(store, "in/a.csv", &rides_csv("a", true, 10..300));
+    object_delete(store, "in/sub/b.csv");
+    object_put(store, "in/c.csv", &rides_csv("c", true, 0..5));
+    s.wait_rows(|r| r.len() == 295, "the bucket's edits are followed", &w);
+    let rows = predictions(s);
+    assert!(rows.contains_key("c4") && !rows.contains_key("a3") && !rows.keys().any(|k| k.starts_with("sub/b.csv#")));
+    // The same files in a local folder give the same answers.
+    std::fs::create_dir_all(s.input().join("sub")).unwrap();
+    put(&s.input().join("a.csv"), &rides_csv("a", true, 10..300));
+    put(&s.input().join("c.csv"), &rides_csv("c", true, 0..5));
+    let local = fresh_full_run(s, &s.input().display().to_string(), "");
+    assert_eq!(rows, local, "the bucket gives what the folder gives");
+    stop(&mut w);
+}
+
+#[test]
+fn an_s3_bucket_is_followed_like_a_folder() {
+    let s = Live::new("fls3");
+    let bucket = s.name.replace('_', "-").to_lowercase();
+    create_bucket(&s3_endpoint(), &bucket);
+    let store = s3_store(&bucket);
+    let env = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1"), ("RUST_LOG", "sluice=info")];
+    bucket_follows_edits(&s, &store, &format!("s3://{bucket}/in"), &format!("endpoint = \"{}\"", s3_endpoint()), &env);
+}
+
+/// fake-gcs-server, started by scripts/gcs.sh (scripts/test.sh runs it).
+fn gcs_endpoint() -> String {
+    std::env::var("SLUICE_GCS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4443".into())
+}
+
+#[test]
+fn a_gcs_bucket_is_followed_like_a_folder() {
+    let s = Live::new("flgcs");
+    let bucket = s.name.replace('_', "-").to_lowercase();
+    // fake-gcs-server takes a bucket from a JSON-API insert.
+    {
+        use std::io::{Read, Write};
+        let host = gcs_endpoint().trim_start_matches("http://").to_string();
+        let body = format!("{{\"name\":\"{bucket}\"}}");
+        let mut c = std::net::TcpStream::connect(&host).unwrap_or_else(|e| panic!("no fake-gcs-server at {host} (scripts/gcs.sh start): {e}"));
+        write!(c, "POST /storage/v1/b?project=test HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
+    }
+    // A service-account file that points at the emulator and turns OAuth off, as its docs say.
+    let creds = s.dir.path().join("gcs.json");
+    std::fs::write(
+        &creds,
+        format!(
+            "{{\"gcs_base_url\": \"{}\", \"disable_oauth\": true, \"client_email\": \"\", \"private_key\": \"\", \"private_key_id\": \"\"}}",
+            gcs_endpoint()
+        ),
+    )
+    .unwrap();
+    let store =
+        object_store::gcp::GoogleCloudStorageBuilder::new().with_bucket_name(&bucket).with_service_account_path(creds.display().to_string()).build().unwrap();
+    bucket_follows_edits(&s, &store, &format!("gs://{bucket}/in"), &format!("credentials_file = \"{}\"", creds.display()), &[("RUST_LOG", "sluice=info")]);
+}
