@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite: installs what the tests need (ONNX Runtime, the Python reference's packages),
 # makes sure the local Postgres (scripts/pg.sh), Kafka-protocol broker (scripts/kafka.sh) and
-# Google's Pub/Sub emulator (scripts/pubsub.sh) are running, then runs every test against them.
+# Google's Pub/Sub emulator (scripts/pubsub.sh) and a GCS emulator (scripts/gcs.sh) are running,
+# then runs every test against them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
@@ -10,6 +11,8 @@ bash scripts/kafka.sh start
 # A second broker whose topics survive a restart (Tansu over a local S3 store), for tests/restarts.rs.
 SLUICE_KAFKA_PORT=19093 SLUICE_KAFKA_PERSIST=1 bash scripts/kafka.sh start
 bash scripts/pubsub.sh start
+# A Google Cloud Storage emulator for the live file source's gs:// tests (tests/files_live.rs).
+bash scripts/gcs.sh start
 export SLUICE_PG_URL="${SLUICE_PG_URL:-postgres://sluice:sluice@127.0.0.1:5432/sluice}"
 cargo build --benches
 log=$(mktemp)

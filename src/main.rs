@@ -158,8 +158,9 @@ fn real_main() -> anyhow::Result<()> {
             let opts = RunOptions { workers, process, hosts, progress: !no_progress };
             let s = runtime::run(&t, &opts)?;
             let secs = s.elapsed.as_secs_f64();
+            let deleted = if s.deleted > 0 { format!(", deleted {}", s.deleted) } else { String::new() };
             println!(
-                "{}: answered {}, dead letters {}, read {} rows in {:.1} s ({:.1} rows/s)",
+                "{}: answered {}{deleted}, dead letters {}, read {} rows in {:.1} s ({:.1} rows/s)",
                 t.name,
                 s.answered,
                 s.dead_letters,

@@ -14,6 +14,8 @@ pub struct Progress {
     pub read: AtomicU64,
     /// Answers made durable.
     pub answered: AtomicU64,
+    /// Deletes of answers made durable (rows that went away).
+    pub deleted: AtomicU64,
     /// Dead letters made durable.
     pub dead: AtomicU64,
     /// Set when the run is over.
@@ -23,7 +25,7 @@ pub struct Progress {
 impl Progress {
     /// Records whose outcome (answer or dead letter) is durable.
     pub fn done(&self) -> u64 {
-        self.answered.load(Ordering::Relaxed) + self.dead.load(Ordering::Relaxed)
+        self.answered.load(Ordering::Relaxed) + self.deleted.load(Ordering::Relaxed) + self.dead.load(Ordering::Relaxed)
     }
 }
 

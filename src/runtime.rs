@@ -67,6 +67,8 @@ pub enum RunError {
 pub struct Summary {
     pub read: u64,
     pub answered: u64,
+    /// Answers deleted (their rows went away).
+    pub deleted: u64,
     pub dead_letters: u64,
     pub elapsed: Duration,
     /// Where the answers went, for people.
@@ -229,6 +231,7 @@ fn run_dataflow<T: Task>(
     Ok(Summary {
         read: progress.read.load(Ordering::Relaxed),
         answered: progress.answered.load(Ordering::Relaxed),
+        deleted: progress.deleted.load(Ordering::Relaxed),
         dead_letters: progress.dead.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
         outputs,

@@ -134,12 +134,9 @@ fn editing_one_row_of_10000_recomputes_that_row_alone_and_touches_no_other() {
     s.wait_rows(|r| r.len() == 10_000, "the first pass answers every row", &w);
     std::thread::sleep(Duration::from_millis(300));
     let before = s.rows();
-    let mut text = rides_csv("r", true, 0..10_000);
-    text = text.replace("\nr4321,", "\nr4321,99,");
+    let text = rides_csv("r", true, 0..10_000);
     let row = text.lines().find(|l| l.starts_with("r4321,")).unwrap().to_string();
-    let fixed = format!("r4321,{}", row.split(',').skip(2).collect::<Vec<_>>().join(","));
-    text = text.replace(&row, &fixed.replace("r4321,", "r4321,7,"));
-    put(&file, &text);
+    put(&file, &text.replace(&format!("\n{row}\n"), "\nr4321,7,8,12.5\n"));
     s.wait_rows(|r| r.get("r4321").map(|v| &v.1) != before.get("r4321").map(|v| &v.1), "the edited row's answer is rewritten", &w);
     std::thread::sleep(Duration::from_millis(500));
     let after = s.rows();
@@ -335,6 +332,12 @@ fn predictions(s: &Live) -> BTreeMap<String, f64> {
     s.rows().into_iter().map(|(k, v)| (k, v.0)).collect()
 }
 
+/// The same IDs with the same predictions (JSON and Postgres may print a float's last digit
+/// differently).
+fn same(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|((ka, va), (kb, vb))| ka == kb && (va - vb).abs() <= 1e-9 * va.abs().max(1.0))
+}
+
 #[test]
 fn after_random_edits_the_table_equals_a_fresh_full_run() {
     let s = Live::new("flrandom");
@@ -398,7 +401,7 @@ fn after_random_edits_the_table_equals_a_fresh_full_run() {
     }
     let want = fresh_full_run(&s, &s.input().display().to_string(), "");
     assert!(
-        wait_until(Duration::from_secs(60), || predictions(&s) == want),
+        wait_until(Duration::from_secs(60), || same(&predictions(&s), &want)),
         "the table equals a fresh full run: {} rows vs {}\n{}",
         predictions(&s).len(),
         want.len(),
@@ -448,16 +451,16 @@ fn object_delete(store: &dyn object_store::ObjectStore, name: &str) {
 }
 
 /// Runs the same edits against a bucket and a local folder and compares both with fresh runs.
-fn bucket_follows_edits(s: &Live, store: &dyn object_store::ObjectStore, url: &str, source_extra: &str, env: &[(&str, &str)]) {
-    object_put(store, "in/a.csv", &rides_csv("a", true, 0..300));
-    object_put(store, "in/sub/b.csv", &rides_csv("", false, 0..100));
-    object_put(store, "in/notes.txt", "not a csv");
+fn bucket_follows_edits(s: &Live, object_put: &dyn Fn(&str, &str), object_delete: &dyn Fn(&str), url: &str, source_extra: &str, env: &[(&str, &str)]) {
+    object_put("in/a.csv", &rides_csv("a", true, 0..300));
+    object_put("in/sub/b.csv", &rides_csv("", false, 0..100));
+    object_put("in/notes.txt", "not a csv");
     let text = s.topology(url, true, source_extra, "");
     let mut w = spawn_sluice(s.dir.path(), &text, &[], env);
     s.wait_rows(|r| r.len() == 400, "both objects answered", &w);
-    object_put(store, "in/a.csv", &rides_csv("a", true, 10..300));
-    object_delete(store, "in/sub/b.csv");
-    object_put(store, "in/c.csv", &rides_csv("c", true, 0..5));
+    object_put("in/a.csv", &rides_csv("a", true, 10..300));
+    object_delete("in/sub/b.csv");
+    object_put("in/c.csv", &rides_csv("c", true, 0..5));
     s.wait_rows(|r| r.len() == 295, "the bucket's edits are followed", &w);
     let rows = predictions(s);
     assert!(rows.contains_key("c4") && !rows.contains_key("a3") && !rows.keys().any(|k| k.starts_with("sub/b.csv#")));
@@ -466,7 +469,7 @@ fn bucket_follows_edits(s: &Live, store: &dyn object_store::ObjectStore, url: &s
     put(&s.input().join("a.csv"), &rides_csv("a", true, 10..300));
     put(&s.input().join("c.csv"), &rides_csv("c", true, 0..5));
     let local = fresh_full_run(s, &s.input().display().to_string(), "");
-    assert_eq!(rows, local, "the bucket gives what the folder gives");
+    assert!(same(&rows, &local), "the bucket gives what the folder gives: {} rows vs {}", rows.len(), local.len());
     stop(&mut w);
 }
 
@@ -477,7 +480,14 @@ fn an_s3_bucket_is_followed_like_a_folder() {
     create_bucket(&s3_endpoint(), &bucket);
     let store = s3_store(&bucket);
     let env = [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_REGION", "us-east-1"), ("RUST_LOG", "sluice=info")];
-    bucket_follows_edits(&s, &store, &format!("s3://{bucket}/in"), &format!("endpoint = \"{}\"", s3_endpoint()), &env);
+    bucket_follows_edits(
+        &s,
+        &|name, text| object_put(&store, name, text),
+        &|name| object_delete(&store, name),
+        &format!("s3://{bucket}/in"),
+        &format!("endpoint = \"{}\"", s3_endpoint()),
+        &env,
+    );
 }
 
 /// fake-gcs-server, started by scripts/gcs.sh (scripts/test.sh runs it).
@@ -485,21 +495,36 @@ fn gcs_endpoint() -> String {
     std::env::var("SLUICE_GCS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4443".into())
 }
 
+/// One HTTP/1.1 request to fake-gcs-server; its whole reply.
+fn gcs_http(method: &str, path: &str, content_type: &str, body: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let host = gcs_endpoint().trim_start_matches("http://").to_string();
+    let mut c = std::net::TcpStream::connect(&host).unwrap_or_else(|e| panic!("no fake-gcs-server at {host} (scripts/gcs.sh start): {e}"));
+    write!(c, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+        .unwrap();
+    c.write_all(body).unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    reply
+}
+
 #[test]
 fn a_gcs_bucket_is_followed_like_a_folder() {
     let s = Live::new("flgcs");
-    let bucket = s.name.replace('_', "-").to_lowercase();
-    // fake-gcs-server takes a bucket from a JSON-API insert.
-    {
-        use std::io::{Read, Write};
-        let host = gcs_endpoint().trim_start_matches("http://").to_string();
-        let body = format!("{{\"name\":\"{bucket}\"}}");
-        let mut c = std::net::TcpStream::connect(&host).unwrap_or_else(|e| panic!("no fake-gcs-server at {host} (scripts/gcs.sh start): {e}"));
-        write!(c, "POST /storage/v1/b?project=test HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
-        let mut reply = String::new();
-        c.read_to_string(&mut reply).unwrap();
-        assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
-    }
+    let bucket: String = s.name.to_lowercase().chars().filter(char::is_ascii_alphanumeric).collect();
+    // The test writes through the emulator's JSON API (its XML-API upload refuses object_store's
+    // PUT); sluice only lists and reads, through object_store.
+    let reply = gcs_http("POST", "/storage/v1/b?project=test", "application/json", format!("{{\"name\":\"{bucket}\"}}").as_bytes());
+    assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
+    let enc = |name: &str| name.replace('/', "%2F");
+    let put = |name: &str, text: &str| {
+        let reply = gcs_http("POST", &format!("/upload/storage/v1/b/{bucket}/o?uploadType=media&name={}", enc(name)), "text/csv", text.as_bytes());
+        assert!(reply.starts_with("HTTP/1.1 200"), "upload {name}: {reply}");
+    };
+    let delete = |name: &str| {
+        let reply = gcs_http("DELETE", &format!("/storage/v1/b/{bucket}/o/{}", enc(name)), "text/plain", b"");
+        assert!(reply.starts_with("HTTP/1.1 204") || reply.starts_with("HTTP/1.1 200"), "delete {name}: {reply}");
+    };
     // A service-account file that points at the emulator and turns OAuth off, as its docs say.
     let creds = s.dir.path().join("gcs.json");
     std::fs::write(
@@ -510,7 +535,12 @@ fn a_gcs_bucket_is_followed_like_a_folder() {
         ),
     )
     .unwrap();
-    let store =
-        object_store::gcp::GoogleCloudStorageBuilder::new().with_bucket_name(&bucket).with_service_account_path(creds.display().to_string()).build().unwrap();
-    bucket_follows_edits(&s, &store, &format!("gs://{bucket}/in"), &format!("credentials_file = \"{}\"", creds.display()), &[("RUST_LOG", "sluice=info")]);
+    bucket_follows_edits(
+        &s,
+        &put,
+        &delete,
+        &format!("gs://{bucket}/in"),
+        &format!("credentials_file = \"{}\"", creds.display()),
+        &[("RUST_LOG", "sluice=info")],
+    );
 }

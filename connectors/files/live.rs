@@ -44,6 +44,10 @@ pub struct FilesConfig {
     /// apart (a file still being written is left alone).
     #[serde(default = "default_settle_ms")]
     pub settle_ms: u64,
+    /// When watching, epochs close on this clock, so every worker (even one with no changed
+    /// file) moves on together and a change is answered within about this long.
+    #[serde(default = "default_epoch_ms")]
+    pub epoch_ms: u64,
     /// Only names ending with this are read (default: `.csv`).
     pub suffix: Option<String>,
     /// An S3-compatible endpoint (`http://127.0.0.1:19000`) or a GCS base URL (an emulator).
@@ -64,6 +68,9 @@ fn default_poll_ms() -> u64 {
 fn default_settle_ms() -> u64 {
     1000
 }
+fn default_epoch_ms() -> u64 {
+    100
+}
 fn default_max_field_bytes() -> usize {
     100_000
 }
@@ -81,6 +88,9 @@ impl FilesConfig {
                 format!("`{}` is not a location sluice reads", self.path),
                 "use a local path, s3://bucket/prefix or gs://bucket/prefix",
             ));
+        }
+        if self.watch && self.epoch_ms == 0 {
+            return Err(("source.epoch_ms", "must be at least 1".into(), "close an epoch every 100 ms: epoch_ms = 100"));
         }
         if self.watch && self.poll_ms == 0 {
             return Err(("source.poll_ms", "must be at least 1".into(), "list the location every second: poll_ms = 1000"));
@@ -177,6 +187,9 @@ impl SourceFactory for FilesFactory {
     }
     fn keying(&self) -> Keying {
         Keying::Changes
+    }
+    fn epoch_every(&self) -> Option<Duration> {
+        self.config.watch.then(|| Duration::from_millis(self.config.epoch_ms))
     }
     fn describe(&self) -> String {
         format!("{}files at {}", if self.config.watch { "watched " } else { "" }, self.config.path)
@@ -661,6 +674,7 @@ mod tests {
             watch: false,
             poll_ms: 10,
             settle_ms: 0,
+            epoch_ms: 100,
             suffix: None,
             endpoint: None,
             region: None,

@@ -25,6 +25,7 @@ use timely::dataflow::Stream;
 struct Ack {
     epoch: u64,
     answers: u64,
+    deleted: u64,
     dead: u64,
 }
 
@@ -103,13 +104,15 @@ pub fn durable_sink<'s>(
                 }
                 writing.insert(t, cap);
                 if let Some(tx) = &batch_tx {
-                    let ack = Ack { epoch: batch.epoch, answers: batch.changes.len() as u64, dead: batch.dead.len() as u64 };
+                    let deleted = batch.changes.iter().filter(|c| matches!(c, Change::Delete(_))).count() as u64;
+                    let ack = Ack { epoch: batch.epoch, answers: batch.changes.len() as u64 - deleted, deleted, dead: batch.dead.len() as u64 };
                     tx.send((batch, vec![ack])).expect("the sink threads outlive the operator");
                 }
             }
             while let Ok(ack) = ack_rx.try_recv() {
                 writing.remove(&ack.epoch);
                 progress.answered.fetch_add(ack.answers, Ordering::Relaxed);
+                progress.deleted.fetch_add(ack.deleted, Ordering::Relaxed);
                 progress.dead.fetch_add(ack.dead, Ordering::Relaxed);
             }
             // All input is in and durable: stop the sink threads (each ends when the one before it does).
@@ -399,7 +402,7 @@ mod tests {
                 for e in 0..8u64 {
                     let ids = [format!("e{e}a"), format!("e{e}b")];
                     let b = batch(e, &[ids[0].as_str(), ids[1].as_str()], e as i64);
-                    let ack = Ack { epoch: e, answers: 2, dead: 0 };
+                    let ack = Ack { epoch: e, answers: 2, deleted: 0, dead: 0 };
                     tx.send((b, vec![ack])).unwrap();
                     std::thread::sleep(Duration::from_millis(3));
                 }
@@ -425,7 +428,7 @@ mod tests {
     #[test]
     fn a_group_keeps_epoch_order_and_acknowledges_every_epoch() {
         let group = |b: EpochBatch| {
-            let ack = Ack { epoch: b.epoch, answers: b.changes.len() as u64, dead: 0 };
+            let ack = Ack { epoch: b.epoch, answers: b.changes.len() as u64, deleted: 0, dead: 0 };
             (b, vec![ack])
         };
         let (merged, acks) = merge(vec![group(batch(3, &["a", "b"], 10)), group(batch(4, &["a"], 12)), group(batch(7, &[], 15))]);

@@ -164,7 +164,7 @@ pub fn source_harness<'s>(
                 let tick = now_ms() / ms;
                 if tick > epoch {
                     if let Phase::Reading(source) = &mut phase {
-                        if open_records > 0 {
+                        if open_records > 0 || source.wants_checkpoint() {
                             cp_out.activate().session(&cs[1]).give_iterator(source.checkpoint(epoch).into_iter());
                             open_records = 0;
                         }
