@@ -529,6 +529,7 @@ pub fn nth_field(rec: &[u8], n: usize) -> Option<std::borrow::Cow<'_, str>> {
 /// Returns the rows seen and the rows supplied.
 fn supply(file: &Arc<str>, header: &Header, diff: &mut Diff, framed: Vec<(u64, Framed)>, now: u64, out: &mut Vec<RawRecord>, m: &FileMetrics) -> (u64, u64) {
     let (mut rows, mut changed_rows) = (0, 0);
+    m.seen.increment(framed.len() as u64);
     let columns = header.names.len();
     let mut good: Vec<(u64, &[u8], String)> = Vec::new();
     for (row, rec) in &framed {
@@ -547,23 +548,20 @@ fn supply(file: &Arc<str>, header: &Header, diff: &mut Diff, framed: Vec<(u64, F
         } else {
             None
         };
-        let named = match (&bad, header.id_col) {
-            (None, Some(i)) => nth_field(rec.bytes, i).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()),
+        let cell = match (&bad, header.id_col) {
+            (None, Some(i)) => nth_field(rec.bytes, i),
             _ => None,
         };
-        let (id, changed) = diff.row(named.as_deref(), content);
+        let named = cell.as_deref().map(str::trim).filter(|s| !s.is_empty());
         rows += 1;
-        m.seen.increment(1);
-        if !changed {
-            continue;
-        }
+        let Some(id) = diff.row(named, content) else { continue };
         changed_rows += 1;
-        m.changed.increment(1);
         match bad {
             Some((reason, detail)) => out.push(RawRecord { id: Some(id.into_bytes()), ..refused(file, *row, rec.bytes, reason, detail, now) }),
             None => good.push((*row, rec.bytes, id)),
         }
     }
+    m.changed.increment(changed_rows);
     if good.is_empty() {
         return (rows, changed_rows);
     }

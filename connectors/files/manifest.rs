@@ -20,10 +20,17 @@ pub fn id_key(id: &str) -> u64 {
 
 /// The derived ID of the `k`-th (1-based) row of `file` with this content hash.
 pub fn derived_id(file: &str, content: u64, k: u32) -> String {
+    let mut s = String::with_capacity(file.len() + 20);
+    write_derived(&mut s, file, content, k);
+    s
+}
+
+fn write_derived(out: &mut String, file: &str, content: u64, k: u32) {
+    use std::fmt::Write;
     if k <= 1 {
-        format!("{file}#{content:016x}")
+        let _ = write!(out, "{file}#{content:016x}");
     } else {
-        format!("{file}#{content:016x}~{k}")
+        let _ = write!(out, "{file}#{content:016x}~{k}");
     }
 }
 
@@ -156,32 +163,40 @@ pub struct Diff {
     next: Manifest,
     /// Derived rows seen so far per content hash (for the duplicate counter).
     dups: HashMap<u64, u32>,
+    /// Where a derived ID is written before it is hashed.
+    scratch: String,
 }
 
 impl Diff {
     pub fn new(file: &str, old: Manifest, version: String) -> Self {
-        Diff { file: file.to_string(), old, next: Manifest { version, ..Manifest::default() }, dups: HashMap::new() }
+        Diff { file: file.to_string(), old, next: Manifest { version, ..Manifest::default() }, dups: HashMap::new(), scratch: String::new() }
     }
 
-    /// A row of the new version, with its `id` cell if the file has one: its ID, and whether it
-    /// is new or changed (so it must go to the model).
-    pub fn row(&mut self, named: Option<&str>, content: u64) -> (String, bool) {
-        let (id, rid) = match named {
+    /// A row of the new version, with its `id` cell if the file has one: its ID when it is new
+    /// or changed (so it must go to the model), `None` when it is unchanged. An unchanged row
+    /// costs no allocation.
+    pub fn row(&mut self, named: Option<&str>, content: u64) -> Option<String> {
+        let (key, rid) = match named {
             Some(id) => {
                 let at = self.next.arena.len() as u32;
                 self.next.arena.push_str(id);
-                (id.to_string(), RowId::Named { at, len: id.len() as u32 })
+                (id_key(id), RowId::Named { at, len: id.len() as u32 })
             }
             None => {
                 let k = self.dups.entry(content).or_insert(0);
                 *k += 1;
-                (derived_id(&self.file, content, *k), RowId::Derived(*k))
+                let k = *k;
+                self.scratch.clear();
+                write_derived(&mut self.scratch, &self.file, content, k);
+                (id_key(&self.scratch), RowId::Derived(k))
             }
         };
-        let key = id_key(&id);
         let changed = self.old.rows.get(&key).is_none_or(|r| r.content != content);
         self.next.rows.insert(key, Row { content, id: rid });
-        (id, changed)
+        changed.then(|| match named {
+            Some(id) => id.to_string(),
+            None => self.scratch.clone(),
+        })
     }
 
     /// The new manifest, and the IDs of rows the new version no longer has.
@@ -212,9 +227,11 @@ impl Diff {
 mod tests {
     use super::*;
 
-    fn read(old: Manifest, rows: &[(Option<&str>, u64)]) -> (Manifest, Vec<(String, bool)>, Vec<String>) {
+    /// Reads `rows` against `old`: the new manifest, each row's changed ID (or `None`), and the
+    /// IDs gone.
+    fn read(old: Manifest, rows: &[(Option<&str>, u64)]) -> (Manifest, Vec<Option<String>>, Vec<String>) {
         let mut d = Diff::new("f.csv", old, "v".into());
-        let seen: Vec<(String, bool)> = rows.iter().map(|(id, c)| d.row(*id, *c)).collect();
+        let seen: Vec<Option<String>> = rows.iter().map(|(id, c)| d.row(*id, *c)).collect();
         let (m, gone) = d.finish();
         (m, seen, gone)
     }
@@ -222,20 +239,20 @@ mod tests {
     #[test]
     fn only_new_and_changed_rows_are_sent_and_missing_ones_are_gone() {
         let (m, seen, gone) = read(Manifest::default(), &[(Some("a"), 1), (Some("b"), 2), (Some("c"), 3)]);
-        assert!(seen.iter().all(|(_, changed)| *changed), "a new file: every row is new");
+        assert!(seen.iter().all(Option::is_some), "a new file: every row is new");
         assert!(gone.is_empty());
         let (_, seen, gone) = read(m, &[(Some("a"), 1), (Some("b"), 20), (Some("d"), 4)]);
-        assert_eq!(seen, vec![("a".into(), false), ("b".into(), true), ("d".into(), true)]);
+        assert_eq!(seen, vec![None, Some("b".into()), Some("d".into())]);
         assert_eq!(gone, vec!["c".to_string()]);
     }
 
     #[test]
     fn derived_ids_survive_an_insert_above_and_count_duplicates() {
         let (m, seen, _) = read(Manifest::default(), &[(None, 10), (None, 11), (None, 10)]);
-        assert_eq!(seen[0].0, "f.csv#000000000000000a");
-        assert_eq!(seen[2].0, "f.csv#000000000000000a~2", "an exact duplicate gets a counter");
+        assert_eq!(seen[0].as_deref(), Some("f.csv#000000000000000a"));
+        assert_eq!(seen[2].as_deref(), Some("f.csv#000000000000000a~2"), "an exact duplicate gets a counter");
         let (_, seen, gone) = read(m, &[(None, 99), (None, 10), (None, 11), (None, 10)]);
-        assert_eq!(seen.iter().filter(|(_, changed)| *changed).count(), 1, "only the inserted row is new: {seen:?}");
+        assert_eq!(seen.iter().flatten().count(), 1, "only the inserted row is new: {seen:?}");
         assert!(gone.is_empty());
     }
 
@@ -246,7 +263,7 @@ mod tests {
         assert_eq!(back.version, "v");
         assert_eq!(back.ids("f.csv"), m.ids("f.csv"));
         let (_, seen, gone) = read(back, &[(Some("x,1"), 5), (None, 6), (None, 6), (Some("ünï"), 7)]);
-        assert!(seen.iter().all(|(_, changed)| !changed), "nothing changed: {seen:?}");
+        assert!(seen.iter().all(Option::is_none), "nothing changed: {seen:?}");
         assert!(gone.is_empty());
         assert!(Manifest::decode("f.csv", "bm90IGEgbWFuaWZlc3Q=").is_err());
     }
