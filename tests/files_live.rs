@@ -410,6 +410,58 @@ fn after_random_edits_the_table_equals_a_fresh_full_run() {
     stop(&mut w);
 }
 
+/// Writes rides as Parquet (typed columns: text IDs, integer locations, float distances),
+/// through a temporary file and a rename.
+fn put_parquet(path: &Path, rows: &[(usize, i64, i64, f64)]) {
+    use arrow::array::{Float64Array, Int64Array, RecordBatch, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("PULocationID", DataType::Int64, false),
+        Field::new("DOLocationID", DataType::Int64, false),
+        Field::new("trip_distance", DataType::Float64, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(rows.iter().map(|r| format!("p{}", r.0)).collect::<Vec<_>>())),
+            Arc::new(Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+            Arc::new(Int64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
+            Arc::new(Float64Array::from(rows.iter().map(|r| r.3).collect::<Vec<_>>())),
+        ],
+    )
+    .unwrap();
+    let tmp = path.with_extension("tmp");
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&tmp).unwrap(), schema, None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn a_parquet_file_is_followed_row_by_row_like_a_csv() {
+    let s = Live::new("flparquet");
+    let mut rows: Vec<(usize, i64, i64, f64)> =
+        (0..1000).map(|i| (i, 1 + (i % 263) as i64, 1 + ((i * 7) % 263) as i64, 0.5 + (i % 97) as f64 * 0.25)).collect();
+    let file = s.input().join("rides.parquet");
+    put_parquet(&file, &rows);
+    let text = s.topology(&s.input().display().to_string(), true, "format = \"parquet\"", "");
+    let mut w = spawn_sluice(s.dir.path(), &text, &[], &[("RUST_LOG", "sluice=info")]);
+    s.wait_rows(|r| r.len() == 1000, "every Parquet row answered", &w);
+    rows[10].3 = 42.0;
+    rows[500].1 = 100;
+    rows[999].2 = 7;
+    rows.remove(300);
+    rows.remove(600);
+    put_parquet(&file, &rows);
+    s.wait_rows(|r| r.len() == 998, "the removed rows' answers are deleted", &w);
+    let want = fresh_full_run(&s, &s.input().display().to_string(), "format = \"parquet\"");
+    assert!(wait_until(Duration::from_secs(30), || same(&predictions(&s), &want)), "the table equals a fresh full run\n{}", w.stderr_tail());
+    let out = stop(&mut w);
+    assert_eq!(answered(&out), 1003, "1,000 rows, then the 3 edited: {out}");
+}
+
 /// The local S3 server scripts/test.sh starts (moto, for Tansu's persistent store).
 fn s3_endpoint() -> String {
     std::env::var("SLUICE_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:19000".into())

@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 pub enum Format {
     #[default]
     Csv,
+    /// Parquet, through arrow's reader: a local file is read by row group, an object fetched
+    /// whole. Values reach the task as text, formatted by arrow.
+    Parquet,
 }
 
 /// `[source] type = "files"`.
@@ -48,7 +51,7 @@ pub struct FilesConfig {
     /// file) moves on together and a change is answered within about this long.
     #[serde(default = "default_epoch_ms")]
     pub epoch_ms: u64,
-    /// Only names ending with this are read (default: `.csv`).
+    /// Only names ending with this are read (default: `.csv`, or `.parquet` for Parquet).
     pub suffix: Option<String>,
     /// An S3-compatible endpoint (`http://127.0.0.1:19000`) or a GCS base URL (an emulator).
     pub endpoint: Option<String>,
@@ -110,7 +113,10 @@ impl FilesConfig {
     }
 
     fn suffix(&self) -> &str {
-        self.suffix.as_deref().unwrap_or(".csv")
+        self.suffix.as_deref().unwrap_or(match self.format {
+            Format::Csv => ".csv",
+            Format::Parquet => ".parquet",
+        })
     }
 }
 
@@ -169,6 +175,7 @@ impl SourceFactory for FilesFactory {
             worker,
             peers,
             watch: self.config.watch,
+            format: self.config.format,
             poll: Duration::from_millis(self.config.poll_ms),
             settle: Duration::from_millis(self.config.settle_ms),
             max_field: self.config.max_field_bytes,
@@ -237,6 +244,8 @@ struct Reading {
     diff: Option<Diff>,
     /// After the last row: the new manifest, and the IDs still to delete.
     done: Option<(Manifest, VecDeque<String>)>,
+    /// A Parquet file's batches (CSV files use `reader` and `buf`).
+    parquet: Option<ParquetRows>,
     started: Instant,
     rows: u64,
     changed: u64,
@@ -250,6 +259,7 @@ struct FilesSource {
     worker: usize,
     peers: usize,
     watch: bool,
+    format: Format,
     poll: Duration,
     settle: Duration,
     max_field: usize,
@@ -332,6 +342,7 @@ impl FilesSource {
                     row: 0,
                     header: None,
                     diff: None,
+                    parquet: None,
                     gone: ids.len() as u64,
                     done: Some((Manifest::default(), ids)),
                     started: Instant::now(),
@@ -342,8 +353,12 @@ impl FilesSource {
             Work::Read(l) => {
                 self.queued.remove(&l.name);
                 let name: Arc<str> = l.name.as_str().into();
-                match self.store.reader(&l.name) {
-                    Ok(reader) => {
+                let opened = match self.format {
+                    Format::Csv => self.store.reader(&l.name).map(|r| (r, None)),
+                    Format::Parquet => ParquetRows::open(&self.store, &l.name).map(|p| (FileReader::Empty, Some(p))),
+                };
+                match opened {
+                    Ok((reader, parquet)) => {
                         let old = self.known.remove(&l.name).unwrap_or_default();
                         self.current = Some(Reading {
                             name: name.clone(),
@@ -355,6 +370,7 @@ impl FilesSource {
                             header: None,
                             diff: Some(Diff::new(&name, old, l.tag)),
                             done: None,
+                            parquet,
                             started: Instant::now(),
                             rows: 0,
                             changed: 0,
@@ -394,6 +410,29 @@ impl FilesSource {
                     self.known.insert(r.name.to_string(), manifest);
                 }
             }
+            return Ok(());
+        }
+        if let Some(p) = &mut r.parquet {
+            let diff = r.diff.as_mut().expect("a diff while reading");
+            match p.supply(&r.name, diff, now, budget, ROWS_PER_POLL, out, &self.metrics) {
+                Ok((rows, changed, more)) => {
+                    r.rows += rows;
+                    r.changed += changed;
+                    if more {
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    // An unreadable file gives no answers, as a fresh run would: its rows' old
+                    // answers go, and the file is one dead letter.
+                    out.push(refused(&r.name, 0, b"", DeadReason::BrokenQuoting, format!("not a readable Parquet file: {e}"), now));
+                    diff.forget_read();
+                }
+            }
+            let diff = r.diff.take().expect("a diff while reading");
+            let (manifest, gone) = diff.finish();
+            r.gone = gone.len() as u64;
+            r.done = Some((manifest, gone.into()));
             return Ok(());
         }
         let max_record = max_field.saturating_mul(8).max(1 << 20);
@@ -481,6 +520,112 @@ impl FilesSource {
             r.changed += counts.1;
         }
         Ok(())
+    }
+}
+
+/// A Parquet file being read: its columns and the batch in hand.
+struct ParquetRows {
+    reader: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    names: Vec<Arc<str>>,
+    id_col: Option<usize>,
+    /// Every row's content hash includes the schema's.
+    schema_hash: u64,
+    batch: Option<(arrow::array::RecordBatch, usize)>,
+    row: u64,
+}
+
+impl ParquetRows {
+    fn open(store: &Store, name: &str) -> Result<ParquetRows, String> {
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReader;
+        let reader = match store.local_path(name) {
+            Some(path) => {
+                let file = std::fs::File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+                ParquetRecordBatchReader::try_new(file, 4096)
+            }
+            None => ParquetRecordBatchReader::try_new(bytes::Bytes::from(store.read_all(name)?), 4096),
+        };
+        let reader = reader.map_err(|e| format!("{name} is not a readable Parquet file: {e}"))?;
+        let schema = arrow::array::RecordBatchReader::schema(&reader);
+        let raw: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+        let names = normalize_header(&raw);
+        let id_col = names.iter().position(|h| h == "id");
+        let schema_hash = content_hash(format!("{schema:?}").as_bytes());
+        Ok(ParquetRows { reader, names: names.into_iter().map(Arc::from).collect(), id_col, schema_hash, batch: None, row: 0 })
+    }
+
+    /// Diffs up to `max_rows` rows and supplies the changed ones, stopping when `out` holds
+    /// `budget`. Returns rows seen, rows supplied, and whether rows remain.
+    #[allow(clippy::too_many_arguments)]
+    fn supply(
+        &mut self,
+        file: &Arc<str>,
+        diff: &mut Diff,
+        now: u64,
+        budget: usize,
+        max_rows: usize,
+        out: &mut Vec<RawRecord>,
+        m: &FileMetrics,
+    ) -> Result<(u64, u64, bool), String> {
+        use arrow::util::display::{ArrayFormatter, FormatOptions};
+        use std::hash::Hasher;
+        let (mut rows, mut changed) = (0u64, 0u64);
+        while out.len() < budget && (rows as usize) < max_rows {
+            let (batch, at) = match &mut self.batch {
+                Some((b, at)) if *at < b.num_rows() => (b, at),
+                _ => match self.reader.next() {
+                    None => {
+                        m.seen.increment(rows);
+                        m.changed.increment(changed);
+                        return Ok((rows, changed, false));
+                    }
+                    Some(Err(e)) => return Err(e.to_string()),
+                    Some(Ok(b)) => {
+                        self.batch = Some((b, 0));
+                        continue;
+                    }
+                },
+            };
+            let options = FormatOptions::default().with_null("");
+            let formatters: Vec<ArrayFormatter> =
+                batch.columns().iter().map(|c| ArrayFormatter::try_new(c.as_ref(), &options)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+            let columns = batch.columns();
+            let mut values: Vec<String> = Vec::with_capacity(columns.len());
+            while *at < batch.num_rows() && out.len() < budget && (rows as usize) < max_rows {
+                let i = *at;
+                *at += 1;
+                self.row += 1;
+                rows += 1;
+                values.clear();
+                let mut h = std::hash::DefaultHasher::new();
+                h.write_u64(self.schema_hash);
+                for (c, f) in columns.iter().zip(&formatters) {
+                    let v = f.value(i).to_string();
+                    h.write_u8(if c.is_null(i) { 0 } else { 1 });
+                    h.write(v.as_bytes());
+                    h.write_u8(0x1f);
+                    values.push(v);
+                }
+                let content = h.finish();
+                let named = self.id_col.filter(|&c| !columns[c].is_null(i)).map(|c| values[c].trim()).filter(|s| !s.is_empty());
+                let Some(id) = diff.row(named, content) else { continue };
+                changed += 1;
+                let fields: Vec<(Arc<str>, String)> = self.names.iter().cloned().zip(values.iter().cloned()).collect();
+                // The row as JSON: what a dead letter keeps as its original bytes.
+                let json: serde_json::Map<String, serde_json::Value> =
+                    fields.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str()))).collect();
+                let bytes = serde_json::to_vec(&json).unwrap_or_default();
+                out.push(RawRecord {
+                    bytes,
+                    body: Body::Fields(fields),
+                    pos: SourcePos::row(file.clone(), self.row),
+                    id: Some(id.into_bytes()),
+                    ingest_ms: now,
+                });
+            }
+        }
+        m.seen.increment(rows);
+        m.changed.increment(changed);
+        Ok((rows, changed, true))
     }
 }
 

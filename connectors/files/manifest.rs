@@ -199,6 +199,13 @@ impl Diff {
         })
     }
 
+    /// Forgets the rows read so far (a file that turned out unreadable): every old row is gone.
+    pub fn forget_read(&mut self) {
+        self.next.rows.clear();
+        self.next.arena.clear();
+        self.dups.clear();
+    }
+
     /// The new manifest, and the IDs of rows the new version no longer has.
     pub fn finish(self) -> (Manifest, Vec<String>) {
         let mut gone: Vec<String> = self.old.rows.iter().filter(|(k, _)| !self.next.rows.contains_key(k)).map(|(_, r)| self.old.id_of(&self.file, r)).collect();

@@ -135,6 +135,22 @@ impl Store {
         Ok(out)
     }
 
+    /// The local path of `name`, for a local location.
+    pub fn local_path(&self, name: &str) -> Option<PathBuf> {
+        match self {
+            Store::Local { root, single } => Some(if *single { root.clone() } else { root.join(name) }),
+            Store::Object { .. } => None,
+        }
+    }
+
+    /// The whole of `name`, fetched in ranges (formats that need random access, from a bucket).
+    pub fn read_all(&self, name: &str) -> Result<Vec<u8>, String> {
+        let mut reader = self.reader(name)?;
+        let mut buf = Vec::new();
+        while reader.read_into(&mut buf)? > 0 {}
+        Ok(buf)
+    }
+
     /// Opens `name` (a name from [`Store::list`]) for reading from its start.
     pub fn reader(&self, name: &str) -> Result<FileReader, String> {
         match self {
