@@ -8,10 +8,10 @@
 //! is diffed correctly. With `watch = true` it keeps polling; without, it reads once and ends.
 
 use super::csv::{normalize_header, parse_rows};
-use super::manifest::{id_key, Diff, Manifest};
+use super::manifest::{id_key, row_hash, Diff, Manifest};
 use super::scan::{RawRecord as Framed, Scanner};
 use super::store::{FileReader, Listed, Store, StoreSettings};
-use crate::record::{content_hash, now_ms, DeadReason, SourcePos};
+use crate::record::{now_ms, DeadReason, SourcePos};
 use crate::source::{Body, Checkpoint, Keying, Poll, RawRecord, Source, SourceError, SourceFactory};
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -278,6 +278,16 @@ struct FilesSource {
 
 /// Rows framed per poll at most, so a large unchanged file does not hold the worker.
 const ROWS_PER_POLL: usize = 100_000;
+/// Rows framed (and diffed) in one slice.
+const FRAME_ROWS: usize = 16_384;
+
+/// How far [`supply`] got through a slice of framed rows.
+struct Supplied {
+    rows: u64,
+    changed: u64,
+    /// The first row not diffed, when the budget stopped it.
+    stopped_at: Option<usize>,
+}
 
 impl FilesSource {
     /// Lists the location and queues what changed.
@@ -448,7 +458,8 @@ impl FilesSource {
                     scanner.set_position(r.at);
                 }
                 let mut row = r.row;
-                while out.len() + framed.len() < budget && framed_rows + framed.len() < ROWS_PER_POLL {
+                // Frame a slice of rows; `supply` stops at the budget and the rest is framed again.
+                while framed.len() < FRAME_ROWS && framed_rows + framed.len() < ROWS_PER_POLL {
                     let before = scanner.position();
                     let Some(rec) = scanner.next() else { break };
                     let cut_short =
@@ -512,12 +523,18 @@ impl FilesSource {
                     },
                 };
                 let id_col = names.iter().position(|h| h == "id");
-                r.header = Some(Header { names: names.into_iter().map(Arc::from).collect(), id_col, hash: content_hash(rec.bytes) });
+                r.header = Some(Header { names: names.into_iter().map(Arc::from).collect(), id_col, hash: id_key(&String::from_utf8_lossy(rec.bytes)) });
             }
             let (header, diff) = (r.header.as_ref().expect("the header is read"), r.diff.as_mut().expect("a diff while reading"));
-            let counts = supply(&r.name, header, diff, framed, now, out, &self.metrics);
-            r.rows += counts.0;
-            r.changed += counts.1;
+            let resume = supply(&r.name, header, diff, &framed, now, budget, out, &self.metrics);
+            r.rows += resume.rows;
+            r.changed += resume.changed;
+            if let Some(k) = resume.stopped_at {
+                // The budget is reached: the rows from `k` on are framed again next time.
+                r.at = framed[k].1.offset;
+                r.row = framed[k].0 - 1;
+                framed_rows -= framed.len() - k;
+            }
         }
         Ok(())
     }
@@ -549,7 +566,7 @@ impl ParquetRows {
         let raw: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
         let names = normalize_header(&raw);
         let id_col = names.iter().position(|h| h == "id");
-        let schema_hash = content_hash(format!("{schema:?}").as_bytes());
+        let schema_hash = id_key(&format!("{schema:?}"));
         Ok(ParquetRows { reader, names: names.into_iter().map(Arc::from).collect(), id_col, schema_hash, batch: None, row: 0 })
     }
 
@@ -567,7 +584,6 @@ impl ParquetRows {
         m: &FileMetrics,
     ) -> Result<(u64, u64, bool), String> {
         use arrow::util::display::{ArrayFormatter, FormatOptions};
-        use std::hash::Hasher;
         let (mut rows, mut changed) = (0u64, 0u64);
         while out.len() < budget && (rows as usize) < max_rows {
             let (batch, at) = match &mut self.batch {
@@ -596,16 +612,16 @@ impl ParquetRows {
                 self.row += 1;
                 rows += 1;
                 values.clear();
-                let mut h = std::hash::DefaultHasher::new();
-                h.write_u64(self.schema_hash);
+                // The row's text, each value marked null or not and ended by a separator.
+                let mut text: Vec<u8> = Vec::new();
                 for (c, f) in columns.iter().zip(&formatters) {
                     let v = f.value(i).to_string();
-                    h.write_u8(if c.is_null(i) { 0 } else { 1 });
-                    h.write(v.as_bytes());
-                    h.write_u8(0x1f);
+                    text.push(if c.is_null(i) { 0 } else { 1 });
+                    text.extend_from_slice(v.as_bytes());
+                    text.push(0x1f);
                     values.push(v);
                 }
-                let content = h.finish();
+                let content = row_hash(self.schema_hash, &text);
                 let named = self.id_col.filter(|&c| !columns[c].is_null(i)).map(|c| values[c].trim()).filter(|s| !s.is_empty());
                 let Some(id) = diff.row(named, content) else { continue };
                 changed += 1;
@@ -670,18 +686,29 @@ pub fn nth_field(rec: &[u8], n: usize) -> Option<std::borrow::Cow<'_, str>> {
     }
 }
 
-/// Diffs framed records of `file` against its manifest and supplies the new and changed ones.
-/// Returns the rows seen and the rows supplied.
-fn supply(file: &Arc<str>, header: &Header, diff: &mut Diff, framed: Vec<(u64, Framed)>, now: u64, out: &mut Vec<RawRecord>, m: &FileMetrics) -> (u64, u64) {
+/// Diffs framed records of `file` against its manifest and supplies the new and changed ones,
+/// stopping once `out` would hold `budget` records.
+#[allow(clippy::too_many_arguments)]
+fn supply(
+    file: &Arc<str>,
+    header: &Header,
+    diff: &mut Diff,
+    framed: &[(u64, Framed)],
+    now: u64,
+    budget: usize,
+    out: &mut Vec<RawRecord>,
+    m: &FileMetrics,
+) -> Supplied {
     let (mut rows, mut changed_rows) = (0, 0);
-    m.seen.increment(framed.len() as u64);
+    let mut stopped_at = None;
     let columns = header.names.len();
     let mut good: Vec<(u64, &[u8], String)> = Vec::new();
-    for (row, rec) in &framed {
-        let mut h = std::hash::DefaultHasher::new();
-        std::hash::Hasher::write_u64(&mut h, header.hash);
-        std::hash::Hasher::write(&mut h, rec.bytes);
-        let content = std::hash::Hasher::finish(&h);
+    for (k, (row, rec)) in framed.iter().enumerate() {
+        if out.len() + good.len() >= budget {
+            stopped_at = Some(k);
+            break;
+        }
+        let content = row_hash(header.hash, rec.bytes);
         let bad = if columns == 0 {
             Some((DeadReason::MissingColumn, "the file has no usable header".to_string()))
         } else if let Some((reason, detail)) = &rec.error {
@@ -706,9 +733,11 @@ fn supply(file: &Arc<str>, header: &Header, diff: &mut Diff, framed: Vec<(u64, F
             None => good.push((*row, rec.bytes, id)),
         }
     }
+    m.seen.increment(rows);
     m.changed.increment(changed_rows);
+    let done = Supplied { rows, changed: changed_rows, stopped_at };
     if good.is_empty() {
-        return (rows, changed_rows);
+        return done;
     }
     let bytes: Vec<&[u8]> = good.iter().map(|(_, b, _)| *b).collect();
     let parsed: Vec<Result<Vec<String>, String>> = match parse_rows(&bytes, columns) {
@@ -724,7 +753,7 @@ fn supply(file: &Arc<str>, header: &Header, diff: &mut Diff, framed: Vec<(u64, F
             }
         });
     }
-    (rows, changed_rows)
+    done
 }
 
 impl Source for FilesSource {

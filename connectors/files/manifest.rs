@@ -9,14 +9,39 @@
 
 use base64::Engine;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 
-/// The 64-bit hash a row's ID is known by.
+/// The 64-bit hash a row's ID is known by: XXH3, a stable algorithm, since manifests outlive
+/// the binary that wrote them.
 pub fn id_key(id: &str) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    id.hash(&mut h);
-    h.finish()
+    twox_hash::XxHash3_64::oneshot(id.as_bytes())
 }
+
+/// The content hash of a row's bytes, seeded with its file's header hash (XXH3).
+pub fn row_hash(header: u64, bytes: &[u8]) -> u64 {
+    twox_hash::XxHash3_64::oneshot_with_seed(header, bytes)
+}
+
+/// A hasher for keys that are already uniform 64-bit hashes: it passes them through.
+#[derive(Default, Clone, Copy)]
+pub struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A map keyed by a hash.
+pub type ByHash<V> = HashMap<u64, V, BuildHasherDefault<PassThrough>>;
 
 /// The derived ID of the `k`-th (1-based) row of `file` with this content hash.
 pub fn derived_id(file: &str, content: u64, k: u32) -> String {
@@ -54,7 +79,7 @@ struct Row {
 pub struct Manifest {
     /// The file's tag when it was read.
     pub version: String,
-    rows: HashMap<u64, Row>,
+    rows: ByHash<Row>,
     arena: String,
 }
 
@@ -115,7 +140,7 @@ impl Manifest {
         let vlen = r.u32()? as usize;
         let version = String::from_utf8(r.take(vlen)?.to_vec()).map_err(|_| "bad version")?;
         let n = r.u64()? as usize;
-        let mut m = Manifest { version, rows: HashMap::with_capacity(n), arena: String::new() };
+        let mut m = Manifest { version, rows: ByHash::with_capacity_and_hasher(n.min(1 << 26), Default::default()), arena: String::new() };
         for _ in 0..n {
             let content = r.u64()?;
             match r.take(1)?[0] {
@@ -162,14 +187,15 @@ pub struct Diff {
     old: Manifest,
     next: Manifest,
     /// Derived rows seen so far per content hash (for the duplicate counter).
-    dups: HashMap<u64, u32>,
+    dups: ByHash<u32>,
     /// Where a derived ID is written before it is hashed.
     scratch: String,
 }
 
 impl Diff {
     pub fn new(file: &str, old: Manifest, version: String) -> Self {
-        Diff { file: file.to_string(), old, next: Manifest { version, ..Manifest::default() }, dups: HashMap::new(), scratch: String::new() }
+        let rows = ByHash::with_capacity_and_hasher(old.rows.len(), Default::default());
+        Diff { file: file.to_string(), old, next: Manifest { version, rows, arena: String::new() }, dups: ByHash::default(), scratch: String::new() }
     }
 
     /// A row of the new version, with its `id` cell if the file has one: its ID when it is new
