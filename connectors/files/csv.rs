@@ -155,18 +155,74 @@ struct CsvSource {
     max_field: usize,
 }
 
-impl CsvSource {
-    /// The longest record kept whole while looking for its end; beyond it the record is refused
-    /// up to its first line end.
-    fn max_record(&self) -> usize {
-        self.max_field.saturating_mul(8).max(READ_CHUNK)
+/// Records framed from a buffer by [`frame`].
+pub struct Framing<'a> {
+    /// `(row number, record)`; the header is row 0.
+    pub records: Vec<(u64, Framed<'a>)>,
+    /// Where the next record starts in the buffer.
+    pub next: usize,
+    /// The row number of the last record framed.
+    pub row: u64,
+    /// The buffer ends inside a record: read more before framing again.
+    pub need_more: bool,
+}
+
+/// Frames at most `limit` records lying wholly in `data` from `at` (only the header while
+/// `header_known` is false). A record cut by the end of the buffer waits for more bytes, unless
+/// the file is at its end or the record is already longer than any record kept whole
+/// (`max_field` × 8, at least a read chunk), when it is framed as it is (and refused).
+pub fn frame(data: &[u8], at: usize, mut row: u64, header_known: bool, eof: bool, max_field: usize, limit: usize) -> Framing<'_> {
+    let max_record = max_field.saturating_mul(8).max(READ_CHUNK);
+    let mut scanner = Scanner::new(data, max_field);
+    if at > 0 || header_known {
+        scanner.set_position(at);
+    }
+    let mut records = Vec::new();
+    let mut need_more = false;
+    while records.len() < limit {
+        let before = scanner.position();
+        let Some(rec) = scanner.next() else { break };
+        let cut_short = rec.offset + rec.bytes.len() == data.len() || matches!(&rec.error, Some((DeadReason::BrokenQuoting, d)) if d.contains("never closes"));
+        if cut_short && !eof && data.len() - before < max_record {
+            scanner.set_position(before);
+            need_more = true;
+            break;
+        }
+        if !header_known {
+            records.push((row, rec));
+            break;
+        }
+        row += 1;
+        records.push((row, rec));
+    }
+    Framing { records, next: scanner.position(), row, need_more }
+}
+
+/// A file's column names from its header record, or none when the header is unusable; then the
+/// refusal is in `out` and the file's records are refused with it.
+pub fn header_names(rec: &Framed, file: &Arc<str>, now: u64, out: &mut Vec<RawRecord>) -> Vec<String> {
+    let refuse = |reason: DeadReason, detail: String, out: &mut Vec<RawRecord>| {
+        out.push(RawRecord {
+            bytes: rec.bytes.to_vec(),
+            body: Body::Refused(reason, format!("bad header: {detail}; the file's records are refused with it")),
+            pos: SourcePos::row(file.clone(), 0),
+            id: None,
+            ingest_ms: now,
+        });
+        Vec::new()
+    };
+    match &rec.error {
+        Some((reason, detail)) => refuse(*reason, detail.clone(), out),
+        None => match parse_rows(&[rec.bytes], rec.fields) {
+            Ok(mut rows) => normalize_header(&rows.remove(0)),
+            Err(e) => refuse(DeadReason::BrokenQuoting, e, out),
+        },
     }
 }
 
 impl Source for CsvSource {
     fn poll(&mut self, _epoch: u64, budget: usize, out: &mut Vec<RawRecord>) -> Result<Poll, SourceError> {
         let now = now_ms();
-        let max_record = self.max_record();
         while out.len() < budget {
             if self.open.is_none() {
                 let Some(file) = self.files.pop_front() else { return Ok(Poll::Done) };
@@ -186,36 +242,10 @@ impl Source for CsvSource {
             }
             let f = self.open.as_mut().expect("a file is open");
             // Frame the records wholly inside the buffer.
-            let mut framed: Vec<(u64, Framed)> = Vec::new();
-            let mut need_more = false;
-            {
-                let data = &f.buf[..];
-                let mut scanner = Scanner::new(data, self.max_field);
-                if f.at > 0 || f.row > 0 || f.header.is_some() {
-                    scanner.set_position(f.at);
-                }
-                let mut row = f.row;
-                while out.len() + framed.len() < budget {
-                    let before = scanner.position();
-                    let Some(rec) = scanner.next() else { break };
-                    let cut_short =
-                        rec.offset + rec.bytes.len() == data.len() || matches!(&rec.error, Some((DeadReason::BrokenQuoting, d)) if d.contains("never closes"));
-                    if cut_short && !f.eof && data.len() - before < max_record {
-                        scanner.set_position(before);
-                        need_more = true;
-                        break;
-                    }
-                    if f.header.is_some() {
-                        row += 1;
-                    }
-                    framed.push((row, rec));
-                    if f.header.is_none() {
-                        break;
-                    }
-                }
-                f.at = scanner.position();
-                f.row = row;
-            }
+            let framing = frame(&f.buf, f.at, f.row, f.header.is_some(), f.eof, self.max_field, budget - out.len());
+            let (mut framed, need_more) = (framing.records, framing.need_more);
+            f.at = framing.next;
+            f.row = framing.row;
             if framed.is_empty() {
                 if f.eof && !need_more {
                     self.open = None;
@@ -236,31 +266,7 @@ impl Source for CsvSource {
             }
             if f.header.is_none() {
                 let (_, rec) = framed.remove(0);
-                let header = match &rec.error {
-                    Some((reason, detail)) => {
-                        out.push(RawRecord {
-                            bytes: rec.bytes.to_vec(),
-                            body: Body::Refused(*reason, format!("bad header: {detail}; the file's records are refused with it")),
-                            pos: SourcePos::row(f.name.clone(), 0),
-                            id: None,
-                            ingest_ms: now,
-                        });
-                        Vec::new()
-                    }
-                    None => match parse_rows(&[rec.bytes], rec.fields) {
-                        Ok(mut rows) => normalize_header(&rows.remove(0)),
-                        Err(e) => {
-                            out.push(RawRecord {
-                                bytes: rec.bytes.to_vec(),
-                                body: Body::Refused(DeadReason::BrokenQuoting, format!("bad header: {e}; the file's records are refused with it")),
-                                pos: SourcePos::row(f.name.clone(), 0),
-                                id: None,
-                                ingest_ms: now,
-                            });
-                            Vec::new()
-                        }
-                    },
-                };
+                let header = header_names(&rec, &f.name, now, out);
                 f.id_col = header.iter().position(|h| h == "id");
                 f.header = Some(header.into_iter().map(Arc::from).collect());
                 continue;

@@ -7,9 +7,9 @@
 //! file against it, so nothing answered is recomputed and a file changed while sluice was down
 //! is diffed correctly. With `watch = true` it keeps polling; without, it reads once and ends.
 
-use super::csv::{normalize_header, parse_rows};
+use super::csv::{frame, header_names, normalize_header, parse_rows};
 use super::manifest::{id_key, row_hash, Diff, Manifest};
-use super::scan::{RawRecord as Framed, Scanner};
+use super::scan::RawRecord as Framed;
 use super::store::{FileReader, Listed, Store, StoreSettings};
 use crate::record::{now_ms, DeadReason, SourcePos};
 use crate::source::{Body, Checkpoint, Keying, Poll, RawRecord, Source, SourceError, SourceFactory};
@@ -132,12 +132,6 @@ impl FilesFactory {
     /// Checks that the location can be opened (a missing folder, a bad URL) before the run.
     pub fn new(config: FilesConfig) -> Result<Self, SourceError> {
         let store = Store::open(&config.path, &config.settings()).map_err(SourceError::Config)?;
-        if !config.watch {
-            let listed = store.list(config.suffix()).map_err(SourceError::Transient)?;
-            if listed.is_empty() {
-                tracing::warn!("no `*{}` files at {}", config.suffix(), store.describe());
-            }
-        }
         Ok(FilesFactory { scope: format!("files:{}", store.describe()), config })
     }
 }
@@ -293,6 +287,9 @@ impl FilesSource {
     /// Lists the location and queues what changed.
     fn list(&mut self) -> Result<(), SourceError> {
         let listed = self.store.list(&self.suffix).map_err(SourceError::Transient)?;
+        if self.listed_at.is_none() && self.worker == 0 && listed.is_empty() {
+            tracing::warn!("no `*{}` files at {}{}", self.suffix, self.store.describe(), if self.watch { " yet" } else { "" });
+        }
         self.listed_at = Some(Instant::now());
         let mut present = HashSet::new();
         for l in listed.into_iter().filter(|l| owner(&l.name, self.peers) == self.worker) {
@@ -364,8 +361,8 @@ impl FilesSource {
                 self.queued.remove(&l.name);
                 let name: Arc<str> = l.name.as_str().into();
                 let opened = match self.format {
-                    Format::Csv => self.store.reader(&l.name).map(|r| (r, None)),
-                    Format::Parquet => ParquetRows::open(&self.store, &l.name).map(|p| (FileReader::Empty, Some(p))),
+                    Format::Csv => self.store.reader(&l.name, l.size).map(|r| (r, None)),
+                    Format::Parquet => ParquetRows::open(&self.store, &l).map(|p| (FileReader::Empty, Some(p))),
                 };
                 match opened {
                     Ok((reader, parquet)) => {
@@ -445,41 +442,13 @@ impl FilesSource {
             r.done = Some((manifest, gone.into()));
             return Ok(());
         }
-        let max_record = max_field.saturating_mul(8).max(1 << 20);
         let mut framed_rows = 0usize;
         while out.len() < budget && framed_rows < ROWS_PER_POLL {
-            // Frame what the buffer holds.
-            let mut framed: Vec<(u64, Framed)> = Vec::new();
-            let mut need_more = false;
-            {
-                let data = &r.buf[..];
-                let mut scanner = Scanner::new(data, max_field);
-                if r.at > 0 || r.header.is_some() {
-                    scanner.set_position(r.at);
-                }
-                let mut row = r.row;
-                // Frame a slice of rows; `supply` stops at the budget and the rest is framed again.
-                while framed.len() < FRAME_ROWS && framed_rows + framed.len() < ROWS_PER_POLL {
-                    let before = scanner.position();
-                    let Some(rec) = scanner.next() else { break };
-                    let cut_short =
-                        rec.offset + rec.bytes.len() == data.len() || matches!(&rec.error, Some((DeadReason::BrokenQuoting, d)) if d.contains("never closes"));
-                    if cut_short && !r.eof && data.len() - before < max_record {
-                        scanner.set_position(before);
-                        need_more = true;
-                        break;
-                    }
-                    if r.header.is_some() {
-                        row += 1;
-                    }
-                    framed.push((row, rec));
-                    if r.header.is_none() {
-                        break;
-                    }
-                }
-                r.at = scanner.position();
-                r.row = row;
-            }
+            // Frame a slice of rows; `supply` stops at the budget and the rest is framed again.
+            let framing = frame(&r.buf, r.at, r.row, r.header.is_some(), r.eof, max_field, FRAME_ROWS.min(ROWS_PER_POLL - framed_rows));
+            let (mut framed, need_more) = (framing.records, framing.need_more);
+            r.at = framing.next;
+            r.row = framing.row;
             if framed.is_empty() {
                 if r.eof && !need_more {
                     let diff = r.diff.take().expect("a diff while reading");
@@ -495,35 +464,25 @@ impl FilesSource {
                 match r.reader.read_into(&mut r.buf) {
                     Ok(0) => r.eof = true,
                     Ok(_) => {}
-                    Err(e) => return Err(SourceError::Transient(format!("{}: {e}", r.name))),
+                    Err(e) => {
+                        // Changed or gone under the reader: give the file back its manifest and
+                        // let the next listing decide. Rows already supplied are supplied again
+                        // then (the same answers); nothing is deleted on a partial read.
+                        let r = self.current.take().expect("a file is being read");
+                        let old = r.diff.expect("a diff while reading").into_old();
+                        tracing::warn!("files: {}: {e}; reading it again at the next listing", r.name);
+                        self.known.insert(r.name.to_string(), old);
+                        return Ok(());
+                    }
                 }
                 continue;
             }
             framed_rows += framed.len();
             if r.header.is_none() {
                 let (_, rec) = framed.remove(0);
-                let names = match &rec.error {
-                    Some((reason, detail)) => {
-                        out.push(refused(&r.name, 0, rec.bytes, *reason, format!("bad header: {detail}; the file's records are refused with it"), now));
-                        Vec::new()
-                    }
-                    None => match parse_rows(&[rec.bytes], rec.fields) {
-                        Ok(mut rows) => normalize_header(&rows.remove(0)),
-                        Err(e) => {
-                            out.push(refused(
-                                &r.name,
-                                0,
-                                rec.bytes,
-                                DeadReason::BrokenQuoting,
-                                format!("bad header: {e}; the file's records are refused with it"),
-                                now,
-                            ));
-                            Vec::new()
-                        }
-                    },
-                };
+                let names = header_names(&rec, &r.name, now, out);
                 let id_col = names.iter().position(|h| h == "id");
-                r.header = Some(Header { names: names.into_iter().map(Arc::from).collect(), id_col, hash: id_key(&String::from_utf8_lossy(rec.bytes)) });
+                r.header = Some(Header { names: names.into_iter().map(Arc::from).collect(), id_col, hash: row_hash(0, rec.bytes) });
             }
             let (header, diff) = (r.header.as_ref().expect("the header is read"), r.diff.as_mut().expect("a diff while reading"));
             let resume = supply(&r.name, header, diff, &framed, now, budget, out, &self.metrics);
@@ -552,14 +511,15 @@ struct ParquetRows {
 }
 
 impl ParquetRows {
-    fn open(store: &Store, name: &str) -> Result<ParquetRows, String> {
+    fn open(store: &Store, listed: &Listed) -> Result<ParquetRows, String> {
+        let name = listed.name.as_str();
         use parquet::arrow::arrow_reader::ParquetRecordBatchReader;
         let reader = match store.local_path(name) {
             Some(path) => {
                 let file = std::fs::File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
                 ParquetRecordBatchReader::try_new(file, 4096)
             }
-            None => ParquetRecordBatchReader::try_new(bytes::Bytes::from(store.read_all(name)?), 4096),
+            None => ParquetRecordBatchReader::try_new(bytes::Bytes::from(store.read_all(name, listed.size)?), 4096),
         };
         let reader = reader.map_err(|e| format!("{name} is not a readable Parquet file: {e}"))?;
         let schema = arrow::array::RecordBatchReader::schema(&reader);

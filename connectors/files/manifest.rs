@@ -225,6 +225,11 @@ impl Diff {
         })
     }
 
+    /// The manifest the file had before this read (a read abandoned half-way).
+    pub fn into_old(self) -> Manifest {
+        self.old
+    }
+
     /// Forgets the rows read so far (a file that turned out unreadable): every old row is gone.
     pub fn forget_read(&mut self) {
         self.next.rows.clear();
@@ -236,23 +241,7 @@ impl Diff {
     pub fn finish(self) -> (Manifest, Vec<String>) {
         let mut gone: Vec<String> = self.old.rows.iter().filter(|(k, _)| !self.next.rows.contains_key(k)).map(|(_, r)| self.old.id_of(&self.file, r)).collect();
         gone.sort();
-        let mut next = self.next;
-        // The arena may hold IDs of rows overwritten by a later row with the same ID; it is
-        // rebuilt only when that waste is large.
-        if next.arena.len() > 64
-            && next.arena.len() > 2 * next.rows.values().map(|r| if let RowId::Named { len, .. } = r.id { len as usize } else { 0 }).sum::<usize>()
-        {
-            let mut arena = String::new();
-            for r in next.rows.values_mut() {
-                if let RowId::Named { at, len } = r.id {
-                    let new_at = arena.len() as u32;
-                    arena.push_str(&next.arena[at as usize..(at + len) as usize]);
-                    r.id = RowId::Named { at: new_at, len };
-                }
-            }
-            next.arena = arena;
-        }
-        (next, gone)
+        (self.next, gone)
     }
 }
 
