@@ -71,6 +71,9 @@ enum RowId {
 struct Row {
     content: u64,
     id: RowId,
+    /// The diff that last saw the row (a diff updates the manifest in place; a row it did not
+    /// see is gone). It fits in the padding: a row is 24 bytes either way.
+    seen: u32,
 }
 
 /// What sluice knows of one file: the version it last read, and per row, the ID and content hash.
@@ -81,6 +84,8 @@ pub struct Manifest {
     pub version: String,
     rows: ByHash<Row>,
     arena: String,
+    /// The last diff's mark.
+    generation: u32,
 }
 
 impl Manifest {
@@ -140,20 +145,20 @@ impl Manifest {
         let vlen = r.u32()? as usize;
         let version = String::from_utf8(r.take(vlen)?.to_vec()).map_err(|_| "bad version")?;
         let n = r.u64()? as usize;
-        let mut m = Manifest { version, rows: ByHash::with_capacity_and_hasher(n.min(1 << 26), Default::default()), arena: String::new() };
+        let mut m = Manifest { version, rows: ByHash::with_capacity_and_hasher(n.min(1 << 26), Default::default()), arena: String::new(), generation: 0 };
         for _ in 0..n {
             let content = r.u64()?;
             match r.take(1)?[0] {
                 0 => {
                     let k = r.u32()?;
-                    m.rows.insert(id_key(&derived_id(file, content, k)), Row { content, id: RowId::Derived(k) });
+                    m.rows.insert(id_key(&derived_id(file, content, k)), Row { content, id: RowId::Derived(k), seen: 0 });
                 }
                 1 => {
                     let len = r.u32()?;
                     let id = std::str::from_utf8(r.take(len as usize)?).map_err(|_| "bad id")?;
                     let at = m.arena.len() as u32;
                     m.arena.push_str(id);
-                    m.rows.insert(id_key(id), Row { content, id: RowId::Named { at, len } });
+                    m.rows.insert(id_key(id), Row { content, id: RowId::Named { at, len }, seen: 0 });
                 }
                 _ => return Err("bad row kind".into()),
             }
@@ -181,67 +186,110 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// A file's new version being read against its manifest.
+/// A file's new version being read against its manifest, which it updates in place: one hash
+/// lookup a row, and no second copy of the file's state.
 pub struct Diff {
     file: String,
-    old: Manifest,
-    next: Manifest,
+    m: Manifest,
+    /// The tag of the version being read; the manifest takes it when the read finishes.
+    version: String,
+    /// This diff's mark.
+    generation: u32,
     /// Derived rows seen so far per content hash (for the duplicate counter).
     dups: ByHash<u32>,
     /// Where a derived ID is written before it is hashed.
     scratch: String,
+    /// The read turned out unusable: every row goes.
+    forget: bool,
 }
 
 impl Diff {
-    pub fn new(file: &str, old: Manifest, version: String) -> Self {
-        let rows = ByHash::with_capacity_and_hasher(old.rows.len(), Default::default());
-        Diff { file: file.to_string(), old, next: Manifest { version, rows, arena: String::new() }, dups: ByHash::default(), scratch: String::new() }
+    pub fn new(file: &str, mut m: Manifest, version: String) -> Self {
+        m.generation = m.generation.wrapping_add(1);
+        let generation = m.generation;
+        Diff { file: file.to_string(), m, version, generation, dups: ByHash::default(), scratch: String::new(), forget: false }
     }
 
     /// A row of the new version, with its `id` cell if the file has one: its ID when it is new
     /// or changed (so it must go to the model), `None` when it is unchanged. An unchanged row
     /// costs no allocation.
     pub fn row(&mut self, named: Option<&str>, content: u64) -> Option<String> {
-        let (key, rid) = match named {
-            Some(id) => {
-                let at = self.next.arena.len() as u32;
-                self.next.arena.push_str(id);
-                (id_key(id), RowId::Named { at, len: id.len() as u32 })
-            }
+        let key = match named {
+            Some(id) => id_key(id),
             None => {
                 let k = self.dups.entry(content).or_insert(0);
                 *k += 1;
                 let k = *k;
                 self.scratch.clear();
                 write_derived(&mut self.scratch, &self.file, content, k);
-                (id_key(&self.scratch), RowId::Derived(k))
+                id_key(&self.scratch)
             }
         };
-        let changed = self.old.rows.get(&key).is_none_or(|r| r.content != content);
-        self.next.rows.insert(key, Row { content, id: rid });
-        changed.then(|| match named {
+        let generation = self.generation;
+        match self.m.rows.get_mut(&key) {
+            Some(row) if row.content == content => {
+                row.seen = generation;
+                return None;
+            }
+            Some(row) => {
+                row.content = content;
+                row.seen = generation;
+            }
+            None => {
+                let id = match named {
+                    Some(id) => {
+                        let at = self.m.arena.len() as u32;
+                        self.m.arena.push_str(id);
+                        RowId::Named { at, len: id.len() as u32 }
+                    }
+                    None => RowId::Derived(self.dups[&content]),
+                };
+                self.m.rows.insert(key, Row { content, id, seen: generation });
+            }
+        }
+        Some(match named {
             Some(id) => id.to_string(),
             None => self.scratch.clone(),
         })
     }
 
-    /// The manifest the file had before this read (a read abandoned half-way).
+    /// The manifest as far as this read got (a read abandoned half-way): the rows it supplied
+    /// carry their new content, and the file keeps its old version, so it is read again.
     pub fn into_old(self) -> Manifest {
-        self.old
+        self.m
     }
 
-    /// Forgets the rows read so far (a file that turned out unreadable): every old row is gone.
+    /// Forgets the rows read so far (a file that turned out unreadable): every row is gone.
     pub fn forget_read(&mut self) {
-        self.next.rows.clear();
-        self.next.arena.clear();
-        self.dups.clear();
+        self.forget = true;
     }
 
     /// The new manifest, and the IDs of rows the new version no longer has.
     pub fn finish(self) -> (Manifest, Vec<String>) {
-        let mut gone: Vec<String> = self.old.rows.iter().filter(|(k, _)| !self.next.rows.contains_key(k)).map(|(_, r)| self.old.id_of(&self.file, r)).collect();
+        let Diff { file, mut m, version, generation, forget, .. } = self;
+        let mut gone: Vec<String> = m.rows.values().filter(|r| forget || r.seen != generation).map(|r| m.id_of(&file, r)).collect();
         gone.sort();
-        (self.next, gone)
+        if forget {
+            m.rows.clear();
+            m.arena.clear();
+        } else if !gone.is_empty() {
+            m.rows.retain(|_, r| r.seen == generation);
+            // The `id` cells of rows gone stay in the arena until they are half of it.
+            let live: usize = m.rows.values().map(|r| if let RowId::Named { len, .. } = r.id { len as usize } else { 0 }).sum();
+            if m.arena.len() > 2 * live + 64 {
+                let mut arena = String::with_capacity(live);
+                for r in m.rows.values_mut() {
+                    if let RowId::Named { at, len } = r.id {
+                        let new_at = arena.len() as u32;
+                        arena.push_str(&m.arena[at as usize..(at + len) as usize]);
+                        r.id = RowId::Named { at: new_at, len };
+                    }
+                }
+                m.arena = arena;
+            }
+        }
+        m.version = version;
+        (m, gone)
     }
 }
 
@@ -276,6 +324,24 @@ mod tests {
         let (_, seen, gone) = read(m, &[(None, 99), (None, 10), (None, 11), (None, 10)]);
         assert_eq!(seen.iter().flatten().count(), 1, "only the inserted row is new: {seen:?}");
         assert!(gone.is_empty());
+    }
+
+    #[test]
+    fn a_read_abandoned_half_way_leaves_what_it_supplied_and_the_next_read_does_the_rest() {
+        let (m, _, _) = read(Manifest::default(), &[(Some("a"), 1), (Some("b"), 2), (Some("c"), 3)]);
+        let mut d = Diff::new("f.csv", m, "v2".into());
+        assert_eq!(d.row(Some("a"), 10), Some("a".into()));
+        let m = d.into_old();
+        assert_eq!(m.version, "v", "the file keeps its old version, so it is read again");
+        let (m, seen, gone) = read(m, &[(Some("a"), 10), (Some("b"), 20)]);
+        assert_eq!(seen, vec![None, Some("b".into())], "a was supplied already");
+        assert_eq!(gone, vec!["c".to_string()]);
+        let mut d = Diff::new("f.csv", m, "v3".into());
+        d.row(Some("z"), 9);
+        d.forget_read();
+        let (m, gone) = d.finish();
+        assert_eq!(gone, vec!["a".to_string(), "b".into(), "z".into()], "an unreadable file: every row goes, the new one too");
+        assert!(m.is_empty());
     }
 
     #[test]
