@@ -6,13 +6,18 @@
 //!
 //! Run: `cargo bench --bench qa_throughput` (SLUICE_BENCH_N questions, default 642, all held-out;
 //! SLUICE_BENCH_ROUNDS, default 3; SLUICE_BENCH_MODEL for another model; SLUICE_PG_URL).
+//! On a GPU: SLUICE_BENCH_PROVIDER=cuda (bucketed padding and power-of-two rows, as the pipeline
+//! does there), SLUICE_BENCH_MAX_BATCH (default 8 on the CPU, 256 on CUDA), SLUICE_BENCH_WORKERS
+//! (timely workers, i.e. tokenizing threads; default 1), SLUICE_BENCH_SINK=jsonl to skip Postgres.
+//! After the last round it prints the pipeline's batch-size and model-latency histograms.
 
 use sluice::connectors::files::scan::Scanner;
 use sluice::inference::Model;
 use sluice::runtime::{self, RunOptions};
+use sluice::tasks::extractive_qa::QaShapes;
 use sluice::tasks::extractive_qa::{ExtractiveQa, QaModel, QaRequest, QaSettings, Window};
 use sluice::tasks::Task;
-use sluice::topology::{Padding, Topology};
+use sluice::topology::{ExecutionConfig, Padding, Provider, Topology};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -35,8 +40,10 @@ fn read_questions(path: &Path, n: usize) -> (String, Vec<(String, QaRequest)>) {
     (csv, parsed.into_iter().map(|r| (r[0].clone(), QaRequest { question: r[1].clone(), context: r[2].clone() })).collect())
 }
 
-fn raw_ort(model: &Path, padding: Padding, windows: &[Window], invariant: bool, max_batch: usize) -> f64 {
-    let mut m = QaModel::load(model, padding, 384, 0, invariant).unwrap();
+fn raw_ort(model: &Path, exec: &ExecutionConfig, padding: Padding, windows: &[Window], invariant: bool, max_batch: usize) -> f64 {
+    let gpu = exec.provider == Provider::Cuda;
+    let shapes = QaShapes { padding, pad_multiple: 64, pad_rows: gpu, max_seq_len: 384 };
+    let mut m = QaModel::load(model, |_| shapes, invariant, exec).unwrap();
     let size = if invariant { max_batch } else { 1 };
     let mut sorted: Vec<&Window> = windows.iter().collect();
     if invariant {
@@ -63,9 +70,18 @@ fn main() {
     let windows: Vec<Window> = questions.iter().flat_map(|(_, q)| task.prepare(q).unwrap().1).collect();
     let real_tokens: usize = windows.iter().map(|w| w.ids.len()).sum();
     let invariant = !sluice::tasks::uses_dynamic_quantization(&model);
+    let exec = ExecutionConfig {
+        provider: if std::env::var("SLUICE_BENCH_PROVIDER").as_deref() == Ok("cuda") { Provider::Cuda } else { Provider::Cpu },
+        ..ExecutionConfig::default()
+    };
+    let gpu = exec.provider == Provider::Cuda;
+    let max_batch: usize = std::env::var("SLUICE_BENCH_MAX_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(if gpu { 256 } else { 8 });
+    let workers: usize = std::env::var("SLUICE_BENCH_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let padding = if gpu { Padding::Bucket } else { Padding::Longest };
     println!(
-        "model {} ({}), {} questions, {} windows, {:.0} real tokens per window of 384",
+        "model {} on {} ({}), max_batch {max_batch}, {workers} worker(s), {} questions, {} windows, {:.0} real tokens per window of 384",
         model.display(),
+        exec.provider.name(),
         if invariant { "batch-invariant" } else { "dynamic int8: one window per run" },
         questions.len(),
         windows.len(),
@@ -74,7 +90,7 @@ fn main() {
 
     // Warm up ORT once so no variant pays the first-run cost. The machine is shared and noisy, so
     // the variants run interleaved, `rounds` times each, and the median of each is reported.
-    raw_ort(&model, Padding::Longest, &windows[..windows.len().min(8)], invariant, 8);
+    raw_ort(&model, &exec, padding, &windows, invariant, max_batch);
     let rounds: usize = std::env::var("SLUICE_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let (mut fixed_runs, mut same_runs, mut pipeline_runs) = (Vec::new(), Vec::new(), Vec::new());
 
@@ -82,23 +98,30 @@ fn main() {
     let input = dir.path().join("bench.csv");
     std::fs::write(&input, csv).unwrap();
     let pg = std::env::var("SLUICE_PG_URL").unwrap_or_else(|_| "postgres://sluice:sluice@127.0.0.1:5432/sluice".into());
-    let (sink, sink_name) = if pg_reachable(&pg) {
+    let (sink, sink_name) = if std::env::var("SLUICE_BENCH_SINK").as_deref() != Ok("jsonl") && pg_reachable(&pg) {
         (format!("[[sinks]]\ntype = \"postgres\"\nurl = \"{pg}\"\ntable = \"bench_qa_answers\"\ndead_letter_table = \"bench_dead_letters\"\n"), "Postgres")
     } else {
         (format!("[[sinks]]\ntype = \"jsonl\"\ndir = \"{}\"\n", dir.path().join("out").display()), "JSON lines (no Postgres reachable)")
     };
-    let text = format!(
-        "name = \"bench\"\n[source]\ntype = \"csv\"\npath = \"{}\"\n[task]\ntype = \"extractive_qa\"\nmodel = \"{}\"\ntokenizer = \"{}\"\n[batching]\nmax_batch = 8\nmax_delay_ms = 2\n[runtime]\nworkers = 1\nepoch_records = 64\nprogress = false\n{sink}",
-        input.display(),
-        model.display(),
-        tokenizer.display()
-    );
-    let topology = Topology::parse("bench.toml", &text).unwrap();
+    let metrics_at = "127.0.0.1:19464";
+    let topology = |metrics: bool| {
+        let text = format!(
+            "name = \"bench\"\n[source]\ntype = \"csv\"\npath = \"{}\"\n[task]\ntype = \"extractive_qa\"\nmodel = \"{}\"\ntokenizer = \"{}\"\n[batching]\nmax_batch = {max_batch}\nmax_delay_ms = 2\n[execution]\nprovider = \"{}\"\n[runtime]\nworkers = {workers}\nepoch_records = {}\nprogress = false\n{sink}{}",
+            input.display(),
+            model.display(),
+            tokenizer.display(),
+            exec.provider.name(),
+            if gpu { 512 } else { 64 },
+            if metrics { format!("[metrics]\nlisten = \"{metrics_at}\"\n") } else { String::new() }
+        );
+        Topology::parse("bench.toml", &text).unwrap()
+    };
     let mut per_question = 0.0;
     for round in 0..rounds {
-        fixed_runs.push(raw_ort(&model, Padding::Max, &windows, invariant, 8));
-        same_runs.push(raw_ort(&model, Padding::Longest, &windows, invariant, 8));
-        let summary = runtime::run(&topology, &RunOptions::default()).unwrap();
+        fixed_runs.push(raw_ort(&model, &exec, Padding::Max, &windows, invariant, max_batch));
+        same_runs.push(raw_ort(&model, &exec, padding, &windows, invariant, max_batch));
+        // The metrics exporter installs once per process: the last round serves the histograms.
+        let summary = runtime::run(&topology(round + 1 == rounds), &RunOptions::default()).unwrap();
         assert_eq!(summary.answered as usize, questions.len());
         pipeline_runs.push(windows.len() as f64 / summary.elapsed.as_secs_f64());
         per_question = summary.answered as f64 / summary.elapsed.as_secs_f64();
@@ -120,8 +143,28 @@ fn main() {
     println!("| variant | windows/s | pipeline ÷ variant |");
     println!("|---|---|---|");
     println!("| raw ORT, padded to 384 | {fixed:.1} | {:.2}× |", pipeline / fixed);
-    println!("| raw ORT, the pipeline's batches | {same:.1} | {:.2}× |", pipeline / same);
+    println!("| raw ORT, {} | {same:.1} | {:.2}× |", if gpu { "bucketed to multiples of 64, sorted" } else { "the pipeline's batches" }, pipeline / same);
     println!("| sluice CSV → {sink_name} | {pipeline:.1} | 1.00× |");
     println!();
     println!("medians of {rounds} interleaved rounds; questions/s through the pipeline (last round): {per_question:.1}");
+    println!();
+    match scrape(metrics_at) {
+        Ok(text) => {
+            println!("pipeline histograms (last round), from its /metrics:");
+            for line in text.lines().filter(|l| l.starts_with("sluice_inference_batch_size") || l.starts_with("sluice_inference_latency_seconds")) {
+                println!("  {line}");
+            }
+        }
+        Err(e) => println!("no histograms: cannot read {metrics_at}/metrics ({e})"),
+    }
+}
+
+/// The text of a Prometheus endpoint, read with a bare HTTP/1.0 request.
+fn scrape(addr: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body)?;
+    Ok(body)
 }

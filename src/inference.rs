@@ -132,18 +132,15 @@ impl<M: Model> InferenceHandle<M> {
     }
 }
 
-/// Starts `threads` model threads, each with its own model from `factory`. Returns the handle and
-/// the threads to join after the last handle is dropped.
-pub fn start<M, F>(threads: usize, policy: BatchPolicy, factory: F) -> Result<(InferenceHandle<M>, Vec<JoinHandle<()>>), InferenceError>
-where
-    M: Model,
-    F: Fn() -> Result<M, InferenceError>,
-{
+/// Starts one model thread per model (each its own session): with several, one thread forms and
+/// copies the next batch while another's runs, so that many model runs are in flight. The
+/// threads share one queue. Returns the handle and the threads to join after the last handle is
+/// dropped.
+pub fn start<M: Model>(models: Vec<M>, policy: BatchPolicy) -> Result<(InferenceHandle<M>, Vec<JoinHandle<()>>), InferenceError> {
     let (tx, rx) = crossbeam_channel::unbounded::<Submission<M::Unit, M::Out>>();
     let queued = Arc::new(AtomicI64::new(0));
     let mut joins = Vec::new();
-    for i in 0..threads.max(1) {
-        let model = factory()?;
+    for (i, model) in models.into_iter().enumerate() {
         let rx = rx.clone();
         let queued = queued.clone();
         let join = std::thread::Builder::new()
@@ -274,7 +271,7 @@ mod tests {
         let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let s2 = sizes.clone();
         let policy = BatchPolicy { max_batch: 4, max_delay: Duration::from_millis(20), lookahead: 2 };
-        let (handle, joins) = start(1, policy, move || Ok(Doubler { sizes: s2.clone(), invariant })).unwrap();
+        let (handle, joins) = start(vec![Doubler { sizes: s2, invariant }], policy).unwrap();
         let (reply, rx) = ReplyTo::new(None);
         let units = |ticket: u64, values: Vec<usize>| values.into_iter().enumerate().map(|(index, unit)| Unit { ticket, index, unit }).collect();
         handle.submit(units(1, vec![5, 1, 3]), &reply);

@@ -180,21 +180,23 @@ fn real_main() -> anyhow::Result<()> {
         }
         Command::Check { topology } => {
             let t = Topology::load(&topology)?;
-            sluice::ortlib::environment()?;
-            println!("onnx runtime: ok");
+            let provider = t.execution.provider;
+            let (_, library) = sluice::ortlib::environment_for(provider == sluice::topology::Provider::Cuda)?;
+            println!("onnx runtime: ok ({})", library.display());
             match &t.task {
                 TaskConfig::ExtractiveQa { model, tokenizer, max_seq_len, doc_stride, max_answer_len, .. } => {
-                    sluice::tasks::extractive_qa::QaModel::load(model, t.batching.padding, *max_seq_len, 0, true)?;
-                    println!("model {}: ok", model.display());
+                    let loaded = sluice::tasks::extractive_qa::QaModel::load(model, |p| sluice::runtime::qa_shapes(&t, p, *max_seq_len), true, &t.execution)?;
+                    println!("model {}: ok on {}", model.display(), loaded.provider().name());
                     let settings =
                         sluice::tasks::extractive_qa::QaSettings { max_seq_len: *max_seq_len, doc_stride: *doc_stride, max_answer_len: *max_answer_len };
                     sluice::tasks::extractive_qa::ExtractiveQa::new(tokenizer, settings, String::new())?;
                     println!("tokenizer {}: ok", tokenizer.display());
                 }
                 TaskConfig::Tabular { model, output, .. } => {
-                    let task = sluice::tasks::tabular::Tabular::new(model, output.as_deref(), String::new())?;
+                    let loaded = sluice::tasks::tabular::TabularModel::load(model, output.as_deref(), &t.execution)?;
+                    let task = sluice::tasks::tabular::Tabular::new(&loaded, String::new());
                     let inputs: Vec<String> = task.specs().iter().map(|s| format!("{} ({:?})", s.name, s.kind)).collect();
-                    println!("model {}: ok; inputs {}", model.display(), inputs.join(", "));
+                    println!("model {}: ok on {}; inputs {}", model.display(), loaded.provider().name(), inputs.join(", "));
                 }
             }
             Ok(())

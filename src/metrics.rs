@@ -38,6 +38,11 @@ pub const FILE_ROWS_RECOMPUTED: &str = "sluice_file_rows_recomputed_total";
 pub const FILE_ROWS_RETRACTED: &str = "sluice_file_rows_retracted_total";
 /// Gauge: files a file source knows, by `state` (current, settling) and `worker`.
 pub const FILES: &str = "sluice_files";
+/// Counter: sessions that ran on the CPU because CUDA could not be used and
+/// `execution.fallback = "cpu"` allowed it.
+pub const EXECUTION_FALLBACKS: &str = "sluice_execution_fallbacks_total";
+/// Gauge: model sessions open, by `provider` (cpu, cuda).
+pub const MODEL_SESSIONS: &str = "sluice_model_sessions";
 /// Seconds one sink epoch write took. Label: `sink`.
 pub const SINK_WRITE_LATENCY: &str = "sluice_sink_write_seconds";
 
@@ -79,6 +84,8 @@ fn describe() {
     describe_counter!(FILE_ROWS_RECOMPUTED, "Rows a file source sent to the model because they were new or changed.");
     describe_counter!(FILE_ROWS_RETRACTED, "Rows whose answers a file source deleted.");
     describe_gauge!(FILES, "Files a file source knows, by state.");
+    describe_counter!(EXECUTION_FALLBACKS, "Sessions run on the CPU because CUDA could not be used (execution.fallback = cpu).");
+    describe_gauge!(MODEL_SESSIONS, "Model sessions open, by provider.");
     describe_histogram!(SINK_WRITE_LATENCY, "Seconds per sink epoch write.");
     for reason in DeadReason::ALL {
         metrics::counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(0);

@@ -11,10 +11,10 @@ use crate::progress::{self, Progress};
 use crate::sink::{SinkContext, SinkError, SinkFactory, SinkWriter};
 use crate::source::harness::{source_harness, FatalSlot, HarnessSettings};
 use crate::source::SourceError;
-use crate::tasks::extractive_qa::{ExtractiveQa, QaModel, QaSettings};
+use crate::tasks::extractive_qa::{ExtractiveQa, QaModel, QaSettings, QaShapes};
 use crate::tasks::tabular::{Tabular, TabularModel};
 use crate::tasks::{self, Task};
-use crate::topology::{BatchInvariance, SinkConfig, TaskConfig, Topology};
+use crate::topology::{BatchInvariance, ExecutionConfig, Provider, SinkConfig, TaskConfig, Topology};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -98,7 +98,7 @@ pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, RunError> 
     }
     crate::guard::start_watchdog(stop.clone(), Duration::from_millis(topology.runtime.shutdown_grace_ms));
     let policy = policy(topology);
-    let threads = topology.batching.intra_threads;
+    let exec = &topology.execution;
     match &topology.task {
         TaskConfig::ExtractiveQa { model, tokenizer, max_seq_len, doc_stride, max_answer_len, model_name } => {
             let label = tasks::model_label(&model_name_or_folder(model_name, model), model)?;
@@ -112,9 +112,11 @@ pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, RunError> 
             if !invariant {
                 tracing::info!("{} uses dynamic quantization: running one window per model call so answers do not depend on batch-mates", model.display());
             }
-            let (padding, seq) = (topology.batching.padding, *max_seq_len);
-            let model = model.clone();
-            let (handle, joins) = inference::start(1, policy, move || QaModel::load(&model, padding, seq, threads, invariant))?;
+            let shapes = |provider| qa_shapes(topology, provider, *max_seq_len);
+            let first = QaModel::load(model, shapes, invariant, exec)?;
+            let more = runs_in_flight(exec, first.provider()) - 1;
+            let models = std::iter::once(Ok(first)).chain((0..more).map(|_| QaModel::load(model, shapes, invariant, exec))).collect::<Result<Vec<_>, _>>()?;
+            let (handle, joins) = inference::start(models, policy)?;
             let summary = run_dataflow(topology, opts, task, handle, stop);
             for j in joins {
                 let _ = j.join();
@@ -123,15 +125,34 @@ pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, RunError> 
         }
         TaskConfig::Tabular { model, output, model_name } => {
             let label = tasks::model_label(&model_name_or_folder(model_name, model), model)?;
-            let task = Arc::new(Tabular::new(model, output.as_deref(), label)?);
-            let (model, output) = (model.clone(), output.clone());
-            let (handle, joins) = inference::start(1, policy, move || TabularModel::load(&model, output.as_deref(), threads))?;
+            let first = TabularModel::load(model, output.as_deref(), exec)?;
+            let more = runs_in_flight(exec, first.provider()) - 1;
+            let models =
+                std::iter::once(Ok(first)).chain((0..more).map(|_| TabularModel::load(model, output.as_deref(), exec))).collect::<Result<Vec<_>, _>>()?;
+            let task = Arc::new(Tabular::new(&models[0], label));
+            let (handle, joins) = inference::start(models, policy)?;
             let summary = run_dataflow(topology, opts, task, handle, stop);
             for j in joins {
                 let _ = j.join();
             }
             summary
         }
+    }
+}
+
+/// Model runs in flight: as configured, else the default of the provider the first session
+/// ended up on (a CUDA run that fell back to the CPU runs as the CPU does).
+fn runs_in_flight(exec: &ExecutionConfig, provider: Provider) -> usize {
+    exec.runs_in_flight.unwrap_or(ExecutionConfig { provider, ..ExecutionConfig::default() }.runs())
+}
+
+/// The tensor shapes a QA topology's batches take on `provider`.
+pub fn qa_shapes(topology: &Topology, provider: Provider, max_seq_len: usize) -> QaShapes {
+    QaShapes {
+        padding: topology.batching.padding_on(provider),
+        pad_multiple: topology.batching.pad_multiple,
+        pad_rows: topology.batching.pad_rows_on(provider),
+        max_seq_len,
     }
 }
 

@@ -36,6 +36,9 @@ pub struct Topology {
     /// Dynamic batching in the per-process inference service.
     #[serde(default)]
     pub batching: BatchingConfig,
+    /// Where and how ONNX Runtime runs the model: CPU or CUDA, threads, device memory.
+    #[serde(default)]
+    pub execution: ExecutionConfig,
     /// Timely workers, epochs and backpressure.
     #[serde(default)]
     pub runtime: RuntimeConfig,
@@ -129,18 +132,39 @@ pub struct BatchingConfig {
     /// Longest wait, after the first unit arrives, for a batch to fill.
     #[serde(default = "default_max_delay_ms")]
     pub max_delay_ms: u64,
-    /// `longest` pads each batch only to its longest unit and groups units of similar length;
-    /// `max` pads every unit to the task's maximum (for comparison runs).
+    /// `longest` pads each batch only to its longest unit and groups units of similar length
+    /// (the CPU default); `bucket` pads up to a multiple of `pad_multiple`, so a GPU sees few
+    /// distinct shapes (the CUDA default); `max` pads every unit to the task's maximum.
     #[serde(default)]
-    pub padding: Padding,
+    pub padding: Option<Padding>,
+    /// The step of `bucket` padding, in tokens.
+    #[serde(default = "default_pad_multiple")]
+    pub pad_multiple: usize,
+    /// Pad each batch's row count up to a power of two (rows the model computes and sluice
+    /// discards), so batch sizes too come from a small set. Default: on with CUDA, off on the CPU.
+    #[serde(default)]
+    pub pad_rows: Option<bool>,
     /// Whether answers are independent of which units share a batch. `auto` says no for models
     /// with dynamic quantization (their activation scale spans the whole batch), which then run
     /// one unit per model call so every answer is reproducible.
     #[serde(default)]
     pub batch_invariant: BatchInvariance,
-    /// ONNX Runtime intra-op threads; 0 means one per core.
-    #[serde(default)]
-    pub intra_threads: usize,
+}
+
+impl BatchingConfig {
+    /// The padding in effect on `provider`: as configured, else `longest` on the CPU and
+    /// `bucket` on CUDA.
+    pub fn padding_on(&self, provider: Provider) -> Padding {
+        self.padding.unwrap_or(match provider {
+            Provider::Cpu => Padding::Longest,
+            Provider::Cuda => Padding::Bucket,
+        })
+    }
+
+    /// Whether batches' row counts are padded to powers of two on `provider`.
+    pub fn pad_rows_on(&self, provider: Provider) -> bool {
+        self.pad_rows.unwrap_or(provider == Provider::Cuda)
+    }
 }
 
 /// Padding strategy for variable-length units.
@@ -149,7 +173,79 @@ pub struct BatchingConfig {
 pub enum Padding {
     #[default]
     Longest,
+    Bucket,
     Max,
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Provider {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+impl Provider {
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Cpu => "cpu",
+            Provider::Cuda => "cuda",
+        }
+    }
+}
+
+/// What a run does when its provider cannot be used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fallback {
+    /// Refuse to start, saying what is missing.
+    #[default]
+    None,
+    /// Run on the CPU instead, with a warning and the `sluice_execution_fallbacks_total` metric.
+    Cpu,
+}
+
+/// Where and how ONNX Runtime runs the model. One place builds every session from it
+/// (`crate::execution`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutionConfig {
+    /// `cpu` (the default) or `cuda`.
+    #[serde(default)]
+    pub provider: Provider,
+    /// CUDA: which GPU.
+    #[serde(default)]
+    pub device_id: u32,
+    /// ONNX Runtime intra-op threads; 0 means the task's default (one per core for QA, one for
+    /// tabular models, whose runs take microseconds).
+    #[serde(default)]
+    pub intra_threads: usize,
+    /// CUDA: the most device memory the provider's arena may take, in MiB; omit for no limit.
+    #[serde(default)]
+    pub gpu_mem_limit_mb: Option<u64>,
+    /// `none` (the default) refuses to start when the provider cannot be used; `cpu` runs on the
+    /// CPU instead, with a warning and a metric. Never silent.
+    #[serde(default)]
+    pub fallback: Fallback,
+    /// Model runs in flight at once, each on its own session and thread, so the next batch is
+    /// assembled and copied while the current one runs. Default: 1 on the CPU, 2 on CUDA.
+    #[serde(default)]
+    pub runs_in_flight: Option<usize>,
+}
+
+impl ExecutionConfig {
+    /// Model runs in flight, as configured or by the provider's default.
+    pub fn runs(&self) -> usize {
+        self.runs_in_flight.unwrap_or(match self.provider {
+            Provider::Cpu => 1,
+            Provider::Cuda => 2,
+        })
+    }
+}
+
+fn default_pad_multiple() -> usize {
+    64
 }
 
 /// Whether batching may change a unit's output.
@@ -174,9 +270,10 @@ impl Default for BatchingConfig {
         BatchingConfig {
             max_batch: default_max_batch(),
             max_delay_ms: default_max_delay_ms(),
-            padding: Padding::default(),
+            padding: None,
+            pad_multiple: default_pad_multiple(),
+            pad_rows: None,
             batch_invariant: BatchInvariance::default(),
-            intra_threads: 0,
         }
     }
 }
@@ -347,6 +444,28 @@ impl Topology {
         if self.batching.max_delay_ms > 60_000 {
             return Err(err("batching.max_delay_ms", format!("{} ms is over a minute", self.batching.max_delay_ms), "use a few milliseconds, e.g. 5"));
         }
+        if self.batching.pad_multiple == 0 || self.batching.pad_multiple > 1024 {
+            return Err(err("batching.pad_multiple", format!("{} is outside 1..=1024", self.batching.pad_multiple), "use 64 (the default) or 128"));
+        }
+        if let TaskConfig::ExtractiveQa { max_seq_len, .. } = &self.task {
+            if self.batching.padding_on(self.execution.provider) == Padding::Bucket && self.batching.pad_multiple > *max_seq_len {
+                return Err(err(
+                    "batching.pad_multiple",
+                    format!("{} is above task.max_seq_len {max_seq_len}: every batch would pad to the maximum", self.batching.pad_multiple),
+                    "use a step well below max_seq_len, e.g. 64 for 384",
+                ));
+            }
+        }
+        if self.execution.runs() == 0 || self.execution.runs() > 16 {
+            return Err(err("execution.runs_in_flight", format!("{} is outside 1..=16", self.execution.runs()), "use 1 on the CPU, 2 or 3 on a GPU"));
+        }
+        if self.execution.provider == Provider::Cpu && (self.execution.gpu_mem_limit_mb.is_some() || self.execution.device_id != 0) {
+            return Err(err(
+                "execution.provider",
+                "`device_id` or `gpu_mem_limit_mb` is set but the provider is the CPU".into(),
+                "set provider = \"cuda\" to run on a GPU, or remove the GPU settings",
+            ));
+        }
         if self.runtime.workers == 0 {
             return Err(err("runtime.workers", "must be at least 1".into(), "use 1 or the number of cores"));
         }
@@ -391,7 +510,9 @@ fn parse_error(file: &str, text: &str, e: toml::de::Error) -> TopologyError {
     let message = e.message().to_string();
     let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1));
     let field = field_from_message(&message).unwrap_or_else(|| "(syntax)".to_string());
-    let hint = if message.contains("unknown field") {
+    let hint = if message.contains("unknown field `intra_threads`") {
+        "`intra_threads` moved from [batching] to [execution]".to_string()
+    } else if message.contains("unknown field") {
         "remove the field or fix its spelling; the message lists the fields allowed here".to_string()
     } else if message.contains("unknown variant") {
         "use one of the listed `type` values".to_string()
@@ -471,5 +592,35 @@ tokenizer = "Cargo.toml"
     fn bad_metrics_address_is_refused() {
         let e = Topology::parse("t.toml", &(qa("") + "[metrics]\nlisten = \"nowhere\"\n")).unwrap_err();
         assert_eq!(e.field, "metrics.listen");
+    }
+
+    #[test]
+    fn execution_defaults_follow_the_provider() {
+        let cpu = Topology::parse("t.toml", &qa("")).unwrap();
+        assert_eq!(cpu.execution.provider, Provider::Cpu);
+        assert_eq!(cpu.execution.fallback, Fallback::None);
+        assert_eq!((cpu.execution.runs(), cpu.batching.padding_on(Provider::Cpu), cpu.batching.pad_rows_on(Provider::Cpu)), (1, Padding::Longest, false));
+        let gpu = Topology::parse("t.toml", &(qa("") + "[execution]\nprovider = \"cuda\"\ndevice_id = 1\ngpu_mem_limit_mb = 8192\n")).unwrap();
+        assert_eq!((gpu.execution.provider, gpu.execution.device_id, gpu.execution.gpu_mem_limit_mb), (Provider::Cuda, 1, Some(8192)));
+        assert_eq!((gpu.execution.runs(), gpu.batching.padding_on(Provider::Cuda), gpu.batching.pad_rows_on(Provider::Cuda)), (2, Padding::Bucket, true));
+        assert_eq!(gpu.batching.pad_multiple, 64);
+        let chosen = Topology::parse("t.toml", &(qa("") + "[batching]\npadding = \"longest\"\npad_rows = false\n[execution]\nprovider = \"cuda\"\n")).unwrap();
+        assert_eq!((chosen.batching.padding_on(Provider::Cuda), chosen.batching.pad_rows_on(Provider::Cuda)), (Padding::Longest, false));
+    }
+
+    #[test]
+    fn bad_execution_settings_name_the_field_and_the_fix() {
+        let e = Topology::parse("t.toml", &(qa("") + "[execution]\nprovider = \"tpu\"\n")).unwrap_err();
+        assert!(e.message.contains("unknown variant") && e.message.contains("cuda"), "{e}");
+        let e = Topology::parse("t.toml", &(qa("") + "[execution]\ngpu_mem_limit_mb = 100\n")).unwrap_err();
+        assert_eq!(e.field, "execution.provider");
+        assert!(e.hint.contains("provider = \"cuda\""), "{e}");
+        let e = Topology::parse("t.toml", &(qa("") + "[execution]\nruns_in_flight = 0\n")).unwrap_err();
+        assert_eq!(e.field, "execution.runs_in_flight");
+        let e = Topology::parse("t.toml", &(qa("") + "[batching]\npadding = \"bucket\"\npad_multiple = 512\n")).unwrap_err();
+        assert_eq!(e.field, "batching.pad_multiple");
+        let e = Topology::parse("t.toml", &(qa("") + "[batching]\nintra_threads = 2\n")).unwrap_err();
+        assert_eq!(e.field, "intra_threads", "intra_threads moved to [execution]");
+        assert!(e.hint.contains("[execution]"), "{e}");
     }
 }

@@ -5,16 +5,17 @@ use sluice::inference::Model;
 use sluice::json::JsonFields;
 use sluice::tasks::tabular::{Tabular, TabularModel};
 use sluice::tasks::Task;
+use sluice::topology::ExecutionConfig;
 use std::path::PathBuf;
 
 #[test]
 fn onnx_predictions_equal_sklearn_predict_within_1e4() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let model_path = root.join("models/rides/model.onnx");
-    let task = Tabular::new(&model_path, None, "rides@test".into()).unwrap();
+    let mut model = TabularModel::load(&model_path, None, &ExecutionConfig::default()).unwrap();
+    let task = Tabular::new(&model, "rides@test".into());
     let names: Vec<&str> = task.specs().iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, vec!["PULocationID", "DOLocationID", "trip_distance"], "inputs come from the model's metadata");
-    let mut model = TabularModel::load(&model_path, None, 1).unwrap();
     let text = std::fs::read_to_string(root.join("models/rides/parity.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 1000);
@@ -32,7 +33,8 @@ fn onnx_predictions_equal_sklearn_predict_within_1e4() {
 #[test]
 fn wrong_types_and_missing_fields_are_refused_by_dtype() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let task = Tabular::new(&root.join("models/rides/model.onnx"), None, "rides@test".into()).unwrap();
+    let model = TabularModel::load(&root.join("models/rides/model.onnx"), None, &ExecutionConfig::default()).unwrap();
+    let task = Tabular::new(&model, "rides@test".into());
     let obj = |s: &'static str| JsonFields::parse(s).unwrap();
     let reason = |s: &'static str| task.decode_json(&obj(s)).unwrap_err().0.as_str();
     assert_eq!(reason(r#"{"PULocationID": 1, "DOLocationID": 2}"#), "missing_field");

@@ -5,7 +5,7 @@
 use super::{Refusal, Task};
 use crate::inference::{InferenceError, Model};
 use crate::record::{Column, ColumnKind, DeadReason, Value};
-use crate::topology::Padding;
+use crate::topology::{Padding, Provider};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationDirection};
@@ -252,26 +252,63 @@ impl Task for ExtractiveQa {
     }
 }
 
+/// How a batch's tensors are shaped: how far rows are padded, and whether the row count is.
+#[derive(Clone, Copy, Debug)]
+pub struct QaShapes {
+    pub padding: Padding,
+    /// The step of `Padding::Bucket`, in tokens.
+    pub pad_multiple: usize,
+    /// Pad the row count up to a power of two.
+    pub pad_rows: bool,
+    pub max_seq_len: usize,
+}
+
+impl QaShapes {
+    /// Tokens per row of a batch whose longest unit has `longest` tokens. A bucket never pads past
+    /// `max_seq_len` (no window is longer), so a model sees at most `max_seq_len / pad_multiple`
+    /// widths.
+    pub fn width(&self, longest: usize) -> usize {
+        match self.padding {
+            Padding::Longest => longest,
+            Padding::Max => self.max_seq_len.max(longest),
+            Padding::Bucket => {
+                let step = self.pad_multiple.max(1);
+                (longest.div_ceil(step) * step).min(self.max_seq_len.max(longest))
+            }
+        }
+    }
+
+    /// Rows of the tensors for a batch of `units` units.
+    pub fn rows(&self, units: usize) -> usize {
+        if self.pad_rows {
+            units.next_power_of_two()
+        } else {
+            units
+        }
+    }
+}
+
 /// The ONNX start/end-logit model.
 pub struct QaModel {
     session: ort::session::Session,
     has_type_ids: bool,
-    padding: Padding,
-    max_seq_len: usize,
+    shapes: QaShapes,
     pad_id: i64,
     invariant: bool,
+    provider: Provider,
 }
 
 impl QaModel {
-    /// Loads the model and checks its inputs and outputs.
-    pub fn load(path: &Path, padding: Padding, max_seq_len: usize, intra_threads: usize, invariant: bool) -> Result<Self, InferenceError> {
-        let env = crate::ortlib::environment()?;
+    /// Opens the model on the configured provider (`crate::execution`) and checks its inputs
+    /// and outputs.
+    /// `shapes` gives the tensor shapes for the provider the session ended up on (the CPU's when a
+    /// CUDA run fell back).
+    pub fn load(path: &Path, shapes: impl Fn(Provider) -> QaShapes, invariant: bool, exec: &crate::topology::ExecutionConfig) -> Result<Self, InferenceError> {
         let refuse = |reason: String| InferenceError::Load { path: path.to_path_buf(), reason };
-        let mut builder = ort::session::Session::builder(env).map_err(|e| refuse(format!("cannot create an ONNX Runtime session: {e}")))?;
-        if intra_threads > 0 {
-            builder = builder.with_intra_threads(intra_threads).map_err(|e| refuse(format!("cannot set intra_threads: {e}")))?;
-        }
-        let session = builder.commit_from_file(path).map_err(|e| refuse(format!("cannot load model {}: {e}", path.display())))?;
+        // QA models are heavy: ONNX Runtime's default pool (one thread per core, spinning).
+        let tuning = crate::execution::Tuning { default_intra_threads: 0, spinning: true };
+        let opened = crate::execution::open(path, exec, tuning)?;
+        let (session, provider) = (opened.session, opened.provider);
         let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         let outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
         for need in ["input_ids", "attention_mask"] {
@@ -288,7 +325,12 @@ impl QaModel {
             }
         }
         let has_type_ids = inputs.contains(&"token_type_ids");
-        Ok(QaModel { session, has_type_ids, padding, max_seq_len, pad_id: 0, invariant })
+        Ok(QaModel { session, has_type_ids, shapes: shapes(provider), pad_id: 0, invariant, provider })
+    }
+
+    /// Where the model runs.
+    pub fn provider(&self) -> Provider {
+        self.provider
     }
 }
 
@@ -307,11 +349,8 @@ impl Model for QaModel {
     fn run(&mut self, units: &[&Window]) -> Result<Vec<WindowLogits>, InferenceError> {
         use ort::value::Tensor;
         let longest = units.iter().map(|u| u.ids.len()).max().unwrap_or(0);
-        let width = match self.padding {
-            Padding::Longest => longest,
-            Padding::Max => self.max_seq_len.max(longest),
-        };
-        let b = units.len();
+        let width = self.shapes.width(longest);
+        let b = self.shapes.rows(units.len());
         let mut ids = vec![self.pad_id; b * width];
         let mut mask = vec![0i64; b * width];
         let mut types = vec![0i64; b * width];
@@ -320,6 +359,10 @@ impl Model for QaModel {
             ids[row..row + u.ids.len()].copy_from_slice(&u.ids);
             mask[row..row + u.ids.len()].fill(1);
             types[row..row + u.type_ids.len()].copy_from_slice(&u.type_ids);
+        }
+        // Padding rows attend to one token, so no row is wholly masked; their outputs are dropped.
+        for r in units.len()..b {
+            mask[r * width] = 1;
         }
         let shape = vec![b as i64, width as i64];
         let t = |v: Vec<i64>| Tensor::from_array((shape.clone(), v)).map_err(|e| InferenceError::Input(format!("cannot build input tensor: {e}")));
@@ -439,5 +482,21 @@ mod tests {
         peaked[last] = logits_with_peaks(n, n - 2, n - 2);
         let best = t.best_span(&req.context, &windows, &peaked).unwrap();
         assert_eq!(best.answer, "w119", "the peak in the last window wins");
+    }
+
+    #[test]
+    fn bucket_padding_rounds_up_to_the_step_and_never_past_the_window() {
+        let shapes = QaShapes { padding: Padding::Bucket, pad_multiple: 64, pad_rows: true, max_seq_len: 384 };
+        let widths: Vec<usize> = [1, 63, 64, 65, 163, 320, 321, 384].iter().map(|l| shapes.width(*l)).collect();
+        assert_eq!(widths, vec![64, 64, 64, 128, 192, 320, 384, 384]);
+        let distinct: std::collections::BTreeSet<usize> = (1..=384).map(|l| shapes.width(l)).collect();
+        assert_eq!(distinct.len(), 6, "384 / 64 widths in all");
+        let odd = QaShapes { max_seq_len: 200, ..shapes };
+        assert_eq!(odd.width(199), 200, "capped at max_seq_len, not rounded past it");
+        let rows: Vec<usize> = [1, 2, 3, 5, 128, 129, 256].iter().map(|n| shapes.rows(*n)).collect();
+        assert_eq!(rows, vec![1, 2, 4, 8, 128, 256, 256]);
+        let cpu = QaShapes { padding: Padding::Longest, pad_rows: false, ..shapes };
+        assert_eq!((cpu.width(163), cpu.rows(5)), (163, 5));
+        assert_eq!(QaShapes { padding: Padding::Max, ..cpu }.width(163), 384);
     }
 }

@@ -84,21 +84,6 @@ fn describe(session: &ort::session::Session, path: &Path, output: Option<&str>) 
     Ok((specs, out))
 }
 
-fn load_session(path: &Path, intra_threads: usize) -> Result<ort::session::Session, InferenceError> {
-    let env = crate::ortlib::environment()?;
-    let refuse = |reason: String| InferenceError::Load { path: path.to_path_buf(), reason };
-    // Tabular models are tiny (microseconds per batch): a thread pool that spin-waits between runs
-    // costs more CPU than it saves, so one thread without spinning unless configured otherwise.
-    let threads = if intra_threads > 0 { intra_threads } else { 1 };
-    let mut builder = ort::session::Session::builder(env)
-        .map_err(|e| refuse(format!("cannot create an ONNX Runtime session: {e}")))?
-        .with_intra_threads(threads)
-        .map_err(|e| refuse(format!("cannot set intra_threads: {e}")))?
-        .with_intra_op_spinning(false)
-        .map_err(|e| refuse(format!("cannot turn off spinning: {e}")))?;
-    builder.commit_from_file(path).map_err(|e| refuse(format!("cannot load model {}: {e}", path.display())))
-}
-
 /// The tabular task.
 pub struct Tabular {
     specs: Vec<InputSpec>,
@@ -106,11 +91,9 @@ pub struct Tabular {
 }
 
 impl Tabular {
-    /// Reads the model's input names and dtypes.
-    pub fn new(model: &Path, output: Option<&str>, label: String) -> Result<Self, InferenceError> {
-        let session = load_session(model, 1)?;
-        let (specs, _) = describe(&session, model, output)?;
-        Ok(Tabular { specs, label })
+    /// The task for `model`, whose inputs it takes: no second session just to read them.
+    pub fn new(model: &TabularModel, label: String) -> Self {
+        Tabular { specs: model.specs.clone(), label }
     }
 
     /// The model inputs, in order.
@@ -198,13 +181,23 @@ pub struct TabularModel {
     session: ort::session::Session,
     specs: Vec<InputSpec>,
     output: String,
+    provider: crate::topology::Provider,
 }
 
 impl TabularModel {
-    pub fn load(path: &Path, output: Option<&str>, intra_threads: usize) -> Result<Self, InferenceError> {
-        let session = load_session(path, intra_threads)?;
-        let (specs, output) = describe(&session, path, output)?;
-        Ok(TabularModel { session, specs, output })
+    /// Opens the model on the configured provider (`crate::execution`) and reads its inputs.
+    pub fn load(path: &Path, output: Option<&str>, exec: &crate::topology::ExecutionConfig) -> Result<Self, InferenceError> {
+        // Tabular models are tiny (microseconds per batch): a thread pool that spin-waits between
+        // runs costs more CPU than it saves, so one thread without spinning unless configured.
+        let tuning = crate::execution::Tuning { default_intra_threads: 1, spinning: false };
+        let opened = crate::execution::open(path, exec, tuning)?;
+        let (specs, output) = describe(&opened.session, path, output)?;
+        Ok(TabularModel { session: opened.session, specs, output, provider: opened.provider })
+    }
+
+    /// Where the model runs.
+    pub fn provider(&self) -> crate::topology::Provider {
+        self.provider
     }
 }
 

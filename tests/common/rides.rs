@@ -56,8 +56,8 @@ pub fn expected(messages: &[(String, Vec<u8>)]) -> HashMap<String, f64> {
     use sluice::inference::Model;
     use sluice::tasks::Task;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/rides/model.onnx");
-    let task = sluice::tasks::tabular::Tabular::new(&path, None, String::new()).unwrap();
-    let mut model = sluice::tasks::tabular::TabularModel::load(&path, None, 1).unwrap();
+    let mut model = sluice::tasks::tabular::TabularModel::load(&path, None, &Default::default()).unwrap();
+    let task = sluice::tasks::tabular::Tabular::new(&model, String::new());
     let reqs: Vec<_> = messages.iter().map(|(_, b)| task.decode_json(&JsonFields::parse(std::str::from_utf8(b).unwrap()).unwrap()).unwrap()).collect();
     let mut out = HashMap::new();
     for (chunk, msgs) in reqs.chunks(512).zip(messages.chunks(512)) {
