@@ -8,7 +8,9 @@
 //! SLUICE_BENCH_ROUNDS, default 3; SLUICE_BENCH_MODEL for another model; SLUICE_PG_URL).
 //! On a GPU: SLUICE_BENCH_PROVIDER=cuda (bucketed padding and power-of-two rows, as the pipeline
 //! does there), SLUICE_BENCH_MAX_BATCH (default 8 on the CPU, 256 on CUDA), SLUICE_BENCH_WORKERS
-//! (timely workers, i.e. tokenizing threads; default 1), SLUICE_BENCH_SINK=jsonl to skip Postgres.
+//! (timely workers, i.e. tokenizing threads; default 1), SLUICE_BENCH_SINK=jsonl to skip Postgres,
+//! SLUICE_BENCH_REPEAT (the questions k times over, under new IDs), SLUICE_REPO (the repository
+//! when the binary runs elsewhere, e.g. benches/gpu/run.sh on the GPU machine).
 //! After the last round it prints the pipeline's batch-size and model-latency histograms.
 
 use sluice::connectors::files::scan::Scanner;
@@ -21,23 +23,37 @@ use sluice::topology::{ExecutionConfig, Padding, Provider, Topology};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// The repository: SLUICE_REPO (a binary carried to another machine), else where it was built.
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var("SLUICE_REPO").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
-fn read_questions(path: &Path, n: usize) -> (String, Vec<(String, QaRequest)>) {
+/// The first `n` questions, `repeat` times over (each copy under new IDs, so a GPU gets enough
+/// windows to time): the CSV text the pipeline reads and the requests raw ORT gets.
+fn read_questions(path: &Path, n: usize, repeat: usize) -> (String, Vec<(String, QaRequest)>) {
     let data = std::fs::read(path).unwrap();
     let records: Vec<&[u8]> = Scanner::new(&data, usize::MAX).map(|r| r.bytes).collect();
     let rows: Vec<&[u8]> = records[1..].iter().take(n).copied().collect();
     let parsed = sluice::connectors::files::csv::parse_rows(&rows, 3).unwrap();
     let mut csv = records[0].to_vec();
-    for r in &rows {
-        csv.push(b'\n');
-        csv.extend_from_slice(r);
+    let mut out = Vec::new();
+    for copy in 0..repeat.max(1) {
+        for (r, p) in rows.iter().zip(&parsed) {
+            let id = if copy == 0 { p[0].clone() } else { format!("{}~{copy}", p[0]) };
+            csv.push(b'\n');
+            if copy > 0 {
+                // The ID is the row's first field: put the copy's ID in front of the rest.
+                let rest = &r[r.iter().position(|b| *b == b',').unwrap()..];
+                csv.extend_from_slice(id.as_bytes());
+                csv.extend_from_slice(rest);
+            } else {
+                csv.extend_from_slice(r);
+            }
+            out.push((id, QaRequest { question: p[1].clone(), context: p[2].clone() }));
+        }
     }
     csv.push(b'\n');
-    let csv = String::from_utf8(csv).unwrap();
-    (csv, parsed.into_iter().map(|r| (r[0].clone(), QaRequest { question: r[1].clone(), context: r[2].clone() })).collect())
+    (String::from_utf8(csv).unwrap(), out)
 }
 
 fn raw_ort(model: &Path, exec: &ExecutionConfig, padding: Padding, windows: &[Window], invariant: bool, max_batch: usize) -> f64 {
@@ -65,7 +81,8 @@ fn main() {
     let n: usize = std::env::var("SLUICE_BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(642);
     let model = std::env::var("SLUICE_BENCH_MODEL").map(PathBuf::from).unwrap_or_else(|_| repo().join("models/minilm-squad/model.onnx"));
     let tokenizer = repo().join("models/minilm-squad/tokenizer.json");
-    let (csv, questions) = read_questions(&repo().join("tests/data/squad_dev.csv"), n);
+    let repeat: usize = std::env::var("SLUICE_BENCH_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let (csv, questions) = read_questions(&repo().join("tests/data/squad_dev.csv"), n, repeat);
     let task = ExtractiveQa::new(&tokenizer, QaSettings { max_seq_len: 384, doc_stride: 128, max_answer_len: 30 }, "bench".into()).unwrap();
     let windows: Vec<Window> = questions.iter().flat_map(|(_, q)| task.prepare(q).unwrap().1).collect();
     let real_tokens: usize = windows.iter().map(|w| w.ids.len()).sum();
@@ -90,7 +107,8 @@ fn main() {
 
     // Warm up ORT once so no variant pays the first-run cost. The machine is shared and noisy, so
     // the variants run interleaved, `rounds` times each, and the median of each is reported.
-    raw_ort(&model, &exec, padding, &windows, invariant, max_batch);
+    // On a GPU, warm up on every window, so every bucketed shape has been seen once.
+    raw_ort(&model, &exec, padding, if gpu { &windows } else { &windows[..windows.len().min(8)] }, invariant, max_batch);
     let rounds: usize = std::env::var("SLUICE_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
     let (mut fixed_runs, mut same_runs, mut pipeline_runs) = (Vec::new(), Vec::new(), Vec::new());
 

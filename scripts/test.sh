@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# The test suite: installs what the tests need (ONNX Runtime, the Python reference's packages),
+# The test suite: installs what the tests need (ONNX Runtime, the Python reference's packages, the
+# GPU variants of the QA model),
 # makes sure the local Postgres (scripts/pg.sh), Kafka-protocol broker (scripts/kafka.sh) and
 # Google's Pub/Sub emulator (scripts/pubsub.sh) and a GCS emulator (scripts/gcs.sh) are running,
 # then runs every test against them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh --test
+bash scripts/setup.sh --test --models
+# The GPU variants of the QA model (dequantized fp32, fused fp16) for the fidelity tests' fp16 and
+# shape checks; made once, in about ten seconds.
+CACHE="${SLUICE_CACHE:-$HOME/.cache/sluice}"
+if [ ! -f "$CACHE/qa-gpu/model.fp16.onnx" ] || [ ! -f "$CACHE/qa-gpu/model.fp32.onnx" ]; then
+  "$CACHE/venv/bin/python" scripts/optimize_model.py --out "$CACHE/qa-gpu"
+fi
 bash scripts/pg.sh
 bash scripts/kafka.sh start
 # A second broker whose topics survive a restart (Tansu over a local S3 store), for tests/restarts.rs.

@@ -90,7 +90,7 @@ pub struct Envelope<P> {
     /// The task's request payload; `None` asks to delete the ID's answer (a tombstone).
     pub payload: Option<P>,
     /// Columns or fields that pass through to the answer unchanged, in source order.
-    pub passthrough: Vec<(String, String)>,
+    pub passthrough: Vec<PassField>,
     /// Where the request came from.
     pub pos: SourcePos,
     /// Wall-clock milliseconds since the Unix epoch when the source read it.
@@ -132,12 +132,55 @@ impl Value {
     }
 }
 
-/// The SQL type of a task output column.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The type of a column: a task output's, or a pass-through column's as the source inferred it
+/// (arrow's CSV inference, or a Parquet file's schema).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum ColumnKind {
+    #[default]
     Text,
     Int,
     Float,
+    Bool,
+    Timestamp,
+}
+
+impl ColumnKind {
+    /// The kind's name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnKind::Text => "text",
+            ColumnKind::Int => "integer",
+            ColumnKind::Float => "float",
+            ColumnKind::Bool => "boolean",
+            ColumnKind::Timestamp => "timestamp",
+        }
+    }
+
+    /// A pass-through value of this kind as JSON: a number or boolean when it reads as one,
+    /// else the text as it came.
+    pub fn json(self, text: &str) -> serde_json::Value {
+        let t = text.trim();
+        let typed = match self {
+            ColumnKind::Int => t.parse::<i64>().ok().map(serde_json::Value::from),
+            ColumnKind::Float => t.parse::<f64>().ok().filter(|x| x.is_finite()).map(serde_json::Value::from),
+            ColumnKind::Bool => match t.to_ascii_lowercase().as_str() {
+                "true" => Some(serde_json::Value::Bool(true)),
+                "false" => Some(serde_json::Value::Bool(false)),
+                _ => None,
+            },
+            ColumnKind::Text | ColumnKind::Timestamp => None,
+        };
+        typed.unwrap_or_else(|| serde_json::Value::String(text.to_string()))
+    }
+}
+
+/// A column that passes through from the request to its answer: its name, its value as the
+/// source read it, and its kind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassField {
+    pub name: String,
+    pub value: String,
+    pub kind: ColumnKind,
 }
 
 /// A task output column: its name and type.
@@ -153,7 +196,7 @@ pub struct Answer {
     pub id: String,
     /// Output values, in the order of the task's `output_columns`.
     pub values: Vec<Value>,
-    pub passthrough: Vec<(String, String)>,
+    pub passthrough: Vec<PassField>,
     /// Model name and version, e.g. `minilm-squad@3f2a9c01d4e5`.
     pub model: std::sync::Arc<str>,
     pub pos: SourcePos,

@@ -92,3 +92,74 @@ fn answers_equal_the_python_reference_across_many_short_windows() {
     let dir = inputs();
     compare(dir.path(), &["fidelity.csv", "sample.csv"], 128, 64, 230);
 }
+
+/// A GPU variant of the QA model, made by `scripts/optimize_model.py` (scripts/test.sh makes them):
+/// `model.fp32.onnx` (the int8 model's weights, dequantized) or `model.fp16.onnx` (fused, fp16).
+fn gpu_variant(name: &str) -> PathBuf {
+    let cache = std::env::var("SLUICE_CACHE").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/sluice"));
+    let p = cache.join("qa-gpu").join(name);
+    assert!(p.is_file(), "no {} (run scripts/setup.sh --models, then {} scripts/optimize_model.py)", p.display(), python().display());
+    p
+}
+
+/// sluice's answers (answer, start, end, score) by ID for the fidelity questions on `model`, with
+/// `extra` topology text (its [batching] lines go under the section the helper writes).
+fn answers_with(dir: &Path, name: &str, model: &Path, batching: &str, extra: &str) -> BTreeMap<String, (String, i64, i64, f64)> {
+    let out = dir.join(name);
+    let text = qa_topology(name, &dir.join("fidelity.csv"), &jsonl_sink(&out), extra)
+        .replace(repo().join("models/minilm-squad/model.onnx").to_str().unwrap(), model.to_str().unwrap())
+        .replace("max_batch = 8\nmax_delay_ms = 2\n", &format!("max_batch = 16\nmax_delay_ms = 2\n{batching}"));
+    run(&text, 2);
+    answers_by_id(&out)
+        .into_iter()
+        .map(|(id, v)| (id, (v["answer"].as_str().unwrap().to_string(), v["start_char"].as_i64().unwrap(), v["end_char"].as_i64().unwrap(), v["score"].as_f64().unwrap())))
+        .collect()
+}
+
+/// The GPU-precision mode: the fused fp16 model's answers agree with the fp32 model's on at least
+/// 98% of the fixed questions, and every disagreement is listed with both answers and scores.
+/// On the CPU (the default), ONNX Runtime runs the fp16 graph with fp16 weights, residual stream
+/// and layer norms, casting to fp32 inside the ops it has no fp16 kernel for; with
+/// SLUICE_FIDELITY_PROVIDER=cuda the fp16 model runs on the GPU with CUDA's default shapes
+/// (bucketed widths, power-of-two rows): the real check.
+#[test]
+fn fp16_answers_agree_with_fp32_on_at_least_98_percent_of_the_fixed_questions() {
+    let dir = inputs();
+    let provider = std::env::var("SLUICE_FIDELITY_PROVIDER").unwrap_or_else(|_| "cpu".into());
+    let fp32 = answers_with(dir.path(), "fp32", &gpu_variant("model.fp32.onnx"), "", "");
+    let fp16 = answers_with(dir.path(), "fp16", &gpu_variant("model.fp16.onnx"), "", &format!("[execution]\nprovider = \"{provider}\"\n"));
+    assert!(fp32.len() >= 214, "only {} answers", fp32.len());
+    let mut disagreements = Vec::new();
+    for (id, want) in &fp32 {
+        match fp16.get(id) {
+            Some(got) if got.0 == want.0 => {}
+            Some(got) => disagreements.push(format!("{id}: fp16 {:?} ({:.4}) vs fp32 {:?} ({:.4})", got.0, got.3, want.0, want.3)),
+            None => disagreements.push(format!("{id}: no fp16 answer")),
+        }
+    }
+    let agree = 1.0 - disagreements.len() as f64 / fp32.len() as f64;
+    eprintln!("fp16 on {provider} agrees with fp32 on {:.2}% of {} questions; disagreements:\n{}", agree * 100.0, fp32.len(), disagreements.join("\n"));
+    assert!(agree >= 0.98, "fp16 agrees on {:.2}% (< 98%):\n{}", agree * 100.0, disagreements.join("\n"));
+}
+
+/// The shapes a GPU gets (widths bucketed to multiples of 64, row counts padded to powers of two)
+/// change no answer of a batch-invariant (fp32) model: same text and offsets, scores within 1e-4.
+#[test]
+fn bucketed_widths_and_padded_rows_answer_as_padding_to_the_longest_does() {
+    let dir = inputs();
+    let model = gpu_variant("model.fp32.onnx");
+    let longest = answers_with(dir.path(), "longest", &model, "padding = \"longest\"\n", "");
+    let bucketed = answers_with(dir.path(), "bucketed", &model, "padding = \"bucket\"\npad_multiple = 64\npad_rows = true\n", "");
+    assert!(longest.len() >= 214);
+    let mut problems = Vec::new();
+    for (id, a) in &longest {
+        let Some(b) = bucketed.get(id) else {
+            problems.push(format!("{id}: no bucketed answer"));
+            continue;
+        };
+        if (&a.0, a.1, a.2) != (&b.0, b.1, b.2) || (a.3 - b.3).abs() > 1e-4 {
+            problems.push(format!("{id}: longest {a:?} vs bucketed {b:?}"));
+        }
+    }
+    assert!(problems.is_empty(), "{} of {} answers differ:\n{}", problems.len(), longest.len(), problems.join("\n"));
+}

@@ -596,3 +596,72 @@ fn a_gcs_bucket_is_followed_like_a_folder() {
         &[("RUST_LOG", "sluice=info")],
     );
 }
+
+/// `column: data_type` of the answer table in Postgres.
+fn column_types(table: &str) -> BTreeMap<String, String> {
+    query(&format!("SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = '{table}'"))
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect()
+}
+
+#[test]
+fn pass_through_columns_keep_their_types_a_new_column_is_added_and_a_type_conflict_is_a_dead_letter_naming_file_column_and_types() {
+    let s = Live::new("fltyped");
+    let head = "id,PULocationID,DOLocationID,trip_distance,vendor,passengers,fare,paid,pickup_at";
+    let row = |i: usize, fare: &str| format!("t{i},{},{},{:.2},V{},{},{fare},{},2024-03-0{} 08:1{}:00", 1 + i % 200, 1 + i * 3 % 200, 1.0 + i as f64 / 10.0, i % 3, 1 + i % 4, i % 2 == 0, 1 + i % 9, i % 10);
+    let mut a = String::from(head) + "\n";
+    for i in 0..20 {
+        a.push_str(&(row(i, &format!("{}.5", 10 + i)) + "\n"));
+    }
+    put(&s.input().join("a.csv"), &a);
+    let mut w = s.watch("");
+    s.wait_rows(|r| r.len() == 20, "a.csv answered", &w);
+    let types = column_types(&s.table);
+    for (column, want) in [("vendor", "text"), ("passengers", "bigint"), ("fare", "double precision"), ("paid", "boolean"), ("pickup_at", "timestamp with time zone")] {
+        assert_eq!(types.get(column).map(String::as_str), Some(want), "column `{column}`: {types:?}");
+    }
+    let t = sluice::sql::quote_ident(&s.table);
+    let r = &query(&format!("SELECT passengers, fare, paid, extract(hour FROM pickup_at AT TIME ZONE 'UTC')::int8 FROM {t} WHERE id = 't3'"))[0];
+    assert_eq!((r.get::<_, i64>(0), r.get::<_, f64>(1), r.get::<_, bool>(2), r.get::<_, i64>(3)), (4, 13.5, false, 8));
+    // The JSON lines carry the same types.
+    let line = json_lines(&s.out(), "answers.w").into_iter().find(|v| v["id"] == "t3").unwrap();
+    assert_eq!((line["passengers"].as_i64(), line["fare"].as_f64(), line["paid"].as_bool(), line["vendor"].as_str()), (Some(4), Some(13.5), Some(false), Some("V0")));
+
+    // A later file with one more column: the column is added, with its type.
+    let mut b = String::from(head) + ",tip\n";
+    for i in 20..25 {
+        b.push_str(&(row(i, "12.0") + &format!(",{}.25\n", i % 5)));
+    }
+    put(&s.input().join("b.csv"), &b);
+    s.wait_rows(|r| r.len() == 25, "b.csv answered", &w);
+    assert_eq!(column_types(&s.table).get("tip").map(String::as_str), Some("double precision"));
+    let tips: Vec<Option<f64>> = query(&format!("SELECT tip FROM {t} WHERE id IN ('t1', 't21') ORDER BY id")).iter().map(|r| r.get(0)).collect();
+    assert_eq!(tips, vec![None, Some(1.25)], "a.csv's rows have no tip; b.csv's have theirs");
+
+    // A file whose `fare` is text: each of its rows is a dead letter naming the file, the column
+    // and both types; the rest of the pipeline goes on.
+    let mut c = String::from(head) + "\n";
+    for (i, fare) in [(30, "n/a"), (31, "free"), (32, "unknown")] {
+        c.push_str(&(row(i, fare) + "\n"));
+    }
+    put(&s.input().join("c.csv"), &c);
+    let mut d = String::from(head) + "\n";
+    d.push_str(&(row(40, "9.75") + "\n"));
+    put(&s.input().join("d.csv"), &d);
+    s.wait_rows(|r| r.contains_key("t40"), "d.csv answered after the conflicting c.csv", &w);
+    // The Postgres sink refused them: its dead-letter table has them (sinks before it in the
+    // topology, here the JSON lines, wrote them as text).
+    let dead = || {
+        query(&format!("SELECT position, reason, detail FROM dead_letters WHERE pipeline = '{}' AND reason = 'sink_rejected' ORDER BY position", s.name))
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(2)))
+            .collect::<Vec<(String, String)>>()
+    };
+    assert!(wait_until(Duration::from_secs(30), || dead().len() == 3), "three dead letters for c.csv: {:?}\n{}", dead(), w.stderr_tail());
+    for (position, detail) in dead() {
+        assert!(detail.contains("type conflict: column `fare` is text in") && detail.contains("c.csv") && detail.contains("but float in table"), "{position}: {detail}");
+    }
+    assert!(!s.rows().contains_key("t30"), "a conflicting row is not answered");
+    stop(&mut w);
+}

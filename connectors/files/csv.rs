@@ -6,7 +6,7 @@
 
 use super::scan::{RawRecord as Framed, Scanner};
 use super::InputFile;
-use crate::record::{now_ms, DeadReason, SourcePos};
+use crate::record::{now_ms, ColumnKind, DeadReason, SourcePos};
 use crate::source::{Body, Checkpoint, Keying, Poll, RawRecord, Source, SourceError, SourceFactory};
 use arrow::array::{Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
@@ -327,6 +327,33 @@ fn supply(f: &OpenFile, framed: Vec<(u64, Framed)>, now: u64, out: &mut Vec<RawR
 }
 
 /// Parses well-framed CSV records into rows of text with arrow-csv. `None` values are empty fields.
+/// The kind of each of `columns` columns, by arrow's CSV schema inference over `sample` (the
+/// header and the rows after it, up to `INFER_ROWS` of them, cut at the last whole line): integer,
+/// float, boolean, timestamp (or date) or text. Anything arrow cannot infer is text.
+pub fn infer_kinds(sample: &[u8], columns: usize) -> Arc<[ColumnKind]> {
+    let text = Arc::from(vec![ColumnKind::Text; columns]);
+    let Some(end) = sample.iter().rposition(|b| *b == b'\n') else { return text };
+    let format = arrow::csv::reader::Format::default().with_header(true);
+    match format.infer_schema(std::io::Cursor::new(&sample[..end + 1]), Some(INFER_ROWS)) {
+        Ok((schema, _)) if schema.fields().len() == columns => schema.fields().iter().map(|f| kind_of(f.data_type())).collect(),
+        _ => text,
+    }
+}
+
+/// Rows a CSV file's column kinds are inferred from.
+pub const INFER_ROWS: usize = 1000;
+
+/// The column kind of an arrow data type.
+pub fn kind_of(t: &DataType) -> ColumnKind {
+    match t {
+        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::UInt8 | DataType::UInt16 | DataType::UInt32 => ColumnKind::Int,
+        DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::Decimal128(..) | DataType::Decimal256(..) => ColumnKind::Float,
+        DataType::Boolean => ColumnKind::Bool,
+        DataType::Timestamp(..) | DataType::Date32 | DataType::Date64 => ColumnKind::Timestamp,
+        _ => ColumnKind::Text,
+    }
+}
+
 pub fn parse_rows(records: &[&[u8]], columns: usize) -> Result<Vec<Vec<String>>, String> {
     if records.is_empty() {
         return Ok(Vec::new());

@@ -242,8 +242,8 @@ pub fn answer_json(a: &Answer, columns: &[Column]) -> serde_json::Value {
     for (c, v) in columns.iter().zip(&a.values) {
         m.insert(c.name.into(), v.to_json());
     }
-    for (k, v) in &a.passthrough {
-        m.insert(k.clone(), v.clone().into());
+    for f in &a.passthrough {
+        m.insert(f.name.clone(), f.kind.json(&f.value));
     }
     m.insert("model".into(), a.model.to_string().into());
     m.insert("source".into(), a.pos.to_string().into());

@@ -7,11 +7,11 @@
 //! file against it, so nothing answered is recomputed and a file changed while sluice was down
 //! is diffed correctly. With `watch = true` it keeps polling; without, it reads once and ends.
 
-use super::csv::{frame, header_names, normalize_header, parse_rows};
+use super::csv::{frame, header_names, infer_kinds, kind_of, normalize_header, parse_rows};
 use super::manifest::{id_key, row_hash, Diff, Manifest};
 use super::scan::RawRecord as Framed;
 use super::store::{FileReader, Listed, Store, StoreSettings};
-use crate::record::{now_ms, DeadReason, SourcePos};
+use crate::record::{now_ms, ColumnKind, DeadReason, SourcePos};
 use crate::source::{Body, Checkpoint, Keying, Poll, RawRecord, Source, SourceError, SourceFactory};
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -222,6 +222,8 @@ enum Work {
 /// includes (a renamed column changes every row).
 struct Header {
     names: Vec<Arc<str>>,
+    /// Each column's kind, inferred from the file's first rows.
+    kinds: Arc<[ColumnKind]>,
     id_col: Option<usize>,
     hash: u64,
 }
@@ -482,7 +484,8 @@ impl FilesSource {
                 let (_, rec) = framed.remove(0);
                 let names = header_names(&rec, &r.name, now, out);
                 let id_col = names.iter().position(|h| h == "id");
-                r.header = Some(Header { names: names.into_iter().map(Arc::from).collect(), id_col, hash: row_hash(0, rec.bytes) });
+                let kinds = infer_kinds(&r.buf[rec.offset..], names.len());
+                r.header = Some(Header { names: names.into_iter().map(Arc::from).collect(), kinds, id_col, hash: row_hash(0, rec.bytes) });
             }
             let (header, diff) = (r.header.as_ref().expect("the header is read"), r.diff.as_mut().expect("a diff while reading"));
             let resume = supply(&r.name, header, diff, &framed, now, budget, out, &self.metrics);
@@ -503,6 +506,8 @@ impl FilesSource {
 struct ParquetRows {
     reader: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
     names: Vec<Arc<str>>,
+    /// Each column's kind, from the file's schema.
+    kinds: Arc<[ColumnKind]>,
     id_col: Option<usize>,
     /// Every row's content hash includes the schema's.
     schema_hash: u64,
@@ -527,7 +532,8 @@ impl ParquetRows {
         let names = normalize_header(&raw);
         let id_col = names.iter().position(|h| h == "id");
         let schema_hash = id_key(&format!("{schema:?}"));
-        Ok(ParquetRows { reader, names: names.into_iter().map(Arc::from).collect(), id_col, schema_hash, batch: None, row: 0 })
+        let kinds = schema.fields().iter().map(|f| kind_of(f.data_type())).collect();
+        Ok(ParquetRows { reader, names: names.into_iter().map(Arc::from).collect(), kinds, id_col, schema_hash, batch: None, row: 0 })
     }
 
     /// Diffs up to `max_rows` rows and supplies the changed ones, stopping when `out` holds
@@ -592,7 +598,7 @@ impl ParquetRows {
                 let bytes = serde_json::to_vec(&json).unwrap_or_default();
                 out.push(RawRecord {
                     bytes,
-                    body: Body::Fields(fields),
+                    body: Body::Typed(fields, self.kinds.clone()),
                     pos: SourcePos::row(file.clone(), self.row),
                     id: Some(id.into_bytes()),
                     ingest_ms: now,
@@ -709,7 +715,13 @@ fn supply(
             Err(e) => RawRecord { id: Some(id.into_bytes()), ..refused(file, row, raw, DeadReason::BrokenQuoting, e, now) },
             Ok(values) => {
                 let fields: Vec<(Arc<str>, String)> = header.names.iter().cloned().zip(values).collect();
-                RawRecord { bytes: raw.to_vec(), body: Body::Fields(fields), pos: SourcePos::row(file.clone(), row), id: Some(id.into_bytes()), ingest_ms: now }
+                RawRecord {
+                    bytes: raw.to_vec(),
+                    body: Body::Typed(fields, header.kinds.clone()),
+                    pos: SourcePos::row(file.clone(), row),
+                    id: Some(id.into_bytes()),
+                    ingest_ms: now,
+                }
             }
         });
     }

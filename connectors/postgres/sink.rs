@@ -14,7 +14,7 @@ use crate::source::Checkpoint;
 use crate::sql::{qualified, quote_ident};
 pub use crate::topology::expand_env;
 use serde::Deserialize;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
@@ -97,8 +97,8 @@ pub struct PostgresWriter {
     target: PostgresTarget,
     columns: &'static [Column],
     client: Option<Client>,
-    /// Passthrough columns known to exist in the answer table.
-    known: BTreeSet<String>,
+    /// Passthrough columns known to exist in the answer table, with their types there.
+    known: HashMap<String, ColumnKind>,
     /// Writes left that go straight to the upsert, after a plain insert met an existing ID.
     upsert_writes: u32,
 }
@@ -128,14 +128,33 @@ fn sql_type(kind: ColumnKind) -> &'static str {
         ColumnKind::Text => "TEXT",
         ColumnKind::Int => "BIGINT",
         ColumnKind::Float => "DOUBLE PRECISION",
+        ColumnKind::Bool => "BOOLEAN",
+        ColumnKind::Timestamp => "TIMESTAMPTZ",
     }
+}
+
+/// The kind of a column Postgres reports (`information_schema.columns.data_type`).
+fn kind_of_sql(data_type: &str) -> ColumnKind {
+    match data_type {
+        "bigint" | "integer" | "smallint" => ColumnKind::Int,
+        "double precision" | "real" | "numeric" => ColumnKind::Float,
+        "boolean" => ColumnKind::Bool,
+        t if t.starts_with("timestamp") || t == "date" => ColumnKind::Timestamp,
+        _ => ColumnKind::Text,
+    }
+}
+
+/// Whether a value the source typed `value` fits a column of type `column`: the same type, any
+/// value in a text column, an integer in a float column.
+fn fits(value: ColumnKind, column: ColumnKind) -> bool {
+    value == column || column == ColumnKind::Text || (value == ColumnKind::Int && column == ColumnKind::Float)
 }
 
 impl PostgresWriter {
     /// Prepares a writer; it connects (and creates its tables) on the first write, and reconnects after errors.
     pub fn new(target: PostgresTarget, columns: &'static [Column]) -> Result<Self, SinkError> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| SinkError::Config(format!("cannot start a runtime: {e}")))?;
-        Ok(PostgresWriter { rt, target, columns, client: None, known: BTreeSet::new(), upsert_writes: 0 })
+        Ok(PostgresWriter { rt, target, columns, client: None, known: HashMap::new(), upsert_writes: 0 })
     }
 
     /// Connects now and creates the tables, so configuration errors show at start-up.
@@ -232,21 +251,55 @@ impl PostgresWriter {
         Ok(self.client.as_ref().expect("connected"))
     }
 
-    fn ensure_passthrough(&mut self, names: &BTreeSet<String>) -> Result<(), SinkError> {
-        let missing: Vec<String> = names.difference(&self.known).cloned().collect();
-        if missing.is_empty() {
-            return Ok(());
+    /// Makes sure every pass-through column exists, adding a missing one with the type its first
+    /// value has (a later file that adds a column adds it to the table), and learns the types of
+    /// those that exist. A value whose type does not fit its column is a type conflict: the batch
+    /// is refused as a record error, so that the records are isolated and dead-lettered, each
+    /// naming its file, the column and both types, while the rest is written.
+    fn ensure_passthrough(&mut self, answers: &[&Answer]) -> Result<(), SinkError> {
+        let mut wanted: BTreeMap<&str, ColumnKind> = BTreeMap::new();
+        for f in answers.iter().flat_map(|a| &a.passthrough) {
+            wanted.entry(f.name.as_str()).or_insert(f.kind);
         }
-        let table = self.table();
-        let mut sql = String::from("BEGIN; SELECT pg_advisory_xact_lock(7364912);");
-        for name in &missing {
-            sql.push_str(&format!(" ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {} TEXT;", quote_ident(name)));
+        let missing: Vec<(&str, ColumnKind)> = wanted.iter().filter(|(n, _)| !self.known.contains_key(**n)).map(|(n, k)| (*n, *k)).collect();
+        if !missing.is_empty() {
+            self.client()?;
+            let client = self.client.as_ref().expect("connected");
+            let table = self.table();
+            let mut sql = String::from("BEGIN; SELECT pg_advisory_xact_lock(7364912);");
+            for (name, kind) in &missing {
+                sql.push_str(&format!(" ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {} {};", quote_ident(name), sql_type(*kind)));
+            }
+            sql.push_str(" COMMIT;");
+            self.rt.block_on(client.batch_execute(&sql)).map_err(classify)?;
+            // A column that existed keeps its type: read what the table holds.
+            let names: Vec<&str> = missing.iter().map(|(n, _)| *n).collect();
+            let rows = self
+                .rt
+                .block_on(client.query(
+                    "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_schema = $1 AND table_name = $2 AND column_name = ANY($3)",
+                    &[&self.target.schema, &self.target.table, &names],
+                ))
+                .map_err(classify)?;
+            for r in rows {
+                self.known.insert(r.get(0), kind_of_sql(r.get::<_, &str>(1)));
+            }
         }
-        sql.push_str(" COMMIT;");
-        self.client()?;
-        let client = self.client.as_ref().expect("connected");
-        self.rt.block_on(client.batch_execute(&sql)).map_err(classify)?;
-        self.known.extend(missing);
+        for a in answers {
+            for f in &a.passthrough {
+                let column = self.known.get(&f.name).copied().unwrap_or_default();
+                if !fits(f.kind, column) {
+                    return Err(SinkError::Record(format!(
+                        "type conflict: column `{}` is {} in {} but {} in table {}",
+                        f.name,
+                        f.kind.name(),
+                        a.pos.source(),
+                        column.name(),
+                        self.table()
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -271,9 +324,9 @@ impl PostgresWriter {
         for d in &batch.dead {
             dead_latest.insert((d.pos.source(), d.pos.position()), d);
         }
-        let passthrough: BTreeSet<String> = answers.iter().flat_map(|a| a.passthrough.iter().map(|(k, _)| k.clone())).collect();
+        let passthrough: BTreeSet<String> = answers.iter().flat_map(|a| a.passthrough.iter().map(|f| f.name.clone())).collect();
         self.client()?;
-        self.ensure_passthrough(&passthrough)?;
+        self.ensure_passthrough(&answers)?;
 
         // New IDs are inserted with a plain INSERT, which costs Postgres about half of what the
         // upsert's speculative insertion does (docs/benchmarks.md). Offsets commit in the same
@@ -299,7 +352,8 @@ impl PostgresWriter {
         let mut value_cols: Vec<Box<dyn ToSql + Sync>> = Vec::new();
         for (i, c) in self.columns.iter().enumerate() {
             match c.kind {
-                ColumnKind::Text => value_cols.push(Box::new(
+                // Task outputs are text, integers or floats; the other kinds are pass-through only.
+                ColumnKind::Text | ColumnKind::Bool | ColumnKind::Timestamp => value_cols.push(Box::new(
                     answers
                         .iter()
                         .map(|a| match a.values.get(i) {
@@ -331,7 +385,7 @@ impl PostgresWriter {
         }
         for name in &passthrough {
             value_cols
-                .push(Box::new(answers.iter().map(|a| a.passthrough.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())).collect::<Vec<Option<String>>>()));
+                .push(Box::new(answers.iter().map(|a| a.passthrough.iter().find(|f| &f.name == name).map(|f| f.value.clone())).collect::<Vec<Option<String>>>()));
         }
         let mut dead: Vec<(&(String, String), &&DeadLetter)> = dead_latest.iter().collect();
         dead.sort_by(|a, b| a.0.cmp(b.0));
@@ -408,9 +462,11 @@ impl PostgresWriter {
                     ColumnKind::Text => "text",
                     ColumnKind::Int => "int8",
                     ColumnKind::Float => "float8",
+                    ColumnKind::Bool | ColumnKind::Timestamp => "text",
                 }
             ));
         }
+        let first_passthrough = names.len();
         for p in passthrough {
             n += 1;
             names.push(quote_ident(p));
@@ -418,6 +474,17 @@ impl PostgresWriter {
         }
         // The model label is one value for the whole batch, not an array of copies.
         let aliases: Vec<String> = (0..names.len()).map(|i| format!("c{i}")).collect();
+        // Pass-through values travel as text and take their column's type here; an empty value
+        // (a CSV's empty field, a Parquet null) is NULL in a typed column.
+        let kinds: Vec<ColumnKind> = passthrough.iter().map(|p| self.known.get(p).copied().unwrap_or_default()).collect();
+        let selected: Vec<String> = aliases
+            .iter()
+            .enumerate()
+            .map(|(i, a)| match i.checked_sub(first_passthrough).map(|p| kinds[p]) {
+                Some(kind) if kind != ColumnKind::Text => format!("NULLIF(btrim({a}), '')::{}", sql_type(kind)),
+                _ => a.clone(),
+            })
+            .collect();
         names.push(quote_ident("model"));
         let model_param = format!("${}::text", n + 1);
         let t = self.table();
@@ -426,8 +493,9 @@ impl PostgresWriter {
         let old: Vec<String> = updated.iter().map(|c| format!("cur.{c}")).collect();
         let new: Vec<String> = updated.iter().map(|c| format!("EXCLUDED.{c}")).collect();
         let insert = format!(
-            "INSERT INTO {t} AS cur ({cols}, updated_at) SELECT {aliases_list}, {model_param}, now() FROM UNNEST({casts}) AS u({aliases_list})",
+            "INSERT INTO {t} AS cur ({cols}, updated_at) SELECT {selected}, {model_param}, now() FROM UNNEST({casts}) AS u({aliases_list})",
             cols = names.join(", "),
+            selected = selected.join(", "),
             aliases_list = aliases.join(", "),
             casts = casts.join(", "),
         );

@@ -4,7 +4,7 @@
 //! clash with sluice's own columns, and runs the task's decoding with its panics contained.
 
 use crate::json::{JsonFields, TextValue};
-use crate::record::{content_hash, Column, DeadLetter, DeadReason, Envelope};
+use crate::record::{content_hash, Column, DeadLetter, DeadReason, Envelope, PassField};
 use crate::source::{Body, IdFrom, RawRecord};
 use crate::tasks::Task;
 use std::sync::Arc;
@@ -69,13 +69,18 @@ pub fn decode_record<T: Task>(task: &T, s: &DecodeSettings, rec: RawRecord) -> R
             };
             return Ok(Envelope { id, payload: None, passthrough: Vec::new(), pos, ingest_ms, raw: bytes, content: 0, seq: 0 });
         }
-        Body::Fields(fields) => {
+        Body::Fields(ref fields) | Body::Typed(ref fields, _) => {
             if let Some((name, _)) = fields.iter().find(|(_, v)| v.contains('\0')) {
                 return Err(dead(DeadReason::InvalidText, format!("field `{name}` holds a NUL byte, which no text column can store"), bytes));
             }
             let named: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (&**k, v.as_str())).collect();
+            let kinds = match &body {
+                Body::Typed(_, kinds) => Some(kinds),
+                _ => None,
+            };
+            let kind_of = |name: &str| kinds.and_then(|k| fields.iter().position(|(n, _)| &**n == name).and_then(|i| k.get(i).copied())).unwrap_or_default();
             match crate::guard::contain(|| task.decode_fields(&named)) {
-                Ok(Ok((payload, passthrough))) => (payload, passthrough),
+                Ok(Ok((payload, passthrough))) => (payload, passthrough.into_iter().map(|(k, v)| (kind_of(&k), k, v)).collect::<Vec<_>>()),
                 Ok(Err((reason, detail))) => return Err(dead(reason, detail, bytes)),
                 Err(panic) => return Err(dead(DeadReason::TaskFailed, format!("the task panicked decoding the record: {panic}"), bytes)),
             }
@@ -110,7 +115,7 @@ pub fn decode_record<T: Task>(task: &T, s: &DecodeSettings, rec: RawRecord) -> R
         }
     };
     let outputs = task.output_columns();
-    let passthrough = passthrough.into_iter().map(|(k, v)| (passthrough_name(&k, outputs), v)).collect();
+    let passthrough = passthrough.into_iter().map(|(kind, k, v)| PassField { name: passthrough_name(&k, outputs), value: v, kind }).collect();
     let id = given.unwrap_or_else(|| pos.derived_id());
     let content = content_hash(&bytes);
     Ok(Envelope { id, payload: Some(payload), passthrough, pos, ingest_ms, raw: bytes, content, seq: 0 })

@@ -40,6 +40,8 @@ pub enum Body {
     /// Named text fields the source already split (a CSV row); `RawRecord::bytes` keeps the
     /// original bytes for dead letters.
     Fields(Vec<(Arc<str>, String)>),
+    /// Fields as `Fields`, with each field's kind as the source inferred it (a live file's schema).
+    Typed(Vec<(Arc<str>, String)>, Arc<[crate::record::ColumnKind]>),
     /// No payload: a request to delete the ID's answer (a Kafka tombstone).
     Delete,
     /// The source could not frame the record; it becomes a dead letter with this reason.
