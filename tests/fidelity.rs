@@ -112,7 +112,9 @@ fn answers_with(dir: &Path, name: &str, model: &Path, batching: &str, extra: &st
     run(&text, 2);
     answers_by_id(&out)
         .into_iter()
-        .map(|(id, v)| (id, (v["answer"].as_str().unwrap().to_string(), v["start_char"].as_i64().unwrap(), v["end_char"].as_i64().unwrap(), v["score"].as_f64().unwrap())))
+        .map(|(id, v)| {
+            (id, (v["answer"].as_str().unwrap().to_string(), v["start_char"].as_i64().unwrap(), v["end_char"].as_i64().unwrap(), v["score"].as_f64().unwrap()))
+        })
         .collect()
 }
 

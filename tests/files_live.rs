@@ -599,17 +599,31 @@ fn a_gcs_bucket_is_followed_like_a_folder() {
 
 /// `column: data_type` of the answer table in Postgres.
 fn column_types(table: &str) -> BTreeMap<String, String> {
-    query(&format!("SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = '{table}'"))
-        .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
-        .collect()
+    query(&format!(
+        "SELECT column_name::text, data_type::text FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = '{table}'"
+    ))
+    .iter()
+    .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+    .collect()
 }
 
 #[test]
 fn pass_through_columns_keep_their_types_a_new_column_is_added_and_a_type_conflict_is_a_dead_letter_naming_file_column_and_types() {
     let s = Live::new("fltyped");
     let head = "id,PULocationID,DOLocationID,trip_distance,vendor,passengers,fare,paid,pickup_at";
-    let row = |i: usize, fare: &str| format!("t{i},{},{},{:.2},V{},{},{fare},{},2024-03-0{} 08:1{}:00", 1 + i % 200, 1 + i * 3 % 200, 1.0 + i as f64 / 10.0, i % 3, 1 + i % 4, i % 2 == 0, 1 + i % 9, i % 10);
+    let row = |i: usize, fare: &str| {
+        format!(
+            "t{i},{},{},{:.2},V{},{},{fare},{},2024-03-0{} 08:1{}:00",
+            1 + i % 200,
+            1 + i * 3 % 200,
+            1.0 + i as f64 / 10.0,
+            i % 3,
+            1 + i % 4,
+            i.is_multiple_of(2),
+            1 + i % 9,
+            i % 10
+        )
+    };
     let mut a = String::from(head) + "\n";
     for i in 0..20 {
         a.push_str(&(row(i, &format!("{}.5", 10 + i)) + "\n"));
@@ -618,7 +632,9 @@ fn pass_through_columns_keep_their_types_a_new_column_is_added_and_a_type_confli
     let mut w = s.watch("");
     s.wait_rows(|r| r.len() == 20, "a.csv answered", &w);
     let types = column_types(&s.table);
-    for (column, want) in [("vendor", "text"), ("passengers", "bigint"), ("fare", "double precision"), ("paid", "boolean"), ("pickup_at", "timestamp with time zone")] {
+    for (column, want) in
+        [("vendor", "text"), ("passengers", "bigint"), ("fare", "double precision"), ("paid", "boolean"), ("pickup_at", "timestamp with time zone")]
+    {
         assert_eq!(types.get(column).map(String::as_str), Some(want), "column `{column}`: {types:?}");
     }
     let t = sluice::sql::quote_ident(&s.table);
@@ -626,7 +642,10 @@ fn pass_through_columns_keep_their_types_a_new_column_is_added_and_a_type_confli
     assert_eq!((r.get::<_, i64>(0), r.get::<_, f64>(1), r.get::<_, bool>(2), r.get::<_, i64>(3)), (4, 13.5, false, 8));
     // The JSON lines carry the same types.
     let line = json_lines(&s.out(), "answers.w").into_iter().find(|v| v["id"] == "t3").unwrap();
-    assert_eq!((line["passengers"].as_i64(), line["fare"].as_f64(), line["paid"].as_bool(), line["vendor"].as_str()), (Some(4), Some(13.5), Some(false), Some("V0")));
+    assert_eq!(
+        (line["passengers"].as_i64(), line["fare"].as_f64(), line["paid"].as_bool(), line["vendor"].as_str()),
+        (Some(4), Some(13.5), Some(false), Some("V0"))
+    );
 
     // A later file with one more column: the column is added, with its type.
     let mut b = String::from(head) + ",tip\n";
@@ -660,7 +679,10 @@ fn pass_through_columns_keep_their_types_a_new_column_is_added_and_a_type_confli
     };
     assert!(wait_until(Duration::from_secs(30), || dead().len() == 3), "three dead letters for c.csv: {:?}\n{}", dead(), w.stderr_tail());
     for (position, detail) in dead() {
-        assert!(detail.contains("type conflict: column `fare` is text in") && detail.contains("c.csv") && detail.contains("but float in table"), "{position}: {detail}");
+        assert!(
+            detail.contains("type conflict: column `fare` is text in") && detail.contains("c.csv") && detail.contains("but float in table"),
+            "{position}: {detail}"
+        );
     }
     assert!(!s.rows().contains_key("t30"), "a conflicting row is not answered");
     stop(&mut w);

@@ -444,4 +444,17 @@ mod tests {
         let rows = parse_rows(&[b"\"two\nlines\",z"], 2).unwrap();
         assert_eq!(rows[0][0], "two\nlines");
     }
+
+    #[test]
+    fn column_kinds_are_inferred_from_the_first_rows() {
+        let sample = b"id,n,x,flag,at,name\n1,3,1.5,true,2024-03-01T08:15:00,a\n2,-4,2,false,2024-03-02T09:00:00,b\n3,7,3.25,true,2024-03-03T10:30:00,";
+        // The last line is cut off (no newline): inference stops at the last whole line.
+        let kinds = infer_kinds(sample, 6);
+        assert_eq!(&*kinds, &[ColumnKind::Int, ColumnKind::Int, ColumnKind::Float, ColumnKind::Bool, ColumnKind::Timestamp, ColumnKind::Text]);
+        assert_eq!(&*infer_kinds(b"a,b\n1,x\n", 3), &[ColumnKind::Text; 3], "a column count that does not match the header's is all text");
+        assert_eq!(&*infer_kinds(b"a,b", 2), &[ColumnKind::Text; 2], "no whole line: text");
+        assert_eq!(ColumnKind::Int.json(" 42 "), serde_json::json!(42));
+        assert_eq!(ColumnKind::Float.json("n/a"), serde_json::json!("n/a"), "a value that does not read as its kind stays text");
+        assert_eq!(ColumnKind::Bool.json("TRUE"), serde_json::json!(true));
+    }
 }

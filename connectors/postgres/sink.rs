@@ -384,8 +384,9 @@ impl PostgresWriter {
             }
         }
         for name in &passthrough {
-            value_cols
-                .push(Box::new(answers.iter().map(|a| a.passthrough.iter().find(|f| &f.name == name).map(|f| f.value.clone())).collect::<Vec<Option<String>>>()));
+            value_cols.push(Box::new(
+                answers.iter().map(|a| a.passthrough.iter().find(|f| &f.name == name).map(|f| f.value.clone())).collect::<Vec<Option<String>>>(),
+            ));
         }
         let mut dead: Vec<(&(String, String), &&DeadLetter)> = dead_latest.iter().collect();
         dead.sort_by(|a, b| a.0.cmp(b.0));
