@@ -22,6 +22,13 @@ grep -q 'scripts/quickstart.sh' README.md && [ -x scripts/quickstart.sh ] && ok 
 grep -q 'scripts/test.sh' README.md && [ -x scripts/test.sh ] && ok "README: scripts/test.sh" || missing "README's second command"
 grep -q 'scripts/test.sh' .ci/run && ok ".ci/run calls scripts/test.sh" || missing ".ci/run does not call the README's test command"
 if [ -n "$(git status --porcelain 2>/dev/null)" ]; then warn "uncommitted changes: CI runs what is committed"; else ok "tree clean"; fi
+cache="${SLUICE_CACHE:-$HOME/.cache/sluice}"
+if [ -f "$cache/qa-gpu/model.fp16.onnx" ]; then ok "GPU variants of the QA model ($cache/qa-gpu)"; else ok "GPU variants of the QA model: scripts/test.sh makes them (installs onnx from PyPI, runs scripts/optimize_model.py)"; fi
+if [ -e /proc/driver/nvidia/version ]; then
+  ok "NVIDIA driver present: provider = \"cuda\" needs scripts/setup.sh --gpu"
+else
+  ok "no NVIDIA driver: provider = \"cuda\" is refused here with what is missing (README: On a GPU)"
+fi
 for t in topologies/*.toml; do
   grep -q "^name" "$t" || warn "$t has no name"
 done

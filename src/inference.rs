@@ -366,4 +366,51 @@ mod tests {
         assert!(matches!(&results[5], Err(e) if !e.retryable() && e.to_string() == "cannot run unit 5"));
         assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 7);
     }
+
+    /// Records when each of its runs starts and ends, and takes `run_ms` per run.
+    struct Slow {
+        name: usize,
+        runs: Arc<std::sync::Mutex<Vec<(usize, Instant, Instant)>>>,
+    }
+
+    impl Model for Slow {
+        type Unit = usize;
+        type Out = usize;
+        fn cost(_: &usize) -> usize {
+            1
+        }
+        fn batch_invariant(&self) -> bool {
+            true
+        }
+        fn run(&mut self, units: &[&usize]) -> Result<Vec<usize>, InferenceError> {
+            let started = Instant::now();
+            std::thread::sleep(Duration::from_millis(40));
+            self.runs.lock().unwrap().push((self.name, started, Instant::now()));
+            Ok(units.iter().map(|u| **u).collect())
+        }
+    }
+
+    #[test]
+    fn two_models_keep_two_runs_in_flight() {
+        let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let models = (0..2).map(|name| Slow { name, runs: runs.clone() }).collect();
+        let policy = BatchPolicy { max_batch: 4, max_delay: Duration::from_millis(1), lookahead: 1 };
+        let (handle, joins) = start(models, policy).unwrap();
+        let (reply, rx) = ReplyTo::new(None);
+        for ticket in 0..8u64 {
+            handle.submit((0..4).map(|index| Unit { ticket, index, unit: index }).collect(), &reply);
+        }
+        let mut got = 0;
+        while got < 32 {
+            got += rx.recv_timeout(Duration::from_secs(10)).unwrap().len();
+        }
+        drop(handle);
+        for j in joins {
+            j.join().unwrap();
+        }
+        let runs = runs.lock().unwrap().clone();
+        assert!(runs.iter().any(|r| r.0 == 0) && runs.iter().any(|r| r.0 == 1), "both models ran: {runs:?}");
+        let overlapping = runs.iter().any(|a| runs.iter().any(|b| a.0 != b.0 && a.1 < b.2 && b.1 < a.2));
+        assert!(overlapping, "a run of one model overlapped a run of the other");
+    }
 }
