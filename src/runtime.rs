@@ -113,9 +113,7 @@ pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, RunError> 
                 tracing::info!("{} uses dynamic quantization: running one window per model call so answers do not depend on batch-mates", model.display());
             }
             let shapes = |provider| qa_shapes(topology, provider, *max_seq_len);
-            let first = QaModel::load(model, shapes, invariant, exec)?;
-            let more = runs_in_flight(exec, first.provider()) - 1;
-            let models = std::iter::once(Ok(first)).chain((0..more).map(|_| QaModel::load(model, shapes, invariant, exec))).collect::<Result<Vec<_>, _>>()?;
+            let models = open_models(exec, || QaModel::load(model, shapes, invariant, exec), QaModel::provider)?;
             let (handle, joins) = inference::start(models, policy)?;
             let summary = run_dataflow(topology, opts, task, handle, stop);
             for j in joins {
@@ -125,10 +123,7 @@ pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, RunError> 
         }
         TaskConfig::Tabular { model, output, model_name } => {
             let label = tasks::model_label(&model_name_or_folder(model_name, model), model)?;
-            let first = TabularModel::load(model, output.as_deref(), exec)?;
-            let more = runs_in_flight(exec, first.provider()) - 1;
-            let models =
-                std::iter::once(Ok(first)).chain((0..more).map(|_| TabularModel::load(model, output.as_deref(), exec))).collect::<Result<Vec<_>, _>>()?;
+            let models = open_models(exec, || TabularModel::load(model, output.as_deref(), exec), TabularModel::provider)?;
             let task = Arc::new(Tabular::new(&models[0], label));
             let (handle, joins) = inference::start(models, policy)?;
             let summary = run_dataflow(topology, opts, task, handle, stop);
@@ -140,10 +135,11 @@ pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, RunError> 
     }
 }
 
-/// Model runs in flight: as configured, else the default of the provider the first session
-/// ended up on (a CUDA run that fell back to the CPU runs as the CPU does).
-fn runs_in_flight(exec: &ExecutionConfig, provider: Provider) -> usize {
-    exec.runs_in_flight.unwrap_or(ExecutionConfig { provider, ..ExecutionConfig::default() }.runs())
+/// One model per run in flight: the first decides the provider, and so the default count.
+fn open_models<M>(exec: &ExecutionConfig, load: impl Fn() -> Result<M, InferenceError>, provider: impl Fn(&M) -> Provider) -> Result<Vec<M>, InferenceError> {
+    let first = load()?;
+    let runs = exec.runs_on(provider(&first));
+    std::iter::once(Ok(first)).chain((1..runs).map(|_| load())).collect()
 }
 
 /// The tensor shapes a QA topology's batches take on `provider`.

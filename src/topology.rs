@@ -237,7 +237,13 @@ pub struct ExecutionConfig {
 impl ExecutionConfig {
     /// Model runs in flight, as configured or by the provider's default.
     pub fn runs(&self) -> usize {
-        self.runs_in_flight.unwrap_or(match self.provider {
+        self.runs_on(self.provider)
+    }
+
+    /// Model runs in flight on `provider` (where a session ended up: a CUDA run that fell back
+    /// to the CPU runs as the CPU does unless configured).
+    pub fn runs_on(&self, provider: Provider) -> usize {
+        self.runs_in_flight.unwrap_or(match provider {
             Provider::Cpu => 1,
             Provider::Cuda => 2,
         })
