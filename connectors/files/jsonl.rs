@@ -55,8 +55,7 @@ const SIDE_REF: &str = "@side:";
 
 /// The side file of a long position: named by its content, so an unchanged one is not rewritten.
 fn side_name(worker: usize, position: &str) -> String {
-    use sha2::Digest;
-    format!("checkpoint.w{worker}.{}.pos", &hex::encode(sha2::Sha256::digest(position.as_bytes()))[..24])
+    format!("checkpoint.w{worker}.{:032x}.pos", twox_hash::XxHash3_128::oneshot(position.as_bytes()))
 }
 
 /// A stored position, with a side-file reference replaced by the file's contents.

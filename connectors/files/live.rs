@@ -129,11 +129,21 @@ pub struct FilesFactory {
 }
 
 impl FilesFactory {
+    /// The checkpoint scope of the changes to each file's base manifest.
+    fn changes_scope(&self) -> String {
+        changes_scope(&self.scope)
+    }
+
     /// Checks that the location can be opened (a missing folder, a bad URL) before the run.
     pub fn new(config: FilesConfig) -> Result<Self, SourceError> {
         let store = Store::open(&config.path, &config.settings()).map_err(SourceError::Config)?;
         Ok(FilesFactory { scope: format!("files:{}", store.describe()), config })
     }
+}
+
+/// The checkpoint scope of the changes to the base manifests stored under `scope`.
+fn changes_scope(scope: &str) -> String {
+    format!("{scope} (changes)")
 }
 
 /// The worker that owns `file`.
@@ -147,12 +157,13 @@ impl SourceFactory for FilesFactory {
     }
     fn build(&self, worker: usize, peers: usize, resume: &[Checkpoint]) -> Result<Box<dyn Source>, SourceError> {
         let store = Store::open(&self.config.path, &self.config.settings()).map_err(SourceError::Config)?;
+        let mine = |c: &&Checkpoint| owner(&c.shard, peers) == worker && !c.position.is_empty();
+        let changes: HashMap<&str, &str> =
+            resume.iter().filter(|c| c.scope == self.changes_scope()).filter(mine).map(|c| (c.shard.as_str(), c.position.as_str())).collect();
         let mut known = HashMap::new();
-        for c in resume.iter().filter(|c| c.scope == self.scope && owner(&c.shard, peers) == worker) {
-            if c.position.is_empty() {
-                continue; // a file that went away
-            }
-            match Manifest::decode(&c.shard, &c.position) {
+        // A file that went away has an empty base.
+        for c in resume.iter().filter(|c| c.scope == self.scope).filter(mine) {
+            match Manifest::decode(&c.position, changes.get(c.shard.as_str()).copied()) {
                 Ok(m) => {
                     known.insert(c.shard.clone(), m);
                 }
@@ -410,10 +421,21 @@ impl FilesSource {
                 });
             }
             if gone.is_empty() {
-                let (manifest, _) = r.done.take().expect("done");
+                let (mut manifest, _) = r.done.take().expect("done");
                 let r = self.current.take().expect("a file is being read");
-                let position = if manifest.version.is_empty() { String::new() } else { manifest.encode() };
-                self.ready.push(Checkpoint { scope: self.scope.clone(), shard: r.name.to_string(), position });
+                let shard = r.name.to_string();
+                let changes = changes_scope(&self.scope);
+                if manifest.version.is_empty() {
+                    // Gone: its base and changes are cleared together.
+                    self.ready.push(Checkpoint { scope: self.scope.clone(), shard: shard.clone(), position: String::new() });
+                    self.ready.push(Checkpoint { scope: changes, shard, position: String::new() });
+                } else {
+                    let durable = manifest.durable();
+                    if let Some(base) = durable.base {
+                        self.ready.push(Checkpoint { scope: self.scope.clone(), shard: shard.clone(), position: base });
+                    }
+                    self.ready.push(Checkpoint { scope: changes, shard, position: durable.changes });
+                }
                 tracing::info!("files: {}: {} rows, {} new or changed, {} gone, in {} ms", r.name, r.rows, r.changed, r.gone, r.started.elapsed().as_millis());
                 if !manifest.version.is_empty() {
                     self.known.insert(r.name.to_string(), manifest);
@@ -828,7 +850,7 @@ mod tests {
         let factory = FilesFactory::new(config).unwrap();
         let (first, cps) = drain(&mut factory.build(0, 1, &[]).unwrap());
         assert_eq!(first.len(), 53, "every row of both files");
-        assert_eq!(cps.len(), 2, "a manifest per file");
+        assert_eq!(cps.len(), 4, "a base manifest and its changes per file");
         assert_eq!(ids(&first, false).iter().filter(|i| i.starts_with("b.csv#")).count(), 3);
         // Edit one row, insert one at the top, remove one; add a row to b at the top.
         let mut edited: Vec<String> = (0..50).map(|i| format!("r{i},question {i},context {i}")).collect();
@@ -846,11 +868,12 @@ mod tests {
         std::fs::remove_file(dir.path().join("b.csv")).unwrap();
         let mut stored = cps.clone();
         stored.extend(cps2);
-        let latest: HashMap<String, Checkpoint> = stored.into_iter().map(|c| (c.shard.clone(), c)).collect();
+        let latest: HashMap<(String, String), Checkpoint> = stored.into_iter().map(|c| ((c.scope.clone(), c.shard.clone()), c)).collect();
         let (third, cps3) = drain(&mut factory.build(0, 1, &latest.into_values().collect::<Vec<_>>()).unwrap());
         assert!(ids(&third, false).is_empty());
         assert_eq!(ids(&third, true).len(), 4, "b's four rows: {:?}", ids(&third, true));
-        assert_eq!(cps3.iter().find(|c| c.shard == "b.csv").map(|c| c.position.as_str()), Some(""), "b's manifest is cleared");
+        let b: Vec<&str> = cps3.iter().filter(|c| c.shard == "b.csv").map(|c| c.position.as_str()).collect();
+        assert_eq!(b, vec!["", ""], "b's base and changes are cleared");
     }
 
     #[test]

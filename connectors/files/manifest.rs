@@ -1,6 +1,8 @@
 //! Per-file manifests of the live file source: for each row of a file, its ID and a hash of its
 //! content (never the payload); the diff of a file's new version against them; and their compact
-//! durable form, a checkpoint position stored with the answers.
+//! durable form, stored with the answers as two checkpoint positions: a base (every row, rewritten
+//! now and then) and the changes since it (what the reads since the base changed), so a read that
+//! changes 1% of a file stores about that much, not the whole manifest again.
 //!
 //! Row identity: the `id` column's value when the file has one; otherwise
 //! `<file>#<content hash, 16 hex digits>`, with `~<k>` appended for the k-th exact duplicate
@@ -45,47 +47,83 @@ pub type ByHash<V> = HashMap<u64, V, BuildHasherDefault<PassThrough>>;
 
 /// The derived ID of the `k`-th (1-based) row of `file` with this content hash.
 pub fn derived_id(file: &str, content: u64, k: u32) -> String {
-    let mut s = String::with_capacity(file.len() + 20);
-    write_derived(&mut s, file, content, k);
-    s
-}
-
-fn write_derived(out: &mut String, file: &str, content: u64, k: u32) {
-    use std::fmt::Write;
     if k <= 1 {
-        let _ = write!(out, "{file}#{content:016x}");
+        format!("{file}#{content:016x}")
     } else {
-        let _ = write!(out, "{file}#{content:016x}~{k}");
+        format!("{file}#{content:016x}~{k}")
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RowId {
-    /// A derived ID: the duplicate counter.
-    Derived(u32),
-    /// An `id` cell: where it lies in the manifest's arena.
-    Named { at: u32, len: u32 },
-}
+/// The `b` of a row with a derived ID (its `a` is the duplicate counter).
+const DERIVED: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug)]
 struct Row {
     content: u64,
-    id: RowId,
+    /// A named row: where its `id` cell lies in the manifest's arena (`a` its start, `b` its
+    /// length). A derived row: `a` is its duplicate counter and `b` is [`DERIVED`].
+    a: u32,
+    b: u32,
     /// The diff that last saw the row (a diff updates the manifest in place; a row it did not
-    /// see is gone). It fits in the padding: a row is 24 bytes either way.
+    /// see is gone).
     seen: u32,
+    /// Where that diff saw it: the row's place among the file's rows, which keeps the manifest
+    /// in the file's order. Its top bit is [`CHANGED`].
+    at: u32,
 }
 
-/// What sluice knows of one file: the version it last read, and per row, the ID and content hash.
-/// About 30 bytes a row, plus the bytes of `id` cells.
+/// The bit of [`Row::at`] saying that the row is new or changed since the durable base.
+const CHANGED: u32 = 1 << 31;
+
+impl Row {
+    fn place(&self) -> u32 {
+        self.at & !CHANGED
+    }
+}
+
+/// The changes since the base may grow to this share of the base's rows (1/8) before the base is
+/// written again: a long series of 1% edits then writes, per read, about 1/8 of a base every 12
+/// reads plus the changes, on average about 15% of the full manifest instead of all of it.
+const REBASE_SHARE: usize = 8;
+
+/// What to store after a read: the base when it was written again, and the changes since it
+/// (empty when there are none).
+#[derive(Debug)]
+pub struct Durable {
+    pub base: Option<String>,
+    pub changes: String,
+}
+
+/// What sluice knows of one file: the version it last read, and per row, in the file's order,
+/// the ID and content hash. 24 bytes a row, plus the bytes of `id` cells.
 #[derive(Clone, Debug, Default)]
 pub struct Manifest {
     /// The file's tag when it was read.
     pub version: String,
-    rows: ByHash<Row>,
+    rows: Vec<Row>,
     arena: String,
     /// The last diff's mark.
     generation: u32,
+    /// The stamp of the durable base that [`Manifest::removed`] and the rows marked
+    /// [`CHANGED`] are changes to; 0 before the first base.
+    base: u64,
+    /// The rows removed since the base, as durable row records.
+    removed: Vec<u8>,
+    removed_rows: usize,
+}
+
+/// The key a row is found by when it is not where the file's order puts it: the ID's hash for a
+/// named row, a hash of the content and duplicate counter for a derived one.
+fn key_of(named: Option<&str>, content: u64, k: u32) -> u64 {
+    match named {
+        Some(id) => id_key(id),
+        None => {
+            let mut b = [0u8; 12];
+            b[..8].copy_from_slice(&content.to_le_bytes());
+            b[8..].copy_from_slice(&k.to_le_bytes());
+            twox_hash::XxHash3_64::oneshot_with_seed(u64::from(DERIVED), &b)
+        }
+    }
 }
 
 impl Manifest {
@@ -97,73 +135,192 @@ impl Manifest {
         self.rows.is_empty()
     }
 
+    fn named(&self, row: &Row) -> Option<&str> {
+        (row.b != DERIVED).then(|| &self.arena[row.a as usize..(row.a + row.b) as usize])
+    }
+
     fn id_of(&self, file: &str, row: &Row) -> String {
-        match row.id {
-            RowId::Derived(k) => derived_id(file, row.content, k),
-            RowId::Named { at, len } => self.arena[at as usize..(at + len) as usize].to_string(),
+        match self.named(row) {
+            Some(id) => id.to_string(),
+            None => derived_id(file, row.content, row.a),
+        }
+    }
+
+    fn key(&self, row: &Row) -> u64 {
+        key_of(self.named(row), row.content, row.a)
+    }
+
+    /// Whether row `j` is the row with this identity.
+    fn is(&self, j: usize, named: Option<&str>, content: u64, k: u32) -> bool {
+        let row = &self.rows[j];
+        match named {
+            Some(id) => row.b as usize == id.len() && self.named(row) == Some(id),
+            None => row.b == DERIVED && row.a == k && row.content == content,
         }
     }
 
     /// Every row's ID (for a file that went away).
     pub fn ids(&self, file: &str) -> Vec<String> {
-        let mut ids: Vec<String> = self.rows.values().map(|r| self.id_of(file, r)).collect();
+        let mut ids: Vec<String> = self.rows.iter().map(|r| self.id_of(file, r)).collect();
         ids.sort();
         ids
     }
 
-    /// The durable form: a checkpoint position.
-    pub fn encode(&self) -> String {
-        let mut b = Vec::with_capacity(16 + self.version.len() + self.rows.len() * 13 + self.arena.len());
-        b.extend_from_slice(b"SLM1");
+    fn push_record(&self, row: &Row, b: &mut Vec<u8>) {
+        b.extend_from_slice(&row.content.to_le_bytes());
+        match self.named(row) {
+            None => {
+                b.push(0);
+                b.extend_from_slice(&row.a.to_le_bytes());
+            }
+            Some(id) => {
+                b.push(1);
+                b.extend_from_slice(&row.b.to_le_bytes());
+                b.extend_from_slice(id.as_bytes());
+            }
+        }
+    }
+
+    /// Reads one row record, adding a named row's ID to the arena.
+    fn read_record(&mut self, r: &mut Cursor) -> Result<Row, String> {
+        let content = r.u64()?;
+        let (a, b) = match r.take(1)?[0] {
+            0 => (r.u32()?, DERIVED),
+            1 => {
+                let len = r.u32()?;
+                if len == DERIVED {
+                    return Err("bad id length".into());
+                }
+                let id = std::str::from_utf8(r.take(len as usize)?).map_err(|_| "bad id")?;
+                let a = self.arena.len() as u32;
+                self.arena.push_str(id);
+                (a, len)
+            }
+            _ => return Err("bad row kind".into()),
+        };
+        Ok(Row { content, a, b, seen: 0, at: 0 })
+    }
+
+    /// Every row, in the file's order: the durable base.
+    fn encode_base(&self, stamp: u64) -> String {
+        let mut b = Vec::with_capacity(24 + self.version.len() + self.rows.len() * 13 + self.arena.len());
+        b.extend_from_slice(b"SLM2");
+        b.extend_from_slice(&stamp.to_le_bytes());
         b.extend_from_slice(&(self.version.len() as u32).to_le_bytes());
         b.extend_from_slice(self.version.as_bytes());
         b.extend_from_slice(&(self.rows.len() as u64).to_le_bytes());
-        for row in self.rows.values() {
-            b.extend_from_slice(&row.content.to_le_bytes());
-            match row.id {
-                RowId::Derived(k) => {
-                    b.push(0);
-                    b.extend_from_slice(&k.to_le_bytes());
-                }
-                RowId::Named { at, len } => {
-                    b.push(1);
-                    b.extend_from_slice(&len.to_le_bytes());
-                    b.extend_from_slice(&self.arena.as_bytes()[at as usize..(at + len) as usize]);
-                }
-            }
+        for row in &self.rows {
+            self.push_record(row, &mut b);
         }
         base64::engine::general_purpose::STANDARD.encode(b)
     }
 
-    /// Reads a manifest of `file` back from [`Manifest::encode`]'s form.
-    pub fn decode(file: &str, position: &str) -> Result<Manifest, String> {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(position).map_err(|e| format!("not base64: {e}"))?;
-        let mut r = Cursor { b: &bytes, at: 0 };
-        if r.take(4)? != b"SLM1" {
-            return Err("not a sluice file manifest".into());
+    /// What to store after a read: the changes since the base, or a new base when the changes
+    /// have grown past [`REBASE_SHARE`] of it (or there is none yet).
+    pub fn durable(&mut self) -> Durable {
+        let changed = self.rows.iter().filter(|r| r.at & CHANGED != 0).count();
+        if changed + self.removed_rows == 0 && self.base != 0 {
+            return Durable { base: None, changes: String::new() };
         }
-        let vlen = r.u32()? as usize;
-        let version = String::from_utf8(r.take(vlen)?.to_vec()).map_err(|_| "bad version")?;
-        let n = r.u64()? as usize;
-        let mut m = Manifest { version, rows: ByHash::with_capacity_and_hasher(n.min(1 << 26), Default::default()), arena: String::new(), generation: 0 };
-        for _ in 0..n {
-            let content = r.u64()?;
-            match r.take(1)?[0] {
-                0 => {
-                    let k = r.u32()?;
-                    m.rows.insert(id_key(&derived_id(file, content, k)), Row { content, id: RowId::Derived(k), seen: 0 });
-                }
-                1 => {
-                    let len = r.u32()?;
-                    let id = std::str::from_utf8(r.take(len as usize)?).map_err(|_| "bad id")?;
-                    let at = m.arena.len() as u32;
-                    m.arena.push_str(id);
-                    m.rows.insert(id_key(id), Row { content, id: RowId::Named { at, len }, seen: 0 });
-                }
-                _ => return Err("bad row kind".into()),
+        if self.base == 0 || (changed + self.removed_rows) * REBASE_SHARE > self.rows.len() {
+            let stamp = twox_hash::XxHash3_64::oneshot_with_seed(crate::record::now_ms(), self.version.as_bytes()) | 1;
+            for r in &mut self.rows {
+                r.at &= !CHANGED;
             }
+            self.removed = Vec::new();
+            self.removed_rows = 0;
+            self.base = stamp;
+            return Durable { base: Some(self.encode_base(stamp)), changes: String::new() };
+        }
+        let mut b = Vec::with_capacity(32 + self.version.len() + self.removed.len() + changed * 24);
+        b.extend_from_slice(b"SLC1");
+        b.extend_from_slice(&self.base.to_le_bytes());
+        b.extend_from_slice(&(self.version.len() as u32).to_le_bytes());
+        b.extend_from_slice(self.version.as_bytes());
+        b.extend_from_slice(&(self.removed_rows as u64).to_le_bytes());
+        b.extend_from_slice(&self.removed);
+        b.extend_from_slice(&(changed as u64).to_le_bytes());
+        for row in self.rows.iter().filter(|r| r.at & CHANGED != 0) {
+            self.push_record(row, &mut b);
+        }
+        Durable { base: None, changes: base64::engine::general_purpose::STANDARD.encode(b) }
+    }
+
+    /// Reads a manifest back from its durable base and the changes since it. No hashing for the
+    /// base: its rows come back in the file's order, and a diff finds them by position. Changes
+    /// made to another base (a base stored without its changes) are left out: the file then
+    /// differs from the base's version, so it is read again and diffed against the base.
+    pub fn decode(base: &str, changes: Option<&str>) -> Result<Manifest, String> {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(base).map_err(|e| format!("not base64: {e}"))?;
+        let mut r = Cursor { b: &bytes, at: 0 };
+        let stamp = match r.take(4)? {
+            b"SLM2" => r.u64()?,
+            // Stored before bases had stamps: no changes go with it.
+            b"SLM1" => 0,
+            _ => return Err("not a sluice file manifest".into()),
+        };
+        let version = r.string()?;
+        let n = r.u64()? as usize;
+        let mut m = Manifest { version, rows: Vec::with_capacity(n.min(1 << 26)), ..Manifest::default() };
+        for at in 0..n {
+            let row = m.read_record(&mut r)?;
+            m.rows.push(Row { at: at as u32, ..row });
+        }
+        m.base = stamp;
+        match changes.filter(|c| !c.is_empty()) {
+            Some(changes) if stamp != 0 => m.apply(changes)?,
+            _ => {}
         }
         Ok(m)
+    }
+
+    /// Applies stored changes to a freshly read base.
+    fn apply(&mut self, changes: &str) -> Result<(), String> {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(changes).map_err(|e| format!("not base64: {e}"))?;
+        let mut r = Cursor { b: &bytes, at: 0 };
+        if r.take(4)? != b"SLC1" {
+            return Err("not a sluice manifest change set".into());
+        }
+        if r.u64()? != self.base {
+            tracing::debug!("files: stored manifest changes belong to another base; the base alone is used");
+            return Ok(());
+        }
+        let version = r.string()?;
+        let mut index: ByHash<u32> = ByHash::with_capacity_and_hasher(self.rows.len(), Default::default());
+        for (j, row) in self.rows.iter().enumerate() {
+            index.insert(self.key(row), j as u32);
+        }
+        const GONE: u32 = u32::MAX;
+        let start = r.at;
+        let removed = r.u64()? as usize;
+        for _ in 0..removed {
+            let row = self.read_record(&mut r)?;
+            if let Some(&j) = index.get(&self.key(&row)) {
+                self.rows[j as usize].seen = GONE;
+            }
+        }
+        self.removed = bytes[start + 8..r.at].to_vec();
+        self.removed_rows = removed;
+        let changed = r.u64()? as usize;
+        for _ in 0..changed {
+            let row = self.read_record(&mut r)?;
+            let key = self.key(&row);
+            match index.get(&key) {
+                Some(&j) => {
+                    let old = &mut self.rows[j as usize];
+                    old.content = row.content;
+                    old.seen = 0;
+                    old.at |= CHANGED;
+                }
+                None => {
+                    index.insert(key, self.rows.len() as u32);
+                    self.rows.push(Row { at: self.rows.len() as u32 | CHANGED, ..row });
+                }
+            }
+        }
+        self.rows.retain(|r| r.seen != GONE);
+        self.version = version;
+        Ok(())
     }
 }
 
@@ -184,10 +341,21 @@ impl<'a> Cursor<'a> {
     fn u64(&mut self) -> Result<u64, String> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
+    fn string(&mut self) -> Result<String, String> {
+        let len = self.u32()? as usize;
+        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| "bad version".into())
+    }
 }
 
-/// A file's new version being read against its manifest, which it updates in place: one hash
-/// lookup a row, and no second copy of the file's state.
+/// How many rows past the expected one a diff looks before it asks the index (rows deleted
+/// from a file shift the rest by a few).
+const LOOKAHEAD: usize = 8;
+
+/// A file's new version being read against its manifest, which it updates in place. Rows are
+/// matched by position first: a row of the new version is compared with the manifest's row
+/// after the last one matched (and a few beyond it), which is a sequential walk with no hash
+/// lookup while the file keeps its order. A row found nowhere near its place (inserted, moved)
+/// is looked up in an index by ID, built on the first such row.
 pub struct Diff {
     file: String,
     m: Manifest,
@@ -197,8 +365,12 @@ pub struct Diff {
     generation: u32,
     /// Derived rows seen so far per content hash (for the duplicate counter).
     dups: ByHash<u32>,
-    /// Where a derived ID is written before it is hashed.
-    scratch: String,
+    /// Row keys to their place in the manifest, built when first needed.
+    index: Option<ByHash<u32>>,
+    /// The manifest row expected next.
+    cursor: usize,
+    /// The new version's rows so far.
+    next_at: u32,
     /// The read turned out unusable: every row goes.
     forget: bool,
 }
@@ -207,50 +379,77 @@ impl Diff {
     pub fn new(file: &str, mut m: Manifest, version: String) -> Self {
         m.generation = m.generation.wrapping_add(1);
         let generation = m.generation;
-        Diff { file: file.to_string(), m, version, generation, dups: ByHash::default(), scratch: String::new(), forget: false }
+        Diff { file: file.to_string(), m, version, generation, dups: ByHash::default(), index: None, cursor: 0, next_at: 0, forget: false }
     }
 
     /// A row of the new version, with its `id` cell if the file has one: its ID when it is new
     /// or changed (so it must go to the model), `None` when it is unchanged. An unchanged row
     /// costs no allocation.
     pub fn row(&mut self, named: Option<&str>, content: u64) -> Option<String> {
-        let key = match named {
-            Some(id) => id_key(id),
+        let k = match named {
+            Some(_) => 0,
             None => {
                 let k = self.dups.entry(content).or_insert(0);
                 *k += 1;
-                let k = *k;
-                self.scratch.clear();
-                write_derived(&mut self.scratch, &self.file, content, k);
-                id_key(&self.scratch)
+                *k
             }
         };
+        let at = self.next_at & !CHANGED;
+        self.next_at = self.next_at.wrapping_add(1);
         let generation = self.generation;
-        match self.m.rows.get_mut(&key) {
-            Some(row) if row.content == content => {
-                row.seen = generation;
-                return None;
-            }
-            Some(row) => {
-                row.content = content;
-                row.seen = generation;
-            }
-            None => {
-                let id = match named {
-                    Some(id) => {
-                        let at = self.m.arena.len() as u32;
-                        self.m.arena.push_str(id);
-                        RowId::Named { at, len: id.len() as u32 }
-                    }
-                    None => RowId::Derived(self.dups[&content]),
-                };
-                self.m.rows.insert(key, Row { content, id, seen: generation });
-            }
-        }
-        Some(match named {
+        let id = |file: &str| match named {
             Some(id) => id.to_string(),
-            None => self.scratch.clone(),
-        })
+            None => derived_id(file, content, k),
+        };
+        let Some(j) = self.find(named, content, k) else {
+            let (a, b) = match named {
+                Some(id) => {
+                    let a = self.m.arena.len() as u32;
+                    self.m.arena.push_str(id);
+                    (a, id.len() as u32)
+                }
+                None => (k, DERIVED),
+            };
+            let j = self.m.rows.len();
+            self.m.rows.push(Row { content, a, b, seen: generation, at: at | CHANGED });
+            if let Some(index) = &mut self.index {
+                index.insert(key_of(named, content, k), j as u32);
+            }
+            return Some(id(&self.file));
+        };
+        let row = &mut self.m.rows[j];
+        row.seen = generation;
+        row.at = at | (row.at & CHANGED);
+        if row.content == content {
+            return None;
+        }
+        row.content = content;
+        row.at |= CHANGED;
+        Some(id(&self.file))
+    }
+
+    /// Where the row with this identity is in the manifest.
+    fn find(&mut self, named: Option<&str>, content: u64, k: u32) -> Option<usize> {
+        let end = (self.cursor + LOOKAHEAD).min(self.m.rows.len());
+        if let Some(j) = (self.cursor..end).find(|&j| self.m.is(j, named, content, k)) {
+            self.cursor = j + 1;
+            return Some(j);
+        }
+        let m = &self.m;
+        let index = self.index.get_or_insert_with(|| {
+            let mut index = ByHash::with_capacity_and_hasher(m.rows.len(), Default::default());
+            for (j, row) in m.rows.iter().enumerate() {
+                index.insert(m.key(row), j as u32);
+            }
+            index
+        });
+        let j = *index.get(&key_of(named, content, k))? as usize;
+        // Another identity with the same 64-bit key is treated as a new row.
+        if !self.m.is(j, named, content, k) {
+            return None;
+        }
+        self.cursor = j + 1;
+        Some(j)
     }
 
     /// The manifest as far as this read got (a read abandoned half-way): the rows it supplied
@@ -264,26 +463,37 @@ impl Diff {
         self.forget = true;
     }
 
-    /// The new manifest, and the IDs of rows the new version no longer has.
+    /// The new manifest, in the new version's order, and the IDs of rows it no longer has.
     pub fn finish(self) -> (Manifest, Vec<String>) {
         let Diff { file, mut m, version, generation, forget, .. } = self;
-        let mut gone: Vec<String> = m.rows.values().filter(|r| forget || r.seen != generation).map(|r| m.id_of(&file, r)).collect();
+        let mut gone: Vec<String> = Vec::new();
+        let mut removed = std::mem::take(&mut m.removed);
+        for r in m.rows.iter().filter(|r| forget || r.seen != generation) {
+            gone.push(m.id_of(&file, r));
+            m.push_record(r, &mut removed);
+        }
+        m.removed = removed;
+        m.removed_rows += gone.len();
         gone.sort();
         if forget {
-            m.rows.clear();
-            m.arena.clear();
-        } else if !gone.is_empty() {
-            m.rows.retain(|_, r| r.seen == generation);
-            // The `id` cells of rows gone stay in the arena until they are half of it.
-            let live: usize = m.rows.values().map(|r| if let RowId::Named { len, .. } = r.id { len as usize } else { 0 }).sum();
+            m.rows = Vec::new();
+            m.arena = String::new();
+        } else {
+            if !gone.is_empty() {
+                m.rows.retain(|r| r.seen == generation);
+            }
+            if !m.rows.is_sorted_by_key(Row::place) {
+                m.rows.sort_unstable_by_key(Row::place);
+            }
+            // The `id` cells of rows gone stay in the arena until they are half of it; then
+            // the arena is rewritten in the file's order.
+            let live: usize = m.rows.iter().filter(|r| r.b != DERIVED).map(|r| r.b as usize).sum();
             if m.arena.len() > 2 * live + 64 {
                 let mut arena = String::with_capacity(live);
-                for r in m.rows.values_mut() {
-                    if let RowId::Named { at, len } = r.id {
-                        let new_at = arena.len() as u32;
-                        arena.push_str(&m.arena[at as usize..(at + len) as usize]);
-                        r.id = RowId::Named { at: new_at, len };
-                    }
+                for r in m.rows.iter_mut().filter(|r| r.b != DERIVED) {
+                    let a = arena.len() as u32;
+                    arena.push_str(&m.arena[r.a as usize..(r.a + r.b) as usize]);
+                    r.a = a;
                 }
                 m.arena = arena;
             }
@@ -347,12 +557,185 @@ mod tests {
     #[test]
     fn a_manifest_survives_its_durable_form() {
         let (m, _, _) = read(Manifest::default(), &[(Some("x,1"), 5), (None, 6), (None, 6), (Some("ünï"), 7)]);
-        let back = Manifest::decode("f.csv", &m.encode()).unwrap();
+        let mut m = m;
+        let mut stored = Stored::default();
+        stored.keep(&mut m);
+        let back = stored.load();
         assert_eq!(back.version, "v");
         assert_eq!(back.ids("f.csv"), m.ids("f.csv"));
         let (_, seen, gone) = read(back, &[(Some("x,1"), 5), (None, 6), (None, 6), (Some("ünï"), 7)]);
         assert!(seen.iter().all(Option::is_none), "nothing changed: {seen:?}");
         assert!(gone.is_empty());
-        assert!(Manifest::decode("f.csv", "bm90IGEgbWFuaWZlc3Q=").is_err());
+        assert!(Manifest::decode("bm90IGEgbWFuaWZlc3Q=", None).is_err());
+    }
+
+    /// What a sink holds for one file: the last base and the last changes.
+    #[derive(Default)]
+    struct Stored {
+        base: String,
+        changes: String,
+        bases: usize,
+    }
+
+    impl Stored {
+        fn keep(&mut self, m: &mut Manifest) {
+            let d = m.durable();
+            if let Some(base) = d.base {
+                self.base = base;
+                self.bases += 1;
+            }
+            self.changes = d.changes;
+        }
+        fn load(&self) -> Manifest {
+            Manifest::decode(&self.base, Some(&self.changes)).unwrap()
+        }
+    }
+
+    #[test]
+    fn a_small_edit_stores_its_changes_not_the_whole_manifest() {
+        let ids: Vec<String> = (0..1000).map(|i| format!("r{i}")).collect();
+        let rows = |edit: u64| -> Vec<(Option<&str>, u64)> {
+            ids.iter().enumerate().map(|(i, id)| (Some(id.as_str()), if i % 100 == 0 { edit } else { 0 })).collect()
+        };
+        let mut stored = Stored::default();
+        let (mut m, _, _) = read(Manifest::default(), &rows(0));
+        stored.keep(&mut m);
+        assert_eq!((stored.bases, stored.changes.len()), (1, 0), "the first read stores a base");
+        let base_len = stored.base.len();
+        // Every 100th row edited, one of them removed, a row added.
+        let mut next = rows(1);
+        next.remove(500);
+        next.push((Some("new"), 7));
+        let (mut m, _, gone) = read(stored.load(), &next);
+        assert_eq!(gone, vec!["r500".to_string()]);
+        stored.keep(&mut m);
+        assert_eq!(stored.bases, 1, "no new base for 12 of 1000 rows");
+        assert!(stored.changes.len() * 20 < base_len, "changes {} bytes, base {base_len}", stored.changes.len());
+        let back = stored.load();
+        assert_eq!(back.ids("f.csv"), m.ids("f.csv"));
+        let (_, seen, gone) = read(back, &next);
+        assert!(seen.iter().all(Option::is_none) && gone.is_empty(), "the base and its changes are the manifest");
+        // A base stored without its changes (changes of another base) is used alone: the file
+        // differs from its version, and the diff against the base sends what changed since.
+        let (_, seen, _) = read(Manifest::decode(&stored.base, Some("")).unwrap(), &next);
+        assert_eq!(seen.iter().flatten().count(), 10, "9 edited rows and the new one");
+    }
+
+    /// A small deterministic generator for the random edit sequences below.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: usize) -> usize {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((self.0 >> 33) as usize) % n.max(1)
+        }
+    }
+
+    #[test]
+    fn random_edits_inserts_deletes_and_moves_agree_with_a_full_comparison() {
+        use std::collections::BTreeMap;
+        for seed in 0..40u64 {
+            let mut g = Lcg(seed);
+            let mut file: Vec<(String, u64)> = (0..200).map(|i| (format!("r{i}"), i as u64)).collect();
+            let mut m = Manifest::default();
+            let mut before: BTreeMap<String, u64> = BTreeMap::new();
+            let mut next_id = 200;
+            let mut stored = Stored::default();
+            for round in 0..12 {
+                let rows: Vec<(Option<&str>, u64)> = file.iter().map(|(id, c)| (Some(id.as_str()), *c)).collect();
+                let (after, seen, gone) = read(m, &rows);
+                let now: BTreeMap<String, u64> = file.iter().cloned().collect();
+                let want_sent: Vec<String> = file.iter().filter(|(id, c)| before.get(id) != Some(c)).map(|(id, _)| id.clone()).collect();
+                let sent: Vec<String> = seen.into_iter().flatten().collect();
+                assert_eq!(sent, want_sent, "seed {seed} round {round}: rows sent");
+                let want_gone: Vec<String> = before.keys().filter(|k| !now.contains_key(*k)).cloned().collect();
+                assert_eq!(gone, want_gone, "seed {seed} round {round}: rows gone");
+                let order: Vec<String> = after.rows.iter().map(|r| after.id_of("f.csv", r)).collect();
+                assert_eq!(order, file.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(), "the manifest keeps the file's order");
+                let mut after = after;
+                stored.keep(&mut after);
+                let back = stored.load();
+                assert_eq!(back.ids("f.csv"), after.ids("f.csv"));
+                assert_eq!(back.version, after.version);
+                m = back;
+                before = now;
+                // The next version: a few edits, deletes, inserts and moves.
+                for _ in 0..g.next(6) {
+                    let i = g.next(file.len());
+                    file[i].1 += 1000;
+                }
+                for _ in 0..g.next(4) {
+                    if !file.is_empty() {
+                        let i = g.next(file.len());
+                        file.remove(i);
+                    }
+                }
+                for _ in 0..g.next(4) {
+                    let i = g.next(file.len() + 1);
+                    file.insert(i, (format!("n{next_id}"), next_id as u64));
+                    next_id += 1;
+                }
+                if g.next(3) == 0 && file.len() > 2 {
+                    let i = g.next(file.len());
+                    let row = file.remove(i);
+                    file.insert(g.next(file.len() + 1), row);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_duplicate_id_in_one_file_is_one_row_whose_last_content_counts() {
+        let (m, seen, _) = read(Manifest::default(), &[(Some("a"), 1), (Some("b"), 2), (Some("a"), 3)]);
+        assert_eq!(seen, vec![Some("a".into()), Some("b".into()), Some("a".into())]);
+        assert_eq!(m.len(), 2);
+        let (_, _, gone) = read(m, &[(Some("b"), 2)]);
+        assert_eq!(gone, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn random_edits_of_a_file_without_ids_agree_with_a_full_comparison() {
+        use std::collections::BTreeSet;
+        // Derived IDs: (content, k-th duplicate); contents from a small set, so duplicates abound.
+        let ids = |file: &[u64]| -> Vec<String> {
+            let mut k: HashMap<u64, u32> = HashMap::new();
+            file.iter()
+                .map(|c| {
+                    let n = k.entry(*c).or_insert(0);
+                    *n += 1;
+                    derived_id("f.csv", *c, *n)
+                })
+                .collect()
+        };
+        for seed in 0..40u64 {
+            let mut g = Lcg(seed);
+            let mut file: Vec<u64> = (0..100).map(|_| g.next(30) as u64).collect();
+            let mut m = Manifest::default();
+            let mut before: BTreeSet<String> = BTreeSet::new();
+            let mut stored = Stored::default();
+            for round in 0..10 {
+                let rows: Vec<(Option<&str>, u64)> = file.iter().map(|c| (None, *c)).collect();
+                let (after, seen, gone) = read(m, &rows);
+                let now = ids(&file);
+                let want_sent: Vec<String> = now.iter().filter(|id| !before.contains(*id)).cloned().collect();
+                assert_eq!(seen.into_iter().flatten().collect::<Vec<_>>(), want_sent, "seed {seed} round {round}");
+                let now: BTreeSet<String> = now.into_iter().collect();
+                assert_eq!(gone, before.difference(&now).cloned().collect::<Vec<_>>(), "seed {seed} round {round}");
+                let mut after = after;
+                stored.keep(&mut after);
+                m = stored.load();
+                assert_eq!(m.ids("f.csv"), after.ids("f.csv"));
+                before = now;
+                for _ in 0..g.next(5) {
+                    let i = g.next(file.len());
+                    file[i] = g.next(40) as u64;
+                }
+                for _ in 0..g.next(3) {
+                    file.insert(g.next(file.len() + 1), g.next(40) as u64);
+                }
+                for _ in 0..g.next(3) {
+                    file.remove(g.next(file.len()));
+                }
+            }
+        }
     }
 }

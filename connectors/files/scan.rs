@@ -22,12 +22,18 @@ pub struct Scanner<'a> {
     data: &'a [u8],
     pos: usize,
     max_field: usize,
+    /// `data[valid.0..valid.1]` is known to be valid UTF-8: it is checked a block at a time, so
+    /// a record inside it needs no check of its own.
+    valid: (usize, usize),
 }
+
+/// How far past a record the UTF-8 check of a block reaches.
+const UTF8_BLOCK: usize = 64 << 10;
 
 impl<'a> Scanner<'a> {
     pub fn new(data: &'a [u8], max_field: usize) -> Self {
         let bom = if data.starts_with(&[0xEF, 0xBB, 0xBF]) { 3 } else { 0 };
-        Scanner { data, pos: bom, max_field }
+        Scanner { data, pos: bom, max_field, valid: (0, 0) }
     }
 
     /// Where the next record starts.
@@ -63,6 +69,67 @@ impl<'a> Scanner<'a> {
     }
 }
 
+impl<'a> Scanner<'a> {
+    /// Where the first invalid UTF-8 byte of `data[start..end]` is, relative to `start`.
+    fn utf8_error(&mut self, start: usize, end: usize) -> Option<usize> {
+        if start >= self.valid.0 && end <= self.valid.1 {
+            return None;
+        }
+        let to = end.max(start + UTF8_BLOCK).min(self.data.len());
+        let valid_up_to = match std::str::from_utf8(&self.data[start..to]) {
+            Ok(_) => to - start,
+            Err(e) => e.valid_up_to(),
+        };
+        self.valid = (start, start + valid_up_to);
+        (valid_up_to < end - start).then_some(valid_up_to)
+    }
+
+    /// Frames a record that has a quote or a long line, field by field: where it ends, its
+    /// field count and its first oversize field, or the record refused for broken quoting.
+    fn frame_slowly(&mut self, start: usize) -> Result<(usize, usize, Option<usize>), RawRecord<'a>> {
+        let d = self.data;
+        let mut i = start;
+        let mut fields = 0usize;
+        let mut oversize: Option<usize> = None;
+        loop {
+            // At the start of a field.
+            fields += 1;
+            let field_start = i;
+            if i < d.len() && d[i] == b'"' {
+                i += 1;
+                loop {
+                    match memchr::memchr(b'"', &d[i..]) {
+                        None => {
+                            return Err(self.resync(start, DeadReason::BrokenQuoting, format!("field {fields} opens a quote that never closes")));
+                        }
+                        Some(p) => {
+                            i += p + 1;
+                            if i < d.len() && d[i] == b'"' {
+                                i += 1; // an escaped quote
+                                continue;
+                            }
+                            break;
+                        }
+                    }
+                }
+                if i < d.len() && !matches!(d[i], b',' | b'\n' | b'\r') {
+                    return Err(self.resync(start, DeadReason::BrokenQuoting, format!("field {fields} has text after its closing quote")));
+                }
+            } else {
+                i += memchr::memchr3(b',', b'\n', b'\r', &d[i..]).unwrap_or(d.len() - i);
+            }
+            if i - field_start > self.max_field && oversize.is_none() {
+                oversize = Some(fields);
+            }
+            if i < d.len() && d[i] == b',' {
+                i += 1;
+                continue;
+            }
+            return Ok((i, fields, oversize));
+        }
+    }
+}
+
 impl<'a> Iterator for Scanner<'a> {
     type Item = RawRecord<'a>;
 
@@ -76,56 +143,24 @@ impl<'a> Iterator for Scanner<'a> {
             return None;
         }
         let start = self.pos;
-        let mut i = start;
-        let mut fields = 0usize;
-        let mut oversize: Option<usize> = None;
-        loop {
-            // At the start of a field.
-            fields += 1;
-            let field_start = i;
-            if i < d.len() && d[i] == b'"' {
-                i += 1;
-                loop {
-                    match d[i..].iter().position(|&b| b == b'"') {
-                        None => {
-                            return Some(self.resync(start, DeadReason::BrokenQuoting, format!("field {fields} opens a quote that never closes")));
-                        }
-                        Some(p) => {
-                            i += p + 1;
-                            if i < d.len() && d[i] == b'"' {
-                                i += 1; // an escaped quote
-                                continue;
-                            }
-                            break;
-                        }
-                    }
-                }
-                if i < d.len() && !matches!(d[i], b',' | b'\n' | b'\r') {
-                    return Some(self.resync(start, DeadReason::BrokenQuoting, format!("field {fields} has text after its closing quote")));
-                }
-            } else {
-                while i < d.len() && !matches!(d[i], b',' | b'\n' | b'\r') {
-                    i += 1;
-                }
+        // Most records are a line with no quote, no longer than a field may be: their fields
+        // are counted by their commas.
+        let rest = &d[start..];
+        let stop = memchr::memchr3(b'\n', b'\r', b'"', rest).unwrap_or(rest.len());
+        let (end, fields, oversize) = if rest.get(stop) != Some(&b'"') && stop <= self.max_field {
+            (start + stop, memchr::memchr_iter(b',', &rest[..stop]).count() + 1, None)
+        } else {
+            match self.frame_slowly(start) {
+                Ok(framed) => framed,
+                Err(refused) => return Some(refused),
             }
-            if i - field_start > self.max_field && oversize.is_none() {
-                oversize = Some(fields);
-            }
-            if i < d.len() && d[i] == b',' {
-                i += 1;
-                continue;
-            }
-            break;
-        }
-        let end = i;
+        };
         self.skip_terminator(end);
         let bytes = &d[start..end];
         let error = if let Some(f) = oversize {
             Some((DeadReason::OversizeField, format!("field {f} is longer than {} bytes", self.max_field)))
-        } else if let Err(e) = std::str::from_utf8(bytes) {
-            Some((DeadReason::InvalidUtf8, format!("invalid UTF-8 at byte {} of the record", e.valid_up_to())))
         } else {
-            None
+            self.utf8_error(start, end).map(|at| (DeadReason::InvalidUtf8, format!("invalid UTF-8 at byte {at} of the record")))
         };
         Some(RawRecord { bytes, offset: start, fields, error })
     }
@@ -136,7 +171,11 @@ mod tests {
     use super::*;
 
     fn scan(s: &[u8]) -> Vec<(String, usize, Option<DeadReason>)> {
-        Scanner::new(s, 20).map(|r| (String::from_utf8_lossy(r.bytes).to_string(), r.fields, r.error.map(|e| e.0))).collect()
+        scan_with(s, 20)
+    }
+
+    fn scan_with(s: &[u8], max_field: usize) -> Vec<(String, usize, Option<DeadReason>)> {
+        Scanner::new(s, max_field).map(|r| (String::from_utf8_lossy(r.bytes).to_string(), r.fields, r.error.map(|e| e.0))).collect()
     }
 
     #[test]
@@ -187,5 +226,35 @@ mod tests {
     fn trailing_empty_field_counts() {
         let got = scan(b"a,b,\n");
         assert_eq!(got[0].1, 3);
+    }
+
+    #[test]
+    fn utf8_is_checked_a_block_at_a_time_and_still_caught_per_record() {
+        // Multi-byte characters across the 64 KiB block boundaries, and two bad records.
+        let mut data = Vec::new();
+        for i in 0..20_000 {
+            if i == 7_000 || i == 19_999 {
+                data.extend_from_slice(b"bad,\xc3(\n");
+            } else {
+                data.extend_from_slice("ü,é€\n".as_bytes());
+            }
+        }
+        let got = scan_with(&data, 100);
+        assert_eq!(got.len(), 20_000);
+        let bad: Vec<usize> = got.iter().enumerate().filter(|(_, r)| r.2.is_some()).map(|(i, _)| i).collect();
+        assert_eq!(bad, vec![7_000, 19_999]);
+        assert!(got.iter().all(|r| r.1 == 2));
+    }
+
+    #[test]
+    fn the_quick_path_and_the_field_by_field_path_agree() {
+        // The same records with and without a quote somewhere in them.
+        let plain = scan(b"a,bb,,ccc\n1,2\r\n,\n");
+        let quoted = scan(b"\"a\",bb,,ccc\n\"1\",2\r\n\"\",\n");
+        assert_eq!(plain.iter().map(|r| r.1).collect::<Vec<_>>(), vec![4, 2, 2]);
+        assert_eq!(quoted.iter().map(|r| r.1).collect::<Vec<_>>(), vec![4, 2, 2]);
+        // A long line is framed field by field, so only a long field is oversize.
+        let long = format!("{},{}\n", "x".repeat(15), "y".repeat(15));
+        assert_eq!(scan(long.as_bytes())[0].2, None, "a 31-byte line of two 15-byte fields is fine at 20");
     }
 }
