@@ -149,6 +149,23 @@ fn editing_one_row_of_10000_recomputes_that_row_alone_and_touches_no_other() {
 }
 
 #[test]
+fn a_change_is_answered_as_soon_as_it_is_read_not_at_the_next_epoch_tick() {
+    // Epochs on an hour's clock: only a source that closes its epoch when it goes idle (and an
+    // idle worker that moves a tick ahead, so it holds nobody back) answers within the minute.
+    let s = Live::new("flidle");
+    let topology = s.topology(&s.input().display().to_string(), true, "epoch_ms = 3600000", "");
+    let mut w = spawn_sluice(s.dir.path(), &topology, &[], &[("RUST_LOG", "sluice=info")]);
+    put(&s.input().join("a.csv"), &rides_csv("a", true, 0..20));
+    s.wait_rows(|r| r.len() == 20, "a new file is answered within a minute", &w);
+    let rows = rides_csv("a", true, 0..20);
+    let row = rows.lines().find(|l| l.starts_with("a7,")).unwrap().to_string();
+    put(&s.input().join("a.csv"), &rows.replace(&format!("\n{row}\n"), "\na7,3,4,41.5\n"));
+    let before = s.rows()["a7"].clone();
+    s.wait_rows(|r| r["a7"] != before, "an edit is answered within a minute", &w);
+    stop(&mut w);
+}
+
+#[test]
 fn removed_rows_and_a_removed_file_lose_their_answers_in_postgres_json_lines_and_kafka() {
     use common::blackbox::read_until;
     use common::kafka::{brokers, create_topics};

@@ -203,6 +203,9 @@ impl SourceFactory for FilesFactory {
     fn epoch_every(&self) -> Option<Duration> {
         self.config.watch.then(|| Duration::from_millis(self.config.epoch_ms))
     }
+    fn closes_epoch_when_idle(&self) -> bool {
+        true
+    }
     fn describe(&self) -> String {
         format!("{}files at {}", if self.config.watch { "watched " } else { "" }, self.config.path)
     }

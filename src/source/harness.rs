@@ -8,13 +8,17 @@
 use super::{Checkpoint, Poll, RawRecord, Source, SourceError, SourceFactory};
 use crate::progress::Progress;
 use crate::record::now_ms;
+use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::Inspect;
 use timely::dataflow::{ProbeHandle, Scope, Stream};
 
 /// The engine's bounds and pacing for a source.
@@ -118,7 +122,20 @@ pub fn source_harness<'s>(
     let (cp_out, cp_stream) = builder.new_output::<Vec<Checkpoint>>();
     let mut rec_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<RawRecord>>>::from(rec_out);
     let mut cp_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<Checkpoint>>>::from(cp_out);
+    // Epochs closed early by an idle source, told to every worker (see `closes_epoch_when_idle`).
+    let (pulse_out, pulse_stream) = builder.new_output::<Vec<u64>>();
+    let mut pulse_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<u64>>>::from(pulse_out);
     let activator = scope.activator_for(builder.operator_info().address);
+    let closed_elsewhere = Rc::new(Cell::new(0u64));
+    {
+        let (closed, activator) = (closed_elsewhere.clone(), scope.activator_for(builder.operator_info().address));
+        pulse_stream.broadcast().inspect(move |&e| {
+            if e > closed.get() {
+                closed.set(e);
+                activator.activate();
+            }
+        });
+    }
     let records_metric = metrics::counter!(crate::metrics::SOURCE_RECORDS, "connector" => kind);
 
     builder.build(move |caps| {
@@ -127,6 +144,7 @@ pub fn source_harness<'s>(
         let mut backoff = Duration::from_millis(100);
         let clock = factory.epoch_every().map(|d| d.as_millis().max(1) as u64);
         let idle_exit = factory.idle_exit();
+        let close_when_idle = clock.is_some() && factory.closes_epoch_when_idle();
         let mut epoch: u64 = clock.map(|ms| now_ms() / ms).unwrap_or(0);
         let mut open_records = 0usize;
         let mut in_flight = InFlight::new(settings.max_epochs_in_flight, settings.max_records_in_flight);
@@ -243,6 +261,23 @@ pub fn source_harness<'s>(
                 epoch += 1;
                 for c in cs.iter_mut() {
                     c.downgrade(&epoch);
+                }
+            }
+            // Bursty clock sources: an idle source closes its epoch now and tells every worker,
+            // and an idle worker moves past the epochs others closed, so it holds nobody back.
+            if let (true, Ok(Poll::Idle(_))) = (close_when_idle, &polled) {
+                let before = epoch;
+                if open_records > 0 || source.wants_checkpoint() {
+                    cp_out.activate().session(&cs[1]).give_iterator(source.checkpoint(epoch).into_iter());
+                    pulse_out.activate().session(&cs[2]).give(epoch);
+                    open_records = 0;
+                    epoch += 1;
+                }
+                epoch = epoch.max(closed_elsewhere.get().saturating_add(1));
+                if epoch != before {
+                    for c in cs.iter_mut() {
+                        c.downgrade(&epoch);
+                    }
                 }
             }
             match polled {

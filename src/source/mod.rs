@@ -147,6 +147,13 @@ pub trait SourceFactory: Send + Sync + 'static {
     fn epoch_every(&self) -> Option<Duration> {
         None
     }
+    /// With clock epochs: whether a source that goes idle closes its epoch at once, instead of
+    /// at the next tick, and while idle keeps its epoch a tick ahead, so that a worker with
+    /// nothing to do never holds back the others' answers. For sources whose input comes in
+    /// bursts with quiet between (a watched folder): a burst is answered as soon as it is read.
+    fn closes_epoch_when_idle(&self) -> bool {
+        false
+    }
     /// Stop once nothing has arrived for this long (benchmarks and tests).
     fn idle_exit(&self) -> Option<Duration> {
         None
