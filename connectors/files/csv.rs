@@ -171,15 +171,47 @@ pub struct Framing<'a> {
 /// `header_known` is false). A record cut by the end of the buffer waits for more bytes, unless
 /// the file is at its end or the record is already longer than any record kept whole
 /// (`max_field` × 8, at least a read chunk), when it is framed as it is (and refused).
-pub fn frame(data: &[u8], at: usize, mut row: u64, header_known: bool, eof: bool, max_field: usize, limit: usize) -> Framing<'_> {
+pub fn frame(data: &[u8], at: usize, row: u64, header_known: bool, eof: bool, max_field: usize, limit: usize) -> Framing<'_> {
+    let mut records = Vec::new();
+    let end = frame_each(data, at, row, header_known, eof, max_field, limit, |row, rec| {
+        records.push((row, rec));
+        true
+    });
+    Framing { records, next: end.next, row: end.row, need_more: end.need_more }
+}
+
+/// Where [`frame_each`] stopped.
+pub struct FrameEnd {
+    /// Where the next record starts in the buffer.
+    pub next: usize,
+    /// The row number of the last record taken.
+    pub row: u64,
+    /// The buffer ends inside a record: read more before framing again.
+    pub need_more: bool,
+    /// Records taken.
+    pub taken: usize,
+}
+
+/// Frames records as [`frame`] does, handing each to `take` instead of collecting them; `take`
+/// returns false to leave a record (and the rest) for the next call.
+#[allow(clippy::too_many_arguments)]
+pub fn frame_each<'a>(
+    data: &'a [u8],
+    at: usize,
+    mut row: u64,
+    header_known: bool,
+    eof: bool,
+    max_field: usize,
+    limit: usize,
+    mut take: impl FnMut(u64, Framed<'a>) -> bool,
+) -> FrameEnd {
     let max_record = max_field.saturating_mul(8).max(READ_CHUNK);
     let mut scanner = Scanner::new(data, max_field);
     if at > 0 || header_known {
         scanner.set_position(at);
     }
-    let mut records = Vec::new();
-    let mut need_more = false;
-    while records.len() < limit {
+    let (mut need_more, mut taken) = (false, 0);
+    while taken < limit {
         let before = scanner.position();
         let Some(rec) = scanner.next() else { break };
         let cut_short = rec.offset + rec.bytes.len() == data.len() || matches!(&rec.error, Some((DeadReason::BrokenQuoting, d)) if d.contains("never closes"));
@@ -188,14 +220,18 @@ pub fn frame(data: &[u8], at: usize, mut row: u64, header_known: bool, eof: bool
             need_more = true;
             break;
         }
-        if !header_known {
-            records.push((row, rec));
+        let number = if header_known { row + 1 } else { row };
+        if !take(number, rec) {
+            scanner.set_position(before);
             break;
         }
-        row += 1;
-        records.push((row, rec));
+        taken += 1;
+        row = number;
+        if !header_known {
+            break;
+        }
     }
-    Framing { records, next: scanner.position(), row, need_more }
+    FrameEnd { next: scanner.position(), row, need_more, taken }
 }
 
 /// A file's column names from its header record, or none when the header is unusable; then the

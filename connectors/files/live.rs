@@ -7,7 +7,7 @@
 //! file against it, so nothing answered is recomputed and a file changed while sluice was down
 //! is diffed correctly. With `watch = true` it keeps polling; without, it reads once and ends.
 
-use super::csv::{frame, header_names, infer_kinds, kind_of, normalize_header, parse_rows};
+use super::csv::{frame, frame_each, header_names, infer_kinds, kind_of, normalize_header, parse_rows};
 use super::manifest::{id_key, row_hash, Diff, Manifest};
 use super::scan::RawRecord as Framed;
 use super::store::{FileReader, Listed, Store, StoreSettings};
@@ -291,14 +291,6 @@ const ROWS_PER_POLL: usize = 100_000;
 /// Rows framed (and diffed) in one slice.
 const FRAME_ROWS: usize = 16_384;
 
-/// How far [`supply`] got through a slice of framed rows.
-struct Supplied {
-    rows: u64,
-    changed: u64,
-    /// The first row not diffed, when the budget stopped it.
-    stopped_at: Option<usize>,
-}
-
 impl FilesSource {
     /// Lists the location and queues what changed.
     fn list(&mut self) -> Result<(), SourceError> {
@@ -471,56 +463,63 @@ impl FilesSource {
         }
         let mut framed_rows = 0usize;
         while out.len() < budget && framed_rows < ROWS_PER_POLL {
-            // Frame a slice of rows; `supply` stops at the budget and the rest is framed again.
-            let framing = frame(&r.buf, r.at, r.row, r.header.is_some(), r.eof, max_field, FRAME_ROWS.min(ROWS_PER_POLL - framed_rows));
-            let (mut framed, need_more) = (framing.records, framing.need_more);
-            r.at = framing.next;
-            r.row = framing.row;
-            if framed.is_empty() {
-                if r.eof && !need_more {
+            let limit = FRAME_ROWS.min(ROWS_PER_POLL - framed_rows);
+            if let (Some(header), Some(diff)) = (&r.header, &mut r.diff) {
+                // Diff a slice of rows as they are framed; the budget stops it at a row, which
+                // is framed again next time.
+                let mut slice = Slice::new(&r.name, header, diff, now, budget - out.len());
+                let end = frame_each(&r.buf, r.at, r.row, true, r.eof, max_field, limit, |row, rec| slice.take(row, rec, out));
+                let (rows, changed) = slice.finish(out, &self.metrics);
+                r.rows += rows;
+                r.changed += changed;
+                r.at = end.next;
+                r.row = end.row;
+                framed_rows += end.taken;
+                if end.taken > 0 || out.len() >= budget {
+                    continue;
+                }
+                if r.eof && !end.need_more {
                     let diff = r.diff.take().expect("a diff while reading");
                     let (manifest, gone) = diff.finish();
                     r.gone = gone.len() as u64;
                     r.done = Some((manifest, gone.into()));
                     return Ok(());
                 }
-                if r.at > 0 {
-                    r.buf.drain(..r.at);
-                    r.at = 0;
+            } else {
+                let framing = frame(&r.buf, r.at, r.row, false, r.eof, max_field, 1);
+                if let Some((_, rec)) = framing.records.into_iter().next() {
+                    r.at = framing.next;
+                    r.row = framing.row;
+                    framed_rows += 1;
+                    let names = header_names(&rec, &r.name, now, out);
+                    let id_col = names.iter().position(|h| h == "id");
+                    let kinds = infer_kinds(&r.buf[rec.offset..], names.len());
+                    r.header = Some(Header { names: names.into_iter().map(Arc::from).collect(), kinds, id_col, hash: row_hash(0, rec.bytes) });
+                    continue;
                 }
-                match r.reader.read_into(&mut r.buf) {
-                    Ok(0) => r.eof = true,
-                    Ok(_) => {}
-                    Err(e) => {
-                        // Changed or gone under the reader: give the file back its manifest and
-                        // let the next listing decide. Rows already supplied are supplied again
-                        // then (the same answers); nothing is deleted on a partial read.
-                        let r = self.current.take().expect("a file is being read");
-                        let old = r.diff.expect("a diff while reading").into_old();
-                        tracing::warn!("files: {}: {e}; reading it again at the next listing", r.name);
-                        self.known.insert(r.name.to_string(), old);
-                        return Ok(());
-                    }
+                if r.eof && !framing.need_more {
+                    // An empty file: no rows.
+                    r.header = Some(Header { names: Vec::new(), kinds: Arc::from(Vec::new()), id_col: None, hash: 0 });
+                    continue;
                 }
-                continue;
             }
-            framed_rows += framed.len();
-            if r.header.is_none() {
-                let (_, rec) = framed.remove(0);
-                let names = header_names(&rec, &r.name, now, out);
-                let id_col = names.iter().position(|h| h == "id");
-                let kinds = infer_kinds(&r.buf[rec.offset..], names.len());
-                r.header = Some(Header { names: names.into_iter().map(Arc::from).collect(), kinds, id_col, hash: row_hash(0, rec.bytes) });
+            if r.at > 0 {
+                r.buf.drain(..r.at);
+                r.at = 0;
             }
-            let (header, diff) = (r.header.as_ref().expect("the header is read"), r.diff.as_mut().expect("a diff while reading"));
-            let resume = supply(&r.name, header, diff, &framed, now, budget, out, &self.metrics);
-            r.rows += resume.rows;
-            r.changed += resume.changed;
-            if let Some(k) = resume.stopped_at {
-                // The budget is reached: the rows from `k` on are framed again next time.
-                r.at = framed[k].1.offset;
-                r.row = framed[k].0 - 1;
-                framed_rows -= framed.len() - k;
+            match r.reader.read_into(&mut r.buf) {
+                Ok(0) => r.eof = true,
+                Ok(_) => {}
+                Err(e) => {
+                    // Changed or gone under the reader: give the file back its manifest and
+                    // let the next listing decide. Rows already supplied are supplied again
+                    // then (the same answers); nothing is deleted on a partial read.
+                    let r = self.current.take().expect("a file is being read");
+                    let old = r.diff.expect("a diff while reading").into_old();
+                    tracing::warn!("files: {}: {e}; reading it again at the next listing", r.name);
+                    self.known.insert(r.name.to_string(), old);
+                    return Ok(());
+                }
             }
         }
         Ok(())
@@ -677,80 +676,92 @@ pub fn nth_field(rec: &[u8], n: usize) -> Option<std::borrow::Cow<'_, str>> {
     }
 }
 
-/// Diffs framed records of `file` against its manifest and supplies the new and changed ones,
-/// stopping once `out` would hold `budget` records.
-#[allow(clippy::too_many_arguments)]
-fn supply(
-    file: &Arc<str>,
-    header: &Header,
-    diff: &mut Diff,
-    framed: &[(u64, Framed)],
+/// One slice of a CSV file's rows being diffed against its manifest: refused rows go out at
+/// once, new and changed good rows are parsed together at the end, and unchanged rows cost a
+/// hash and a comparison.
+struct Slice<'h, 'b> {
+    file: &'h Arc<str>,
+    header: &'h Header,
+    diff: &'h mut Diff,
     now: u64,
-    budget: usize,
-    out: &mut Vec<RawRecord>,
-    m: &FileMetrics,
-) -> Supplied {
-    let (mut rows, mut changed_rows) = (0, 0);
-    let mut stopped_at = None;
-    let columns = header.names.len();
-    let mut good: Vec<(u64, &[u8], String)> = Vec::new();
-    for (k, (row, rec)) in framed.iter().enumerate() {
-        if out.len() + good.len() >= budget {
-            stopped_at = Some(k);
-            break;
+    /// Records `out` may still take.
+    room: usize,
+    rows: u64,
+    changed: u64,
+    good: Vec<(u64, &'b [u8], String)>,
+}
+
+impl<'h, 'b> Slice<'h, 'b> {
+    fn new(file: &'h Arc<str>, header: &'h Header, diff: &'h mut Diff, now: u64, room: usize) -> Self {
+        Slice { file, header, diff, now, room, rows: 0, changed: 0, good: Vec::new() }
+    }
+
+    /// Diffs one framed row; false when `out` is full (the row is left for the next slice).
+    fn take(&mut self, row: u64, rec: Framed<'b>, out: &mut Vec<RawRecord>) -> bool {
+        if self.room == 0 {
+            return false;
         }
-        let content = row_hash(header.hash, rec.bytes);
+        let columns = self.header.names.len();
+        let content = row_hash(self.header.hash, rec.bytes);
         let bad = if columns == 0 {
             Some((DeadReason::MissingColumn, "the file has no usable header".to_string()))
-        } else if let Some((reason, detail)) = &rec.error {
-            Some((*reason, detail.clone()))
+        } else if let Some((reason, detail)) = rec.error {
+            Some((reason, detail))
         } else if rec.fields != columns {
-            let names = header.names.iter().map(|h| &**h).collect::<Vec<&str>>().join(", ");
+            let names = self.header.names.iter().map(|h| &**h).collect::<Vec<&str>>().join(", ");
             let reason = if rec.fields < columns { DeadReason::MissingColumn } else { DeadReason::ExtraColumn };
             Some((reason, format!("expected {columns} fields ({names}), found {}", rec.fields)))
         } else {
             None
         };
-        let cell = match (&bad, header.id_col) {
+        // A bad row gets a derived ID, so a named row that turns bad loses its old answer.
+        let cell = match (&bad, self.header.id_col) {
             (None, Some(i)) => nth_field(rec.bytes, i),
             _ => None,
         };
         let named = cell.as_deref().map(str::trim).filter(|s| !s.is_empty());
-        rows += 1;
-        let Some(id) = diff.row(named, content) else { continue };
-        changed_rows += 1;
+        self.rows += 1;
+        let Some(id) = self.diff.row(named, content) else { return true };
+        self.changed += 1;
+        self.room -= 1;
         match bad {
-            Some((reason, detail)) => out.push(RawRecord { id: Some(id.into_bytes()), ..refused(file, *row, rec.bytes, reason, detail, now) }),
-            None => good.push((*row, rec.bytes, id)),
+            Some((reason, detail)) => out.push(RawRecord { id: Some(id.into_bytes()), ..refused(self.file, row, rec.bytes, reason, detail, self.now) }),
+            None => self.good.push((row, rec.bytes, id)),
         }
+        true
     }
-    m.seen.increment(rows);
-    m.changed.increment(changed_rows);
-    let done = Supplied { rows, changed: changed_rows, stopped_at };
-    if good.is_empty() {
-        return done;
-    }
-    let bytes: Vec<&[u8]> = good.iter().map(|(_, b, _)| *b).collect();
-    let parsed: Vec<Result<Vec<String>, String>> = match parse_rows(&bytes, columns) {
-        Ok(rows) => rows.into_iter().map(Ok).collect(),
-        Err(_) => bytes.iter().map(|b| parse_rows(&[b], columns).map(|mut v| v.remove(0))).collect(),
-    };
-    for ((row, raw, id), values) in good.into_iter().zip(parsed) {
-        out.push(match values {
-            Err(e) => RawRecord { id: Some(id.into_bytes()), ..refused(file, row, raw, DeadReason::BrokenQuoting, e, now) },
-            Ok(values) => {
-                let fields: Vec<(Arc<str>, String)> = header.names.iter().cloned().zip(values).collect();
-                RawRecord {
-                    bytes: raw.to_vec(),
-                    body: Body::Typed(fields, header.kinds.clone()),
-                    pos: SourcePos::row(file.clone(), row),
-                    id: Some(id.into_bytes()),
-                    ingest_ms: now,
+
+    /// Parses the new and changed good rows and supplies them: rows seen, rows supplied.
+    fn finish(self, out: &mut Vec<RawRecord>, m: &FileMetrics) -> (u64, u64) {
+        let Slice { file, header, now, rows, changed, good, .. } = self;
+        m.seen.increment(rows);
+        m.changed.increment(changed);
+        if good.is_empty() {
+            return (rows, changed);
+        }
+        let columns = header.names.len();
+        let bytes: Vec<&[u8]> = good.iter().map(|(_, b, _)| *b).collect();
+        let parsed: Vec<Result<Vec<String>, String>> = match parse_rows(&bytes, columns) {
+            Ok(rows) => rows.into_iter().map(Ok).collect(),
+            Err(_) => bytes.iter().map(|b| parse_rows(&[b], columns).map(|mut v| v.remove(0))).collect(),
+        };
+        for ((row, raw, id), values) in good.into_iter().zip(parsed) {
+            out.push(match values {
+                Err(e) => RawRecord { id: Some(id.into_bytes()), ..refused(file, row, raw, DeadReason::BrokenQuoting, e, now) },
+                Ok(values) => {
+                    let fields: Vec<(Arc<str>, String)> = header.names.iter().cloned().zip(values).collect();
+                    RawRecord {
+                        bytes: raw.to_vec(),
+                        body: Body::Typed(fields, header.kinds.clone()),
+                        pos: SourcePos::row(file.clone(), row),
+                        id: Some(id.into_bytes()),
+                        ingest_ms: now,
+                    }
                 }
-            }
-        });
+            });
+        }
+        (rows, changed)
     }
-    done
 }
 
 impl Source for FilesSource {
@@ -771,7 +782,9 @@ impl Source for FilesSource {
                 self.start(work);
                 continue;
             }
-            let due = self.listed_at.is_none_or(|t| self.watch && t.elapsed() >= self.poll);
+            // A file waiting to settle is listed again as soon as its settle time allows.
+            let every = if self.settling.is_empty() { self.poll } else { self.poll.min(self.settle) };
+            let due = self.listed_at.is_none_or(|t| self.watch && t.elapsed() >= every);
             if due {
                 self.list()?;
                 if !self.queue.is_empty() {

@@ -468,9 +468,19 @@ impl Diff {
         let Diff { file, mut m, version, generation, forget, .. } = self;
         let mut gone: Vec<String> = Vec::new();
         let mut removed = std::mem::take(&mut m.removed);
-        for r in m.rows.iter().filter(|r| forget || r.seen != generation) {
-            gone.push(m.id_of(&file, r));
-            m.push_record(r, &mut removed);
+        // One pass: the rows gone, whether the rest are in the file's order, their `id` bytes.
+        let (mut sorted, mut last, mut live) = (true, 0u32, 0usize);
+        for r in &m.rows {
+            if forget || r.seen != generation {
+                gone.push(m.id_of(&file, r));
+                m.push_record(r, &mut removed);
+                continue;
+            }
+            sorted &= r.place() >= last;
+            last = r.place();
+            if r.b != DERIVED {
+                live += r.b as usize;
+            }
         }
         m.removed = removed;
         m.removed_rows += gone.len();
@@ -482,12 +492,11 @@ impl Diff {
             if !gone.is_empty() {
                 m.rows.retain(|r| r.seen == generation);
             }
-            if !m.rows.is_sorted_by_key(Row::place) {
+            if !sorted {
                 m.rows.sort_unstable_by_key(Row::place);
             }
             // The `id` cells of rows gone stay in the arena until they are half of it; then
             // the arena is rewritten in the file's order.
-            let live: usize = m.rows.iter().filter(|r| r.b != DERIVED).map(|r| r.b as usize).sum();
             if m.arena.len() > 2 * live + 64 {
                 let mut arena = String::with_capacity(live);
                 for r in m.rows.iter_mut().filter(|r| r.b != DERIVED) {
