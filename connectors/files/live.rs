@@ -129,11 +129,6 @@ pub struct FilesFactory {
 }
 
 impl FilesFactory {
-    /// The checkpoint scope of the changes to each file's base manifest.
-    fn changes_scope(&self) -> String {
-        changes_scope(&self.scope)
-    }
-
     /// Checks that the location can be opened (a missing folder, a bad URL) before the run.
     pub fn new(config: FilesConfig) -> Result<Self, SourceError> {
         let store = Store::open(&config.path, &config.settings()).map_err(SourceError::Config)?;
@@ -158,8 +153,9 @@ impl SourceFactory for FilesFactory {
     fn build(&self, worker: usize, peers: usize, resume: &[Checkpoint]) -> Result<Box<dyn Source>, SourceError> {
         let store = Store::open(&self.config.path, &self.config.settings()).map_err(SourceError::Config)?;
         let mine = |c: &&Checkpoint| owner(&c.shard, peers) == worker && !c.position.is_empty();
+        let changes_of = changes_scope(&self.scope);
         let changes: HashMap<&str, &str> =
-            resume.iter().filter(|c| c.scope == self.changes_scope()).filter(mine).map(|c| (c.shard.as_str(), c.position.as_str())).collect();
+            resume.iter().filter(|c| c.scope == changes_of).filter(mine).map(|c| (c.shard.as_str(), c.position.as_str())).collect();
         let mut known = HashMap::new();
         // A file that went away has an empty base.
         for c in resume.iter().filter(|c| c.scope == self.scope).filter(mine) {

@@ -150,6 +150,15 @@ impl Manifest {
         key_of(self.named(row), row.content, row.a)
     }
 
+    /// Each row's key to its place in `rows`.
+    fn index(&self) -> ByHash<u32> {
+        let mut index = ByHash::with_capacity_and_hasher(self.rows.len(), Default::default());
+        for (j, row) in self.rows.iter().enumerate() {
+            index.insert(self.key(row), j as u32);
+        }
+        index
+    }
+
     /// Whether row `j` is the row with this identity.
     fn is(&self, j: usize, named: Option<&str>, content: u64, k: u32) -> bool {
         let row = &self.rows[j];
@@ -286,10 +295,7 @@ impl Manifest {
             return Ok(());
         }
         let version = r.string()?;
-        let mut index: ByHash<u32> = ByHash::with_capacity_and_hasher(self.rows.len(), Default::default());
-        for (j, row) in self.rows.iter().enumerate() {
-            index.insert(self.key(row), j as u32);
-        }
+        let mut index = self.index();
         const GONE: u32 = u32::MAX;
         let start = r.at;
         let removed = r.u64()? as usize;
@@ -436,13 +442,7 @@ impl Diff {
             return Some(j);
         }
         let m = &self.m;
-        let index = self.index.get_or_insert_with(|| {
-            let mut index = ByHash::with_capacity_and_hasher(m.rows.len(), Default::default());
-            for (j, row) in m.rows.iter().enumerate() {
-                index.insert(m.key(row), j as u32);
-            }
-            index
-        });
+        let index = self.index.get_or_insert_with(|| m.index());
         let j = *index.get(&key_of(named, content, k))? as usize;
         // Another identity with the same 64-bit key is treated as a new row.
         if !self.m.is(j, named, content, k) {

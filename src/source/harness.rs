@@ -253,27 +253,23 @@ pub fn source_harness<'s>(
                     c.downgrade(&epoch);
                 }
             }
-            // Counted epochs: an idle source closes its epoch, so what it supplied is answered
-            // now rather than when more arrives.
-            if clock.is_none() && matches!(polled, Ok(Poll::Idle(_))) && (open_records > 0 || source.wants_checkpoint()) {
-                cp_out.activate().session(&cs[1]).give_iterator(source.checkpoint(epoch).into_iter());
-                open_records = 0;
-                epoch += 1;
-                for c in cs.iter_mut() {
-                    c.downgrade(&epoch);
-                }
-            }
-            // Bursty clock sources: an idle source closes its epoch now and tells every worker,
-            // and an idle worker moves past the epochs others closed, so it holds nobody back.
-            if let (true, Ok(Poll::Idle(_))) = (close_when_idle, &polled) {
+            // An idle source closes its epoch, so what it supplied is answered now rather than
+            // when more arrives: always with counted epochs, and with clock epochs for bursty
+            // sources, which also tell every worker the epoch they closed; an idle worker moves
+            // past the epochs others closed, so it holds nobody back.
+            if (clock.is_none() || close_when_idle) && matches!(polled, Ok(Poll::Idle(_))) {
                 let before = epoch;
                 if open_records > 0 || source.wants_checkpoint() {
                     cp_out.activate().session(&cs[1]).give_iterator(source.checkpoint(epoch).into_iter());
-                    pulse_out.activate().session(&cs[2]).give(epoch);
+                    if close_when_idle {
+                        pulse_out.activate().session(&cs[2]).give(epoch);
+                    }
                     open_records = 0;
                     epoch += 1;
                 }
-                epoch = epoch.max(closed_elsewhere.get().saturating_add(1));
+                if close_when_idle {
+                    epoch = epoch.max(closed_elsewhere.get().saturating_add(1));
+                }
                 if epoch != before {
                     for c in cs.iter_mut() {
                         c.downgrade(&epoch);
