@@ -270,11 +270,13 @@ pub enum DeadReason {
     SinkRejected,
     /// The task's code panicked on this record; the panic was contained.
     TaskFailed,
+    /// A row of a file whose `id` an earlier row of the same file already has.
+    DuplicateId,
 }
 
 impl DeadReason {
     /// Every reason, for pre-registering metrics.
-    pub const ALL: [DeadReason; 16] = [
+    pub const ALL: [DeadReason; 17] = [
         DeadReason::MissingColumn,
         DeadReason::ExtraColumn,
         DeadReason::EmptyField,
@@ -291,6 +293,7 @@ impl DeadReason {
         DeadReason::InvalidText,
         DeadReason::SinkRejected,
         DeadReason::TaskFailed,
+        DeadReason::DuplicateId,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -311,6 +314,7 @@ impl DeadReason {
             DeadReason::InvalidText => "invalid_text",
             DeadReason::SinkRejected => "sink_rejected",
             DeadReason::TaskFailed => "task_failed",
+            DeadReason::DuplicateId => "duplicate_id",
         }
     }
 }

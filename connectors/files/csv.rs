@@ -192,10 +192,48 @@ pub struct FrameEnd {
     pub taken: usize,
 }
 
+/// What [`frame_rows`] hands the records it frames to.
+pub trait Framer<'a> {
+    /// Called at each record boundary `at` before framing there (`row`: the last row number
+    /// taken): `Some((bytes, rows))` when the next `bytes` bytes are `rows` whole records the
+    /// framer already knows, which are then passed over without being framed.
+    fn skip(&mut self, _data: &'a [u8], _at: usize, _row: u64) -> Option<(usize, usize)> {
+        None
+    }
+    /// One framed record, which lay in `data[from..to]` (`to`: where the next record starts);
+    /// false leaves it (and the rest) for the next call.
+    fn take(&mut self, row: u64, rec: Framed<'a>, from: usize, to: usize) -> bool;
+}
+
+/// A closure taking each record.
+struct Each<F>(F);
+
+impl<'a, F: FnMut(u64, Framed<'a>) -> bool> Framer<'a> for Each<F> {
+    fn take(&mut self, row: u64, rec: Framed<'a>, _from: usize, _to: usize) -> bool {
+        (self.0)(row, rec)
+    }
+}
+
 /// Frames records as [`frame`] does, handing each to `take` instead of collecting them; `take`
 /// returns false to leave a record (and the rest) for the next call.
 #[allow(clippy::too_many_arguments)]
 pub fn frame_each<'a>(
+    data: &'a [u8],
+    at: usize,
+    row: u64,
+    header_known: bool,
+    eof: bool,
+    max_field: usize,
+    limit: usize,
+    take: impl FnMut(u64, Framed<'a>) -> bool,
+) -> FrameEnd {
+    frame_rows(data, at, row, header_known, eof, max_field, limit, &mut Each(take))
+}
+
+/// Frames records as [`frame_each`] does, letting `framer` pass over runs of records it knows
+/// (each counts as taken).
+#[allow(clippy::too_many_arguments)]
+pub fn frame_rows<'a>(
     data: &'a [u8],
     at: usize,
     mut row: u64,
@@ -203,7 +241,7 @@ pub fn frame_each<'a>(
     eof: bool,
     max_field: usize,
     limit: usize,
-    mut take: impl FnMut(u64, Framed<'a>) -> bool,
+    framer: &mut impl Framer<'a>,
 ) -> FrameEnd {
     let max_record = max_field.saturating_mul(8).max(READ_CHUNK);
     let mut scanner = Scanner::new(data, max_field);
@@ -213,6 +251,14 @@ pub fn frame_each<'a>(
     let (mut need_more, mut taken) = (false, 0);
     while taken < limit {
         let before = scanner.position();
+        if header_known {
+            if let Some((bytes, rows)) = framer.skip(data, before, row) {
+                scanner.set_position(before + bytes);
+                row += rows as u64;
+                taken += rows;
+                continue;
+            }
+        }
         let Some(rec) = scanner.next() else { break };
         let cut_short = rec.offset + rec.bytes.len() == data.len() || matches!(&rec.error, Some((DeadReason::BrokenQuoting, d)) if d.contains("never closes"));
         if cut_short && !eof && data.len() - before < max_record {
@@ -221,7 +267,7 @@ pub fn frame_each<'a>(
             break;
         }
         let number = if header_known { row + 1 } else { row };
-        if !take(number, rec) {
+        if !framer.take(number, rec, before, scanner.position()) {
             scanner.set_position(before);
             break;
         }

@@ -72,6 +72,25 @@ struct Row {
     at: u32,
 }
 
+/// A run of [`BLOCK_ROWS`] rows that lay together in the file, known by the hash of their bytes:
+/// a diff that finds the same bytes where the run's first row is expected passes over the whole
+/// run without framing or hashing its rows. Blocks live only in memory (a restart rebuilds them
+/// on its first read of the file).
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    /// The run's first row: its index in the manifest's rows (while it is in [`Diff::blocks`],
+    /// its place in the new version).
+    first: u32,
+    rows: u32,
+    /// The run's bytes in the file, from its first row's start to where the row after it starts.
+    len: u32,
+    /// [`row_hash`] of those bytes, seeded like the rows' (with the file's header hash).
+    hash: u64,
+}
+
+/// Rows per [`Block`].
+pub const BLOCK_ROWS: usize = 16;
+
 /// The bit of [`Row::at`] saying that the row is new or changed since the durable base.
 const CHANGED: u32 = 1 << 31;
 
@@ -110,6 +129,8 @@ pub struct Manifest {
     /// The rows removed since the base, as durable row records.
     removed: Vec<u8>,
     removed_rows: usize,
+    /// Runs of rows known by the hash of their bytes, in the file's order.
+    blocks: Vec<Block>,
 }
 
 /// The key a row is found by when it is not where the file's order puts it: the ID's hash for a
@@ -379,19 +400,47 @@ pub struct Diff {
     next_at: u32,
     /// The read turned out unusable: every row goes.
     forget: bool,
+    /// The old manifest's next block that may start at the cursor.
+    next_block: usize,
+    /// The new version's blocks, by place.
+    blocks: Vec<Block>,
+}
+
+/// What a diff makes of one row of the new version.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// As it was: no work.
+    Same,
+    /// New or changed: its ID, and it goes to the model.
+    Send(String),
+    /// An `id` that an earlier row of this version already has: the row is refused, and the
+    /// first row with the ID is the one answered, as in a fresh read.
+    Duplicate(String),
 }
 
 impl Diff {
     pub fn new(file: &str, mut m: Manifest, version: String) -> Self {
         m.generation = m.generation.wrapping_add(1);
         let generation = m.generation;
-        Diff { file: file.to_string(), m, version, generation, dups: ByHash::default(), index: None, cursor: 0, next_at: 0, forget: false }
+        let blocks = Vec::with_capacity(m.blocks.len());
+        Diff {
+            file: file.to_string(),
+            m,
+            version,
+            generation,
+            dups: ByHash::default(),
+            index: None,
+            cursor: 0,
+            next_at: 0,
+            forget: false,
+            next_block: 0,
+            blocks,
+        }
     }
 
-    /// A row of the new version, with its `id` cell if the file has one: its ID when it is new
-    /// or changed (so it must go to the model), `None` when it is unchanged. An unchanged row
-    /// costs no allocation.
-    pub fn row(&mut self, named: Option<&str>, content: u64) -> Option<String> {
+    /// A row of the new version, with its `id` cell if the file has one. An unchanged row costs
+    /// no allocation.
+    pub fn row(&mut self, named: Option<&str>, content: u64) -> Seen {
         let k = match named {
             Some(_) => 0,
             None => {
@@ -421,17 +470,75 @@ impl Diff {
             if let Some(index) = &mut self.index {
                 index.insert(key_of(named, content, k), j as u32);
             }
-            return Some(id(&self.file));
+            return Seen::Send(id(&self.file));
         };
         let row = &mut self.m.rows[j];
+        if row.seen == generation {
+            // Only a named row can be found twice (a derived one's counter differs).
+            return Seen::Duplicate(id(&self.file));
+        }
         row.seen = generation;
         row.at = at | (row.at & CHANGED);
         if row.content == content {
-            return None;
+            return Seen::Same;
         }
         row.content = content;
         row.at |= CHANGED;
-        Some(id(&self.file))
+        Seen::Send(id(&self.file))
+    }
+
+    /// The place the next row of the new version takes.
+    pub fn next_place(&self) -> u32 {
+        self.next_at
+    }
+
+    /// Passes over a block of the old version where the cursor stands, if `data` (from a row
+    /// boundary of the new version) starts with its bytes: its rows are seen, unchanged, with no
+    /// framing or hashing of their own. Returns the block's bytes and rows.
+    pub fn skip(&mut self, data: &[u8], seed: u64) -> Option<(usize, usize)> {
+        let blocks = &self.m.blocks;
+        while self.next_block < blocks.len() && (blocks[self.next_block].first as usize) < self.cursor {
+            self.next_block += 1;
+        }
+        let b = *blocks.get(self.next_block)?;
+        if b.first as usize != self.cursor || data.len() < b.len as usize || row_hash(seed, &data[..b.len as usize]) != b.hash {
+            return None;
+        }
+        let (first, end) = (b.first as usize, (b.first + b.rows) as usize);
+        let generation = self.generation;
+        if self.m.rows[first..end].iter().any(|r| r.seen == generation) {
+            return None;
+        }
+        // A derived row's duplicate counter must come out as it did: the k-th row with its
+        // content in the file so far.
+        for (i, r) in self.m.rows[first..end].iter().enumerate() {
+            if r.b != DERIVED {
+                continue;
+            }
+            let k = self.dups.entry(r.content).or_insert(0);
+            *k += 1;
+            if *k != r.a {
+                for r in self.m.rows[first..=first + i].iter().filter(|r| r.b == DERIVED) {
+                    *self.dups.get_mut(&r.content).expect("counted") -= 1;
+                }
+                return None;
+            }
+        }
+        let place = self.next_at;
+        for (i, r) in self.m.rows[first..end].iter_mut().enumerate() {
+            r.seen = generation;
+            r.at = (place + i as u32) | (r.at & CHANGED);
+        }
+        self.next_at += b.rows;
+        self.cursor = end;
+        self.next_block += 1;
+        self.blocks.push(Block { first: place, ..b });
+        Some((b.len as usize, b.rows as usize))
+    }
+
+    /// A block of the new version: `rows` rows from place `first`, lying in `bytes`.
+    pub fn block(&mut self, first: u32, rows: usize, bytes: &[u8], seed: u64) {
+        self.blocks.push(Block { first, rows: rows as u32, len: bytes.len() as u32, hash: row_hash(seed, bytes) });
     }
 
     /// Where the row with this identity is in the manifest.
@@ -455,7 +562,10 @@ impl Diff {
     /// The manifest as far as this read got (a read abandoned half-way): the rows it supplied
     /// carry their new content, and the file keeps its old version, so it is read again.
     pub fn into_old(self) -> Manifest {
-        self.m
+        let mut m = self.m;
+        // Rows carry new content now: the old bytes no longer describe them.
+        m.blocks = Vec::new();
+        m
     }
 
     /// Forgets the rows read so far (a file that turned out unreadable): every row is gone.
@@ -465,7 +575,8 @@ impl Diff {
 
     /// The new manifest, in the new version's order, and the IDs of rows it no longer has.
     pub fn finish(self) -> (Manifest, Vec<String>) {
-        let Diff { file, mut m, version, generation, forget, .. } = self;
+        let Diff { file, mut m, version, generation, forget, blocks, .. } = self;
+        m.blocks = Vec::new();
         let mut gone: Vec<String> = Vec::new();
         let mut removed = std::mem::take(&mut m.removed);
         // One pass: the rows gone, whether the rest are in the file's order, their `id` bytes.
@@ -497,6 +608,7 @@ impl Diff {
             }
             // The `id` cells of rows gone stay in the arena until they are half of it; then
             // the arena is rewritten in the file's order.
+            m.blocks = place_blocks(&m.rows, blocks);
             if m.arena.len() > 2 * live + 64 {
                 let mut arena = String::with_capacity(live);
                 for r in m.rows.iter_mut().filter(|r| r.b != DERIVED) {
@@ -512,15 +624,49 @@ impl Diff {
     }
 }
 
+/// The new version's blocks with their first row's index in the manifest (sorted by place) for
+/// their place; a block whose rows are not all there, one after another, is dropped.
+fn place_blocks(rows: &[Row], mut blocks: Vec<Block>) -> Vec<Block> {
+    // A block passed over lands after the one being gathered before it: nearly in order.
+    blocks.sort_by_key(|b| b.first);
+    let mut kept = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        // Usually each row's place is its index; otherwise it is found by bisection.
+        let guess = b.first as usize;
+        let first = if rows.get(guess).is_some_and(|r| r.place() == b.first) {
+            guess
+        } else {
+            match rows.binary_search_by_key(&b.first, Row::place) {
+                Ok(i) => i,
+                Err(_) => continue,
+            }
+        };
+        let last = first + b.rows as usize - 1;
+        if b.rows > 0 && rows.get(last).is_some_and(|r| r.place() == b.first + b.rows - 1) {
+            kept.push(Block { first: first as u32, ..b });
+        }
+    }
+    kept
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ID a row is sent with, if it is; a duplicate shows as `dup <id>`.
+    fn sent(seen: Seen) -> Option<String> {
+        match seen {
+            Seen::Same => None,
+            Seen::Send(id) => Some(id),
+            Seen::Duplicate(id) => Some(format!("dup {id}")),
+        }
+    }
 
     /// Reads `rows` against `old`: the new manifest, each row's changed ID (or `None`), and the
     /// IDs gone.
     fn read(old: Manifest, rows: &[(Option<&str>, u64)]) -> (Manifest, Vec<Option<String>>, Vec<String>) {
         let mut d = Diff::new("f.csv", old, "v".into());
-        let seen: Vec<Option<String>> = rows.iter().map(|(id, c)| d.row(*id, *c)).collect();
+        let seen: Vec<Option<String>> = rows.iter().map(|(id, c)| sent(d.row(*id, *c))).collect();
         let (m, gone) = d.finish();
         (m, seen, gone)
     }
@@ -549,7 +695,7 @@ mod tests {
     fn a_read_abandoned_half_way_leaves_what_it_supplied_and_the_next_read_does_the_rest() {
         let (m, _, _) = read(Manifest::default(), &[(Some("a"), 1), (Some("b"), 2), (Some("c"), 3)]);
         let mut d = Diff::new("f.csv", m, "v2".into());
-        assert_eq!(d.row(Some("a"), 10), Some("a".into()));
+        assert_eq!(d.row(Some("a"), 10), Seen::Send("a".into()));
         let m = d.into_old();
         assert_eq!(m.version, "v", "the file keeps its old version, so it is read again");
         let (m, seen, gone) = read(m, &[(Some("a"), 10), (Some("b"), 20)]);
@@ -693,10 +839,18 @@ mod tests {
     }
 
     #[test]
-    fn a_duplicate_id_in_one_file_is_one_row_whose_last_content_counts() {
-        let (m, seen, _) = read(Manifest::default(), &[(Some("a"), 1), (Some("b"), 2), (Some("a"), 3)]);
-        assert_eq!(seen, vec![Some("a".into()), Some("b".into()), Some("a".into())]);
+    fn a_duplicate_id_in_one_file_is_refused_and_the_first_row_with_it_counts() {
+        let rows = [(Some("a"), 1), (Some("b"), 2), (Some("a"), 3)];
+        let (m, seen, _) = read(Manifest::default(), &rows);
+        assert_eq!(seen, vec![Some("a".into()), Some("b".into()), Some("dup a".into())]);
         assert_eq!(m.len(), 2);
+        let (m, seen, gone) = read(m, &rows);
+        assert_eq!(seen, vec![None, None, Some("dup a".into())], "the first `a` is unchanged; it is not sent again");
+        assert!(gone.is_empty());
+        // The first `a` goes: the second one is the row now.
+        let (m, seen, gone) = read(m, &[(Some("b"), 2), (Some("a"), 3)]);
+        assert_eq!(seen, vec![None, Some("a".into())]);
+        assert!(gone.is_empty());
         let (_, _, gone) = read(m, &[(Some("b"), 2)]);
         assert_eq!(gone, vec!["a".to_string()]);
     }
