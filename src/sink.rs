@@ -30,6 +30,12 @@ pub enum SinkError {
     /// isolated; they become dead letters and the rest is written.
     #[error("{0}")]
     Record(String),
+    /// The sink refused these records of the batch before writing any of it (by their
+    /// [`crate::record::Change::seq`], each with the reason), as Postgres does a value whose type
+    /// conflicts with its column: they become dead letters and the rest is written, with no
+    /// splitting of the batch to find them.
+    #[error("{} records refused, the first: {}", .0.len(), .0.first().map(|r| r.1.as_str()).unwrap_or(""))]
+    Refused(Vec<(u64, String)>),
     /// The sink cannot work as configured: the run stops with this message.
     #[error("{0}")]
     Config(String),

@@ -253,9 +253,9 @@ impl PostgresWriter {
 
     /// Makes sure every pass-through column exists, adding a missing one with the type its first
     /// value has (a later file that adds a column adds it to the table), and learns the types of
-    /// those that exist. A value whose type does not fit its column is a type conflict: the batch
-    /// is refused as a record error, so that the records are isolated and dead-lettered, each
-    /// naming its file, the column and both types, while the rest is written.
+    /// those that exist. A value whose type does not fit its column is a type conflict: the
+    /// records with one are refused by name before anything is written, and become dead letters,
+    /// each naming its file, the column and both types, while the rest is written.
     fn ensure_passthrough(&mut self, answers: &[&Answer]) -> Result<(), SinkError> {
         let mut wanted: BTreeMap<&str, ColumnKind> = BTreeMap::new();
         for f in answers.iter().flat_map(|a| &a.passthrough) {
@@ -285,22 +285,23 @@ impl PostgresWriter {
                 self.known.insert(r.get(0), kind_of_sql(r.get::<_, &str>(1)));
             }
         }
+        let mut refused = Vec::new();
         for a in answers {
-            for f in &a.passthrough {
+            let conflict = a.passthrough.iter().find_map(|f| {
                 let column = self.known.get(&f.name).copied().unwrap_or_default();
-                if !fits(f.kind, column) {
-                    return Err(SinkError::Record(format!(
-                        "type conflict: column `{}` is {} in {} but {} in table {}",
-                        f.name,
-                        f.kind.name(),
-                        a.pos.source(),
-                        column.name(),
-                        self.table()
-                    )));
-                }
+                (!fits(f.kind, column)).then(|| {
+                    format!("type conflict: column `{}` is {} in {} but {} in table {}", f.name, f.kind.name(), a.pos.source(), column.name(), self.table())
+                })
+            });
+            if let Some(why) = conflict {
+                refused.push((a.seq, why));
             }
         }
-        Ok(())
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(SinkError::Refused(refused))
+        }
     }
 
     fn write_inner(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {

@@ -10,7 +10,7 @@ use crate::progress::Progress;
 use crate::record::{now_ms, Answer, Change, DeadLetter, DeadReason, Deleted};
 use crate::sink::{EpochBatch, SinkError, SinkWriter};
 use crate::source::Checkpoint;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -280,13 +280,48 @@ fn write_durably(writer: &mut dyn SinkWriter, batch: &mut EpochBatch) {
 }
 
 /// Writes the changes and dead letters in ever smaller parts until each part is written or is
-/// one record the sink refuses. Returns the refused records with the sink's reason.
+/// one record the sink refuses. Records the sink names as refused are taken out at once, and
+/// the rest of their part is written. Returns the refused records with the sink's reason.
 #[allow(clippy::type_complexity)]
 fn isolate(writer: &mut dyn SinkWriter, changes: Vec<Change>, dead: Vec<DeadLetter>, epoch: u64) -> (Vec<(Change, String)>, Vec<(DeadLetter, String)>) {
     let part = EpochBatch { epoch, changes, dead, checkpoints: Vec::new() };
-    let Err(why) = write_retrying(writer, &part) else { return (Vec::new(), Vec::new()) };
-    let EpochBatch { mut changes, mut dead, .. } = part;
+    let why = match write_retrying(writer, &part) {
+        Ok(()) => return (Vec::new(), Vec::new()),
+        Err(Refusal::These(named)) => {
+            let mut reasons: HashMap<u64, String> = named.into_iter().collect();
+            let EpochBatch { changes, dead, .. } = part;
+            let (refused, rest): (Vec<Change>, Vec<Change>) = changes.into_iter().partition(|c| reasons.contains_key(&c.seq()));
+            if !refused.is_empty() {
+                let refused: Vec<(Change, String)> = refused
+                    .into_iter()
+                    .map(|c| {
+                        let why = reasons.remove(&c.seq()).unwrap_or_default();
+                        (c, why)
+                    })
+                    .collect();
+                let (c, d) = isolate(writer, rest, dead, epoch);
+                return ([refused, c].concat(), d);
+            }
+            // It named none of this part's records: find them by splitting.
+            return split(writer, rest, dead, epoch, "the sink refused records it did not name".to_string());
+        }
+        Err(Refusal::One(why)) => why,
+    };
+    split(writer, part.changes, part.dead, epoch, why)
+}
+
+/// Splits a refused part in two and isolates each half (`why`: the sink's reason, kept for a
+/// part of one record).
+#[allow(clippy::type_complexity)]
+fn split(
+    writer: &mut dyn SinkWriter,
+    mut changes: Vec<Change>,
+    mut dead: Vec<DeadLetter>,
+    epoch: u64,
+    why: String,
+) -> (Vec<(Change, String)>, Vec<(DeadLetter, String)>) {
     match (changes.len(), dead.len()) {
+        (0, 0) => (Vec::new(), Vec::new()),
         (1, 0) => (vec![(changes.remove(0), why)], Vec::new()),
         (0, 1) => (Vec::new(), vec![(dead.remove(0), why)]),
         (0, n) => {
@@ -305,11 +340,28 @@ fn isolate(writer: &mut dyn SinkWriter, changes: Vec<Change>, dead: Vec<DeadLett
     }
 }
 
+/// Why a sink would not take a batch.
+enum Refusal {
+    /// Some record of it, unnamed.
+    One(String),
+    /// These records (by sequence number), each with its reason.
+    These(Vec<(u64, String)>),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::One(why) => f.write_str(why),
+            Refusal::These(named) => write!(f, "{} records, the first: {}", named.len(), named.first().map(|r| r.1.as_str()).unwrap_or("")),
+        }
+    }
+}
+
 /// Writes until the sink accepts the batch or refuses a record in it (`Err` with the sink's
 /// reason). Transient errors back off exponentially up to 10 s. A configuration error stops the
 /// process, since no later write can succeed. After a stop signal the watchdog ends the process
 /// once the grace period is over, with nothing undurable acknowledged.
-fn write_retrying(writer: &mut dyn SinkWriter, batch: &EpochBatch) -> Result<(), String> {
+fn write_retrying(writer: &mut dyn SinkWriter, batch: &EpochBatch) -> Result<(), Refusal> {
     let mut delay = Duration::from_millis(100);
     loop {
         let started = Instant::now();
@@ -318,7 +370,8 @@ fn write_retrying(writer: &mut dyn SinkWriter, batch: &EpochBatch) -> Result<(),
                 metrics::histogram!(crate::metrics::SINK_WRITE_LATENCY, "sink" => writer.kind()).record(started.elapsed().as_secs_f64());
                 return Ok(());
             }
-            Err(SinkError::Record(e)) => return Err(e),
+            Err(SinkError::Record(e)) => return Err(Refusal::One(e)),
+            Err(SinkError::Refused(named)) => return Err(Refusal::These(named)),
             Err(SinkError::Transient(e)) => {
                 metrics::counter!(crate::metrics::SINK_RETRIES, "sink" => writer.kind()).increment(1);
                 tracing::warn!(sink = writer.kind(), epoch = batch.epoch, "write failed, retrying in {:?}: {e}", delay);
@@ -440,11 +493,15 @@ mod tests {
         assert_eq!(acked, vec![(3, 2), (4, 1), (7, 0)]);
     }
 
-    /// A sink that refuses any batch holding a change whose ID starts with `bad`, and logs what it wrote.
+    /// A sink that refuses any batch holding a change whose ID starts with `bad` (naming them all
+    /// when `names`), and logs what it wrote and how many writes it was asked for.
+    #[derive(Default)]
     struct Picky {
+        names: bool,
         written: Vec<String>,
         dead: Vec<(String, DeadReason)>,
         checkpoints: usize,
+        writes: usize,
     }
 
     impl SinkWriter for Picky {
@@ -452,6 +509,12 @@ mod tests {
             "picky"
         }
         fn write(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
+            self.writes += 1;
+            let bad: Vec<(u64, String)> =
+                batch.changes.iter().filter(|c| c.id().starts_with("bad")).map(|c| (c.seq(), format!("cannot store {}", c.id()))).collect();
+            if self.names && !bad.is_empty() {
+                return Err(SinkError::Refused(bad));
+            }
             if let Some(c) = batch.changes.iter().find(|c| c.id().starts_with("bad")) {
                 return Err(SinkError::Record(format!("cannot store {}", c.id())));
             }
@@ -464,7 +527,7 @@ mod tests {
 
     #[test]
     fn a_record_the_sink_refuses_becomes_a_dead_letter_and_the_rest_is_written_in_order() {
-        let mut sink = Picky { written: Vec::new(), dead: Vec::new(), checkpoints: 0 };
+        let mut sink = Picky::default();
         let mut b = batch(1, &["a", "b", "bad1", "c", "d", "bad2", "e"], 9);
         write_durably(&mut sink, &mut b);
         assert_eq!(sink.written, vec!["a", "b", "c", "d", "e"], "the good changes, each once, in order");
@@ -473,5 +536,25 @@ mod tests {
         let forwarded: Vec<&str> = b.changes.iter().map(|c| c.id()).collect();
         assert_eq!(forwarded, vec!["a", "b", "c", "d", "e"], "later sinks get the batch without the refused changes");
         assert_eq!(b.dead.len(), 2, "and with their dead letters");
+    }
+
+    #[test]
+    fn records_the_sink_names_as_refused_are_taken_out_without_splitting_the_batch() {
+        let ids: Vec<String> = (0..64).map(|i| if i % 3 == 0 { format!("bad{i}") } else { format!("ok{i}") }).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut named = Picky { names: true, ..Picky::default() };
+        let mut b = batch(1, &ids, 9);
+        write_durably(&mut named, &mut b);
+        let good: Vec<&str> = ids.iter().copied().filter(|i| i.starts_with("ok")).collect();
+        assert_eq!(named.written, good, "the good changes, each once, in order");
+        assert_eq!(named.dead.len(), 22);
+        assert!(named.dead.iter().all(|(raw, reason)| raw.starts_with("bad") && *reason == DeadReason::SinkRejected));
+        assert_eq!(b.changes.len(), 42);
+        // The batch, the batch again when isolating, the rest, then the dead letters.
+        assert_eq!(named.writes, 4, "no splitting");
+        let mut unnamed = Picky::default();
+        write_durably(&mut unnamed, &mut batch(1, &ids, 9));
+        assert_eq!(unnamed.written, good);
+        assert!(unnamed.writes > 40, "an unnamed refusal splits the batch down to each bad record: {} writes", unnamed.writes);
     }
 }
