@@ -97,7 +97,7 @@ second_ms=$(wait_answers $(( ROWS + edits )) "$t1")
 second_units=$(( $(metric sluice_inference_batch_size_sum) - first_units ))
 second_rss=$(hwm)
 sleep 0.5
-diff_line=$(grep -o 'rides.csv: [0-9]* rows, [0-9]* new or changed, [0-9]* gone, in [0-9]* ms' "$WORK/stderr" | tail -1)
+diff_line=$(grep -o 'rides.csv: [0-9]* rows, [0-9]* new or changed, [0-9]* gone, in [0-9]* ms ([0-9]* rows passed over in unchanged blocks)' "$WORK/stderr" | tail -1)
 kill -TERM "$pid"
 wait "$pid" || true
 echo "first pass:  $ROWS rows, model units $first_units, ${first_ms} ms, peak RSS ${first_rss} MB"

@@ -630,7 +630,7 @@ fn place_blocks(rows: &[Row], mut blocks: Vec<Block>) -> Vec<Block> {
     // A block passed over lands after the one being gathered before it: nearly in order.
     blocks.sort_by_key(|b| b.first);
     let mut kept = Vec::with_capacity(blocks.len());
-    for b in blocks {
+    for b in blocks.into_iter().filter(|b| b.rows > 0) {
         // Usually each row's place is its index; otherwise it is found by bisection.
         let guess = b.first as usize;
         let first = if rows.get(guess).is_some_and(|r| r.place() == b.first) {
@@ -642,7 +642,7 @@ fn place_blocks(rows: &[Row], mut blocks: Vec<Block>) -> Vec<Block> {
             }
         };
         let last = first + b.rows as usize - 1;
-        if b.rows > 0 && rows.get(last).is_some_and(|r| r.place() == b.first + b.rows - 1) {
+        if rows.get(last).is_some_and(|r| r.place() == b.first + b.rows - 1) {
             kept.push(Block { first: first as u32, ..b });
         }
     }
