@@ -704,3 +704,41 @@ fn pass_through_columns_keep_their_types_a_new_column_is_added_and_a_type_confli
     assert!(!s.rows().contains_key("t30"), "a conflicting row is not answered");
     stop(&mut w);
 }
+
+#[test]
+fn a_duplicate_id_in_a_file_is_a_dead_letter_the_first_row_is_answered_and_it_is_not_recomputed_on_each_read() {
+    let s = Live::new("fldup");
+    let file = s.input().join("dup.csv");
+    // d3 twice, with different trips; `twin` has the first d3's features, `twin2` the second's.
+    let text = |extra: &str| {
+        let mut t = String::from("id,PULocationID,DOLocationID,trip_distance\n");
+        for i in 0..10 {
+            t.push_str(&if i == 3 { "d3,3,21,1.25\n".to_string() } else { format!("d{i},{},{},{}\n", 10 + i, 20 + i, 1.5 + i as f64) });
+        }
+        t.push_str(extra);
+        t.push_str("twin,3,21,1.25\ntwin2,200,90,40.5\nd3,200,90,40.5\n");
+        t
+    };
+    put(&file, &text(""));
+    let mut w = s.watch("");
+    s.wait_rows(|r| r.len() == 12, "d0..d9, twin and twin2 answered", &w);
+    let rows = s.rows();
+    assert_eq!(rows["d3"].0, rows["twin"].0, "the first row with the ID is the one answered");
+    assert_ne!(rows["d3"].0, rows["twin2"].0, "not the second");
+    let dead = || {
+        query(&format!("SELECT detail FROM dead_letters WHERE pipeline = '{}' AND reason = 'duplicate_id'", s.name))
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<String>>()
+    };
+    assert!(wait_until(Duration::from_secs(30), || dead().len() == 1), "one duplicate_id dead letter: {:?}", dead());
+    assert!(dead()[0].contains("`d3`") && dead()[0].contains("dup.csv"), "{:?}", dead());
+    // A row is added: only it is computed, not d3 again.
+    let before = s.rows();
+    put(&file, &text("d7b,5,6,2.5\n"));
+    s.wait_rows(|r| r.contains_key("d7b"), "the edit is answered", &w);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.rows()["d3"], before["d3"], "d3's answer is untouched");
+    let out = stop(&mut w);
+    assert_eq!(answered(&out), 13, "12 rows, then d7b: {out}");
+}
