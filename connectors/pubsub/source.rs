@@ -221,6 +221,9 @@ pub struct PubsubSource {
     pending: BTreeMap<u64, Vec<Handler>>,
     shutdown: ShutdownToken,
     ended: Arc<AtomicBool>,
+    /// Confirmed acknowledgements on their way (exactly-once subscriptions): a shutdown waits
+    /// for them, since stopping the pull fails those still unanswered.
+    confirming: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl PubsubSource {
@@ -274,6 +277,7 @@ impl PubsubSource {
             pending: BTreeMap::new(),
             shutdown,
             ended,
+            confirming: Vec::new(),
         }
     }
 
@@ -330,16 +334,17 @@ impl Source for PubsubSource {
         let keep = self.pending.split_off(&before);
         let done = std::mem::replace(&mut self.pending, keep);
         let mut acked = 0u64;
+        self.confirming.retain(|t| !t.is_finished());
         for h in done.into_values().flatten() {
             acked += 1;
             match h {
                 Handler::ExactlyOnce(h) => {
-                    runtime().spawn(async move {
+                    self.confirming.push(runtime().spawn(async move {
                         if let Err(e) = h.confirmed_ack().await {
                             tracing::warn!("pubsub: a confirmed acknowledgement failed (the message will be redelivered; its ID absorbs the duplicate): {e}");
                             metrics::counter!(super::ACK_FAILURES_METRIC).increment(1);
                         }
-                    });
+                    }));
                 }
                 h => h.ack(),
             }
@@ -362,7 +367,18 @@ impl Drop for PubsubSource {
             tracing::info!("pubsub: {nacked} messages not durable are left to redelivery");
         }
         let token = self.shutdown.clone();
-        let _ = runtime().block_on(async { tokio::time::timeout(Duration::from_secs(10), token.shutdown()).await });
+        let confirming = std::mem::take(&mut self.confirming);
+        let _ = runtime().block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                // The confirmations of what is durable first: stopping the pull fails those
+                // still unanswered (they would be redelivered, and absorbed by their IDs).
+                for t in confirming {
+                    let _ = t.await;
+                }
+                token.shutdown().await
+            })
+            .await
+        });
     }
 }
 
