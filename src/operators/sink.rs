@@ -239,7 +239,13 @@ fn write_durably(writer: &mut dyn SinkWriter, batch: &mut EpochBatch) {
     let Err(first) = write_retrying(writer, batch) else { return };
     tracing::warn!(sink = writer.kind(), epoch = batch.epoch, "the sink refused a record ({first}); isolating it");
     let whole = std::mem::take(batch);
-    let (refused_changes, refused_dead) = isolate(writer, whole.changes.clone(), whole.dead.clone(), whole.epoch);
+    let part = EpochBatch { epoch: whole.epoch, changes: whole.changes.clone(), dead: whole.dead.clone(), checkpoints: Vec::new() };
+    let (refused_changes, refused_dead) = match first {
+        // A sink that named the records it refuses is not asked again.
+        named @ Refusal::These(_) => isolate_refused(writer, part, named),
+        // Anything else is tried again without the checkpoints first.
+        Refusal::One(_) => isolate(writer, part.changes, part.dead, part.epoch),
+    };
     let kind = writer.kind();
     let mut dead: Vec<DeadLetter> = refused_changes
         .iter()
@@ -285,9 +291,18 @@ fn write_durably(writer: &mut dyn SinkWriter, batch: &mut EpochBatch) {
 #[allow(clippy::type_complexity)]
 fn isolate(writer: &mut dyn SinkWriter, changes: Vec<Change>, dead: Vec<DeadLetter>, epoch: u64) -> (Vec<(Change, String)>, Vec<(DeadLetter, String)>) {
     let part = EpochBatch { epoch, changes, dead, checkpoints: Vec::new() };
-    let why = match write_retrying(writer, &part) {
-        Ok(()) => return (Vec::new(), Vec::new()),
-        Err(Refusal::These(named)) => {
+    match write_retrying(writer, &part) {
+        Ok(()) => (Vec::new(), Vec::new()),
+        Err(refusal) => isolate_refused(writer, part, refusal),
+    }
+}
+
+/// [`isolate`] for a part the sink has just refused.
+#[allow(clippy::type_complexity)]
+fn isolate_refused(writer: &mut dyn SinkWriter, part: EpochBatch, refusal: Refusal) -> (Vec<(Change, String)>, Vec<(DeadLetter, String)>) {
+    let epoch = part.epoch;
+    let why = match refusal {
+        Refusal::These(named) => {
             let mut reasons: HashMap<u64, String> = named.into_iter().collect();
             let EpochBatch { changes, dead, .. } = part;
             let (refused, rest): (Vec<Change>, Vec<Change>) = changes.into_iter().partition(|c| reasons.contains_key(&c.seq()));
@@ -305,7 +320,7 @@ fn isolate(writer: &mut dyn SinkWriter, changes: Vec<Change>, dead: Vec<DeadLett
             // It named none of this part's records: find them by splitting.
             return split(writer, rest, dead, epoch, "the sink refused records it did not name".to_string());
         }
-        Err(Refusal::One(why)) => why,
+        Refusal::One(why) => why,
     };
     split(writer, part.changes, part.dead, epoch, why)
 }
@@ -324,6 +339,12 @@ fn split(
         (0, 0) => (Vec::new(), Vec::new()),
         (1, 0) => (vec![(changes.remove(0), why)], Vec::new()),
         (0, 1) => (Vec::new(), vec![(dead.remove(0), why)]),
+        // One change and dead letters: each side alone.
+        (1, _) => {
+            let (c1, d1) = isolate(writer, changes, Vec::new(), epoch);
+            let (c2, d2) = isolate(writer, Vec::new(), dead, epoch);
+            ([c1, c2].concat(), [d1, d2].concat())
+        }
         (0, n) => {
             let rest = dead.split_off(n / 2);
             let (c1, d1) = isolate(writer, Vec::new(), dead, epoch);
@@ -332,9 +353,9 @@ fn split(
         }
         (n, _) => {
             // Changes in order: the first half is written before the second.
-            let rest = if n > 1 { changes.split_off(n / 2) } else { Vec::new() };
-            let (c1, d1) = isolate(writer, changes, if n > 1 { Vec::new() } else { std::mem::take(&mut dead) }, epoch);
-            let (c2, d2) = if n > 1 { isolate(writer, rest, dead, epoch) } else { (Vec::new(), Vec::new()) };
+            let rest = changes.split_off(n / 2);
+            let (c1, d1) = isolate(writer, changes, Vec::new(), epoch);
+            let (c2, d2) = isolate(writer, rest, dead, epoch);
             ([c1, c2].concat(), [d1, d2].concat())
         }
     }
@@ -550,11 +571,21 @@ mod tests {
         assert_eq!(named.dead.len(), 22);
         assert!(named.dead.iter().all(|(raw, reason)| raw.starts_with("bad") && *reason == DeadReason::SinkRejected));
         assert_eq!(b.changes.len(), 42);
-        // The batch, the batch again when isolating, the rest, then the dead letters.
-        assert_eq!(named.writes, 4, "no splitting");
+        // The batch, the rest, then the dead letters.
+        assert_eq!(named.writes, 3, "no splitting");
         let mut unnamed = Picky::default();
         write_durably(&mut unnamed, &mut batch(1, &ids, 9));
         assert_eq!(unnamed.written, good);
         assert!(unnamed.writes > 40, "an unnamed refusal splits the batch down to each bad record: {} writes", unnamed.writes);
+    }
+
+    #[test]
+    fn a_refused_last_change_in_a_batch_with_dead_letters_is_isolated() {
+        let mut sink = Picky::default();
+        let mut b = batch(1, &["a", "bad"], 9);
+        b.dead.push(DeadLetter::new(SourcePos::row("f.csv".into(), 3), DeadReason::MissingColumn, "short".into(), b"x,".to_vec(), 1));
+        write_durably(&mut sink, &mut b);
+        assert_eq!(sink.written, vec!["a"]);
+        assert_eq!(sink.dead, vec![("x,".to_string(), DeadReason::MissingColumn), ("bad".to_string(), DeadReason::SinkRejected)]);
     }
 }
