@@ -1188,6 +1188,25 @@ mod tests {
     }
 
     #[test]
+    fn after_a_row_moves_to_the_top_the_rest_of_the_file_is_still_passed_over_in_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |rows: &[String]| {
+            std::fs::write(dir.path().join(".tmp"), format!("id,v\n{}\n", rows.join("\n"))).unwrap();
+            std::fs::rename(dir.path().join(".tmp"), dir.path().join("m.csv")).unwrap();
+        };
+        let mut rows: Vec<String> = (0..800).map(|i| format!("r{i},{i}")).collect();
+        let mut live = FilesFactory::new(config(dir.path(), true)).unwrap().open(0, 1, &[]).unwrap();
+        put(&rows);
+        assert_eq!(catch_up(&mut live, 1000).len(), 800);
+        let last = rows.pop().unwrap();
+        rows.insert(0, last);
+        put(&rows);
+        let before = live.passed_over;
+        assert!(catch_up(&mut live, 1000).is_empty(), "a moved row is unchanged");
+        assert!(live.passed_over - before > 700, "{} of 800 rows passed over", live.passed_over - before);
+    }
+
+    #[test]
     fn a_quote_closed_below_a_block_reframes_the_rows_it_swallows() {
         // Row 1 opens a quote that never closes: it is refused and the rows below it stand. When
         // a quote is added further down, a fresh read sees one long record instead: a block

@@ -497,6 +497,10 @@ impl Diff {
     /// framing or hashing of their own. Returns the block's bytes and rows.
     pub fn skip(&mut self, data: &[u8], seed: u64) -> Option<(usize, usize)> {
         let blocks = &self.m.blocks;
+        if self.next_block > 0 && blocks[self.next_block - 1].first as usize > self.cursor {
+            // A moved row sent the cursor back (found through the index).
+            self.next_block = blocks.partition_point(|b| (b.first as usize) < self.cursor);
+        }
         while self.next_block < blocks.len() && (blocks[self.next_block].first as usize) < self.cursor {
             self.next_block += 1;
         }
