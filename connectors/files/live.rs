@@ -637,7 +637,7 @@ impl ParquetRows {
                     Seen::Same => continue,
                     Seen::Send(id) => id,
                     Seen::Duplicate(id) => {
-                        let detail = format!("the id `{id}` is already used by an earlier row of {file}; the first row with it is the one answered");
+                        let detail = duplicate_detail(&id, file);
                         let json: serde_json::Map<String, serde_json::Value> =
                             self.names.iter().zip(&values).map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str()))).collect();
                         out.push(refused(file, self.row, &serde_json::to_vec(&json).unwrap_or_default(), DeadReason::DuplicateId, detail, now));
@@ -663,6 +663,11 @@ impl ParquetRows {
         m.changed.increment(changed);
         Ok((rows, changed, true))
     }
+}
+
+/// The dead letter's detail for a row whose `id` an earlier row of `file` has.
+fn duplicate_detail(id: &str, file: &str) -> String {
+    format!("the id `{id}` is already used by an earlier row of {file}; the first row with it is the one answered")
 }
 
 fn refused(file: &Arc<str>, row: u64, bytes: &[u8], reason: DeadReason, detail: String, now: u64) -> RawRecord {
@@ -838,7 +843,7 @@ impl<'b> Framer<'b> for Slice<'_, 'b, '_> {
             Seen::Send(id) => id,
             Seen::Duplicate(id) => {
                 self.room -= 1;
-                let detail = format!("the id `{id}` is already used by an earlier row of {}; the first row with it is the one answered", self.file);
+                let detail = duplicate_detail(&id, self.file);
                 self.out.push(refused(self.file, row, rec.bytes, DeadReason::DuplicateId, detail, self.now));
                 return true;
             }
@@ -939,19 +944,7 @@ mod tests {
         let rows: String = (0..50).map(|i| format!("r{i},question {i},context {i}\n")).collect();
         std::fs::write(dir.path().join("a.csv"), format!("id,question,context\n{rows}")).unwrap();
         std::fs::write(dir.path().join("b.csv"), "question,context\nq1,c1\nq2,c2\nq1,c1\n").unwrap();
-        let config = FilesConfig {
-            path: dir.path().display().to_string(),
-            format: Format::Csv,
-            watch: false,
-            poll_ms: 10,
-            settle_ms: 0,
-            epoch_ms: 100,
-            suffix: None,
-            endpoint: None,
-            region: None,
-            credentials_file: None,
-            max_field_bytes: 1000,
-        };
+        let config = config(dir.path(), false);
         let factory = FilesFactory::new(config).unwrap();
         let (first, cps) = drain(&mut factory.build(0, 1, &[]).unwrap());
         assert_eq!(first.len(), 53, "every row of both files");
@@ -1044,22 +1037,7 @@ mod tests {
             std::fs::write(&tmp, text).unwrap();
             std::fs::rename(&tmp, dir.path().join(name)).unwrap();
         };
-        let fresh = || -> BTreeMap<String, Vec<u8>> {
-            let mut src = FilesFactory::new(config(dir.path(), false)).unwrap().open(0, 1, &[]).unwrap();
-            let mut all = Vec::new();
-            loop {
-                let mut out = Vec::new();
-                let p = src.poll(0, 1000, &mut out).unwrap();
-                all.extend(out);
-                if p == Poll::Done {
-                    break;
-                }
-            }
-            let mut answers = BTreeMap::new();
-            apply(&mut answers, &all);
-            answers
-        };
-        let mut g = manifest_tests_lcg(7);
+        let mut g = lcg(7);
         // `named.csv` has an `id` column; `plain.csv` has none and many exact duplicates.
         let mut named: Vec<(String, &str)> = (0..400).map(|i| (format!("r{i},{},{}", i % 7, i * 3), "\n")).collect();
         let mut plain: Vec<(String, &str)> = (0..300).map(|i| (format!("{},{}", i % 11, i % 5), "\n")).collect();
@@ -1072,7 +1050,7 @@ mod tests {
             write("plain.csv", "x,y", &plain);
             let supplied = catch_up(&mut live, 1 + g(64));
             apply(&mut answers, &supplied);
-            let now = fresh();
+            let now = fresh_answers(dir.path());
             let differ: Vec<&String> = answers.keys().chain(now.keys()).filter(|k| answers.get(*k) != now.get(*k)).collect();
             assert!(differ.is_empty(), "round {round}: the answers differ from a fresh read's at {differ:?}");
             // Exactly the rows that differ were supplied.
@@ -1232,7 +1210,7 @@ mod tests {
     }
 
     /// A small deterministic generator: `g(n)` is in `0..n`.
-    fn manifest_tests_lcg(seed: u64) -> impl FnMut(usize) -> usize {
+    fn lcg(seed: u64) -> impl FnMut(usize) -> usize {
         let mut x = seed;
         move |n| {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
