@@ -38,6 +38,8 @@ pub const FILE_ROWS_RECOMPUTED: &str = "sluice_file_rows_recomputed_total";
 pub const FILE_ROWS_RETRACTED: &str = "sluice_file_rows_retracted_total";
 /// Gauge: files a file source knows, by `state` (current, settling) and `worker`.
 pub const FILES: &str = "sluice_files";
+/// 1 while a watched location that had files lists none (its answers are kept), else 0.
+pub const FILES_ROOT_EMPTY: &str = "sluice_files_root_empty";
 /// Counter: sessions that ran on the CPU because CUDA could not be used and
 /// `execution.fallback = "cpu"` allowed it.
 pub const EXECUTION_FALLBACKS: &str = "sluice_execution_fallbacks_total";
@@ -84,6 +86,7 @@ fn describe() {
     describe_counter!(FILE_ROWS_RECOMPUTED, "Rows a file source sent to the model because they were new or changed.");
     describe_counter!(FILE_ROWS_RETRACTED, "Rows whose answers a file source deleted.");
     describe_gauge!(FILES, "Files a file source knows, by state.");
+    describe_gauge!(FILES_ROOT_EMPTY, "1 while a file source's location that had files lists none; its answers are kept until it lists again.");
     describe_counter!(EXECUTION_FALLBACKS, "Sessions run on the CPU because CUDA could not be used (execution.fallback = cpu).");
     describe_gauge!(MODEL_SESSIONS, "Model sessions open, by provider.");
     describe_histogram!(SINK_WRITE_LATENCY, "Seconds per sink epoch write.");

@@ -205,7 +205,10 @@ fn run_dataflow<T: Task>(
     let resume = Arc::new(resume);
     let harness =
         HarnessSettings { epoch_records: rt.epoch_records, max_epochs_in_flight: rt.max_epochs_in_flight, max_records_in_flight: rt.max_records_in_flight };
-    let decoding = DecodeSettings { id_from: source.id_from(), max_id_bytes: rt.max_id_bytes };
+    // A table that supplies changes retracts the answer of a row that fails (a fresh read would
+    // give it none).
+    let retract = source.keying() == crate::source::Keying::Changes;
+    let decoding = DecodeSettings { id_from: source.id_from(), max_id_bytes: rt.max_id_bytes, retract_failures: retract };
     let (keying, window, max_dead) = (source.keying(), rt.dedupe_window, rt.max_dead_letter_bytes);
     let fatal = FatalSlot::default();
     let progress = Arc::new(Progress::default());
@@ -226,9 +229,10 @@ fn run_dataflow<T: Task>(
                 source_harness(scope, source.clone(), resume.clone(), harness.clone(), durable.clone(), stop.clone(), f2.clone(), p2.clone());
             let (requests, bad) = decode(records, task.clone(), decoding.clone());
             let (requests, deletes) = key_by_id(requests, keying, window);
-            let (answers, refused) = infer(requests, task.clone(), handle.clone());
+            let (answers, refused, retracted) = infer(requests, task.clone(), handle.clone(), retract);
             let dead = bad.concat(refused);
-            durable_sink(answers, deletes, dead, checkpoints, writers, max_dead, p2.clone()).probe_with(&durable);
+            let deletes = deletes.concat(retracted);
+            durable_sink(answers, deletes, dead, checkpoints, writers, max_dead, retract, p2.clone()).probe_with(&durable);
         });
         while worker.step_or_park(None) {}
         Ok(())

@@ -8,7 +8,7 @@
 //! is diffed correctly. With `watch = true` it keeps polling; without, it reads once and ends.
 
 use super::csv::{frame, frame_rows, header_names, infer_kinds, kind_of, normalize_header, parse_rows, Framer};
-use super::manifest::{id_key, row_hash, Diff, Manifest, Seen, BLOCK_ROWS};
+use super::manifest::{id_key, row_hash, ByHash, Diff, Manifest, Route, Seen, BLOCK_ROWS};
 use super::scan::RawRecord as Framed;
 use super::store::{FileReader, Listed, Store, StoreSettings};
 use crate::record::{now_ms, ColumnKind, DeadReason, SourcePos};
@@ -63,6 +63,12 @@ pub struct FilesConfig {
     /// A field longer than this many bytes is a dead letter (`oversize_field`).
     #[serde(default = "default_max_field_bytes")]
     pub max_field_bytes: usize,
+    /// Whether a location that had files and lists none means that every file was removed.
+    /// By default it does not (a folder moved away, a mount gone, a bucket listing that came
+    /// back empty): the answers are kept, with a warning and `sluice_files_root_empty` = 1,
+    /// until it lists files again. Set it when emptying the location is how you retract.
+    #[serde(default)]
+    pub allow_empty_root: bool,
 }
 
 fn default_poll_ms() -> u64 {
@@ -141,11 +147,6 @@ fn changes_scope(scope: &str) -> String {
     format!("{scope} (changes)")
 }
 
-/// The worker that owns `file`.
-fn owner(file: &str, peers: usize) -> usize {
-    (id_key(file) % peers.max(1) as u64) as usize
-}
-
 impl SourceFactory for FilesFactory {
     fn kind(&self) -> &'static str {
         "files"
@@ -170,48 +171,237 @@ impl SourceFactory for FilesFactory {
     }
 }
 
+/// Which configuration of workers the stored manifests belong to: era `era` with `workers`
+/// workers, after era `prev` with `prev_workers` (era 0 is the layout before eras, one manifest
+/// per file). Every worker stores it with its first checkpoints; the highest era stored is the
+/// current one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Era {
+    era: u64,
+    workers: usize,
+    prev: u64,
+    prev_workers: usize,
+}
+
+impl Era {
+    fn encode(&self) -> String {
+        format!("{} {} {} {}", self.era, self.workers, self.prev, self.prev_workers)
+    }
+
+    fn decode(text: &str) -> Option<Era> {
+        let v: Vec<u64> = text.split(' ').map(str::parse).collect::<Result<_, _>>().ok()?;
+        match v[..] {
+            [era, workers, prev, prev_workers] => Some(Era { era, workers: workers as usize, prev, prev_workers: prev_workers as usize }),
+            _ => None,
+        }
+    }
+}
+
+/// The shard of a worker's own scope that says it has stored its manifests in this era.
+const STORED_MARK: &str = "\u{1}stored";
+
 impl FilesFactory {
-    /// One worker's source, resuming from the stored manifests of the files it owns.
-    fn open(&self, worker: usize, peers: usize, resume: &[Checkpoint]) -> Result<FilesSource, SourceError> {
-        let store = Store::open(&self.config.path, &self.config.settings()).map_err(SourceError::Config)?;
-        let mine = |c: &&Checkpoint| owner(&c.shard, peers) == worker && !c.position.is_empty();
-        let changes_of = changes_scope(&self.scope);
+    /// The scope of the era record.
+    fn era_scope(&self) -> String {
+        format!("{} (workers)", self.scope)
+    }
+
+    /// The scope of worker `worker`'s manifests in `era` (era 0: the one scope of old).
+    fn worker_scope(&self, era: u64, worker: usize, workers: usize) -> String {
+        if era == 0 {
+            self.scope.clone()
+        } else {
+            format!("{} @{era}:{worker}/{workers}", self.scope)
+        }
+    }
+
+    /// The manifests stored under `scope`, by file (a file that went away has an empty base).
+    fn stored(&self, resume: &[Checkpoint], scope: &str) -> HashMap<String, Manifest> {
+        let changes_of = changes_scope(scope);
         let changes: HashMap<&str, &str> =
-            resume.iter().filter(|c| c.scope == changes_of).filter(mine).map(|c| (c.shard.as_str(), c.position.as_str())).collect();
-        let mut known = HashMap::new();
-        // A file that went away has an empty base.
-        for c in resume.iter().filter(|c| c.scope == self.scope).filter(mine) {
+            resume.iter().filter(|c| c.scope == changes_of && !c.position.is_empty()).map(|c| (c.shard.as_str(), c.position.as_str())).collect();
+        let mut out = HashMap::new();
+        for c in resume.iter().filter(|c| c.scope == scope && !c.position.is_empty() && c.shard != STORED_MARK) {
             match Manifest::decode(&c.position, changes.get(c.shard.as_str()).copied()) {
                 Ok(m) => {
-                    known.insert(c.shard.clone(), m);
+                    out.insert(c.shard.clone(), m);
                 }
                 Err(e) => tracing::warn!("files: the stored manifest of {} is unusable ({e}); the file is read again", c.shard),
             }
         }
+        out
+    }
+
+    /// One worker's source, resuming from its stored manifests. Every worker keeps a manifest of
+    /// every file (all its rows, so blocks and positions work as for one worker) and answers the
+    /// rows that route to it. When the number of workers changed (or the manifests were stored
+    /// before eras), each worker adopts, for its rows, the manifests of the workers that
+    /// answered them, and stores its own with its first checkpoints.
+    fn open(&self, worker: usize, peers: usize, resume: &[Checkpoint]) -> Result<FilesSource, SourceError> {
+        let store = Store::open(&self.config.path, &self.config.settings()).map_err(SourceError::Config)?;
+        let route = Route::new(worker, peers);
+        let era_scope = self.era_scope();
+        let stored_era = resume.iter().filter(|c| c.scope == era_scope).filter_map(|c| Era::decode(&c.position)).max_by_key(|e| e.era);
+        let era = match stored_era {
+            Some(e) if e.workers == peers => e,
+            Some(e) => Era { era: e.era + 1, workers: peers, prev: e.era, prev_workers: e.workers },
+            None => Era { era: 1, workers: peers, prev: 0, prev_workers: 1 },
+        };
+        let own = self.worker_scope(era.era, worker, peers);
+        let mut ready = Vec::new();
+        let has_own = resume.iter().any(|c| c.scope == own && c.shard == STORED_MARK);
+        let known: HashMap<String, Manifest> = if has_own {
+            self.stored(resume, &own)
+        } else {
+            // Adopt the previous era's manifests: each row from the copy of the worker that
+            // answered it then (era 0 kept one copy per file).
+            let copies: Vec<HashMap<String, Manifest>> = if era.prev == 0 {
+                vec![self.stored(resume, &self.scope)]
+            } else {
+                (0..era.prev_workers).map(|x| self.stored(resume, &self.worker_scope(era.prev, x, era.prev_workers))).collect()
+            };
+            let mut files: Vec<&String> = copies.iter().flat_map(|c| c.keys()).collect();
+            files.sort();
+            files.dedup();
+            let prev_route = |x: usize| Route::new(x, era.prev_workers);
+            let single = era.prev == 0;
+            let mut adopted = HashMap::new();
+            for file in files {
+                let (held, of): (Vec<Manifest>, Vec<usize>) = copies.iter().enumerate().filter_map(|(x, c)| c.get(file).map(|m| (m.clone(), x))).unzip();
+                let m = Manifest::adopt(&held, |i, key| single || prev_route(of[i]).mine(key));
+                adopted.insert(file.clone(), m);
+            }
+            if !adopted.is_empty() {
+                tracing::info!(worker, files = adopted.len(), era = era.era, "files: adopted the manifests of the previous workers ({})", era.prev_workers);
+            }
+            // Stored at the first checkpoint: the era, every adopted manifest in full, and the
+            // mark that this worker's manifests of this era are complete.
+            ready.push(Checkpoint { scope: era_scope.clone(), shard: "era".into(), position: era.encode() });
+            ready.push(Checkpoint { scope: own.clone(), shard: STORED_MARK.into(), position: "1".into() });
+            adopted
+        };
         if !known.is_empty() {
             tracing::info!(worker, files = known.len(), rows = known.values().map(Manifest::len).sum::<usize>(), "files: resumed manifests");
         }
-        Ok(FilesSource {
+        let mut owners = Owners::default();
+        let mut names: Vec<&String> = known.keys().collect();
+        names.sort();
+        for name in names {
+            let m = &known[name];
+            let no = owners.number(name);
+            for key in m.named_keys(route) {
+                owners.by_key.entry(key).or_insert(no);
+            }
+            if m.has_waiting() {
+                owners.waiting.insert(name.clone());
+            }
+        }
+        let mut source = FilesSource {
             store,
-            scope: self.scope.clone(),
+            scope: own,
             suffix: self.config.suffix().to_string(),
             worker,
-            peers,
+            route,
             watch: self.config.watch,
             format: self.config.format,
             poll: Duration::from_millis(self.config.poll_ms),
             settle: Duration::from_millis(self.config.settle_ms),
             max_field: self.config.max_field_bytes,
+            allow_empty_root: self.config.allow_empty_root,
             known,
             settling: HashMap::new(),
+            missing: HashMap::new(),
+            last_listed: HashMap::new(),
             queue: VecDeque::new(),
             queued: HashSet::new(),
             current: None,
-            ready: Vec::new(),
+            ready,
             listed_at: None,
+            empty_warned: None,
             metrics: FileMetrics::new(),
             passed_over: 0,
-        })
+            owners,
+            wake: false,
+        };
+        if !has_own {
+            // Every adopted manifest is stored in full in this worker's scope.
+            let names: Vec<String> = source.known.keys().cloned().collect();
+            for name in names {
+                let m = source.known.get_mut(&name).expect("known");
+                source.ready.extend(manifest_checkpoints(&source.scope, &name, m));
+            }
+        }
+        Ok(source)
+    }
+}
+
+/// The checkpoints that store `file`'s manifest `m` under `scope`: its base when written again,
+/// and its changes since the base. An empty version clears both (a file that went away).
+fn manifest_checkpoints(scope: &str, file: &str, m: &mut Manifest) -> Vec<Checkpoint> {
+    let changes = changes_scope(scope);
+    if m.version.is_empty() && m.is_empty() {
+        return vec![
+            Checkpoint { scope: scope.to_string(), shard: file.to_string(), position: String::new() },
+            Checkpoint { scope: changes, shard: file.to_string(), position: String::new() },
+        ];
+    }
+    let durable = m.durable();
+    let mut out = Vec::with_capacity(2);
+    if let Some(base) = durable.base {
+        out.push(Checkpoint { scope: scope.to_string(), shard: file.to_string(), position: base });
+    }
+    out.push(Checkpoint { scope: changes, shard: file.to_string(), position: durable.changes });
+    out
+}
+
+/// Which file answers each named `id` of this worker's. An `id` is answered from the first file
+/// that supplied it; the same `id` in another file is a `duplicate_id` dead letter that waits
+/// (its row is offered again whenever the answering file changes or goes), and a file that goes
+/// away deletes only the answers it owns.
+#[derive(Default)]
+struct Owners {
+    by_key: ByHash<u32>,
+    numbers: HashMap<String, u32>,
+    names: Vec<Arc<str>>,
+    /// Files with rows waiting for an `id` answered from another file.
+    waiting: HashSet<String>,
+}
+
+impl Owners {
+    fn number(&mut self, file: &str) -> u32 {
+        if let Some(&n) = self.numbers.get(file) {
+            return n;
+        }
+        let n = self.names.len() as u32;
+        self.names.push(file.into());
+        self.numbers.insert(file.to_string(), n);
+        n
+    }
+
+    /// `file` supplies the `id` with this key: `Err(the file that answers it)` when another does.
+    fn claim(&mut self, key: u64, file: u32) -> Result<(), Arc<str>> {
+        match self.by_key.entry(key) {
+            std::collections::hash_map::Entry::Occupied(o) if *o.get() != file => Err(self.names[*o.get() as usize].clone()),
+            std::collections::hash_map::Entry::Occupied(_) => Ok(()),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(file);
+                Ok(())
+            }
+        }
+    }
+
+    /// `file` no longer supplies `id`: whether its answer is deleted (the file answered it, or
+    /// nothing did, as for a derived ID). An answer owned by another file stays.
+    fn release(&mut self, id: &str, file: u32) -> bool {
+        let key = id_key(id);
+        match self.by_key.get(&key) {
+            Some(&owner) if owner == file => {
+                self.by_key.remove(&key);
+                true
+            }
+            Some(_) => false,
+            None => true,
+        }
     }
 }
 
@@ -270,28 +460,41 @@ struct Reading {
 
 struct FilesSource {
     store: Store,
+    /// This worker's scope for its manifests in this era.
     scope: String,
     suffix: String,
     worker: usize,
-    peers: usize,
+    /// The rows this worker answers.
+    route: Route,
     watch: bool,
     format: Format,
     poll: Duration,
     settle: Duration,
     max_field: usize,
-    /// The manifest of every file this worker owns, as supplied so far.
+    allow_empty_root: bool,
+    /// The manifest of every file, as supplied so far.
     known: HashMap<String, Manifest>,
     /// Changed files waiting to settle: their tag and when it was first seen.
     settling: HashMap<String, (String, Instant)>,
+    /// Known files missing from the listing, and since when: a file is removed once it has
+    /// been missing from two listings `settle` apart, like a change settles.
+    missing: HashMap<String, Instant>,
+    /// Each file as last listed (to read a file again when its waiting rows may be answered).
+    last_listed: HashMap<String, Listed>,
     queue: VecDeque<Work>,
     queued: HashSet<String>,
     current: Option<Reading>,
     /// Manifests of files finished since the last checkpoint.
     ready: Vec<Checkpoint>,
     listed_at: Option<Instant>,
+    /// When an empty listing of a location that had files was last warned about.
+    empty_warned: Option<Instant>,
     metrics: FileMetrics,
     /// Rows passed over in whole unchanged blocks, in all (no framing, no hashing of their own).
     passed_over: u64,
+    owners: Owners,
+    /// Answers were released: files with waiting rows are read again.
+    wake: bool,
 }
 
 /// Rows framed per poll at most, so a large unchanged file does not hold the worker.
@@ -300,16 +503,60 @@ const ROWS_PER_POLL: usize = 100_000;
 const FRAME_ROWS: usize = 16_384;
 
 impl FilesSource {
-    /// Lists the location and queues what changed.
+    /// Lists the location and queues what changed: removals first (so a renamed file's rows
+    /// are released before its new name claims them), then new and changed files.
     fn list(&mut self) -> Result<(), SourceError> {
         let listed = self.store.list(&self.suffix).map_err(SourceError::Transient)?;
         if self.listed_at.is_none() && self.worker == 0 && listed.is_empty() {
             tracing::warn!("no `*{}` files at {}{}", self.suffix, self.store.describe(), if self.watch { " yet" } else { "" });
         }
         self.listed_at = Some(Instant::now());
-        let mut present = HashSet::new();
-        for l in listed.into_iter().filter(|l| owner(&l.name, self.peers) == self.worker) {
-            present.insert(l.name.clone());
+        let worker = self.worker.to_string();
+        if listed.is_empty() && !self.known.is_empty() && !self.allow_empty_root {
+            // A folder moved away, a mount gone: not every file removed.
+            metrics::gauge!(crate::metrics::FILES_ROOT_EMPTY, "worker" => worker).set(1.0);
+            if self.worker == 0 && self.empty_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                tracing::warn!(
+                    "files: {} lists no `*{}` files, but {} were there: their answers are kept until it lists files again (set source.allow_empty_root = true if emptying it should delete them)",
+                    self.store.describe(),
+                    self.suffix,
+                    self.known.len()
+                );
+                self.empty_warned = Some(Instant::now());
+            }
+            self.missing.clear();
+            return Ok(());
+        }
+        metrics::gauge!(crate::metrics::FILES_ROOT_EMPTY, "worker" => worker).set(0.0);
+        self.empty_warned = None;
+        let present: HashSet<String> = listed.iter().map(|l| l.name.clone()).collect();
+        let reading = self.current.as_ref().map(|r| r.name.clone());
+        let mut gone: Vec<String> = Vec::new();
+        for name in self.known.keys() {
+            if present.contains(name) || self.queued.contains(name) || reading.as_deref() == Some(name.as_str()) {
+                continue;
+            }
+            if !self.watch {
+                gone.push(name.clone());
+                continue;
+            }
+            match self.missing.get(name) {
+                Some(since) if since.elapsed() >= self.settle => gone.push(name.clone()),
+                Some(_) => {}
+                None => {
+                    self.missing.insert(name.clone(), Instant::now());
+                }
+            }
+        }
+        self.missing.retain(|k, _| !present.contains(k));
+        gone.sort();
+        for name in gone {
+            self.missing.remove(&name);
+            self.queued.insert(name.clone());
+            self.queue.push_back(Work::Remove(name));
+        }
+        for l in listed {
+            self.last_listed.insert(l.name.clone(), l.clone());
             if self.known.get(&l.name).is_some_and(|m| m.version == l.tag) {
                 self.settling.remove(&l.name);
                 continue;
@@ -334,18 +581,28 @@ impl FilesSource {
                 self.queue.push_back(Work::Read(l));
             }
         }
-        let gone: Vec<String> = self.known.keys().filter(|k| !present.contains(*k) && !self.queued.contains(*k)).cloned().collect();
-        for name in gone {
-            if self.current.as_ref().is_some_and(|r| *r.name == *name) {
-                continue;
-            }
-            self.queued.insert(name.clone());
-            self.queue.push_back(Work::Remove(name));
-        }
-        self.settling.retain(|k, _| present.contains(k));
+        let last_listed = &self.last_listed;
+        self.settling.retain(|k, _| last_listed.contains_key(k));
+        self.last_listed.retain(|k, _| present.contains(k));
         metrics::gauge!(crate::metrics::FILES, "state" => "current", "worker" => self.worker.to_string()).set(self.known.len() as f64);
         metrics::gauge!(crate::metrics::FILES, "state" => "settling", "worker" => self.worker.to_string()).set(self.settling.len() as f64);
         Ok(())
+    }
+
+    /// Answers were released: files with waiting rows are read again, so a row waiting for an
+    /// `id` that is free now is answered.
+    fn wake_waiting(&mut self) {
+        let mut names: Vec<String> = self.owners.waiting.iter().cloned().collect();
+        names.sort();
+        for name in names {
+            if self.queued.contains(&name) || self.current.as_ref().is_some_and(|r| *r.name == *name) {
+                continue;
+            }
+            if let Some(l) = self.last_listed.get(&name) {
+                self.queued.insert(name);
+                self.queue.push_back(Work::Read(l.clone()));
+            }
+        }
     }
 
     fn start(&mut self, work: Work) {
@@ -353,8 +610,13 @@ impl FilesSource {
             Work::Remove(name) => {
                 self.queued.remove(&name);
                 let old = self.known.remove(&name).unwrap_or_default();
-                let ids: VecDeque<String> = old.ids(&name).into();
+                let no = self.owners.number(&name);
+                self.owners.waiting.remove(&name);
+                let ids: VecDeque<String> = old.answered(&name, self.route).into_iter().filter(|id| self.owners.release(id, no)).collect();
                 tracing::info!("files: {name} went away: deleting the answers of its {} rows", ids.len());
+                if !ids.is_empty() {
+                    self.wake_waiting();
+                }
                 let name: Arc<str> = name.into();
                 self.current = Some(Reading {
                     name,
@@ -392,7 +654,7 @@ impl FilesSource {
                             eof: false,
                             row: 0,
                             header: None,
-                            diff: Some(Diff::new(&name, old, l.tag)),
+                            diff: Some(Diff::new(&name, old, l.tag).routed(self.route)),
                             done: None,
                             parquet,
                             started: Instant::now(),
@@ -429,20 +691,15 @@ impl FilesSource {
                 let (mut manifest, _) = r.done.take().expect("done");
                 let r = self.current.take().expect("a file is being read");
                 let shard = r.name.to_string();
-                let changes = changes_scope(&self.scope);
-                if manifest.version.is_empty() {
-                    // Gone: its base and changes are cleared together.
-                    self.ready.push(Checkpoint { scope: self.scope.clone(), shard: shard.clone(), position: String::new() });
-                    self.ready.push(Checkpoint { scope: changes, shard, position: String::new() });
+                if manifest.has_waiting() {
+                    self.owners.waiting.insert(shard.clone());
                 } else {
-                    let durable = manifest.durable();
-                    if let Some(base) = durable.base {
-                        self.ready.push(Checkpoint { scope: self.scope.clone(), shard: shard.clone(), position: base });
-                    }
-                    self.ready.push(Checkpoint { scope: changes, shard, position: durable.changes });
+                    self.owners.waiting.remove(&shard);
                 }
+                self.ready.extend(manifest_checkpoints(&self.scope, &shard, &mut manifest));
                 self.passed_over += r.passed;
                 tracing::info!(
+                    worker = self.worker,
                     "files: {}: {} rows, {} new or changed, {} gone, in {} ms ({} rows passed over in unchanged blocks)",
                     r.name,
                     r.rows,
@@ -459,7 +716,7 @@ impl FilesSource {
         }
         if let Some(p) = &mut r.parquet {
             let diff = r.diff.as_mut().expect("a diff while reading");
-            match p.supply(&r.name, diff, now, budget, ROWS_PER_POLL, out, &self.metrics) {
+            match p.supply(&r.name, diff, &mut self.owners, now, budget, ROWS_PER_POLL, out, &self.metrics) {
                 Ok((rows, changed, more)) => {
                     r.rows += rows;
                     r.changed += changed;
@@ -476,8 +733,9 @@ impl FilesSource {
             }
             let diff = r.diff.take().expect("a diff while reading");
             let (manifest, gone) = diff.finish();
+            let gone = release(&mut self.owners, &r.name, gone, &mut self.wake);
             r.gone = gone.len() as u64;
-            r.done = Some((manifest, gone.into()));
+            r.done = Some((manifest, gone));
             return Ok(());
         }
         let mut framed_rows = 0usize;
@@ -486,7 +744,7 @@ impl FilesSource {
             if let (Some(header), Some(diff)) = (&r.header, &mut r.diff) {
                 // Diff a slice of rows as they are framed; the budget stops it at a row, which
                 // is framed again next time.
-                let mut slice = Slice::new(&r.name, header, diff, now, budget - out.len(), &r.buf, out);
+                let mut slice = Slice::new(&r.name, header, diff, &mut self.owners, now, budget - out.len(), &r.buf, out);
                 let end = frame_rows(&r.buf, r.at, r.row, true, r.eof, max_field, limit, &mut slice);
                 let (rows, changed, passed) = slice.finish(&self.metrics);
                 r.passed += passed;
@@ -501,8 +759,9 @@ impl FilesSource {
                 if r.eof && !end.need_more {
                     let diff = r.diff.take().expect("a diff while reading");
                     let (manifest, gone) = diff.finish();
+                    let gone = release(&mut self.owners, &r.name, gone, &mut self.wake);
                     r.gone = gone.len() as u64;
-                    r.done = Some((manifest, gone.into()));
+                    r.done = Some((manifest, gone));
                     return Ok(());
                 }
             } else {
@@ -546,6 +805,15 @@ impl FilesSource {
     }
 }
 
+/// The answers `file` gives up (its rows gone): those it owns are deleted and their `id`s
+/// released; `wake` is set when waiting rows elsewhere may be answered now.
+fn release(owners: &mut Owners, file: &str, gone: Vec<String>, wake: &mut bool) -> VecDeque<String> {
+    let no = owners.number(file);
+    let out: VecDeque<String> = gone.into_iter().filter(|id| owners.release(id, no)).collect();
+    *wake |= !out.is_empty();
+    out
+}
+
 /// A Parquet file being read: its columns and the batch in hand.
 struct ParquetRows {
     reader: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
@@ -587,12 +855,14 @@ impl ParquetRows {
         &mut self,
         file: &Arc<str>,
         diff: &mut Diff,
+        owners: &mut Owners,
         now: u64,
         budget: usize,
         max_rows: usize,
         out: &mut Vec<RawRecord>,
         m: &FileMetrics,
     ) -> Result<(u64, u64, bool), String> {
+        let file_no = owners.number(file);
         use arrow::util::display::{ArrayFormatter, FormatOptions};
         let (mut rows, mut changed) = (0u64, 0u64);
         while out.len() < budget && (rows as usize) < max_rows {
@@ -633,11 +903,16 @@ impl ParquetRows {
                 }
                 let content = row_hash(self.schema_hash, &text);
                 let named = self.id_col.filter(|&c| !columns[c].is_null(i)).map(|c| values[c].trim()).filter(|s| !s.is_empty());
-                let id = match diff.row(named, content) {
-                    Seen::Same => continue,
+                let mut seen = diff.row(named, content);
+                let elsewhere = claim(owners, diff, file_no, named, &mut seen);
+                let id = match seen {
+                    Seen::Same | Seen::Foreign => continue,
                     Seen::Send(id) => id,
                     Seen::Duplicate(id) => {
-                        let detail = duplicate_detail(&id, file);
+                        let detail = match &elsewhere {
+                            Some(other) => elsewhere_detail(&id, file, other),
+                            None => duplicate_detail(&id, file),
+                        };
                         let json: serde_json::Map<String, serde_json::Value> =
                             self.names.iter().zip(&values).map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str()))).collect();
                         out.push(refused(file, self.row, &serde_json::to_vec(&json).unwrap_or_default(), DeadReason::DuplicateId, detail, now));
@@ -663,6 +938,23 @@ impl ParquetRows {
         m.changed.increment(changed);
         Ok((rows, changed, true))
     }
+}
+
+/// Claims a named row's `id` for file `no` when the diff sends it: when another file answers
+/// it, the row waits and `seen` becomes a duplicate; returns that file.
+fn claim(owners: &mut Owners, diff: &mut Diff, no: u32, named: Option<&str>, seen: &mut Seen) -> Option<Arc<str>> {
+    let (Some(_), Seen::Send(id)) = (named, &*seen) else { return None };
+    let other = owners.claim(id_key(id), no).err()?;
+    diff.wait_last();
+    if let Seen::Send(id) = std::mem::replace(seen, Seen::Same) {
+        *seen = Seen::Duplicate(id);
+    }
+    Some(other)
+}
+
+/// The dead letter's detail for a row of `file` whose `id` is answered from `other`.
+fn elsewhere_detail(id: &str, file: &str, other: &str) -> String {
+    format!("the id `{id}` of this row of {file} is already answered from {other}; this row is answered if {other} no longer has it")
 }
 
 /// The dead letter's detail for a row whose `id` an earlier row of `file` has.
@@ -719,6 +1011,9 @@ struct Slice<'h, 'b, 'o> {
     file: &'h Arc<str>,
     header: &'h Header,
     diff: &'h mut Diff,
+    /// Which file answers each `id`, and this file's number there.
+    owners: &'h mut Owners,
+    file_no: u32,
     now: u64,
     /// The buffer being framed.
     data: &'b [u8],
@@ -734,8 +1029,19 @@ struct Slice<'h, 'b, 'o> {
 }
 
 impl<'h, 'b, 'o> Slice<'h, 'b, 'o> {
-    fn new(file: &'h Arc<str>, header: &'h Header, diff: &'h mut Diff, now: u64, room: usize, data: &'b [u8], out: &'o mut Vec<RawRecord>) -> Self {
-        Slice { file, header, diff, now, data, out, room, rows: 0, changed: 0, passed: 0, good: Vec::new(), open: None }
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        file: &'h Arc<str>,
+        header: &'h Header,
+        diff: &'h mut Diff,
+        owners: &'h mut Owners,
+        now: u64,
+        room: usize,
+        data: &'b [u8],
+        out: &'o mut Vec<RawRecord>,
+    ) -> Self {
+        let file_no = owners.number(file);
+        Slice { file, header, diff, owners, file_no, now, data, out, room, rows: 0, changed: 0, passed: 0, good: Vec::new(), open: None }
     }
 
     /// Ends the block being gathered. A block must end with a line end: a last row cut by the
@@ -821,7 +1127,10 @@ impl<'b> Framer<'b> for Slice<'_, 'b, '_> {
         let named = cell.as_deref().map(str::trim).filter(|s| !s.is_empty());
         self.rows += 1;
         let place = self.diff.next_place();
-        let seen = self.diff.row(named, content);
+        let mut seen = self.diff.row(named, content);
+        // An `id` answered from another file: this row waits (a dead letter now; offered again
+        // whenever that file changes or goes).
+        let elsewhere = claim(self.owners, self.diff, self.file_no, named, &mut seen);
         if matches!(seen, Seen::Duplicate(_)) || judged_past_end {
             // A duplicate has no place in the manifest; a refused record's framing may change
             // with bytes after it: no block holds either.
@@ -839,11 +1148,14 @@ impl<'b> Framer<'b> for Slice<'_, 'b, '_> {
             }
         }
         let id = match seen {
-            Seen::Same => return true,
+            Seen::Same | Seen::Foreign => return true,
             Seen::Send(id) => id,
             Seen::Duplicate(id) => {
                 self.room -= 1;
-                let detail = duplicate_detail(&id, self.file);
+                let detail = match &elsewhere {
+                    Some(other) => elsewhere_detail(&id, self.file, other),
+                    None => duplicate_detail(&id, self.file),
+                };
                 self.out.push(refused(self.file, row, rec.bytes, DeadReason::DuplicateId, detail, self.now));
                 return true;
             }
@@ -866,6 +1178,9 @@ impl Source for FilesSource {
                 let before = out.len();
                 let rows_before = self.current.as_ref().map(|r| r.rows);
                 self.advance(now, budget, out)?;
+                if std::mem::take(&mut self.wake) {
+                    self.wake_waiting();
+                }
                 // A large file hands the worker back between slices of rows.
                 if out.len() == before && self.current.is_some() && self.current.as_ref().map(|r| r.rows) != rows_before {
                     return Ok(Poll::More);
@@ -948,7 +1263,8 @@ mod tests {
         let factory = FilesFactory::new(config).unwrap();
         let (first, cps) = drain(&mut factory.build(0, 1, &[]).unwrap());
         assert_eq!(first.len(), 53, "every row of both files");
-        assert_eq!(cps.len(), 4, "a base manifest and its changes per file");
+        assert_eq!(cps.iter().filter(|c| c.shard.ends_with(".csv")).count(), 4, "a base manifest and its changes per file");
+        assert_eq!(cps.len(), 6, "and the era of the workers and this worker's mark that its manifests are stored");
         assert_eq!(ids(&first, false).iter().filter(|i| i.starts_with("b.csv#")).count(), 3);
         // Edit one row, insert one at the top, remove one; add a row to b at the top.
         let mut edited: Vec<String> = (0..50).map(|i| format!("r{i},question {i},context {i}")).collect();
@@ -987,6 +1303,7 @@ mod tests {
             region: None,
             credentials_file: None,
             max_field_bytes: 1000,
+            allow_empty_root: false,
         }
     }
 
@@ -1219,9 +1536,19 @@ mod tests {
     }
 
     #[test]
-    fn files_are_split_between_workers_by_name() {
-        let names: Vec<String> = (0..100).map(|i| format!("f{i}.csv")).collect();
-        let w0 = names.iter().filter(|n| owner(n, 2) == 0).count();
-        assert!(w0 > 20 && w0 < 80, "{w0}");
+    fn every_worker_reads_every_file_and_answers_only_its_own_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows: String = (0..200).map(|i| format!("r{i},{i}\n")).collect();
+        std::fs::write(dir.path().join("a.csv"), format!("id,v\n{rows}")).unwrap();
+        std::fs::write(dir.path().join("b.csv"), "v\n1\n2\n3\n1\n").unwrap();
+        let factory = FilesFactory::new(config(dir.path(), false)).unwrap();
+        let (w0, _) = drain(&mut factory.build(0, 2, &[]).unwrap());
+        let (w1, _) = drain(&mut factory.build(1, 2, &[]).unwrap());
+        let (a, b) = (ids(&w0, false), ids(&w1, false));
+        assert!(a.len() > 60 && b.len() > 60, "both workers answer rows: {} and {}", a.len(), b.len());
+        assert!(a.iter().all(|id| !b.contains(id)), "no row is answered twice");
+        let mut all: Vec<String> = a.into_iter().chain(b).collect();
+        all.sort();
+        assert_eq!(all.len(), 204, "every row of both files once");
     }
 }

@@ -91,6 +91,36 @@ struct Block {
 /// Rows per [`Block`].
 pub const BLOCK_ROWS: usize = 16;
 
+/// The content of a row this file holds but does not answer: its `id` is answered from another
+/// file that had it first (a `duplicate_id` dead letter). It never equals a real row's hash, so
+/// every read offers the row again, and it is no answer of this file's to delete (a hash is
+/// this value once in 2^64 rows).
+pub const WAITING: u64 = 0x5741_4954_494e_4721;
+
+/// Which rows of a file are this worker's: every worker reads every file and answers the rows
+/// whose key ([`Manifest`]'s row key: the `id`'s hash, or for a derived ID the hash of its
+/// content and duplicate counter) falls to it, so each ID lives on one worker, and that worker's
+/// manifests and answers commit together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub worker: u64,
+    pub peers: u64,
+}
+
+impl Route {
+    /// Every row (one worker).
+    pub const ALL: Route = Route { worker: 0, peers: 1 };
+
+    pub fn new(worker: usize, peers: usize) -> Self {
+        Route { worker: worker as u64, peers: peers.max(1) as u64 }
+    }
+
+    /// Whether the row with this key is this worker's.
+    pub fn mine(&self, key: u64) -> bool {
+        self.peers <= 1 || key % self.peers == self.worker
+    }
+}
+
 /// The bit of [`Row::at`] saying that the row is new or changed since the durable base.
 const CHANGED: u32 = 1 << 31;
 
@@ -191,9 +221,55 @@ impl Manifest {
 
     /// Every row's ID (for a file that went away).
     pub fn ids(&self, file: &str) -> Vec<String> {
-        let mut ids: Vec<String> = self.rows.iter().map(|r| self.id_of(file, r)).collect();
+        self.answered(file, Route::ALL)
+    }
+
+    /// The IDs this file answers on this worker: its rows on `route`, less those waiting for an
+    /// `id` answered from another file. These are the answers a removed file takes with it.
+    pub fn answered(&self, file: &str, route: Route) -> Vec<String> {
+        let mut ids: Vec<String> = self.rows.iter().filter(|r| r.content != WAITING && route.mine(self.key(r))).map(|r| self.id_of(file, r)).collect();
         ids.sort();
         ids
+    }
+
+    /// The `id`s of named rows on `route` that this file answers, by hash.
+    pub fn named_keys(&self, route: Route) -> impl Iterator<Item = u64> + '_ {
+        self.rows.iter().filter(move |r| r.b != DERIVED && r.content != WAITING).map(|r| self.key(r)).filter(move |k| route.mine(*k))
+    }
+
+    /// Whether any row waits for an `id` answered from another file.
+    pub fn has_waiting(&self) -> bool {
+        self.rows.iter().any(|r| r.content == WAITING)
+    }
+
+    /// A manifest made of the rows of `copies` that `keep(copy, key)` takes (other workers'
+    /// manifests of one file, after the number of workers changed: each row from the copy of the
+    /// worker that answered it). Its version is theirs when they agree, else none, so the file
+    /// is read and diffed again. Blocks are not kept.
+    pub fn adopt(copies: &[Manifest], keep: impl Fn(usize, u64) -> bool) -> Manifest {
+        let mut m = Manifest::default();
+        let agree = copies.windows(2).all(|w| w[0].version == w[1].version);
+        m.version = if agree { copies.first().map(|c| c.version.clone()).unwrap_or_default() } else { String::new() };
+        let mut taken: ByHash<()> = ByHash::default();
+        for (i, c) in copies.iter().enumerate() {
+            for row in &c.rows {
+                let key = c.key(row);
+                if !keep(i, key) || taken.insert(key, ()).is_some() {
+                    continue;
+                }
+                let (a, b) = match c.named(row) {
+                    Some(id) => {
+                        let a = m.arena.len() as u32;
+                        m.arena.push_str(id);
+                        (a, row.b)
+                    }
+                    None => (row.a, DERIVED),
+                };
+                let at = m.rows.len() as u32 | CHANGED;
+                m.rows.push(Row { content: row.content, a, b, seen: 0, at });
+            }
+        }
+        m
     }
 
     fn push_record(&self, row: &Row, b: &mut Vec<u8>) {
@@ -404,6 +480,10 @@ pub struct Diff {
     next_block: usize,
     /// The new version's blocks, by place.
     blocks: Vec<Block>,
+    /// Which rows are this worker's to answer.
+    route: Route,
+    /// The manifest row of the last row diffed.
+    last: usize,
 }
 
 /// What a diff makes of one row of the new version.
@@ -416,6 +496,8 @@ pub enum Seen {
     /// An `id` that an earlier row of this version already has: the row is refused, and the
     /// first row with the ID is the one answered, as in a fresh read.
     Duplicate(String),
+    /// New, changed or a duplicate, but another worker's to answer: recorded, nothing to do here.
+    Foreign,
 }
 
 impl Diff {
@@ -435,6 +517,29 @@ impl Diff {
             forget: false,
             next_block: 0,
             blocks,
+            route: Route::ALL,
+            last: 0,
+        }
+    }
+
+    /// Answers only the rows of `route` (the others are recorded and come out as
+    /// [`Seen::Foreign`]).
+    pub fn routed(mut self, route: Route) -> Self {
+        self.route = route;
+        self
+    }
+
+    /// Whether the row with this identity is this worker's.
+    fn mine(&self, named: Option<&str>, content: u64, k: u32) -> bool {
+        self.route.peers <= 1 || self.route.mine(key_of(named, content, k))
+    }
+
+    /// The last row diffed waits: its `id` is answered from another file. It is offered again
+    /// on every read until it can be answered.
+    pub fn wait_last(&mut self) {
+        if let Some(row) = self.m.rows.get_mut(self.last) {
+            row.content = WAITING;
+            row.at |= CHANGED;
         }
     }
 
@@ -470,20 +575,32 @@ impl Diff {
             if let Some(index) = &mut self.index {
                 index.insert(key_of(named, content, k), j as u32);
             }
+            self.last = j;
+            if !self.mine(named, content, k) {
+                return Seen::Foreign;
+            }
             return Seen::Send(id(&self.file));
         };
         let row = &mut self.m.rows[j];
         if row.seen == generation {
             // Only a named row can be found twice (a derived one's counter differs).
+            if !self.mine(named, content, k) {
+                return Seen::Foreign;
+            }
             return Seen::Duplicate(id(&self.file));
         }
+        self.last = j;
         row.seen = generation;
         row.at = at | (row.at & CHANGED);
+        // A waiting row's content is WAITING, which no row's hash equals: it is offered again.
         if row.content == content {
             return Seen::Same;
         }
         row.content = content;
         row.at |= CHANGED;
+        if !self.mine(named, content, k) {
+            return Seen::Foreign;
+        }
         Seen::Send(id(&self.file))
     }
 
@@ -510,7 +627,8 @@ impl Diff {
         }
         let (first, end) = (b.first as usize, (b.first + b.rows) as usize);
         let generation = self.generation;
-        if self.m.rows[first..end].iter().any(|r| r.seen == generation) {
+        // A waiting row is offered on every read, so no block passes over it.
+        if self.m.rows[first..end].iter().any(|r| r.seen == generation || r.content == WAITING) {
             return None;
         }
         // A derived row's duplicate counter must come out as it did: the k-th row with its
@@ -577,18 +695,23 @@ impl Diff {
         self.forget = true;
     }
 
-    /// The new manifest, in the new version's order, and the IDs of rows it no longer has.
+    /// The new manifest, in the new version's order, and the IDs of this worker's rows it no
+    /// longer has and answered (a waiting row answered nothing).
     pub fn finish(self) -> (Manifest, Vec<String>) {
-        let Diff { file, mut m, version, generation, forget, blocks, .. } = self;
+        let Diff { file, mut m, version, generation, forget, blocks, route, .. } = self;
         m.blocks = Vec::new();
         let mut gone: Vec<String> = Vec::new();
         let mut removed = std::mem::take(&mut m.removed);
+        let mut removed_rows = 0usize;
         // One pass: the rows gone, whether the rest are in the file's order, their `id` bytes.
         let (mut sorted, mut last, mut live) = (true, 0u32, 0usize);
         for r in &m.rows {
             if forget || r.seen != generation {
-                gone.push(m.id_of(&file, r));
+                if r.content != WAITING && route.mine(m.key(r)) {
+                    gone.push(m.id_of(&file, r));
+                }
                 m.push_record(r, &mut removed);
+                removed_rows += 1;
                 continue;
             }
             sorted &= r.place() >= last;
@@ -598,13 +721,13 @@ impl Diff {
             }
         }
         m.removed = removed;
-        m.removed_rows += gone.len();
+        m.removed_rows += removed_rows;
         gone.sort();
         if forget {
             m.rows = Vec::new();
             m.arena = String::new();
         } else {
-            if !gone.is_empty() {
+            if removed_rows > 0 {
                 m.rows.retain(|r| r.seen == generation);
             }
             if !sorted {
@@ -663,6 +786,7 @@ mod tests {
             Seen::Same => None,
             Seen::Send(id) => Some(id),
             Seen::Duplicate(id) => Some(format!("dup {id}")),
+            Seen::Foreign => Some("foreign".into()),
         }
     }
 

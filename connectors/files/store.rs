@@ -178,15 +178,35 @@ fn list_local(root: &Path, single: bool, suffix: &str) -> Result<Vec<Listed>, St
         let name = root.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         return Ok(vec![Listed { name, size: m.len(), tag: tag(&m) }]);
     }
+    // Folders are followed through symbolic links only inside the root, and each folder once
+    // (by device and inode): a link to `..` or to the root itself is not a loop.
+    use std::os::unix::fs::MetadataExt;
+    let canonical = std::fs::canonicalize(root).map_err(|e| format!("cannot list {}: {e}", root.display()))?;
+    let mut visited: std::collections::HashSet<(u64, u64)> = std::collections::HashSet::new();
     let mut out = Vec::new();
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
+        let m = std::fs::metadata(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        if !visited.insert((m.dev(), m.ino())) {
+            continue;
+        }
         let entries = std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
         for entry in entries {
             let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
             let path = entry.path();
-            let Ok(m) = std::fs::metadata(&path) else { continue }; // removed since the listing
+            let m = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                // Removed since the folder was read, or a link to nothing: not a file here.
+                // A file that stays missing is removed once that has settled.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // Anything else (permissions, I/O): the listing cannot be trusted.
+                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            };
             if m.is_dir() {
+                let linked = entry.file_type().map(|t| t.is_symlink()).unwrap_or(false);
+                if linked && !std::fs::canonicalize(&path).is_ok_and(|target| target.starts_with(&canonical) && target != canonical) {
+                    continue;
+                }
                 dirs.push(path);
             } else if m.is_file() && path.to_string_lossy().ends_with(suffix) {
                 let name = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().to_string();
@@ -260,6 +280,29 @@ impl FileReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symlink_loop_or_a_link_out_of_the_root_is_not_followed_and_a_dangling_link_is_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("watched");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(dir.path().join("outside.csv"), "x\n1\n").unwrap();
+        std::fs::write(root.join("a.csv"), "x\n1\n").unwrap();
+        std::fs::write(root.join("sub/b.csv"), "x\n2\n").unwrap();
+        std::os::unix::fs::symlink("..", root.join("up")).unwrap();
+        std::os::unix::fs::symlink(&root, root.join("self")).unwrap();
+        std::os::unix::fs::symlink(root.join("sub"), root.join("sub-again")).unwrap();
+        std::os::unix::fs::symlink(root.join("gone.csv"), root.join("dangling.csv")).unwrap();
+        let store = Store::open(root.to_str().unwrap(), &StoreSettings::default()).unwrap();
+        let started = std::time::Instant::now();
+        let listed = store.list(".csv").unwrap();
+        let names: Vec<&str> = listed.iter().map(|l| l.name.as_str()).collect();
+        // `sub` is listed once, through itself or its link, whichever comes first.
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains(&"a.csv"));
+        assert!(names.iter().any(|n| n.ends_with("b.csv")));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
 
     #[test]
     fn bucket_urls_split_into_scheme_bucket_and_prefix() {

@@ -24,6 +24,9 @@ pub struct DecodeSettings {
     pub id_from: IdFrom,
     /// A longer request ID is a dead letter (`invalid_id`).
     pub max_id_bytes: usize,
+    /// A record that fails to decode retracts its ID's answer (a table's row: a fresh read gives
+    /// it none), besides its dead letter. Streams keep an earlier answer of the ID.
+    pub retract_failures: bool,
 }
 
 /// Checks a request ID; `Ok(None)` for an empty one (the position-derived ID is used).
@@ -144,9 +147,17 @@ pub fn decode<'s, T: Task>(
                 let mut ok_session = ok.session(&ok_cap);
                 let mut refused = Vec::new();
                 for rec in data.drain(..) {
+                    // The ID the source gave the row, for a retraction should it fail.
+                    let given = if settings.retract_failures && !matches!(rec.body, Body::Delete | Body::Refused(..)) { rec.id.clone() } else { None };
                     match decode_record(task.as_ref(), &settings, rec) {
                         Ok(env) => ok_session.give(env),
-                        Err(d) => refused.push(d),
+                        Err(d) => {
+                            if let Some(Ok(Some(id))) = given.map(|b| check_id(&b, settings.max_id_bytes)) {
+                                let (pos, ingest_ms) = (d.pos.clone(), d.ingest_ms);
+                                ok_session.give(Envelope { id, payload: None, passthrough: Vec::new(), pos, ingest_ms, raw: Vec::new(), content: 0, seq: 0 });
+                            }
+                            refused.push(d)
+                        }
                     }
                 }
                 drop(ok_session);

@@ -4,7 +4,7 @@
 //! the model, so downstream progress (and source acknowledgement) waits for them.
 
 use crate::inference::{InferenceError, InferenceHandle, Model, ReplyTo, Unit};
-use crate::record::{Answer, DeadLetter, DeadReason, Envelope};
+use crate::record::{Answer, DeadLetter, DeadReason, Deleted, Envelope};
 use crate::tasks::Task;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -61,12 +61,15 @@ pub fn infer<'s, T: Task>(
     requests: Stream<'s, u64, Vec<Envelope<T::Request>>>,
     task: Arc<T>,
     service: InferenceHandle<T::Model>,
-) -> (Stream<'s, u64, Vec<Answer>>, Stream<'s, u64, Vec<DeadLetter>>) {
+    retract_failures: bool,
+) -> (Stream<'s, u64, Vec<Answer>>, Stream<'s, u64, Vec<DeadLetter>>, Stream<'s, u64, Vec<Deleted>>) {
     let scope = requests.scope();
     let mut builder = OperatorBuilder::new("Infer".to_owned(), scope);
     let mut input = builder.new_input(requests, Pipeline);
     let (ans_out, ans_stream) = builder.new_output::<Vec<Answer>>();
     let (dead_out, dead_stream) = builder.new_output::<Vec<DeadLetter>>();
+    let (ret_out, ret_stream) = builder.new_output::<Vec<Deleted>>();
+    let mut ret_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<Deleted>>>::from(ret_out);
     let mut ans_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<Answer>>>::from(ans_out);
     let mut dead_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<DeadLetter>>>::from(dead_out);
     let address = builder.operator_info().address.to_vec();
@@ -78,15 +81,18 @@ pub fn infer<'s, T: Task>(
         // by `ticket - first_ticket`; answered slots are trimmed from the front.
         let mut first_ticket: u64 = 0;
         let mut pending: VecDeque<Option<Pending<T>>> = VecDeque::new();
-        // Per epoch: capabilities for both outputs and the number of requests still at the model.
-        let mut held: BTreeMap<u64, (Capability<u64>, Capability<u64>, usize)> = BTreeMap::new();
+        // Per epoch: capabilities for the answers, the dead letters and the retractions, and the
+        // number of requests still at the model.
+        let mut held: BTreeMap<u64, (Capability<u64>, Capability<u64>, Capability<u64>, usize)> = BTreeMap::new();
         let model_label: Arc<str> = Arc::from(task.model_label());
         move |_frontiers| {
             let mut ans = ans_out.activate();
             let mut dead = dead_out.activate();
+            let mut ret = ret_out.activate();
             input.for_each(|cap, data| {
                 let Some(&time) = cap.least() else { return };
                 let mut refused = Vec::new();
+                let mut retracted = Vec::new();
                 let mut units = Vec::with_capacity(data.len());
                 let mut admitted = 0;
                 for env in data.drain(..) {
@@ -104,16 +110,24 @@ pub fn infer<'s, T: Task>(
                             pending.push_back(Some(Pending { time, env, prepared, outs: Outs::new(n), remaining: n, error: None }));
                             admitted += 1;
                         }
-                        Err((reason, detail)) => refused.push(DeadLetter::new(env.pos, reason, detail, env.raw, env.ingest_ms)),
+                        Err((reason, detail)) => {
+                            if retract_failures {
+                                retracted.push(Deleted { id: env.id, pos: env.pos.clone(), ingest_ms: env.ingest_ms, seq: env.seq });
+                            }
+                            refused.push(DeadLetter::new(env.pos, reason, detail, env.raw, env.ingest_ms))
+                        }
                     }
                 }
                 if admitted > 0 {
-                    let entry = held.entry(time).or_insert_with(|| (cap.delayed(&time, 0), cap.delayed(&time, 1), 0));
-                    entry.2 += admitted;
+                    let entry = held.entry(time).or_insert_with(|| (cap.delayed(&time, 0), cap.delayed(&time, 1), cap.delayed(&time, 2), 0));
+                    entry.3 += admitted;
                     service.submit(units, &reply);
                 }
                 if !refused.is_empty() {
                     dead.session(&cap.delayed(&time, 1)).give_iterator(refused.into_iter());
+                }
+                if !retracted.is_empty() {
+                    ret.session(&cap.delayed(&time, 2)).give_iterator(retracted.into_iter());
                 }
             });
             // Results the service has delivered since the last activation.
@@ -137,6 +151,7 @@ pub fn infer<'s, T: Task>(
             // output, since a session per record costs a container and a push each.
             let mut answers: BTreeMap<u64, Vec<Answer>> = BTreeMap::new();
             let mut failed: BTreeMap<u64, Vec<DeadLetter>> = BTreeMap::new();
+            let mut retracted: BTreeMap<u64, Vec<Deleted>> = BTreeMap::new();
             for ticket in finished {
                 let p = pending[(ticket - first_ticket) as usize].take().expect("finished ticket is pending");
                 let env = p.env;
@@ -150,7 +165,13 @@ pub fn infer<'s, T: Task>(
                     }
                 };
                 match finished {
-                    Err((reason, detail)) => failed.entry(p.time).or_default().push(DeadLetter::new(env.pos, reason, detail, env.raw, env.ingest_ms)),
+                    Err((reason, detail)) => {
+                        // A failed change retracts the ID's old answer (a table's row).
+                        if retract_failures {
+                            retracted.entry(p.time).or_default().push(Deleted { id: env.id, pos: env.pos.clone(), ingest_ms: env.ingest_ms, seq: env.seq });
+                        }
+                        failed.entry(p.time).or_default().push(DeadLetter::new(env.pos, reason, detail, env.raw, env.ingest_ms))
+                    }
                     Ok(values) => answers.entry(p.time).or_default().push(Answer {
                         id: env.id,
                         values,
@@ -163,24 +184,28 @@ pub fn infer<'s, T: Task>(
                     }),
                 }
             }
+            for (time, list) in retracted {
+                let entry = held.get(&time).expect("an epoch with pending requests holds capabilities");
+                ret.session(&entry.2).give_iterator(list.into_iter());
+            }
             for (time, list) in answers {
                 let entry = held.get_mut(&time).expect("an epoch with pending requests holds capabilities");
-                entry.2 -= list.len();
+                entry.3 -= list.len();
                 ans.session(&entry.0).give_iterator(list.into_iter());
             }
             for (time, list) in failed {
                 let entry = held.get_mut(&time).expect("an epoch with pending requests holds capabilities");
-                entry.2 -= list.len();
+                entry.3 -= list.len();
                 dead.session(&entry.1).give_iterator(list.into_iter());
             }
-            held.retain(|_, entry| entry.2 > 0);
+            held.retain(|_, entry| entry.3 > 0);
             while let Some(None) = pending.front() {
                 pending.pop_front();
                 first_ticket += 1;
             }
         }
     });
-    (ans_stream, dead_stream)
+    (ans_stream, dead_stream, ret_stream)
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@
 //!
 //! Tables (files) are exchanged by ID, wait for each epoch to complete and keep, per ID, the
 //! record latest in its source; their state covers every ID. A source that supplies only
-//! changes (the live file source, which diffs against its own durable manifests) is keyed the
-//! same way with no state here. Streams stay on the worker that
+//! changes (the live file source, which diffs against its own durable manifests) supplies each
+//! ID on the worker that answers it, so it stays there, in the order supplied, with no state
+//! here. Streams stay on the worker that
 //! read them (their checkpoints must commit in the same transaction as their answers, on that
 //! worker), key records as they arrive (no added latency) and remember only a window of recent
 //! IDs (`runtime.dedupe_window`), so state stays bounded. A stream's repeated ID is recognized
@@ -114,11 +115,12 @@ pub fn key_by_id<'s, P>(
 where
     P: timely::ExchangeData,
 {
-    // Tables go to the worker that owns their ID; streams stay where they were read (their
-    // checkpoints commit with their answers), with no exchange at all.
+    // Tables go to the worker that owns their ID; streams, and sources that supply each ID's
+    // changes from the worker that answers it (the live file source), stay where they were read
+    // (their checkpoints commit with their answers), with no exchange at all.
     match keying {
-        Keying::Table | Keying::Changes => keyed(requests, Exchange::new(|env: &Envelope<P>| id_hash(&env.id)), keying, window),
-        Keying::Stream => keyed(requests, Pipeline, keying, window),
+        Keying::Table => keyed(requests, Exchange::new(|env: &Envelope<P>| id_hash(&env.id)), keying, window),
+        Keying::Stream | Keying::Changes => keyed(requests, Pipeline, keying, window),
     }
 }
 
@@ -156,7 +158,9 @@ where
             input.for_each(|cap, data| {
                 let Some(&time) = cap.least() else { return };
                 match keying {
-                    Keying::Stream => {
+                    // In the order supplied: a change source's delete and re-add of an ID (a
+                    // file renamed) apply in that order.
+                    Keying::Stream | Keying::Changes => {
                         let (rcap, dcap) = (cap.delayed(&time, 0), cap.delayed(&time, 1));
                         let (mut rs, mut ds) = (reqs.session(&rcap), dels.session(&dcap));
                         for env in data.drain(..) {
@@ -167,7 +171,7 @@ where
                             }
                         }
                     }
-                    Keying::Table | Keying::Changes => {
+                    Keying::Table => {
                         let entry = waiting.entry(time).or_insert_with(|| (cap.delayed(&time, 0), cap.delayed(&time, 1), HashMap::new()));
                         for env in data.drain(..) {
                             match entry.2.get(&env.id) {

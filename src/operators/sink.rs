@@ -40,6 +40,7 @@ pub fn durable_sink<'s>(
     checkpoints: Stream<'s, u64, Vec<Checkpoint>>,
     mut writers: Vec<Box<dyn SinkWriter>>,
     max_dead_letter_bytes: usize,
+    retract_refused: bool,
     progress: Arc<Progress>,
 ) -> Stream<'s, u64, Vec<()>> {
     let scope = answers.scope();
@@ -56,7 +57,7 @@ pub fn durable_sink<'s>(
     let address = builder.operator_info().address.to_vec();
     let activator = scope.worker().sync_activator_for(address);
 
-    let (batch_tx, ack_rx, threads) = spawn_stages(writers, worker_index, activator);
+    let (batch_tx, ack_rx, threads) = spawn_stages(writers, worker_index, activator, retract_refused);
 
     builder.build(move |_initial| {
         let mut threads = Some(threads);
@@ -139,6 +140,7 @@ fn spawn_stages(
     writers: Vec<Box<dyn SinkWriter>>,
     worker_index: usize,
     activator: timely::scheduling::SyncActivator,
+    retract_refused: bool,
 ) -> (crossbeam_channel::Sender<Group>, crossbeam_channel::Receiver<Ack>, Vec<std::thread::JoinHandle<()>>) {
     let (first_tx, mut rx) = crossbeam_channel::unbounded::<Group>();
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Ack>();
@@ -160,7 +162,7 @@ fn spawn_stages(
         let kind = writer.as_ref().map(|w| w.kind()).unwrap_or("none");
         let thread = std::thread::Builder::new()
             .name(format!("sluice-sink-{worker_index}-{kind}"))
-            .spawn(move || stage_loop(writer, input, forward, ack_tx, activator))
+            .spawn(move || stage_loop(writer, input, forward, ack_tx, activator, retract_refused))
             .expect("cannot start a sink thread");
         threads.push(thread);
     }
@@ -173,6 +175,7 @@ fn stage_loop(
     forward: Option<crossbeam_channel::Sender<Group>>,
     acks: crossbeam_channel::Sender<Ack>,
     activator: timely::scheduling::SyncActivator,
+    retract_refused: bool,
 ) {
     let latency = metrics::histogram!(crate::metrics::END_TO_END_LATENCY);
     let answers = metrics::counter!(crate::metrics::ANSWERS);
@@ -188,7 +191,7 @@ fn stage_loop(
         }
         let (mut batch, epochs) = merge(queued);
         if let Some(w) = writer.as_mut() {
-            write_durably(w.as_mut(), &mut batch);
+            write_durably(w.as_mut(), &mut batch, retract_refused);
         }
         if let Some(next) = &forward {
             next.send((batch, epochs)).expect("the next sink stage outlives this one");
@@ -234,8 +237,10 @@ fn merge(queued: Vec<Group>) -> Group {
 }
 
 /// Writes `batch` until the sink holds it. Records the sink refuses are isolated and become
-/// dead letters, written to this sink and, through `batch`, to the sinks after it.
-fn write_durably(writer: &mut dyn SinkWriter, batch: &mut EpochBatch) {
+/// dead letters, written to this sink and, through `batch`, to the sinks after it. With
+/// `retract_refused` (a table's rows), a refused answer also deletes its ID's old answer, here
+/// and in the sinks after it, as a fresh read would leave none.
+fn write_durably(writer: &mut dyn SinkWriter, batch: &mut EpochBatch, retract_refused: bool) {
     let Err(first) = write_retrying(writer, batch) else { return };
     tracing::warn!(sink = writer.kind(), epoch = batch.epoch, "the sink refused a record ({first}); isolating it");
     let whole = std::mem::take(batch);
@@ -267,7 +272,28 @@ fn write_durably(writer: &mut dyn SinkWriter, batch: &mut EpochBatch) {
     }
     metrics::counter!(crate::metrics::SINK_REJECTED, "sink" => kind).increment(dead.len() as u64);
     let refused_seqs: std::collections::HashSet<u64> = refused_changes.iter().map(|(c, _)| c.seq()).collect();
-    let last = EpochBatch { epoch: whole.epoch, changes: Vec::new(), dead: dead.clone(), checkpoints: whole.checkpoints.clone() };
+    // A refused answer's retraction (a delete of its ID, in its place among the changes).
+    let retractions: HashMap<u64, Change> = if retract_refused {
+        refused_changes
+            .iter()
+            .filter_map(|(c, _)| match c {
+                Change::Upsert(a) => Some((a.seq, Change::Delete(Deleted { id: a.id.clone(), pos: a.pos.clone(), ingest_ms: a.ingest_ms, seq: a.seq }))),
+                Change::Delete(_) => None,
+            })
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    // Not when a later change of the same ID in this batch stands.
+    let latest: HashMap<&str, u64> = whole.changes.iter().fold(HashMap::new(), |mut m, c| {
+        let e = m.entry(c.id()).or_insert(0);
+        *e = (*e).max(c.seq());
+        m
+    });
+    let retractions: HashMap<u64, Change> = retractions.into_iter().filter(|(seq, c)| latest.get(c.id()).is_none_or(|l| l <= seq)).collect();
+    let mut retract: Vec<Change> = retractions.values().cloned().collect();
+    retract.sort_unstable_by_key(Change::seq);
+    let last = EpochBatch { epoch: whole.epoch, changes: retract, dead: dead.clone(), checkpoints: whole.checkpoints.clone() };
     if let Err(e) = write_retrying(writer, &last) {
         // Even the bounded dead letters were refused: say so loudly rather than stall.
         for d in &dead {
@@ -277,9 +303,10 @@ fn write_durably(writer: &mut dyn SinkWriter, batch: &mut EpochBatch) {
     }
     let mut kept_dead: Vec<DeadLetter> = whole.dead;
     kept_dead.extend(dead.into_iter().filter(|d| d.reason == DeadReason::SinkRejected));
+    let mut retractions = retractions;
     *batch = EpochBatch {
         epoch: whole.epoch,
-        changes: whole.changes.into_iter().filter(|c| !refused_seqs.contains(&c.seq())).collect(),
+        changes: whole.changes.into_iter().filter_map(|c| if refused_seqs.contains(&c.seq()) { retractions.remove(&c.seq()) } else { Some(c) }).collect(),
         dead: kept_dead,
         checkpoints: whole.checkpoints,
     };
@@ -472,7 +499,7 @@ mod tests {
                     Box::new(Recorder { name: "topic", offsets: false, delay: Duration::from_millis(10), log: log.clone() }),
                 ];
                 writers.sort_by_key(|w| w.stores_checkpoints());
-                let (tx, acks, threads) = spawn_stages(writers, 0, activator);
+                let (tx, acks, threads) = spawn_stages(writers, 0, activator, false);
                 for e in 0..8u64 {
                     let ids = [format!("e{e}a"), format!("e{e}b")];
                     let b = batch(e, &[ids[0].as_str(), ids[1].as_str()], e as i64);
@@ -550,7 +577,7 @@ mod tests {
     fn a_record_the_sink_refuses_becomes_a_dead_letter_and_the_rest_is_written_in_order() {
         let mut sink = Picky::default();
         let mut b = batch(1, &["a", "b", "bad1", "c", "d", "bad2", "e"], 9);
-        write_durably(&mut sink, &mut b);
+        write_durably(&mut sink, &mut b, false);
         assert_eq!(sink.written, vec!["a", "b", "c", "d", "e"], "the good changes, each once, in order");
         assert_eq!(sink.dead, vec![("bad1".to_string(), DeadReason::SinkRejected), ("bad2".to_string(), DeadReason::SinkRejected)]);
         assert_eq!(sink.checkpoints, 1, "the checkpoint is written once, after everything else");
@@ -565,7 +592,7 @@ mod tests {
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let mut named = Picky { names: true, ..Picky::default() };
         let mut b = batch(1, &ids, 9);
-        write_durably(&mut named, &mut b);
+        write_durably(&mut named, &mut b, false);
         let good: Vec<&str> = ids.iter().copied().filter(|i| i.starts_with("ok")).collect();
         assert_eq!(named.written, good, "the good changes, each once, in order");
         assert_eq!(named.dead.len(), 22);
@@ -574,7 +601,7 @@ mod tests {
         // The batch, the rest, then the dead letters.
         assert_eq!(named.writes, 3, "no splitting");
         let mut unnamed = Picky::default();
-        write_durably(&mut unnamed, &mut batch(1, &ids, 9));
+        write_durably(&mut unnamed, &mut batch(1, &ids, 9), false);
         assert_eq!(unnamed.written, good);
         assert!(unnamed.writes > 40, "an unnamed refusal splits the batch down to each bad record: {} writes", unnamed.writes);
     }
@@ -584,7 +611,7 @@ mod tests {
         let mut sink = Picky::default();
         let mut b = batch(1, &["a", "bad"], 9);
         b.dead.push(DeadLetter::new(SourcePos::row("f.csv".into(), 3), DeadReason::MissingColumn, "short".into(), b"x,".to_vec(), 1));
-        write_durably(&mut sink, &mut b);
+        write_durably(&mut sink, &mut b, false);
         assert_eq!(sink.written, vec!["a"]);
         assert_eq!(sink.dead, vec![("x,".to_string(), DeadReason::MissingColumn), ("bad".to_string(), DeadReason::SinkRejected)]);
     }

@@ -124,7 +124,10 @@ pub enum Keying {
     /// (ID and content hash) is kept for every ID.
     Table,
     /// A table whose source supplies only changes (it diffs against its own durable state, as
-    /// the live file source does): keyed like a table, with no per-ID state of its own.
+    /// the live file source does), each ID's on the worker that answers it: no exchange, no
+    /// per-ID state here, changes applied in the order supplied. A failed change (a row that
+    /// no longer decodes, that the model or a sink refuses) retracts the ID's old answer, as a
+    /// fresh read would give none.
     Changes,
     /// A stream: records are keyed as they arrive (no added latency), and the state remembers
     /// the most recent IDs only (a bounded window).
