@@ -169,6 +169,32 @@ fn an_answer_column_is_kept_as_input_answer() {
     assert_ne!(rows[0].get::<_, String>(1), "EXPECTED-BY-INPUT");
 }
 
+/// A pass-through column named `source` (which JSON lines use for the position) or `model` beside
+/// an `input_model` column keeps its value under a name of its own: before, `source` was
+/// overwritten by the position and `model` and `input_model` were both written as `input_model`.
+#[test]
+fn reserved_answer_fields_never_overwrite_or_collide_with_a_passthrough_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique("rb_reserved");
+    let (table, dead) = (format!("{name}_answers"), format!("{name}_dead"));
+    let input = dir.path().join("reserved.csv");
+    std::fs::write(&input, "id,question,context,source,model,input_model\nr1,Who wrote it?,Ada wrote it in 1843.,from-a-crm,gpt-x,first-input\n").unwrap();
+    let out = dir.path().join("out");
+    run_ok(dir.path(), &qa_topology(&name, &input, &(jsonl_sink(&out) + &pg_sink(&table, &dead)), ""), Duration::from_secs(45));
+    let answers = json_lines(&out, "answers.w");
+    assert_eq!(answers.len(), 1);
+    let a = &answers[0];
+    assert_eq!(a["source"], "reserved.csv row 1", "`source` is the position: {a}");
+    assert_eq!(a["input_source"], "from-a-crm", "the `source` column is kept: {a}");
+    assert_eq!(a["input_model"], "first-input", "the `input_model` column keeps its name and value: {a}");
+    assert_eq!(a["input_model_2"], "gpt-x", "the `model` column is renamed past `input_model`: {a}");
+    assert!(a["model"].as_str().unwrap_or_default().starts_with("minilm-squad@"), "`model` is the model's label: {a}");
+    let rows = query(&format!("SELECT input_source, input_model, input_model_2 FROM {}", quote(&table)));
+    assert_eq!(rows.len(), 1);
+    let got: (String, String, String) = (rows[0].get(0), rows[0].get(1), rows[0].get(2));
+    assert_eq!(got, ("from-a-crm".to_string(), "first-input".to_string(), "gpt-x".to_string()), "Postgres keeps all three");
+}
+
 /// Spec 4 (files): a dead letter's raw bytes are cut at `max_dead_letter_bytes` (262144 by
 /// default) and carry the full length and SHA-256, in JSON lines and in Postgres.
 #[test]
