@@ -559,7 +559,8 @@ mod tests {
                 break;
             }
         }
-        let rows: Vec<(u64, Option<Vec<u8>>, usize, Option<DeadReason>)> = got
+        type Row = (u64, Option<Vec<u8>>, usize, Option<DeadReason>);
+        let rows: Vec<Row> = got
             .iter()
             .map(|r| {
                 let reason = match &r.body {
