@@ -388,10 +388,21 @@ fn two_processes_share_one_subscription(prefix: &str, cluster: bool) {
     let base = 25000 + (std::process::id() % 1000) as u16 * 2;
     std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", base, base + 1)).unwrap();
     let h = hosts.to_str().unwrap();
-    let start = |i: &str| if cluster { spawn_sluice(s.dir.path(), &topology, &["--process", i, "--hostfile", h], &[]) } else { s.run(&topology) };
+    // At info, each process logs `pubsub source` once it has looked the subscription up, just
+    // before its workers open their streaming pulls.
+    let env = [("RUST_LOG", "sluice=info")];
+    let start = |i: &str| {
+        if cluster {
+            spawn_sluice(s.dir.path(), &topology, &["--process", i, "--hostfile", h], &env)
+        } else {
+            spawn_sluice(s.dir.path(), &topology, &[], &env)
+        }
+    };
     let mut a = start("0");
     let mut b = start("1");
-    std::thread::sleep(Duration::from_secs(2));
+    // Publish once both processes are pulling, however long they take to start.
+    let ready = wait_until(Duration::from_secs(60), || a.stderr().contains("pubsub source") && b.stderr().contains("pubsub source"));
+    assert!(ready, "both processes open the subscription within 60 s:\n{}\n{}", a.stderr_tail(), b.stderr_tail());
     s.publish_rides(&messages);
     assert_eq!(wait_for_rows(&s.table, 8000, Duration::from_secs(120)), 8000, "{}\n{}", a.stderr_tail(), b.stderr_tail());
     a.signal("-TERM");
@@ -399,14 +410,19 @@ fn two_processes_share_one_subscription(prefix: &str, cluster: bool) {
     assert_eq!(exit_of(&mut a, Duration::from_secs(30)), 0, "{}", a.stderr_tail());
     assert_eq!(exit_of(&mut b, Duration::from_secs(30)), 0, "{}", b.stderr_tail());
     assert_exactly_once(&s, &messages);
-    let answered = |w: &Sluice| -> u64 {
+    // From each summary line `<name>: answered N, dead letters D, read R rows in …`.
+    let summary = |w: &Sluice| -> (u64, u64) {
         let out = w.stdout();
-        let n = out.split("answered ").nth(1).and_then(|r| r.split(',').next()).and_then(|n| n.trim().parse().ok());
-        n.unwrap_or_else(|| panic!("no summary in {out:?}"))
+        let field = |after: &str| out.split(after).nth(1).and_then(|r| r.split([',', ' ']).next()).and_then(|n| n.trim().parse::<u64>().ok());
+        match (field("answered "), field("dead letters ")) {
+            (Some(n), Some(d)) => (n, d),
+            _ => panic!("no summary in {out:?}"),
+        }
     };
-    let (na, nb) = (answered(&a), answered(&b));
+    let ((na, da), (nb, db)) = (summary(&a), summary(&b));
     assert!(na > 0 && nb > 0, "both processes read from the subscription: {na} and {nb}");
-    assert!(na + nb >= 8000, "{na} + {nb} answers");
+    assert_eq!(na + nb, 8000, "every ride answered once between the two processes ({na} + {nb}), none twice");
+    assert_eq!((da, db), (0, 0), "no dead letters");
 }
 
 #[test]

@@ -100,14 +100,15 @@ impl OpenFile {
         })
     }
 
-    /// Reads the next chunk; drops what was already supplied first.
+    /// Reads the next chunk; drops what was already supplied first. A row longer than a chunk
+    /// doubles what is read, so that framing it again after each read costs linear time.
     fn fill(&mut self) -> std::io::Result<()> {
         if self.at > 0 {
             self.buf.drain(..self.at);
             self.at = 0;
         }
         let len = self.buf.len();
-        self.buf.resize(len + READ_CHUNK, 0);
+        self.buf.resize(len + READ_CHUNK.max(len), 0);
         let n = self.reader.read(&mut self.buf[len..])?;
         self.buf.truncate(len + n);
         if n == 0 {
@@ -168,9 +169,11 @@ pub struct Framing<'a> {
 }
 
 /// Frames at most `limit` records lying wholly in `data` from `at` (only the header while
-/// `header_known` is false). A record cut by the end of the buffer waits for more bytes, unless
-/// the file is at its end or the record is already longer than any record kept whole
-/// (`max_field` × 8, at least a read chunk), when it is framed as it is (and refused).
+/// `header_known` is false). A record cut by the end of the buffer waits for more bytes unless
+/// the file is at its end, so a row longer than any field may be (an oversize one) is still one
+/// record, held whole until it is refused: memory follows the longest row. Only a quote still
+/// open at the end of the buffer stops waiting once its record is longer than `max_field` × 8
+/// (at least a read chunk), and is refused as broken quoting.
 pub fn frame(data: &[u8], at: usize, row: u64, header_known: bool, eof: bool, max_field: usize, limit: usize) -> Framing<'_> {
     let mut records = Vec::new();
     let end = frame_each(data, at, row, header_known, eof, max_field, limit, |row, rec| {
@@ -260,8 +263,14 @@ pub fn frame_rows<'a>(
             }
         }
         let Some(rec) = scanner.next() else { break };
-        let cut_short = rec.offset + rec.bytes.len() == data.len() || matches!(&rec.error, Some((DeadReason::BrokenQuoting, d)) if d.contains("never closes"));
-        if cut_short && !eof && data.len() - before < max_record {
+        // A row the end of the buffer cuts waits for the rest of it, however long it is: a row
+        // is one record, and an oversize one is one dead letter, never pieces of one framed as
+        // rows of their own. Only a quote that does not close within the buffer stops waiting
+        // at `max_record`, since its row could run to the end of the file; it is refused and
+        // framing resumes after the line it opened on.
+        let unclosed = matches!(&rec.error, Some((DeadReason::BrokenQuoting, d)) if d.contains("never closes"));
+        let wait = if unclosed { data.len() - before < max_record } else { rec.offset + rec.bytes.len() == data.len() };
+        if wait && !eof {
             scanner.set_position(before);
             need_more = true;
             break;
@@ -519,6 +528,59 @@ mod tests {
         assert_eq!(got[1].pos.derived_id(), "sub/q.csv:2");
         assert_eq!(got[1].bytes, b",q2,\"two\nlines\",");
         assert!(matches!(got[2].body, Body::Refused(DeadReason::MissingColumn, _)));
+    }
+
+    /// The rows of the oversize tests: a good row, a 12 MiB third field of `A` with no quotes,
+    /// a good row, a 3 MiB row whose tail past the long field holds commas, a good row.
+    pub(crate) fn oversize_rows() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let huge = [&b"x-huge,What?,"[..], &vec![b'A'; 12 << 20]].concat();
+        let big = [&b"x-big,What?,"[..], &vec![b'A'; 3 << 20], b",Who wrote it?,It was written by Ada."].concat();
+        let mut text = b"id,question,context\na1,Who?,Ada wrote it.\n".to_vec();
+        for (row, next) in [(&huge, "a2,When?,In 1843.\n"), (&big, "a3,Where?,In London.\n")] {
+            text.extend_from_slice(row);
+            text.push(b'\n');
+            text.extend_from_slice(next.as_bytes());
+        }
+        (text, huge, big)
+    }
+
+    #[test]
+    fn an_oversize_row_is_one_dead_letter_and_framing_resumes_at_the_next_row() {
+        let (text, huge, big) = oversize_rows();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.csv");
+        std::fs::write(&path, &text).unwrap();
+        let config = CsvConfig { path: path.display().to_string(), max_field_bytes: default_max_field_bytes() };
+        let factory = CsvFactory { config, files: vec![InputFile { path, name: "q.csv".into() }] };
+        let mut source = factory.build(0, 1, &[]).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            if source.poll(0, 64, &mut got).unwrap() == Poll::Done {
+                break;
+            }
+        }
+        type Row = (u64, Option<Vec<u8>>, usize, Option<DeadReason>);
+        let rows: Vec<Row> = got
+            .iter()
+            .map(|r| {
+                let reason = match &r.body {
+                    Body::Refused(reason, _) => Some(*reason),
+                    _ => None,
+                };
+                (r.pos.offset, r.id.clone(), r.bytes.len(), reason)
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            vec![
+                (1, Some(b"a1".to_vec()), 21, None),
+                (2, None, huge.len(), Some(DeadReason::OversizeField)),
+                (3, Some(b"a2".to_vec()), 17, None),
+                (4, None, big.len(), Some(DeadReason::OversizeField)),
+                (5, Some(b"a3".to_vec()), 20, None),
+            ]
+        );
+        assert!(got[1].bytes == huge && got[3].bytes == big, "each dead letter holds its whole row");
     }
 
     #[test]

@@ -158,6 +158,9 @@ pub struct JsonlWriter {
     columns: &'static [Column],
     resumable: bool,
     checkpoints: BTreeMap<(String, String), (String, u64)>,
+    /// Tests: the step after the checkpoint file is renamed into place fails once.
+    #[cfg(test)]
+    fail_after_rename: bool,
 }
 
 impl JsonlWriter {
@@ -181,11 +184,24 @@ impl JsonlWriter {
             columns,
             resumable,
             checkpoints,
+            #[cfg(test)]
+            fail_after_rename: false,
         })
     }
 
-    /// Replaces the checkpoint file atomically: write a temporary file, sync it, rename it.
-    fn store_checkpoint(&mut self, batch: &EpochBatch) -> std::io::Result<()> {
+    /// Replaces the checkpoint file atomically: write a temporary file, sync it, rename it. An
+    /// error before the rename leaves the old checkpoint in place (`Replaced::No`); once the
+    /// rename is done the new one names this batch's lines (`Replaced::Yes`), so they must stay.
+    fn store_checkpoint(&mut self, batch: &EpochBatch) -> Result<(), (Replaced, std::io::Error)> {
+        let mut checkpoints = self.checkpoints.clone();
+        self.write_checkpoint(batch, &mut checkpoints).map_err(|e| (Replaced::No, e))?;
+        // In place: the checkpoint on disk names this batch.
+        self.checkpoints = checkpoints;
+        self.after_rename().map_err(|e| (Replaced::Yes, e))
+    }
+
+    /// Writes and renames the checkpoint file with `checkpoints` updated by the batch's.
+    fn write_checkpoint(&mut self, batch: &EpochBatch, checkpoints: &mut BTreeMap<(String, String), (String, u64)>) -> std::io::Result<()> {
         let now = crate::record::now_ms();
         for c in &batch.checkpoints {
             let position = if c.position.len() > SIDE_FILE_OVER {
@@ -202,13 +218,12 @@ impl JsonlWriter {
             } else {
                 c.position.clone()
             };
-            self.checkpoints.insert((c.scope.clone(), c.shard.clone()), (position, now));
+            checkpoints.insert((c.scope.clone(), c.shard.clone()), (position, now));
         }
         let file = CheckpointFile {
             answers_len: self.answers.metadata()?.len(),
             dead_len: self.dead.metadata()?.len(),
-            checkpoints: self
-                .checkpoints
+            checkpoints: checkpoints
                 .iter()
                 .map(|((scope, shard), (position, at))| (Checkpoint { scope: scope.clone(), shard: shard.clone(), position: position.clone() }, *at))
                 .collect(),
@@ -218,7 +233,16 @@ impl JsonlWriter {
         let mut f = File::create(&tmp)?;
         f.write_all(&serde_json::to_vec(&file).expect("a checkpoint serializes"))?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+        std::fs::rename(&tmp, &path)
+    }
+
+    /// What follows the rename: syncing the folder (so the rename survives a crash) and removing
+    /// side files no checkpoint names any more.
+    fn after_rename(&mut self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_after_rename) {
+            return Err(std::io::Error::other("injected: syncing the folder failed"));
+        }
         File::open(&self.dir)?.sync_all()?;
         // Side files no checkpoint names any more.
         let named: std::collections::HashSet<&str> = self.checkpoints.values().filter_map(|(p, _)| p.strip_prefix(SIDE_REF)).collect();
@@ -281,16 +305,45 @@ impl SinkWriter for JsonlWriter {
     }
 
     fn write(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
-        // A write that fails half-way is undone, so its retry does not write lines twice.
+        // A write that fails half-way is undone, so its retry does not write lines twice; but
+        // only while the checkpoint on disk is the old one: once the new one is renamed into
+        // place it names the batch's lines, and cutting them would leave it naming bytes that
+        // are not on disk (a restart would then skip the batch's input and lose its answers).
         let len = |f: &File| f.metadata().map(|m| m.len()).map_err(|e| SinkError::Transient(e.to_string()));
         let (answers_len, dead_len) = (len(&self.answers)?, len(&self.dead)?);
-        let result = self.write_lines(batch);
-        if result.is_err() {
-            let _ = self.answers.set_len(answers_len);
-            let _ = self.dead.set_len(dead_len);
+        let undo = |w: &mut Self| {
+            let _ = w.answers.set_len(answers_len);
+            let _ = w.dead.set_len(dead_len);
+        };
+        if let Err(e) = self.write_lines(batch) {
+            undo(self);
+            return Err(e);
         }
-        result
+        if !self.resumable {
+            return Ok(());
+        }
+        match self.store_checkpoint(batch) {
+            Ok(()) => Ok(()),
+            Err((Replaced::No, e)) => {
+                undo(self);
+                Err(SinkError::Transient(format!("cannot store the checkpoint in {}: {e}", self.dir.display())))
+            }
+            // The batch is written, synced and named by the checkpoint in place: it is done. If
+            // the rename is lost in a crash, the old checkpoint comes back with the old lengths,
+            // and the restart cuts the files to them and reads the batch's input again.
+            Err((Replaced::Yes, e)) => {
+                tracing::warn!("{}: the checkpoint is in place, but what follows its rename failed: {e}", self.dir.display());
+                Ok(())
+            }
+        }
     }
+}
+
+/// Whether a failed checkpoint store had already renamed the new checkpoint file into place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Replaced {
+    No,
+    Yes,
 }
 
 impl JsonlWriter {
@@ -306,10 +359,66 @@ impl JsonlWriter {
             serde_json::to_writer(&mut buf, &dead_letter_json(d)).map_err(|e| SinkError::Config(e.to_string()))?;
             buf.push(b'\n');
         }
-        self.dead.write_all(&buf).and_then(|_| self.dead.sync_data()).map_err(|e| SinkError::Transient(e.to_string()))?;
-        if self.resumable {
-            self.store_checkpoint(batch).map_err(|e| SinkError::Transient(format!("cannot store the checkpoint in {}: {e}", self.dir.display())))?;
-        }
-        Ok(())
+        self.dead.write_all(&buf).and_then(|_| self.dead.sync_data()).map_err(|e| SinkError::Transient(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{SourcePos, Value};
+
+    const COLUMNS: &[Column] = &[Column { name: "prediction", kind: crate::record::ColumnKind::Float }];
+
+    fn batch(epoch: u64, ids: std::ops::Range<u64>) -> EpochBatch {
+        let changes = ids
+            .clone()
+            .map(|i| {
+                Change::Upsert(Answer {
+                    id: format!("r{i}"),
+                    values: vec![Value::Float(i as f64)],
+                    passthrough: Vec::new(),
+                    model: "rides@0123456789ab".into(),
+                    pos: SourcePos::offset("rides".into(), 0, i),
+                    ingest_ms: 0,
+                    raw: Vec::new(),
+                    seq: i,
+                })
+            })
+            .collect();
+        let checkpoints = vec![Checkpoint { scope: "rides".into(), shard: "0".into(), position: ids.end.to_string() }];
+        EpochBatch { epoch, changes, dead: Vec::new(), checkpoints }
+    }
+
+    /// What the checkpoint file names, and how long the answers file is.
+    fn on_disk(dir: &Path) -> (u64, u64, String) {
+        let cp = read_checkpoint(&checkpoint_file(dir, 0)).unwrap().expect("a checkpoint file");
+        let len = std::fs::metadata(answers_file(dir, 0)).unwrap().len();
+        (cp.answers_len, len, cp.checkpoints[0].0.position.clone())
+    }
+
+    #[test]
+    fn a_checkpoint_never_names_answer_bytes_that_are_not_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JsonlWriter::open(dir.path(), 0, COLUMNS, true).unwrap();
+        w.write(&batch(1, 0..10)).unwrap();
+        let (named, len, position) = on_disk(dir.path());
+        assert_eq!((named, position.as_str()), (len, "10"));
+        // The checkpoint file is renamed into place, then the step after it fails: the batch's
+        // lines must stay, since the checkpoint on disk already counts them.
+        w.fail_after_rename = true;
+        let second = w.write(&batch(2, 10..25));
+        let (named, len, position) = on_disk(dir.path());
+        assert_eq!(named, len, "the checkpoint names {named} bytes of answers, the file holds {len} (write: {second:?})");
+        assert_eq!(position, "25");
+        assert!(second.is_ok(), "the batch is durable once its checkpoint is in place: {second:?}");
+        let lines = std::fs::read_to_string(answers_file(dir.path(), 0)).unwrap();
+        assert_eq!(lines.lines().count(), 25, "each answer once");
+        // A restart cuts nothing and resumes after the second batch.
+        let resumed = JsonlConfig { dir: dir.path().to_path_buf() };
+        let ctx = SinkContext { pipeline: "p".into(), columns: COLUMNS, resumable: true, workers: 0..1 };
+        let cps = resumed.open(&ctx).unwrap().unwrap();
+        assert_eq!(cps, vec![Checkpoint { scope: "rides".into(), shard: "0".into(), position: "25".into() }]);
+        assert_eq!(std::fs::read_to_string(answers_file(dir.path(), 0)).unwrap().lines().count(), 25);
     }
 }

@@ -14,9 +14,10 @@ use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::Stream;
 
-/// Names sluice writes beside a task's own output columns; a pass-through field with one of
-/// these names (or a task output's name) is kept as `input_<name>`.
-pub const RESERVED_COLUMNS: [&str; 5] = ["id", "model", "model_version", "updated_at", "op"];
+/// Names sluice writes beside a task's own output columns (`source` is the JSON-lines
+/// position); a pass-through field with one of these names (or a task output's name) is renamed
+/// by [`passthrough_names`].
+pub const RESERVED_COLUMNS: [&str; 6] = ["id", "model", "model_version", "updated_at", "op", "source"];
 
 /// How records are decoded.
 #[derive(Clone, Debug)]
@@ -44,13 +45,51 @@ pub fn check_id(bytes: &[u8], max: usize) -> Result<Option<String>, String> {
     Ok(Some(text.to_string()))
 }
 
-/// The name a pass-through field is written under.
-pub fn passthrough_name(name: &str, outputs: &[Column]) -> String {
-    if RESERVED_COLUMNS.contains(&name) || outputs.iter().any(|c| c.name == name) {
-        format!("input_{name}")
-    } else {
-        name.to_string()
+fn is_reserved(name: &str, outputs: &[Column]) -> bool {
+    RESERVED_COLUMNS.contains(&name) || outputs.iter().any(|c| c.name == name)
+}
+
+/// The longest column name Postgres keeps.
+const MAX_NAME_BYTES: usize = 63;
+
+/// `name` cut to `max` bytes at a character boundary.
+fn cut_name(name: &str, max: usize) -> &str {
+    let mut at = name.len().min(max);
+    while !name.is_char_boundary(at) {
+        at -= 1;
     }
+    &name[..at]
+}
+
+/// The names pass-through fields are written under, in their order. A name sluice writes itself
+/// (one of [`RESERVED_COLUMNS`] or a task output's name) becomes `input_<name>`; when that is
+/// taken too (by another pass-through field or a reserved name), `input_<name>_2`, `_3`, …, each
+/// cut to 63 bytes. Every other name is kept, so a reserved field never overwrites a pass-through
+/// one and no two pass-through fields share a name (a `model` beside an `input_model` is written
+/// as `input_model_2`).
+pub fn passthrough_names(names: &[&str], outputs: &[Column]) -> Vec<String> {
+    if !names.iter().any(|n| is_reserved(n, outputs)) {
+        return names.iter().map(|n| n.to_string()).collect();
+    }
+    let mut taken: std::collections::HashSet<String> = names.iter().filter(|n| !is_reserved(n, outputs)).map(|n| n.to_string()).collect();
+    names
+        .iter()
+        .map(|n| {
+            if !is_reserved(n, outputs) {
+                return n.to_string();
+            }
+            let base = format!("input_{n}");
+            let mut name = cut_name(&base, MAX_NAME_BYTES).to_string();
+            let mut k = 1;
+            while taken.contains(&name) || is_reserved(&name, outputs) {
+                k += 1;
+                let suffix = format!("_{k}");
+                name = format!("{}{suffix}", cut_name(&base, MAX_NAME_BYTES - suffix.len()));
+            }
+            taken.insert(name.clone());
+            name
+        })
+        .collect()
 }
 
 /// Decodes one raw record. A dead letter is as common an outcome as a request here, so it is
@@ -117,8 +156,8 @@ pub fn decode_record<T: Task>(task: &T, s: &DecodeSettings, rec: RawRecord) -> R
             }
         }
     };
-    let outputs = task.output_columns();
-    let passthrough = passthrough.into_iter().map(|(kind, k, v)| PassField { name: passthrough_name(&k, outputs), value: v, kind }).collect();
+    let names = passthrough_names(&passthrough.iter().map(|(_, k, _)| k.as_str()).collect::<Vec<_>>(), task.output_columns());
+    let passthrough = passthrough.into_iter().zip(names).map(|((kind, _, v), name)| PassField { name, value: v, kind }).collect();
     let id = given.unwrap_or_else(|| pos.derived_id());
     let content = content_hash(&bytes);
     Ok(Envelope { id, payload: Some(payload), passthrough, pos, ingest_ms, raw: bytes, content, seq: 0 })
@@ -187,9 +226,31 @@ mod tests {
     #[test]
     fn passthrough_names_that_clash_with_sluices_own_get_a_prefix() {
         let outputs = [Column { name: "answer", kind: crate::record::ColumnKind::Text }];
-        assert_eq!(passthrough_name("model", &outputs), "input_model");
-        assert_eq!(passthrough_name("answer", &outputs), "input_answer");
-        assert_eq!(passthrough_name("updated_at", &outputs), "input_updated_at");
-        assert_eq!(passthrough_name("city", &outputs), "city");
+        let names = passthrough_names(&["model", "answer", "updated_at", "city"], &outputs);
+        assert_eq!(names, vec!["input_model", "input_answer", "input_updated_at", "city"]);
+    }
+
+    #[test]
+    fn a_reserved_name_never_collides_with_a_passthrough_column() {
+        let outputs = [Column { name: "answer", kind: crate::record::ColumnKind::Text }];
+        // `source` is what JSON lines write the position under: the column is kept beside it.
+        assert_eq!(passthrough_names(&["source", "city"], &outputs), vec!["input_source", "city"]);
+        // `model` would become `input_model`, which the file already has: a numeric suffix.
+        assert_eq!(passthrough_names(&["model", "input_model"], &outputs), vec!["input_model_2", "input_model"]);
+        assert_eq!(passthrough_names(&["input_model", "model", "input_model_2"], &outputs), vec!["input_model", "input_model_3", "input_model_2"]);
+        // Two renamed fields never meet either, and a long name is cut to 63 bytes with its suffix.
+        assert_eq!(passthrough_names(&["answer", "input_answer", "op"], &outputs), vec!["input_answer_2", "input_answer", "input_op"]);
+        let long = "m".repeat(63);
+        let got = passthrough_names(&["model", &long, "id"], &[Column { name: "m", kind: crate::record::ColumnKind::Text }]);
+        assert_eq!(got, vec!["input_model".to_string(), long.clone(), "input_id".to_string()]);
+        let output: &'static str = Box::leak(long.clone().into_boxed_str());
+        let cut = format!("input_{}", &long[..57]);
+        let got = passthrough_names(&[&long, &cut], &[Column { name: output, kind: crate::record::ColumnKind::Text }]);
+        assert_eq!(got, vec![format!("input_{}_2", &long[..55]), cut.clone()]);
+        assert_eq!(got[0].len(), 63);
+        let mut all = got.clone();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 2, "no two names alike: {got:?}");
     }
 }

@@ -227,10 +227,8 @@ impl Task for ExtractiveQa {
         let passthrough = fields
             .iter()
             .filter(|(k, _)| !matches!(*k, "question" | "context" | "id"))
-            .map(|(k, v)| {
-                let name = if COLUMNS.iter().any(|c| c.name == *k) || matches!(*k, "model" | "updated_at") { format!("input_{k}") } else { k.to_string() };
-                (name, v.to_string())
-            })
+            // Names that clash with sluice's own are renamed by the decode stage, for every task.
+            .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Ok((QaRequest { question: question.to_string(), context: context.to_string() }, passthrough))
     }

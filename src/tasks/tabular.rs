@@ -105,7 +105,11 @@ impl Tabular {
         let missing = || (DeadReason::MissingField, format!("no field `{}`", spec.name));
         let wrong = |want: &str, got: &str| (DeadReason::WrongType, format!("field `{}` must be {want}, got {got}", spec.name));
         match spec.kind {
-            InputKind::I64 | InputKind::I32 => obj.i64(&spec.name).ok_or_else(missing)?.map(Feature::Int).map_err(|got| wrong("an integer", got)),
+            InputKind::I64 => obj.i64(&spec.name).ok_or_else(missing)?.map(Feature::Int).map_err(|got| wrong("an integer", got)),
+            InputKind::I32 => {
+                let v = obj.i64(&spec.name).ok_or_else(missing)?.map_err(|got| wrong("an integer", got))?;
+                Self::int32(spec, v)
+            }
             InputKind::F32 | InputKind::F64 => {
                 obj.f64(&spec.name).ok_or_else(missing)?.map(|x| Feature::Float(x.to_bits())).map_err(|got| wrong("a number", got))
             }
@@ -121,9 +125,22 @@ impl Tabular {
         let wrong = |want: &str| (DeadReason::WrongType, format!("field `{}` must be {want}, got `{s}`", spec.name));
         let t = s.trim();
         match spec.kind {
-            InputKind::I64 | InputKind::I32 => t.parse::<i64>().map(Feature::Int).map_err(|_| wrong("an integer")),
+            InputKind::I64 => t.parse::<i64>().map(Feature::Int).map_err(|_| wrong("an integer")),
+            InputKind::I32 => Self::int32(spec, t.parse::<i64>().map_err(|_| wrong("an integer"))?),
             InputKind::F32 | InputKind::F64 => t.parse::<f64>().map(|x| Feature::Float(x.to_bits())).map_err(|_| wrong("a number")),
             InputKind::Str => Ok(Feature::Text(s.to_string())),
+        }
+    }
+
+    /// An `int32` input's value: one out of its range is refused (`wrong_type`, naming the
+    /// field), never wrapped into another number.
+    fn int32(spec: &InputSpec, v: i64) -> Result<Feature, Refusal> {
+        match i32::try_from(v) {
+            Ok(_) => Ok(Feature::Int(v)),
+            Err(_) => Err((
+                DeadReason::WrongType,
+                format!("field `{}` must be a 32-bit integer (the model's input is int32, {} to {}), got {v}", spec.name, i32::MIN, i32::MAX),
+            )),
         }
     }
 
@@ -271,5 +288,39 @@ fn as_text(f: &Feature) -> String {
         Feature::Int(i) => i.to_string(),
         Feature::Float(b) => f64::from_bits(*b).to_string(),
         Feature::Text(s) => s.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> Tabular {
+        let spec = |name: &str, kind| InputSpec { name: name.into(), kind, rank: 2 };
+        Tabular { specs: vec![spec("zone", InputKind::I32), spec("count", InputKind::I64)], label: "t".into() }
+    }
+
+    #[test]
+    fn an_int32_input_out_of_range_is_a_wrong_type_dead_letter_naming_the_field() {
+        let t = task();
+        // In range, at both ends: fed as it is.
+        let ok = t.decode_fields(&[("zone", "2147483647"), ("count", "5")]).unwrap().0;
+        assert_eq!(ok.features, vec![Feature::Int(2_147_483_647), Feature::Int(5)]);
+        let ok = t.decode_fields(&[("zone", "-2147483648"), ("count", "5")]).unwrap().0;
+        assert_eq!(ok.features[0], Feature::Int(-2_147_483_648));
+        // One past either end wrapped silently before (2147483648 became -2147483648).
+        for (text, v) in [("2147483648", 2_147_483_648i64), ("-2147483649", -2_147_483_649), ("4294967298", 4_294_967_298)] {
+            let (reason, detail) = t.decode_fields(&[("zone", text), ("count", "5")]).unwrap_err();
+            assert_eq!(reason, DeadReason::WrongType, "{text}");
+            assert_eq!(detail, format!("field `zone` must be a 32-bit integer (the model's input is int32, -2147483648 to 2147483647), got {v}"));
+            let json = format!(r#"{{"zone": {text}, "count": 5}}"#);
+            let obj = JsonFields::parse(&json).unwrap();
+            let (reason, detail) = t.decode_object(&obj).unwrap_err();
+            assert_eq!(reason, DeadReason::WrongType, "{json}");
+            assert!(detail.starts_with("field `zone` must be a 32-bit integer"), "{detail}");
+        }
+        // An int64 input takes the same values.
+        let big = t.decode_fields(&[("zone", "1"), ("count", "4294967298")]).unwrap().0;
+        assert_eq!(big.features[1], Feature::Int(4_294_967_298));
     }
 }
