@@ -203,8 +203,13 @@ fn run_dataflow<T: Task>(
         tracing::info!(checkpoints = resume.len(), "resuming {} from the checkpoints stored with the answers", source.describe());
     }
     let resume = Arc::new(resume);
-    let harness =
-        HarnessSettings { epoch_records: rt.epoch_records, max_epochs_in_flight: rt.max_epochs_in_flight, max_records_in_flight: rt.max_records_in_flight };
+    let harness = HarnessSettings {
+        epoch_records: rt.epoch_records,
+        max_epochs_in_flight: rt.max_epochs_in_flight,
+        max_records_in_flight: rt.max_records_in_flight,
+        max_bytes_in_flight: rt.max_bytes_in_flight,
+        drain_within: Some(Duration::from_millis(rt.shutdown_grace_ms / 2)),
+    };
     // A table that supplies changes retracts the answer of a row that fails (a fresh read would
     // give it none).
     let retract = source.keying() == crate::source::Keying::Changes;

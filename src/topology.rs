@@ -297,10 +297,16 @@ pub struct RuntimeConfig {
     /// A source pauses when this many of its epochs are not yet durable at the sinks.
     #[serde(default = "default_max_epochs_in_flight")]
     pub max_epochs_in_flight: u64,
-    /// A Kafka source pauses while this many of a worker's records are not yet durable. Its
-    /// epochs are clock ticks that can hold any number of records, so this is what bounds memory.
+    /// A source pauses while this many of a worker's records are not yet durable. Clock epochs
+    /// can hold any number of records, so this (with the bytes and the drain-time bound) is what
+    /// bounds memory. Within it, a worker admits no more than its pipeline has been measured to
+    /// make durable in half of `shutdown_grace_ms`, so a stop drains within the grace even when
+    /// each record is slow (long QA contexts).
     #[serde(default = "default_max_records_in_flight")]
     pub max_records_in_flight: usize,
+    /// A source pauses while a worker's records not yet durable hold this many bytes.
+    #[serde(default = "default_max_bytes_in_flight")]
+    pub max_bytes_in_flight: usize,
     /// Show a progress bar for finite inputs when stderr is a terminal.
     #[serde(default = "default_true")]
     pub progress: bool,
@@ -346,6 +352,9 @@ fn default_max_epochs_in_flight() -> u64 {
 fn default_max_records_in_flight() -> usize {
     65536
 }
+fn default_max_bytes_in_flight() -> usize {
+    64 << 20
+}
 fn default_true() -> bool {
     true
 }
@@ -357,6 +366,7 @@ impl Default for RuntimeConfig {
             epoch_records: default_epoch_records(),
             max_epochs_in_flight: default_max_epochs_in_flight(),
             max_records_in_flight: default_max_records_in_flight(),
+            max_bytes_in_flight: default_max_bytes_in_flight(),
             progress: true,
             max_id_bytes: default_max_id_bytes(),
             max_dead_letter_bytes: default_max_dead_letter_bytes(),
@@ -493,6 +503,9 @@ impl Topology {
         }
         if self.runtime.dedupe_window == 0 {
             return Err(err("runtime.dedupe_window", "must be at least 1".into(), "use 262144 (the default)"));
+        }
+        if self.runtime.max_bytes_in_flight == 0 {
+            return Err(err("runtime.max_bytes_in_flight", "must be at least 1".into(), "use e.g. 67108864 (64 MiB)"));
         }
         if self.runtime.max_records_in_flight == 0 {
             return Err(err("runtime.max_records_in_flight", "must be at least 1".into(), "use e.g. 65536"));

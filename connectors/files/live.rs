@@ -318,7 +318,7 @@ impl FilesFactory {
             ready,
             listed_at: None,
             empty_warned: None,
-            metrics: FileMetrics::new(),
+            metrics: FileMetrics::new(worker),
             passed_over: 0,
             owners,
             wake: false,
@@ -412,9 +412,10 @@ struct FileMetrics {
 }
 
 impl FileMetrics {
-    fn new() -> Self {
+    /// Every worker reads every row, so rows seen are counted by worker 0 alone (once per row).
+    fn new(worker: usize) -> Self {
         FileMetrics {
-            seen: metrics::counter!(crate::metrics::FILE_ROWS_SEEN),
+            seen: if worker == 0 { metrics::counter!(crate::metrics::FILE_ROWS_SEEN) } else { metrics::Counter::noop() },
             changed: metrics::counter!(crate::metrics::FILE_ROWS_RECOMPUTED),
             retracted: metrics::counter!(crate::metrics::FILE_ROWS_RETRACTED),
         }
@@ -451,6 +452,8 @@ struct Reading {
     /// A Parquet file's batches (CSV files use `reader` and `buf`).
     parquet: Option<ParquetRows>,
     started: Instant,
+    /// When the read last stored how far it got (or started).
+    partial_at: Instant,
     rows: u64,
     changed: u64,
     gone: u64,
@@ -631,6 +634,7 @@ impl FilesSource {
                     gone: ids.len() as u64,
                     done: Some((Manifest::default(), ids)),
                     started: Instant::now(),
+                    partial_at: Instant::now(),
                     rows: 0,
                     changed: 0,
                     passed: 0,
@@ -658,6 +662,7 @@ impl FilesSource {
                             done: None,
                             parquet,
                             started: Instant::now(),
+                            partial_at: Instant::now(),
                             rows: 0,
                             changed: 0,
                             gone: 0,
@@ -1212,11 +1217,39 @@ impl Source for FilesSource {
     }
 
     fn checkpoint(&mut self, _epoch: u64) -> Vec<Checkpoint> {
+        // A long file stores how far its read got now and then, so a crash or a restart does
+        // not answer it again from the top.
+        if self.current.as_ref().is_some_and(|r| r.diff.is_some() && r.partial_at.elapsed() >= PARTIAL_EVERY) {
+            self.store_partial();
+        }
         std::mem::take(&mut self.ready)
+    }
+
+    fn stop(&mut self) {
+        self.store_partial();
     }
 
     fn wants_checkpoint(&self) -> bool {
         !self.ready.is_empty()
+    }
+}
+
+/// How often a file being read stores how far it got.
+const PARTIAL_EVERY: Duration = Duration::from_secs(30);
+
+impl FilesSource {
+    /// Stores the manifest of the file being read as far as it got (nothing is gone before the
+    /// read ends; the file keeps its old version, so it is read again after a restart).
+    fn store_partial(&mut self) {
+        let Some(r) = self.current.as_mut() else { return };
+        let Some(diff) = r.diff.as_mut() else { return };
+        r.partial_at = Instant::now();
+        let durable = diff.durable_so_far();
+        let (scope, shard) = (self.scope.clone(), r.name.to_string());
+        if let Some(base) = durable.base {
+            self.ready.push(Checkpoint { scope: scope.clone(), shard: shard.clone(), position: base });
+        }
+        self.ready.push(Checkpoint { scope: changes_scope(&scope), shard, position: durable.changes });
     }
 }
 

@@ -681,6 +681,14 @@ impl Diff {
         Some(j)
     }
 
+    /// What to store of the manifest as far as this read got (a read half-way through a long
+    /// file, or stopped): the rows supplied so far carry their new content, rows not reached yet
+    /// their old, and the manifest keeps the old version, so a restart reads the file again and
+    /// sends only what this read had not supplied. Nothing is gone before the read ends.
+    pub fn durable_so_far(&mut self) -> Durable {
+        self.m.durable()
+    }
+
     /// The manifest as far as this read got (a read abandoned half-way): the rows it supplied
     /// carry their new content, and the file keeps its old version, so it is read again.
     pub fn into_old(self) -> Manifest {

@@ -29,6 +29,11 @@ pub struct HarnessSettings {
     pub max_epochs_in_flight: u64,
     /// A worker pauses while this many of its records are in epochs not yet durable.
     pub max_records_in_flight: usize,
+    /// A worker pauses while its records not yet durable hold this many bytes.
+    pub max_bytes_in_flight: usize,
+    /// A worker admits no more records than it has been measured to make durable in this long,
+    /// so a stop drains within the shutdown grace even when each record is slow.
+    pub drain_within: Option<Duration>,
 }
 
 /// A run-stopping error raised on a worker thread (a source that cannot work as configured);
@@ -47,39 +52,94 @@ impl FatalSlot {
     }
 }
 
-/// What a worker has read that the sinks have not yet made durable: records per epoch. It bounds
-/// both the number of such epochs and their records. Clock epochs can hold any number of
-/// records, so the record bound is what keeps memory flat.
+/// What a worker has read that the sinks have not yet made durable: records and bytes per
+/// epoch. It bounds the number of such epochs, their records and bytes, and, once the pipeline's
+/// pace is measured (records made durable per second while busy), the records to what it can
+/// make durable within `drain_within`. Clock epochs can hold any number of records, so these
+/// bounds are what keep memory flat and a stop prompt.
 #[derive(Debug)]
 pub struct InFlight {
-    records: BTreeMap<u64, usize>,
+    records: BTreeMap<u64, (usize, usize)>,
     max_epochs: u64,
     max_records: usize,
+    max_bytes: usize,
+    drain_within: Option<Duration>,
+    /// Records made durable per second while something was in flight (a moving average).
+    pace: Option<f64>,
+    /// Since when the records in flight have been waiting (the last durability, or the first
+    /// record after an idle spell).
+    busy_since: Option<Instant>,
 }
+
+/// Records a worker may hold before its pace is measured, when a drain time bounds it.
+const FIRST_RECORDS: usize = 1024;
+/// The least a measured pace may bound a worker to.
+const MIN_RECORDS: usize = 64;
 
 impl InFlight {
     pub fn new(max_epochs: u64, max_records: usize) -> Self {
-        InFlight { records: BTreeMap::new(), max_epochs, max_records }
+        InFlight { records: BTreeMap::new(), max_epochs, max_records, max_bytes: usize::MAX, drain_within: None, pace: None, busy_since: None }
+    }
+
+    /// Bounds the bytes held, and the records to what the measured pace makes durable within
+    /// `drain_within`.
+    pub fn with_cost(mut self, max_bytes: usize, drain_within: Option<Duration>) -> Self {
+        self.max_bytes = max_bytes;
+        self.drain_within = drain_within.filter(|d| !d.is_zero());
+        self
     }
 
     /// Every epoch before `oldest` is durable.
     pub fn durable_before(&mut self, oldest: u64) {
-        self.records = self.records.split_off(&oldest);
+        let kept = self.records.split_off(&oldest);
+        let done: usize = self.records.values().map(|e| e.0).sum();
+        self.records = kept;
+        if done == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(since) = self.busy_since {
+            let secs = now.duration_since(since).as_secs_f64().max(1e-3);
+            let sample = done as f64 / secs;
+            self.pace = Some(match self.pace {
+                Some(p) => 0.7 * p + 0.3 * sample,
+                None => sample,
+            });
+        }
+        self.busy_since = if self.records.is_empty() { None } else { Some(now) };
+    }
+
+    /// The most records this worker may hold now.
+    pub fn record_bound(&self) -> usize {
+        match (self.drain_within, self.pace) {
+            (None, _) => self.max_records,
+            (Some(_), None) => self.max_records.min(FIRST_RECORDS),
+            (Some(d), Some(pace)) => self.max_records.min(((pace * d.as_secs_f64()) as usize).max(MIN_RECORDS)),
+        }
     }
 
     /// How many records may be read into `epoch` now; 0 means pause. Reading more into an epoch
-    /// that already holds data adds no epoch, so only the record bound applies to it.
+    /// that already holds data adds no epoch, so only the record and byte bounds apply to it.
     pub fn budget(&self, epoch: u64) -> usize {
         if self.records.len() as u64 >= self.max_epochs && !self.records.contains_key(&epoch) {
             return 0;
         }
         // At most `max_epochs` entries: summing them is as cheap as keeping a counter.
-        self.max_records.saturating_sub(self.records.values().sum())
+        let (records, bytes) = self.records.values().fold((0, 0), |(r, b), e| (r + e.0, b + e.1));
+        if bytes >= self.max_bytes {
+            return 0;
+        }
+        self.record_bound().saturating_sub(records)
     }
 
-    pub fn add(&mut self, epoch: u64, n: usize) {
+    pub fn add(&mut self, epoch: u64, n: usize, bytes: usize) {
         if n > 0 {
-            *self.records.entry(epoch).or_default() += n;
+            if self.records.is_empty() {
+                self.busy_since = Some(Instant::now());
+            }
+            let e = self.records.entry(epoch).or_default();
+            e.0 += n;
+            e.1 += bytes;
         }
     }
 
@@ -147,7 +207,8 @@ pub fn source_harness<'s>(
         let close_when_idle = clock.is_some() && factory.closes_epoch_when_idle();
         let mut epoch: u64 = clock.map(|ms| now_ms() / ms).unwrap_or(0);
         let mut open_records = 0usize;
-        let mut in_flight = InFlight::new(settings.max_epochs_in_flight, settings.max_records_in_flight);
+        let mut in_flight =
+            InFlight::new(settings.max_epochs_in_flight, settings.max_records_in_flight).with_cost(settings.max_bytes_in_flight, settings.drain_within);
         let mut acknowledged: u64 = 0;
         let mut last_record = Instant::now();
         let mut buf: Vec<RawRecord> = Vec::new();
@@ -237,10 +298,11 @@ pub fn source_harness<'s>(
             let polled = source.poll(epoch, budget, &mut buf);
             let n = buf.len();
             if n > 0 {
+                let bytes: usize = buf.iter().map(|r| r.bytes.len()).sum();
                 rec_out.activate().session(&cs[0]).give_container(&mut buf);
                 buf.clear();
                 open_records += n;
-                in_flight.add(epoch, n);
+                in_flight.add(epoch, n, bytes);
                 last_record = Instant::now();
                 progress.read.fetch_add(n as u64, Ordering::Relaxed);
                 records_metric.increment(n as u64);
@@ -307,6 +369,7 @@ fn finish(phase: &mut Phase, caps: &mut Option<Vec<timely::dataflow::operators::
     let Some(cs) = caps.as_ref() else { return };
     *phase = match std::mem::replace(phase, Phase::Finished) {
         Phase::Reading(mut source) => {
+            source.stop();
             if open_records > 0 || source.wants_checkpoint() {
                 cp_out.activate().session(&cs[1]).give_iterator(source.checkpoint(epoch).into_iter());
             }
@@ -326,20 +389,40 @@ mod tests {
     fn in_flight_bounds_epochs_and_records() {
         let mut f = InFlight::new(2, 100);
         assert_eq!(f.budget(1), 100, "nothing in flight");
-        f.add(1, 60);
+        f.add(1, 60, 0);
         assert_eq!(f.budget(1), 40, "the open epoch may take what is left of the record bound");
-        f.add(2, 30);
+        f.add(2, 30, 0);
         assert_eq!(f.budget(3), 0, "a third epoch would exceed the epoch bound");
         assert_eq!(f.budget(2), 10, "the open epoch holds data already, so it adds no epoch");
-        f.add(2, 10);
+        f.add(2, 10, 0);
         assert_eq!(f.budget(2), 0, "the record bound is reached");
         f.durable_before(2);
         assert_eq!(f.epochs(), 1);
         assert_eq!(f.budget(3), 60, "epoch 1's 60 records are durable");
-        f.add(3, 0);
+        f.add(3, 0, 0);
         assert_eq!(f.epochs(), 1, "an epoch with no records is not in flight");
         f.durable_before(u64::MAX);
         assert!(f.is_empty());
         assert_eq!(f.budget(9), 100);
+    }
+
+    #[test]
+    fn slow_records_are_admitted_only_as_many_as_drain_within_the_grace() {
+        use std::time::Duration;
+        let mut f = InFlight::new(100, 65_536).with_cost(1 << 20, Some(Duration::from_secs(2)));
+        assert_eq!(f.budget(1), 1024, "before the pace is known, a first helping");
+        f.add(1, 40, 1000);
+        std::thread::sleep(Duration::from_millis(200));
+        f.durable_before(2);
+        // 40 records in about 0.2 s: about 200 a second, so about 400 within 2 s.
+        let bound = f.record_bound();
+        assert!((100..=400).contains(&bound), "{bound}");
+        f.add(2, 10, 2 << 20);
+        assert_eq!(f.budget(2), 0, "the byte bound is reached");
+        f.durable_before(3);
+        assert_eq!(f.budget(3), f.record_bound());
+        // Without a drain time only the record bound counts.
+        let g = InFlight::new(4, 500).with_cost(1 << 20, None);
+        assert_eq!(g.budget(1), 500);
     }
 }

@@ -102,6 +102,10 @@ pub trait Source: 'static {
     fn checkpoint(&mut self, _epoch: u64) -> Vec<Checkpoint> {
         Vec::new()
     }
+    /// Reading stops (a signal, or the end of finite input): the harness closes the open epoch
+    /// right after, with [`Source::checkpoint`]. A source half-way through something (a long
+    /// file) makes a checkpoint of how far it got, so a restart resumes there.
+    fn stop(&mut self) {}
     /// Whether checkpoints are waiting even though no record is (a file whose new version
     /// changed nothing): the harness then closes the epoch to carry them.
     fn wants_checkpoint(&self) -> bool {
