@@ -71,6 +71,7 @@ impl SourceConfig {
                 config: c.clone(),
                 brokers: crate::topology::expand_env(&c.brokers),
                 group_id: c.group_id.clone().unwrap_or_else(|| format!("sluice-{pipeline}")),
+                missing_since: Default::default(),
             }),
             SourceConfig::Generator(c) => Arc::new(c.clone()),
             SourceConfig::Pubsub(c) => Arc::new(PubsubFactory::new(c.clone(), runtime.max_records_in_flight)),

@@ -8,6 +8,9 @@ use std::net::SocketAddr;
 
 /// Records read by a source. Label: `connector`.
 pub const SOURCE_RECORDS: &str = "sluice_source_records_total";
+/// Counter: errors a source's client reported (a missing topic, refused authorization, a broker
+/// unreachable). Labels: `connector`, `kind` (`unknown_topic`, `authorization`, `broker`, `other`).
+pub const SOURCE_ERRORS: &str = "sluice_source_errors_total";
 /// Answers made durable by the sinks.
 pub const ANSWERS: &str = "sluice_sink_answers_total";
 /// Dead letters, by `reason`.
@@ -71,6 +74,7 @@ pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::Buil
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(SOURCE_RECORDS, "Records read by a source.");
+    describe_counter!(SOURCE_ERRORS, "Errors a source's client reported, by connector and kind.");
     describe_counter!(ANSWERS, "Answers made durable by the sinks.");
     describe_counter!(DEAD_LETTERS, "Records refused, by reason.");
     describe_counter!(UNCHANGED, "Records whose ID's content was unchanged: not recomputed.");

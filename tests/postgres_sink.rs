@@ -103,13 +103,7 @@ fn a_batch_meeting_existing_ids_is_written_whole_as_an_upsert() {
     use sluice::source::Checkpoint;
     static COLUMNS: [Column; 1] = [Column { name: "duration", kind: ColumnKind::Float }];
     exec("DROP TABLE IF EXISTS it_upsert_answers; DROP TABLE IF EXISTS it_upsert_dead;");
-    let target = PostgresTarget {
-        url: pg_url(),
-        schema: "public".into(),
-        table: "it_upsert_answers".into(),
-        dead_letter_table: "it_upsert_dead".into(),
-        pipeline: "it_upsert".into(),
-    };
+    let target = PostgresTarget::new(&pg_url(), "public", "it_upsert_answers", "it_upsert_dead", "it_upsert");
     let mut writer = PostgresWriter::new(target, &COLUMNS).unwrap();
     writer.connect_now().unwrap(); // creates the tables, sluice_checkpoints included
     exec("DELETE FROM sluice_checkpoints WHERE pipeline = 'it_upsert';");
@@ -165,13 +159,7 @@ fn a_delete_removes_the_row_and_a_record_postgres_refuses_is_a_record_error() {
     use sluice::sink::{EpochBatch, SinkError, SinkWriter};
     static COLUMNS: [Column; 1] = [Column { name: "label", kind: ColumnKind::Text }];
     exec("DROP TABLE IF EXISTS it_delete_answers; DROP TABLE IF EXISTS it_delete_dead;");
-    let target = PostgresTarget {
-        url: pg_url(),
-        schema: "public".into(),
-        table: "it_delete_answers".into(),
-        dead_letter_table: "it_delete_dead".into(),
-        pipeline: "it_delete".into(),
-    };
+    let target = PostgresTarget::new(&pg_url(), "public", "it_delete_answers", "it_delete_dead", "it_delete");
     let mut writer = PostgresWriter::new(target, &COLUMNS).unwrap();
     let upsert = |id: &str, label: &str, seq: u64| {
         Change::Upsert(Answer {

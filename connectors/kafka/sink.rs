@@ -4,8 +4,12 @@
 //! the topic is at-least-once and a duplicate carries the same ID. Dead letters go to their own
 //! topic with the reason in a header and the original bytes as the payload. A delete is a
 //! tombstone: the ID as key (and header) and no value, which log compaction also honours.
-//! A message the producer refuses as too large is the record's fault, not the broker's: it is
-//! isolated and dead-lettered while the rest of the epoch is written.
+//! Failures are classified by their error code ([`classify_delivery`]): a message the producer
+//! or the broker refuses (too large, an invalid or corrupt record, one a broker's schema refuses)
+//! is the record's fault: it is isolated and dead-lettered while the rest of the epoch is
+//! written. A topic that does not exist once the producer gave up on it, an invalid topic name
+//! or a refused authorization stop the run with the cause. A fenced or failed producer is built
+//! again; everything else is retried with backoff.
 
 use super::{base_config, ID_HEADER};
 use crate::connectors::results::ResultJson;
@@ -13,21 +17,28 @@ use crate::record::{Change, Column};
 use crate::sink::{EpochBatch, SinkContext, SinkError, SinkFactory, SinkWriter};
 use crate::source::Checkpoint;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use serde::Deserialize;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The producer's context: it counts the messages the producer gave up on. Only failures are
-/// reported (`delivery.report.only.error`): a successful message is freed by librdkafka's broker
-/// thread as soon as it is acknowledged, with no report to hand to a polling thread (that path
-/// was 5% of the worker's CPU in a profile of a drain).
+/// The producer's context: it keeps the failures of the messages the producer gave up on. Only
+/// failures are reported (`delivery.report.only.error`): a successful message is freed by
+/// librdkafka's broker thread as soon as it is acknowledged, with no report to hand to a polling
+/// thread (that path was 5% of the worker's CPU in a profile of a drain).
 #[derive(Default, Clone)]
 pub struct DeliveryErrors {
-    failed: Arc<AtomicU64>,
+    failed: Arc<Mutex<Failures>>,
+}
+
+/// The delivery failures since the last write began: how many, and the first of each class.
+#[derive(Default, Debug)]
+struct Failures {
+    count: u64,
+    first: BTreeMap<DeliveryClass, String>,
 }
 
 impl ClientContext for DeliveryErrors {}
@@ -35,10 +46,41 @@ impl ClientContext for DeliveryErrors {}
 impl ProducerContext for DeliveryErrors {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
+        if let Err((e, m)) = result {
             tracing::debug!("kafka delivery failed: {e}");
-            self.failed.fetch_add(1, Ordering::Relaxed);
+            let class = e.rdkafka_error_code().map(classify_delivery).unwrap_or(DeliveryClass::Transient);
+            let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            f.count += 1;
+            f.first.entry(class).or_insert_with(|| format!("{}: {e} ({} bytes)", m.topic(), m.payload().map(|p| p.len()).unwrap_or(0)));
         }
+    }
+}
+
+/// What a failed delivery (or send) says about what helps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DeliveryClass {
+    /// The message itself is refused (too large, invalid, corrupt): dead-letter it.
+    Record,
+    /// Broker or network trouble, a timeout: send the epoch again after a backoff.
+    Transient,
+    /// The producer was fenced or failed fatally: build a new one, then send again.
+    Rebuild,
+    /// The topic does not exist (after the producer waited for it), its name is invalid, or
+    /// access is refused: no retry can succeed.
+    Config,
+}
+
+/// Classifies a producer error code.
+pub fn classify_delivery(code: RDKafkaErrorCode) -> DeliveryClass {
+    use RDKafkaErrorCode as C;
+    match code {
+        // InvalidMessage is also Kafka's CORRUPT_MESSAGE (code 2); BadMessage is librdkafka's own.
+        C::MessageSizeTooLarge | C::InvalidRecord | C::InvalidMessage | C::InvalidMessageSize | C::BadMessage => DeliveryClass::Record,
+        // A delivery report of an unknown topic comes only once the producer has given up
+        // waiting for it (`topic.metadata.propagation.max.ms`).
+        C::UnknownTopicOrPartition | C::UnknownTopic | C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed | C::InvalidTopic => DeliveryClass::Config,
+        C::ProducerFenced | C::Fatal => DeliveryClass::Rebuild,
+        _ => DeliveryClass::Transient,
     }
 }
 
@@ -107,6 +149,8 @@ impl SinkFactory for KafkaSinkConfig {
 /// Writes answers and dead letters to Kafka topics.
 pub struct KafkaWriter {
     producer: ThreadedProducer<DeliveryErrors>,
+    /// The producer's settings, to build it again after it was fenced or failed fatally.
+    config: rdkafka::ClientConfig,
     deliveries: DeliveryErrors,
     topic: String,
     dead_letter_topic: Option<String>,
@@ -136,11 +180,9 @@ impl KafkaWriter {
         for (k, v) in client {
             config.set(k, v);
         }
-        let producer: ThreadedProducer<DeliveryErrors> = config
-            .set("enable.idempotence", if idempotent { "true" } else { "false" })
-            .set("acks", "all")
-            .create_with_context(deliveries.clone())
-            .map_err(|e| format!("cannot create a Kafka producer (check sinks.client): {e}"))?;
+        config.set("enable.idempotence", if idempotent { "true" } else { "false" }).set("acks", "all");
+        let producer: ThreadedProducer<DeliveryErrors> =
+            config.create_with_context(deliveries.clone()).map_err(|e| format!("cannot create a Kafka producer (check sinks.client): {e}"))?;
         // Connect now: the idempotent producer asks for its producer ID on a 500 ms timer once a
         // broker connection is up, so connecting at start-up rather than at the first write saves
         // a timer round (measured: the first write waited about 1 s for its ID). A broker that is
@@ -150,6 +192,7 @@ impl KafkaWriter {
         }
         Ok(KafkaWriter {
             producer,
+            config,
             deliveries,
             topic: topic.to_string(),
             dead_letter_topic: dead_letter_topic.map(String::from),
@@ -170,10 +213,15 @@ impl KafkaWriter {
                     record = r;
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err((e @ KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
-                    return Err(SinkError::Record(format!("{topic}: {e} ({} bytes)", payload.map(|p| p.len()).unwrap_or(0))))
+                Err((e, _)) => {
+                    let class = e.rdkafka_error_code().map(classify_delivery).unwrap_or(DeliveryClass::Transient);
+                    let what = format!("{topic}: {e} ({} bytes)", payload.map(|p| p.len()).unwrap_or(0));
+                    return Err(match class {
+                        DeliveryClass::Record => SinkError::Record(what),
+                        DeliveryClass::Config => SinkError::Config(format!("cannot produce to {what}")),
+                        DeliveryClass::Transient | DeliveryClass::Rebuild => SinkError::Transient(format!("cannot produce to {what}")),
+                    });
                 }
-                Err((e, _)) => return Err(SinkError::Transient(format!("cannot produce to {topic}: {e}"))),
             }
         }
     }
@@ -216,16 +264,44 @@ impl SinkWriter for KafkaWriter {
     }
 
     fn write(&mut self, batch: &EpochBatch) -> Result<(), SinkError> {
-        let failed_before = self.deliveries.failed.load(Ordering::Relaxed);
-        self.send_all(batch)?;
+        *self.deliveries.failed.lock().unwrap_or_else(|p| p.into_inner()) = Failures::default();
+        let sent = self.send_all(batch);
         // Wait until every message is acknowledged or given up on (and its failure reported):
         // only then is nothing of this batch left in the producer's queue.
-        if let Err(pending) = wait_drained(|| self.producer.in_flight_count().max(0) as u64, Duration::from_secs(30)) {
+        let drained = wait_drained(|| self.producer.in_flight_count().max(0) as u64, Duration::from_secs(30));
+        let failures = std::mem::take(&mut *self.deliveries.failed.lock().unwrap_or_else(|p| p.into_inner()));
+        let fatal = self.producer.client().fatal_error();
+        let rebuilt = if fatal.is_some() || failures.first.contains_key(&DeliveryClass::Rebuild) {
+            // A fenced idempotent producer (Tansu fences it after refusing a record) or one with
+            // a fatal error fails every later message: go on with a new one.
+            let why =
+                fatal.map(|(code, text)| format!("{code:?}: {text}")).or_else(|| failures.first.get(&DeliveryClass::Rebuild).cloned()).unwrap_or_default();
+            tracing::warn!("kafka sink: the producer cannot go on ({why}); building a new one");
+            self.producer = self
+                .config
+                .create_with_context(self.deliveries.clone())
+                .map_err(|e| SinkError::Config(format!("cannot create a Kafka producer again: {e}")))?;
+            Some(why)
+        } else {
+            None
+        };
+        if let Some(why) = failures.first.get(&DeliveryClass::Config) {
+            return Err(SinkError::Config(format!("cannot produce to {why}")));
+        }
+        sent?;
+        if let Err(pending) = drained {
             return Err(SinkError::Transient(format!("{pending} messages not acknowledged within 30 s")));
         }
-        let failed = self.deliveries.failed.load(Ordering::Relaxed) - failed_before;
-        if failed > 0 {
-            return Err(SinkError::Transient(format!("{failed} messages were not acknowledged; sending the epoch again")));
+        if let Some(why) = failures.first.get(&DeliveryClass::Transient) {
+            return Err(SinkError::Transient(format!("{} messages were not acknowledged ({why}); sending the epoch again", failures.count)));
+        }
+        if let Some(why) = failures.first.get(&DeliveryClass::Record) {
+            // The broker refused records (with the whole produce request they came in): the
+            // sink's caller isolates them by splitting the batch; the rest is written again.
+            return Err(SinkError::Record(format!("refused: {why}")));
+        }
+        if let Some(why) = rebuilt {
+            return Err(SinkError::Transient(format!("the producer was replaced ({why}); sending the epoch again")));
         }
         Ok(())
     }
@@ -236,8 +312,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn delivery_failures_are_classified_by_code() {
+        use RDKafkaErrorCode as C;
+        for c in [C::MessageSizeTooLarge, C::InvalidRecord, C::InvalidMessage, C::InvalidMessageSize, C::BadMessage] {
+            assert_eq!(classify_delivery(c), DeliveryClass::Record, "{c:?}");
+        }
+        for c in [C::UnknownTopicOrPartition, C::UnknownTopic, C::TopicAuthorizationFailed, C::ClusterAuthorizationFailed, C::InvalidTopic] {
+            assert_eq!(classify_delivery(c), DeliveryClass::Config, "{c:?}");
+        }
+        for c in [C::MessageTimedOut, C::NotLeaderForPartition, C::BrokerTransportFailure, C::RequestTimedOut, C::AllBrokersDown] {
+            assert_eq!(classify_delivery(c), DeliveryClass::Transient, "{c:?}");
+        }
+        assert_eq!(classify_delivery(C::ProducerFenced), DeliveryClass::Rebuild);
+    }
+
+    #[test]
     fn waiting_ends_when_nothing_is_pending_or_at_the_timeout() {
-        use std::sync::atomic::AtomicU64;
+        use std::sync::atomic::{AtomicU64, Ordering};
         assert_eq!(wait_drained(|| 0, Duration::ZERO), Ok(()), "nothing pending");
         assert_eq!(wait_drained(|| 3, Duration::from_millis(5)), Err(3));
         let pending = Arc::new(AtomicU64::new(3));

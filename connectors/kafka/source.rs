@@ -5,6 +5,14 @@
 //! topic's partition count every `partition_refresh_ms` and reads new partitions from their
 //! beginning, and commits offsets to the broker (for lag monitoring) once the harness says an
 //! epoch is durable. A message with no value is a tombstone: a delete of its ID's answer.
+//! In a resumed run (the sink holds checkpoints for the topic), a partition without one had no
+//! traffic in the runs before: it is read from its beginning, whatever `start` says, so what
+//! arrived on it while sluice was down is answered.
+//!
+//! Consumer errors are counted (`sluice_source_errors_total`, by `connector` and `kind`) and
+//! logged at `warn`, one line every few seconds at most. Refused authorization stops the run
+//! with the cause at once, and so does a topic that does not exist (it was deleted, or never
+//! made) for longer than `missing_topic_grace_ms`.
 
 use super::base_config;
 use crate::record::{now_ms, DeadReason, SourcePos};
@@ -52,6 +60,15 @@ pub struct KafkaSourceConfig {
     /// `client = { "fetch.wait.max.ms" = "5" }`. Assignment, offsets and commits stay sluice's.
     #[serde(default)]
     pub client: BTreeMap<String, String>,
+    /// How long the topic may be missing (not yet made, or deleted while sluice runs) before the
+    /// run stops with that cause, in milliseconds; default 60,000. It is looked for at start and
+    /// every `partition_refresh_ms`.
+    #[serde(default = "default_missing_topic_grace_ms")]
+    pub missing_topic_grace_ms: u64,
+}
+
+fn default_missing_topic_grace_ms() -> u64 {
+    60_000
 }
 
 /// Where a partition without a stored offset starts.
@@ -101,6 +118,8 @@ pub struct KafkaFactory {
     /// Brokers with `${VAR}` expanded.
     pub brokers: String,
     pub group_id: String,
+    /// Since when the workers found the topic missing at start, across their retries.
+    pub missing_since: std::sync::Mutex<Option<Instant>>,
 }
 
 impl SourceFactory for KafkaFactory {
@@ -133,6 +152,10 @@ impl SourceFactory for KafkaFactory {
 /// One worker's share of the topic.
 pub struct KafkaSource {
     consumer: BaseConsumer,
+    /// A client of its own for the topic's metadata: on its own connections, a metadata request
+    /// never waits behind the consumer's fetches (Tansu holds a fetch of a deleted topic open,
+    /// and the consumer's metadata requests on that connection with it).
+    metadata: BaseConsumer,
     topic: Arc<str>,
     worker: usize,
     peers: usize,
@@ -148,10 +171,37 @@ pub struct KafkaSource {
     next: BTreeMap<i32, i64>,
     /// Offsets each closed epoch reached, to commit to the broker once durable.
     to_commit: BTreeMap<u64, Vec<(i32, i64)>>,
+    /// How long the topic may be missing, and since when it is.
+    missing_grace: Duration,
+    missing_since: Option<Instant>,
+    /// Consumer errors are logged once per [`ERROR_LOG_EVERY`]: when the last line was, and how
+    /// many errors came since.
+    last_error_log: Option<Instant>,
+    errors_unlogged: u64,
 }
+
+/// At most one log line of consumer errors this often.
+const ERROR_LOG_EVERY: Duration = Duration::from_secs(5);
 
 fn transient(e: impl std::fmt::Display) -> SourceError {
     SourceError::Transient(e.to_string())
+}
+
+/// The `kind` label of a consumer error, and whether it stops the run at once.
+fn error_kind(code: Option<rdkafka::types::RDKafkaErrorCode>) -> (&'static str, bool) {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    match code {
+        Some(C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed | C::SaslAuthenticationFailed | C::Authentication) => ("authorization", true),
+        Some(C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition) => ("unknown_topic", false),
+        Some(C::BrokerTransportFailure | C::AllBrokersDown | C::Resolve | C::OperationTimedOut | C::RequestTimedOut | C::NetworkException) => ("broker", false),
+        _ => ("other", false),
+    }
+}
+
+/// What the metadata says of the topic.
+enum TopicState {
+    Partitions(usize),
+    Missing,
 }
 
 impl KafkaSource {
@@ -177,8 +227,9 @@ impl KafkaSource {
         for (k, v) in &s.client {
             config.set(k, v);
         }
+        config.set("group.id", &f.group_id);
+        let metadata: BaseConsumer = config.create().map_err(|e| SourceError::Config(format!("cannot create a Kafka client (check source.client): {e}")))?;
         let consumer: BaseConsumer = config
-            .set("group.id", &f.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", if s.start == StartFrom::Latest { "latest" } else { "earliest" })
@@ -189,6 +240,7 @@ impl KafkaSource {
             resume.iter().filter(|c| c.scope == *topic).filter_map(|c| Some((c.shard.parse::<i32>().ok()?, c.position.parse::<i64>().ok()?))).collect();
         let mut me = KafkaSource {
             consumer,
+            metadata,
             topic,
             worker,
             peers,
@@ -200,8 +252,24 @@ impl KafkaSource {
             last_refresh: Instant::now(),
             next: BTreeMap::new(),
             to_commit: BTreeMap::new(),
+            missing_grace: Duration::from_millis(s.missing_topic_grace_ms),
+            missing_since: None,
+            last_error_log: None,
+            errors_unlogged: 0,
         };
-        let count = me.partition_count()?;
+        let count = match me.topic_state()? {
+            TopicState::Partitions(n) => {
+                *f.missing_since.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                n
+            }
+            TopicState::Missing => {
+                let since = *f.missing_since.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(Instant::now);
+                if since.elapsed() >= me.missing_grace {
+                    return Err(missing_error(&me.topic, since));
+                }
+                return Err(transient(format!("topic {} does not exist (yet)", me.topic)));
+            }
+        };
         if count == 0 {
             return Err(transient(format!("topic {} has no partitions yet", me.topic)));
         }
@@ -210,7 +278,11 @@ impl KafkaSource {
         for p in &mine {
             tpl.add_partition(&me.topic, *p);
         }
-        let committed = if resume.is_empty() { me.consumer.committed_offsets(tpl, Duration::from_secs(2)).ok() } else { None };
+        // A resumed run: a partition without a checkpoint had no traffic in the runs before, so
+        // all it holds arrived since they began (or was skipped by a first run's `latest`):
+        // it is read from its beginning, else what arrived on it while sluice was down is lost.
+        let resumed = !resume.is_empty();
+        let committed = if resumed { None } else { me.consumer.committed_offsets(tpl, Duration::from_secs(2)).ok() };
         let mut assign = TopicPartitionList::new();
         for p in &mine {
             let offset = match resume.get(p) {
@@ -220,7 +292,7 @@ impl KafkaSource {
                     .and_then(|c| c.find_partition(&me.topic, *p))
                     .map(|e| e.offset())
                     .filter(|o| matches!(o, Offset::Offset(_)))
-                    .unwrap_or(if s.start == StartFrom::Latest { Offset::End } else { Offset::Beginning }),
+                    .unwrap_or(if s.start == StartFrom::Latest && !resumed { Offset::End } else { Offset::Beginning }),
             };
             if let Offset::Offset(o) = offset {
                 me.next.insert(*p, o);
@@ -234,32 +306,83 @@ impl KafkaSource {
         Ok(me)
     }
 
-    fn partition_count(&self) -> Result<usize, SourceError> {
+    /// The topic's partition count, or that it does not exist. Refused authorization is a
+    /// configuration error.
+    fn topic_state(&self) -> Result<TopicState, SourceError> {
         let metadata = self
-            .consumer
+            .metadata
             .fetch_metadata(Some(&self.topic), Duration::from_secs(2))
             .map_err(|e| transient(format!("cannot read metadata of topic {}: {e}", self.topic)))?;
-        let topic = metadata.topics().iter().find(|t| t.name() == &*self.topic).ok_or_else(|| transient(format!("topic {} not found", self.topic)))?;
+        let Some(topic) = metadata.topics().iter().find(|t| t.name() == &*self.topic) else {
+            return Ok(TopicState::Missing);
+        };
         if let Some(e) = topic.error() {
-            return Err(transient(format!("topic {}: {e:?}", self.topic)));
+            let code = rdkafka::types::RDKafkaErrorCode::from(e);
+            return match error_kind(Some(code)) {
+                (_, true) => Err(SourceError::Config(format!("topic {}: {code}", self.topic))),
+                ("unknown_topic", _) => Ok(TopicState::Missing),
+                _ => Err(transient(format!("topic {}: {code}", self.topic))),
+            };
         }
-        Ok(topic.partitions().len())
+        Ok(TopicState::Partitions(topic.partitions().len()))
+    }
+
+    /// Notes that the topic is missing; an error once it has been for longer than the grace.
+    fn topic_missing(&mut self) -> Result<(), SourceError> {
+        let since = *self.missing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= self.missing_grace {
+            return Err(missing_error(&self.topic, since));
+        }
+        Ok(())
+    }
+
+    /// Counts a consumer error, logs it (at most once per [`ERROR_LOG_EVERY`]), and says whether
+    /// the run must stop.
+    fn consumer_error(&mut self, e: &rdkafka::error::KafkaError) -> Result<(), SourceError> {
+        let (kind, fatal) = error_kind(e.rdkafka_error_code());
+        metrics::counter!(crate::metrics::SOURCE_ERRORS, "connector" => "kafka", "kind" => kind).increment(1);
+        self.errors_unlogged += 1;
+        if self.last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
+            tracing::warn!(topic = %self.topic, kind, "kafka source: consumer error: {e} ({} since the last report)", self.errors_unlogged);
+            self.last_error_log = Some(Instant::now());
+            self.errors_unlogged = 0;
+        }
+        if fatal {
+            return Err(SourceError::Config(format!("topic {}: {e}", self.topic)));
+        }
+        if kind == "unknown_topic" {
+            return self.topic_missing();
+        }
+        Ok(())
     }
 
     /// Picks up partitions added to the topic, from their beginning: whatever was produced to
-    /// them before this worker saw them is a request too, whatever `start` says.
-    fn refresh_partitions(&mut self) {
+    /// them before this worker saw them is a request too, whatever `start` says. Notes a topic
+    /// that went missing.
+    fn refresh_partitions(&mut self) -> Result<(), SourceError> {
         self.last_refresh = Instant::now();
-        let count = match self.partition_count() {
-            Ok(c) => c,
+        let count = match self.topic_state() {
+            Ok(TopicState::Partitions(c)) => {
+                self.missing_since = None;
+                c
+            }
+            Ok(TopicState::Missing) => {
+                metrics::counter!(crate::metrics::SOURCE_ERRORS, "connector" => "kafka", "kind" => "unknown_topic").increment(1);
+                if self.last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
+                    tracing::warn!(topic = %self.topic, "kafka source: the topic does not exist (any more)");
+                    self.last_error_log = Some(Instant::now());
+                }
+                return self.topic_missing();
+            }
+            Err(SourceError::Config(e)) => return Err(SourceError::Config(e)),
             Err(e) => {
                 tracing::debug!("kafka source: {e}");
-                return;
+                return Ok(());
             }
         };
         tracing::debug!(topic = %self.topic, count, known = self.partitions, "partition count");
         if count <= self.partitions {
-            return;
+            return Ok(());
         }
         let added = added_partitions(self.partitions, count, self.worker, self.peers);
         let mut tpl = TopicPartitionList::new();
@@ -269,17 +392,25 @@ impl KafkaSource {
         if !added.is_empty() {
             if let Err(e) = self.consumer.incremental_assign(&tpl) {
                 tracing::warn!("kafka source: cannot assign new partitions {added:?}: {e}; trying again later");
-                return;
+                return Ok(());
             }
             tracing::info!(topic = %self.topic, ?added, "worker {} reads partitions added to the topic", self.worker);
             self.owned.extend(added);
         }
         self.partitions = count;
+        Ok(())
     }
 
     fn header(m: &rdkafka::message::BorrowedMessage<'_>, name: &str) -> Option<Vec<u8>> {
         m.headers().and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value).map(|v| v.to_vec()))
     }
+}
+
+fn missing_error(topic: &str, since: Instant) -> SourceError {
+    SourceError::Config(format!(
+        "topic {topic} does not exist (missing for {:.0} s, longer than source.missing_topic_grace_ms); create it or fix source.topic",
+        since.elapsed().as_secs_f64()
+    ))
 }
 
 /// The partitions worker `worker` of `peers` starts reading when the topic grows from `known`
@@ -291,14 +422,14 @@ pub fn added_partitions(known: usize, count: usize, worker: usize, peers: usize)
 impl Source for KafkaSource {
     fn poll(&mut self, _epoch: u64, budget: usize, out: &mut Vec<RawRecord>) -> Result<Poll, SourceError> {
         if self.last_refresh.elapsed() >= self.refresh_every {
-            self.refresh_partitions();
+            self.refresh_partitions()?;
         }
         let now = now_ms();
         while out.len() < budget {
             let m = match self.consumer.poll(Duration::ZERO) {
                 None => return Ok(Poll::Idle(Duration::from_millis(1))),
                 Some(Err(e)) => {
-                    tracing::debug!("kafka poll: {e}");
+                    self.consumer_error(&e)?;
                     return Ok(Poll::Idle(Duration::from_millis(1)));
                 }
                 Some(Ok(m)) => m,

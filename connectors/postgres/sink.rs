@@ -4,9 +4,13 @@
 //! an upsert, which rewrites a row only when its content changes, so rerunning the same input
 //! leaves exactly the same rows. Checkpoints are keyed by the pipeline's identity (its name and
 //! its answer table), dead letters by pipeline, source and position, so pipelines sharing a
-//! database never overwrite each other's. Errors are classified: data exceptions (class 22)
-//! and program limits (class 54) are the record's fault and get it isolated; syntax and
-//! permission errors (classes 42, 28) stop the run; the rest is retried.
+//! database never overwrite each other's. Errors are classified: data exceptions (class 22),
+//! integrity constraint violations (class 23: NOT NULL, foreign key, a unique index other than
+//! the ID's, CHECK, exclusion), program limits (class 54) and an exception a trigger raises
+//! (`P0001`) are the record's fault and get it isolated; syntax and permission errors (classes
+//! 42, 28) stop the run; the rest is retried. Connecting is bounded by `connect_timeout_ms` and
+//! every statement by `statement_timeout_ms`, so an unreachable or stuck server is an error,
+//! never a hang.
 
 use crate::record::{Answer, Change, Column, ColumnKind, DeadLetter, Value};
 use crate::sink::{EpochBatch, SinkContext, SinkError, SinkFactory, SinkWriter};
@@ -15,6 +19,7 @@ use crate::sql::{qualified, quote_ident};
 pub use crate::topology::expand_env;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
@@ -37,6 +42,23 @@ pub struct PostgresConfig {
     /// Schema holding both tables.
     #[serde(default = "default_schema")]
     pub schema: String,
+    /// How long connecting (TCP, TLS and the start-up handshake together) may take before it is
+    /// an error, in milliseconds; default 10,000. At start-up an unreachable server then stops
+    /// the run with the cause; later, a reconnect that times out is retried with backoff.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Postgres's `statement_timeout` for the sink's session, in milliseconds; default 60,000,
+    /// 0 for none. A write that runs longer (a lock held by someone else) is cancelled by the
+    /// server and retried as a transient error.
+    #[serde(default = "default_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    10_000
+}
+fn default_statement_timeout_ms() -> u64 {
+    60_000
 }
 
 fn default_dead_letter_table() -> String {
@@ -54,6 +76,8 @@ impl PostgresConfig {
             table: self.table.clone(),
             dead_letter_table: self.dead_letter_table.clone(),
             pipeline: pipeline.to_string(),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms.max(1)),
+            statement_timeout_ms: self.statement_timeout_ms,
         }
     }
 }
@@ -89,6 +113,25 @@ pub struct PostgresTarget {
     /// The pipeline's name: with the answer table, the key of its checkpoints; with source and
     /// position, the key of its dead letters.
     pub pipeline: String,
+    /// The bound on connecting (socket, TLS and start-up handshake together).
+    pub connect_timeout: Duration,
+    /// The session's `statement_timeout` in milliseconds (0: none).
+    pub statement_timeout_ms: u64,
+}
+
+impl PostgresTarget {
+    /// A target with the default timeouts (10 s to connect, 60 s a statement).
+    pub fn new(url: &str, schema: &str, table: &str, dead_letter_table: &str, pipeline: &str) -> Self {
+        PostgresTarget {
+            url: url.to_string(),
+            schema: schema.to_string(),
+            table: table.to_string(),
+            dead_letter_table: dead_letter_table.to_string(),
+            pipeline: pipeline.to_string(),
+            connect_timeout: Duration::from_millis(default_connect_timeout_ms()),
+            statement_timeout_ms: default_statement_timeout_ms(),
+        }
+    }
 }
 
 /// Writes answers and dead letters to Postgres. Owns a small runtime for the async client.
@@ -114,12 +157,30 @@ pub fn classify(e: tokio_postgres::Error) -> SinkError {
         None => e.to_string(),
     };
     match e.code().map(|c| c.code()) {
-        // Class 22 (data exception: a NUL byte, a value out of range) and 54 (program limit: an
-        // index row too large) are the record's fault: isolate it.
-        Some(code) if code.starts_with("22") || code.starts_with("54") => SinkError::Record(text),
+        // Class 22 (data exception: a NUL byte, a value out of range), 23 (integrity constraint
+        // violation: NOT NULL 23502, foreign key 23503, a unique index other than the ID's 23505,
+        // CHECK 23514, exclusion 23P01), 54 (program limit: an index row too large) and P0001 (an
+        // exception a trigger raised) are the record's fault: isolate it. (The ID's own unique
+        // violation never gets here: the plain insert that meets it is redone as an upsert.)
+        Some(code) if code.starts_with("22") || code.starts_with("23") || code.starts_with("54") || code == "P0001" => SinkError::Record(text),
         // Class 42 (syntax or access rule) and 28 (authorization) cannot succeed on retry.
         Some(code) if code.starts_with("42") || code.starts_with("28") => SinkError::Config(text),
         _ => SinkError::Transient(text),
+    }
+}
+
+/// `body` as a dollar-quoted string constant whose tag occurs nowhere in it (`$sluice$`, else
+/// `$sluice1$`, ...), so no name inside it can end the constant early.
+pub fn dollar_quoted(body: &str) -> String {
+    let mut n = 0u32;
+    loop {
+        let tag = if n == 0 { "$sluice$".to_string() } else { format!("$sluice{n}$") };
+        // The constant ends at the first tag after the opening one: it must be the closing one.
+        let text = format!("{body}{tag}");
+        if text.find(&tag) == Some(body.len()) {
+            return format!("{tag}{text}");
+        }
+        n += 1;
     }
 }
 
@@ -212,13 +273,32 @@ impl PostgresWriter {
         }
         if self.client.is_none() {
             let url = expand_env(&self.target.url);
-            let (client, connection) =
-                self.rt.block_on(tokio_postgres::connect(&url, NoTls)).map_err(|e| SinkError::Transient(format!("cannot connect to Postgres: {e}")))?;
+            let mut config: tokio_postgres::Config =
+                url.parse().map_err(|e| SinkError::Config(format!("sinks.url is not a Postgres connection string: {e}")))?;
+            let limit = self.target.connect_timeout;
+            if config.get_connect_timeout().is_none() {
+                config.connect_timeout(limit);
+            }
+            // tokio-postgres bounds only the socket's connect: a server (or a proxy) that accepts
+            // the connection and never answers the start-up would hang it, so bound the whole of it.
+            let (client, connection) = match self.rt.block_on(async { tokio::time::timeout(limit, config.connect(NoTls)).await }) {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => return Err(SinkError::Transient(format!("cannot connect to Postgres: {e}"))),
+                Err(_) => {
+                    return Err(SinkError::Transient(format!(
+                        "cannot connect to Postgres: no answer within {} ms (sinks.connect_timeout_ms)",
+                        limit.as_millis()
+                    )))
+                }
+            };
             self.rt.spawn(async move {
                 if let Err(e) = connection.await {
                     tracing::warn!("postgres connection closed: {e}");
                 }
             });
+            // Bounds every statement of this session (sinks.statement_timeout_ms).
+            let timeout_ms = self.target.statement_timeout_ms;
+            self.rt.block_on(client.batch_execute(&format!("SET statement_timeout = {timeout_ms}"))).map_err(classify)?;
             // Request IDs are opaque keys: byte order ("C") makes every index comparison a memcmp.
             let mut cols = String::from("id TEXT COLLATE \"C\" PRIMARY KEY");
             for c in self.columns {
@@ -227,6 +307,15 @@ impl PostgresWriter {
             cols.push_str(", model TEXT NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now()");
             let dead = self.dead_table();
             let dead_literal = dead.replace('\'', "''");
+            let upgrade = dollar_quoted(&format!(
+                "DECLARE pk text; BEGIN \
+                   IF NOT EXISTS (SELECT 1 FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY(c.conkey) \
+                                  WHERE c.conrelid = '{dead_literal}'::regclass AND c.contype = 'p' AND a.attname = 'pipeline') THEN \
+                     SELECT conname INTO pk FROM pg_constraint WHERE conrelid = '{dead_literal}'::regclass AND contype = 'p'; \
+                     EXECUTE format('ALTER TABLE {dead_escaped} DROP CONSTRAINT %I, ADD PRIMARY KEY (pipeline, source, position)', pk); \
+                   END IF; END",
+                dead_escaped = dead.replace('\'', "''").replace('%', "%%"),
+            ));
             // A dead-letter table made by an older sluice is keyed by source and position only,
             // and lacks the length and hash of cut raw bytes: bring it up to date.
             let ddl = format!(
@@ -234,15 +323,9 @@ impl PostgresWriter {
                  CREATE TABLE IF NOT EXISTS {table} ({cols}); \
                  CREATE TABLE IF NOT EXISTS {dead} (source TEXT NOT NULL, position TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, raw BYTEA NOT NULL, pipeline TEXT NOT NULL, raw_len BIGINT, raw_sha256 TEXT, first_seen TIMESTAMPTZ NOT NULL DEFAULT now(), last_seen TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, source, position)); \
                  ALTER TABLE {dead} ADD COLUMN IF NOT EXISTS raw_len BIGINT, ADD COLUMN IF NOT EXISTS raw_sha256 TEXT; \
-                 DO $sluice$ DECLARE pk text; BEGIN \
-                   IF NOT EXISTS (SELECT 1 FROM pg_constraint c JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = ANY(c.conkey) \
-                                  WHERE c.conrelid = '{dead_literal}'::regclass AND c.contype = 'p' AND a.attname = 'pipeline') THEN \
-                     SELECT conname INTO pk FROM pg_constraint WHERE conrelid = '{dead_literal}'::regclass AND contype = 'p'; \
-                     EXECUTE format('ALTER TABLE {dead_escaped} DROP CONSTRAINT %I, ADD PRIMARY KEY (pipeline, source, position)', pk); \
-                   END IF; END $sluice$; \
+                 DO {upgrade}; \
                  CREATE TABLE IF NOT EXISTS {checkpoints} (pipeline TEXT NOT NULL, target TEXT NOT NULL, scope TEXT NOT NULL, shard TEXT NOT NULL, position TEXT NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, target, scope, shard));",
                 table = self.table(),
-                dead_escaped = dead.replace('\'', "''").replace('%', "%%"),
                 checkpoints = self.checkpoints_table()
             );
             self.rt.block_on(client.batch_execute(&format!("BEGIN; {ddl} COMMIT;"))).map_err(classify)?;
@@ -543,5 +626,14 @@ mod tests {
         assert_eq!(expand_env("postgres://u:${SLUICE_TEST_PGPASS}@h/db"), "postgres://u:pw@h/db");
         assert_eq!(expand_env("no vars"), "no vars");
         assert_eq!(expand_env("h=${SLUICE_TEST_UNSET_VAR:-127.0.0.1}"), "h=127.0.0.1");
+    }
+
+    #[test]
+    fn a_dollar_quote_tag_never_occurs_in_its_body() {
+        assert_eq!(dollar_quoted("x"), "$sluice$x$sluice$");
+        assert_eq!(dollar_quoted("a$sluice$b"), "$sluice1$a$sluice$b$sluice1$");
+        assert_eq!(dollar_quoted("a$sluice$b$sluice1$"), "$sluice2$a$sluice$b$sluice1$$sluice2$");
+        // A body ending in part of the tag would end the constant one character early.
+        assert_eq!(dollar_quoted("a$sluice"), "$sluice1$a$sluice$sluice1$");
     }
 }

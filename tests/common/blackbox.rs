@@ -25,6 +25,12 @@ pub struct Sluice {
     pub started: Instant,
 }
 
+/// The `sluice` binary to run: `SLUICE_BIN` when set (worktrees sharing one target folder
+/// overwrite each other's `debug/sluice`), else the one cargo built for these tests.
+pub fn sluice_bin() -> String {
+    std::env::var("SLUICE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_sluice").to_string())
+}
+
 /// Starts `sluice run <topology> --no-progress` in `dir` (its current directory), with extra
 /// arguments and environment variables.
 pub fn spawn_sluice(dir: &Path, topology: &str, args: &[&str], env: &[(&str, &str)]) -> Sluice {
@@ -33,7 +39,7 @@ pub fn spawn_sluice(dir: &Path, topology: &str, args: &[&str], env: &[(&str, &st
     std::fs::write(&path, topology).unwrap();
     let out_path = dir.join(format!("{id}.stdout"));
     let err_path = dir.join(format!("{id}.stderr"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    let mut cmd = Command::new(sluice_bin());
     cmd.current_dir(dir).args(["run", path.to_str().unwrap(), "--no-progress"]).args(args).env("NO_COLOR", "1");
     for (k, v) in env {
         cmd.env(k, v);
