@@ -93,6 +93,7 @@ mod tests {
             ingest_ms: 42,
             raw: Vec::new(),
             seq: 0,
+            replaces: false,
         };
         let mut json = ResultJson::new(&columns);
         let mut buf = Vec::new();

@@ -103,6 +103,10 @@ pub struct Envelope<P> {
     /// Order of this change among the changes of its ID's worker, given when it is keyed by ID;
     /// sinks apply an epoch's changes in this order.
     pub seq: u64,
+    /// The record replaces an answer its ID has (a table's changed row): if it fails (the model
+    /// or a sink refuses it), that answer is retracted, as a fresh read would give none.
+    #[serde(default)]
+    pub replaces: bool,
 }
 
 /// The content hash of a record's bytes.
@@ -205,6 +209,9 @@ pub struct Answer {
     pub raw: Vec<u8>,
     /// Order among its worker's changes (see [`Envelope::seq`]).
     pub seq: u64,
+    /// See [`Envelope::replaces`].
+    #[serde(default)]
+    pub replaces: bool,
 }
 
 /// The removal of an ID's answer, in every sink.

@@ -208,7 +208,9 @@ fn run_dataflow<T: Task>(
         max_epochs_in_flight: rt.max_epochs_in_flight,
         max_records_in_flight: rt.max_records_in_flight,
         max_bytes_in_flight: rt.max_bytes_in_flight,
-        drain_within: Some(Duration::from_millis(rt.shutdown_grace_ms / 2)),
+        // A quarter of the grace: the pace is measured under the load of the moment, and a busier
+        // machine at the stop drains slower.
+        drain_within: Some(Duration::from_millis(rt.shutdown_grace_ms / 4)),
     };
     // A table that supplies changes retracts the answer of a row that fails (a fresh read would
     // give it none).
@@ -233,11 +235,12 @@ fn run_dataflow<T: Task>(
             let (records, checkpoints) =
                 source_harness(scope, source.clone(), resume.clone(), harness.clone(), durable.clone(), stop.clone(), f2.clone(), p2.clone());
             let (requests, bad) = decode(records, task.clone(), decoding.clone());
-            let (requests, deletes) = key_by_id(requests, keying, window);
-            let (answers, refused, retracted) = infer(requests, task.clone(), handle.clone(), retract);
+            let forget = crate::operators::key_by_id::Forget::default();
+            let (requests, deletes) = key_by_id(requests, keying, window, forget.clone());
+            let (answers, refused, retracted) = infer(requests, task.clone(), handle.clone(), retract, forget.clone());
             let dead = bad.concat(refused);
             let deletes = deletes.concat(retracted);
-            durable_sink(answers, deletes, dead, checkpoints, writers, max_dead, retract, p2.clone()).probe_with(&durable);
+            durable_sink(answers, deletes, dead, checkpoints, writers, max_dead, retract, forget, p2.clone()).probe_with(&durable);
         });
         while worker.step_or_park(None) {}
         Ok(())

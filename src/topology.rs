@@ -300,7 +300,7 @@ pub struct RuntimeConfig {
     /// A source pauses while this many of a worker's records are not yet durable. Clock epochs
     /// can hold any number of records, so this (with the bytes and the drain-time bound) is what
     /// bounds memory. Within it, a worker admits no more than its pipeline has been measured to
-    /// make durable in half of `shutdown_grace_ms`, so a stop drains within the grace even when
+    /// make durable in a quarter of `shutdown_grace_ms`, so a stop drains within the grace even when
     /// each record is slow (long QA contexts).
     #[serde(default = "default_max_records_in_flight")]
     pub max_records_in_flight: usize,

@@ -414,3 +414,35 @@ fn a_topic_that_never_exists_stops_the_run_with_the_cause() {
     assert!(!status.success());
     assert!(s.stderr().contains(&format!("topic {topic} does not exist (missing for")), "{}", s.stderr_tail());
 }
+
+/// A stream request the sink refused (a CHECK constraint) is a dead letter; once the DBA drops
+/// the constraint, the same request sent again unchanged is answered. Before, the key stage had
+/// recorded its content when it passed, so the resend was dropped as a duplicate, silently.
+#[test]
+fn a_refused_request_sent_again_unchanged_is_answered_not_dropped_as_a_duplicate() {
+    let name = unique("ec_resend");
+    let topic = format!("{name}_rides");
+    let table = format!("{name}_answers");
+    create_topics(&[&topic], 1);
+    let dir = tempfile::tempdir().unwrap();
+    let text = kafka_to_postgres(&name, &topic, &table, "");
+    let mut w = spawn_sluice(dir.path(), &text, &[], &[]);
+    produce_to(&topic, 0, "r-1");
+    assert!(wait_until(Duration::from_secs(60), || poll_has_id(&table, "r-1")), "{}", w.stderr_tail());
+    exec(&format!("ALTER TABLE {} ADD CONSTRAINT no_bad CHECK (id <> 'r-bad')", quote_pg(&table)));
+    produce_to(&topic, 0, "r-bad");
+    produce_to(&topic, 0, "r-2");
+    assert!(wait_until(Duration::from_secs(60), || poll_has_id(&table, "r-2")), "{}", w.stderr_tail());
+    let dead = |reason: &str| -> i64 {
+        try_query(&format!("SELECT count(*) FROM {} WHERE reason = '{reason}'", quote_pg(&format!("{table}_dead")))).map(|r| r[0].get(0)).unwrap_or(0)
+    };
+    assert!(wait_until(Duration::from_secs(30), || dead("sink_rejected") == 1), "{}", w.stderr_tail());
+    exec(&format!("ALTER TABLE {} DROP CONSTRAINT no_bad", quote_pg(&table)));
+    produce_to(&topic, 0, "r-bad");
+    produce_to(&topic, 0, "r-3");
+    assert!(wait_until(Duration::from_secs(60), || poll_has_id(&table, "r-3")), "{}", w.stderr_tail());
+    assert!(wait_until(Duration::from_secs(10), || poll_has_id(&table, "r-bad")), "the resent request is answered\n{}", w.stderr_tail());
+    assert_eq!(poll_rows(&table), 4, "r-1, r-2, r-3 and r-bad");
+    w.signal("-TERM");
+    assert_eq!(w.wait_timeout(Duration::from_secs(30)).expect("exits").code(), Some(0), "{}", w.stderr_tail());
+}

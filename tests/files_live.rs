@@ -1013,3 +1013,150 @@ fn a_kill_between_two_workers_commits_of_one_file_loses_no_answer() {
     let stale: Vec<&String> = now.keys().filter(|k| fresh.get(*k).is_none_or(|f| (f - now[*k]).abs() > 1e-5 * f.abs().max(1.0))).collect();
     assert!(stale.is_empty() && now.len() == 400, "{} stale answers after the restart, e.g. {:?}", stale.len(), stale.iter().take(5).collect::<Vec<_>>());
 }
+
+#[test]
+fn after_random_file_operations_and_kills_the_table_equals_a_fresh_full_run() {
+    // Edits, inserts, deletes, renames, a copy then a delete, a move into a subfolder, a
+    // non-atomic replace, an id moved from one file to another; kill -9 at random points, on 2
+    // workers. At the end the table and the JSON lines equal a fresh full run over what is there.
+    let s = Live::new("flchaos");
+    let mut g = {
+        let mut x: u64 = 20261207;
+        move |n: usize| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) as usize) % n.max(1)
+        }
+    };
+    // Each file: its rows as (id, features).
+    let mut files: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let mut next = 0usize;
+    let mut row = |next: &mut usize, g: &mut dyn FnMut(usize) -> usize| {
+        *next += 1;
+        (format!("c{next}"), format!("{},{},{}.{}", 1 + g(263), 1 + g(263), 1 + g(30), g(100)))
+    };
+    let text = |rows: &[(String, String)]| -> String {
+        let mut t = String::from("id,PULocationID,DOLocationID,trip_distance\n");
+        for (id, f) in rows {
+            t.push_str(&format!("{id},{f}\n"));
+        }
+        t
+    };
+    for name in ["a.csv", "b.csv", "sub/c.csv"] {
+        let rows: Vec<(String, String)> = (0..60).map(|_| row(&mut next, &mut g)).collect();
+        files.insert(name.to_string(), rows);
+    }
+    std::fs::create_dir_all(s.input().join("sub")).unwrap();
+    for (name, rows) in &files {
+        put(&s.input().join(name), &text(rows));
+    }
+    let mut w = s.watch("");
+    s.wait_rows(|r| r.len() == 180, "the first pass", &w);
+    let mut kills = 0;
+    for round in 0..14 {
+        let names: Vec<String> = files.keys().cloned().collect();
+        let pick = names[g(names.len())].clone();
+        match g(8) {
+            0 => {
+                // Edit a few rows in place.
+                let rows = files.get_mut(&pick).unwrap();
+                for _ in 0..1 + g(5) {
+                    let i = g(rows.len());
+                    rows[i].1 = row(&mut next, &mut g).1;
+                }
+                put(&s.input().join(&pick), &text(rows));
+            }
+            1 => {
+                // Insert at the top and delete from the middle.
+                let rows = files.get_mut(&pick).unwrap();
+                let new = row(&mut next, &mut g);
+                rows.insert(0, new);
+                if rows.len() > 10 {
+                    rows.remove(5 + g(rows.len() - 5));
+                }
+                put(&s.input().join(&pick), &text(rows));
+            }
+            2 => {
+                // Rename.
+                let to = format!("r{round}.csv");
+                std::fs::rename(s.input().join(&pick), s.input().join(&to)).unwrap();
+                let rows = files.remove(&pick).unwrap();
+                files.insert(to, rows);
+            }
+            3 => {
+                // Copy, let it be seen, then delete the original.
+                let to = format!("copy{round}.csv");
+                std::fs::copy(s.input().join(&pick), s.input().join("copy.tmp")).unwrap();
+                std::fs::rename(s.input().join("copy.tmp"), s.input().join(&to)).unwrap();
+                std::thread::sleep(Duration::from_millis(g(1200) as u64));
+                std::fs::remove_file(s.input().join(&pick)).unwrap();
+                let rows = files.remove(&pick).unwrap();
+                files.insert(to, rows);
+            }
+            4 => {
+                // Move into the subfolder (or out of it).
+                let to = if pick.starts_with("sub/") { format!("m{round}.csv") } else { format!("sub/m{round}.csv") };
+                std::fs::rename(s.input().join(&pick), s.input().join(&to)).unwrap();
+                let rows = files.remove(&pick).unwrap();
+                files.insert(to, rows);
+            }
+            5 => {
+                // Replace in place, not atomically: truncate, half, a pause, the rest.
+                use std::io::Write;
+                let rows = files.get_mut(&pick).unwrap();
+                let i = g(rows.len());
+                rows[i].1 = row(&mut next, &mut g).1;
+                let body = text(rows);
+                let mut f = std::fs::File::create(s.input().join(&pick)).unwrap();
+                f.write_all(&body.as_bytes()[..body.len() / 2]).unwrap();
+                f.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+                f.write_all(&body.as_bytes()[body.len() / 2..]).unwrap();
+            }
+            6 if names.len() > 1 => {
+                // An id moves from one file to another, with new features.
+                let other = names.iter().find(|n| **n != pick).unwrap().clone();
+                let moved = {
+                    let rows = files.get_mut(&pick).unwrap();
+                    rows.remove(g(rows.len()))
+                };
+                let features = row(&mut next, &mut g).1;
+                files.get_mut(&other).unwrap().push((moved.0, features));
+                put(&s.input().join(&pick), &text(&files[&pick]));
+                put(&s.input().join(&other), &text(&files[&other]));
+            }
+            _ => {
+                // A new file.
+                let rows: Vec<(String, String)> = (0..1 + g(30)).map(|_| row(&mut next, &mut g)).collect();
+                let name = format!("n{round}.csv");
+                put(&s.input().join(&name), &text(&rows));
+                files.insert(name, rows);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(g(900) as u64));
+        if g(3) == 0 {
+            w.signal("-9");
+            w.wait_timeout(Duration::from_secs(30)).expect("killed");
+            kills += 1;
+            w = s.watch("");
+        }
+    }
+    assert!(kills >= 2, "the sequence kills the worker a few times: {kills}");
+    let fresh = fresh_full_run(&s, &s.input().display().to_string(), "");
+    let total: usize = files.values().map(Vec::len).sum();
+    assert_eq!(fresh.len(), total, "a fresh run answers every row once");
+    let close = |a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>| {
+        a.len() == b.len() && a.iter().zip(b).all(|((ka, va), (kb, vb))| ka == kb && (va - vb).abs() <= 1e-5 * va.abs().max(1.0))
+    };
+    assert!(
+        wait_until(Duration::from_secs(120), || close(&predictions(&s), &fresh)),
+        "the table equals a fresh full run: {} rows vs {}\n{}",
+        predictions(&s).len(),
+        fresh.len(),
+        w.stderr_tail()
+    );
+    std::thread::sleep(Duration::from_millis(2000));
+    assert!(close(&predictions(&s), &fresh), "and stays so");
+    stop(&mut w);
+    let jsonl: BTreeMap<String, f64> = jsonl_state(&s.out()).into_iter().filter_map(|(k, v)| v.map(|p| (k, p))).collect();
+    assert!(close(&jsonl, &fresh), "the JSON lines' last op per id equal it too: {} vs {}", jsonl.len(), fresh.len());
+}

@@ -121,6 +121,7 @@ fn a_batch_meeting_existing_ids_is_written_whole_as_an_upsert() {
                     ingest_ms: 0,
                     raw: Vec::new(),
                     seq: 0,
+                    replaces: false,
                 })
             })
             .collect(),
@@ -171,6 +172,7 @@ fn a_delete_removes_the_row_and_a_record_postgres_refuses_is_a_record_error() {
             ingest_ms: 0,
             raw: Vec::new(),
             seq,
+            replaces: false,
         })
     };
     let delete = |id: &str, seq: u64| Change::Delete(Deleted { id: id.into(), pos: SourcePos::seq("g".into(), seq), ingest_ms: 0, seq });

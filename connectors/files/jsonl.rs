@@ -383,6 +383,7 @@ mod tests {
                     ingest_ms: 0,
                     raw: Vec::new(),
                     seq: i,
+                    replaces: false,
                 })
             })
             .collect();

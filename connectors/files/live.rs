@@ -909,6 +909,7 @@ impl ParquetRows {
                 let content = row_hash(self.schema_hash, &text);
                 let named = self.id_col.filter(|&c| !columns[c].is_null(i)).map(|c| values[c].trim()).filter(|s| !s.is_empty());
                 let mut seen = diff.row(named, content);
+                let replaces = diff.last_replaces();
                 let elsewhere = claim(owners, diff, file_no, named, &mut seen);
                 let id = match seen {
                     Seen::Same | Seen::Foreign => continue,
@@ -932,7 +933,7 @@ impl ParquetRows {
                 let bytes = serde_json::to_vec(&json).unwrap_or_default();
                 out.push(RawRecord {
                     bytes,
-                    body: Body::Typed(fields, self.kinds.clone()),
+                    body: Body::Typed(fields, self.kinds.clone(), replaces),
                     pos: SourcePos::row(file.clone(), self.row),
                     id: Some(id.into_bytes()),
                     ingest_ms: now,
@@ -1028,7 +1029,8 @@ struct Slice<'h, 'b, 'o> {
     rows: u64,
     changed: u64,
     passed: u64,
-    good: Vec<(u64, &'b [u8], String)>,
+    /// Good new and changed rows: row, bytes, ID, whether it replaces an answer.
+    good: Vec<(u64, &'b [u8], String, bool)>,
     /// The block being gathered: where it starts, its first row's place, its rows, where it ends.
     open: Option<(usize, u32, usize, usize)>,
 }
@@ -1070,19 +1072,19 @@ impl<'h, 'b, 'o> Slice<'h, 'b, 'o> {
             return (rows, changed, passed);
         }
         let columns = header.names.len();
-        let bytes: Vec<&[u8]> = good.iter().map(|(_, b, _)| *b).collect();
+        let bytes: Vec<&[u8]> = good.iter().map(|(_, b, _, _)| *b).collect();
         let parsed: Vec<Result<Vec<String>, String>> = match parse_rows(&bytes, columns) {
             Ok(rows) => rows.into_iter().map(Ok).collect(),
             Err(_) => bytes.iter().map(|b| parse_rows(&[b], columns).map(|mut v| v.remove(0))).collect(),
         };
-        for ((row, raw, id), values) in good.into_iter().zip(parsed) {
+        for ((row, raw, id, replaces), values) in good.into_iter().zip(parsed) {
             out.push(match values {
                 Err(e) => RawRecord { id: Some(id.into_bytes()), ..refused(file, row, raw, DeadReason::BrokenQuoting, e, now) },
                 Ok(values) => {
                     let fields: Vec<(Arc<str>, String)> = header.names.iter().cloned().zip(values).collect();
                     RawRecord {
                         bytes: raw.to_vec(),
-                        body: Body::Typed(fields, header.kinds.clone()),
+                        body: Body::Typed(fields, header.kinds.clone(), replaces),
                         pos: SourcePos::row(file.clone(), row),
                         id: Some(id.into_bytes()),
                         ingest_ms: now,
@@ -1133,6 +1135,7 @@ impl<'b> Framer<'b> for Slice<'_, 'b, '_> {
         self.rows += 1;
         let place = self.diff.next_place();
         let mut seen = self.diff.row(named, content);
+        let replaces = self.diff.last_replaces();
         // An `id` answered from another file: this row waits (a dead letter now; offered again
         // whenever that file changes or goes).
         let elsewhere = claim(self.owners, self.diff, self.file_no, named, &mut seen);
@@ -1169,7 +1172,7 @@ impl<'b> Framer<'b> for Slice<'_, 'b, '_> {
         self.room -= 1;
         match bad {
             Some((reason, detail)) => self.out.push(RawRecord { id: Some(id.into_bytes()), ..refused(self.file, row, rec.bytes, reason, detail, self.now) }),
-            None => self.good.push((row, rec.bytes, id)),
+            None => self.good.push((row, rec.bytes, id, replaces)),
         }
         true
     }

@@ -484,6 +484,9 @@ pub struct Diff {
     route: Route,
     /// The manifest row of the last row diffed.
     last: usize,
+    /// Whether the last row sent replaces an answer of its ID's (a changed row, not a new or a
+    /// waiting one).
+    last_replaces: bool,
 }
 
 /// What a diff makes of one row of the new version.
@@ -519,6 +522,7 @@ impl Diff {
             blocks,
             route: Route::ALL,
             last: 0,
+            last_replaces: false,
         }
     }
 
@@ -532,6 +536,11 @@ impl Diff {
     /// Whether the row with this identity is this worker's.
     fn mine(&self, named: Option<&str>, content: u64, k: u32) -> bool {
         self.route.peers <= 1 || self.route.mine(key_of(named, content, k))
+    }
+
+    /// Whether the last row sent replaces an answer of its ID's (it had one before this read).
+    pub fn last_replaces(&self) -> bool {
+        self.last_replaces
     }
 
     /// The last row diffed waits: its `id` is answered from another file. It is offered again
@@ -576,6 +585,7 @@ impl Diff {
                 index.insert(key_of(named, content, k), j as u32);
             }
             self.last = j;
+            self.last_replaces = false;
             if !self.mine(named, content, k) {
                 return Seen::Foreign;
             }
@@ -596,6 +606,7 @@ impl Diff {
         if row.content == content {
             return Seen::Same;
         }
+        self.last_replaces = row.content != WAITING;
         row.content = content;
         row.at |= CHANGED;
         if !self.mine(named, content, k) {

@@ -259,6 +259,7 @@ mod tests {
             ingest_ms: 1,
             raw: Vec::new(),
             seq: 0,
+            replaces: false,
         };
         let m = change_message(&mut json, &Change::Upsert(a), true);
         assert_eq!(m.attributes.get("request_id").map(String::as_str), Some("ride-7"));

@@ -97,6 +97,7 @@ pub fn passthrough_names(names: &[&str], outputs: &[Column]) -> Vec<String> {
 #[allow(clippy::result_large_err)]
 pub fn decode_record<T: Task>(task: &T, s: &DecodeSettings, rec: RawRecord) -> Result<Envelope<T::Request>, DeadLetter> {
     let RawRecord { bytes, body, pos, id, ingest_ms } = rec;
+    let replaces = matches!(body, Body::Typed(_, _, true));
     let dead = |reason, detail: String, bytes: Vec<u8>| DeadLetter::new(pos.clone(), reason, detail, bytes, ingest_ms);
     let mut given = match id.as_deref().map(|b| check_id(b, s.max_id_bytes)) {
         Some(Err(e)) => return Err(dead(DeadReason::InvalidId, e, bytes)),
@@ -109,15 +110,15 @@ pub fn decode_record<T: Task>(task: &T, s: &DecodeSettings, rec: RawRecord) -> R
             let Some(id) = given else {
                 return Err(dead(DeadReason::MissingField, "an empty message (a tombstone) without a request ID: nothing to delete".into(), bytes));
             };
-            return Ok(Envelope { id, payload: None, passthrough: Vec::new(), pos, ingest_ms, raw: bytes, content: 0, seq: 0 });
+            return Ok(Envelope { id, payload: None, passthrough: Vec::new(), pos, ingest_ms, raw: bytes, content: 0, seq: 0, replaces: false });
         }
-        Body::Fields(ref fields) | Body::Typed(ref fields, _) => {
+        Body::Fields(ref fields) | Body::Typed(ref fields, _, _) => {
             if let Some((name, _)) = fields.iter().find(|(_, v)| v.contains('\0')) {
                 return Err(dead(DeadReason::InvalidText, format!("field `{name}` holds a NUL byte, which no text column can store"), bytes));
             }
             let named: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (&**k, v.as_str())).collect();
             let kinds = match &body {
-                Body::Typed(_, kinds) => Some(kinds),
+                Body::Typed(_, kinds, _) => Some(kinds),
                 _ => None,
             };
             let kind_of = |name: &str| kinds.and_then(|k| fields.iter().position(|(n, _)| &**n == name).and_then(|i| k.get(i).copied())).unwrap_or_default();
@@ -160,7 +161,7 @@ pub fn decode_record<T: Task>(task: &T, s: &DecodeSettings, rec: RawRecord) -> R
     let passthrough = passthrough.into_iter().zip(names).map(|((kind, _, v), name)| PassField { name, value: v, kind }).collect();
     let id = given.unwrap_or_else(|| pos.derived_id());
     let content = content_hash(&bytes);
-    Ok(Envelope { id, payload: Some(payload), passthrough, pos, ingest_ms, raw: bytes, content, seq: 0 })
+    Ok(Envelope { id, payload: Some(payload), passthrough, pos, ingest_ms, raw: bytes, content, seq: 0, replaces })
 }
 
 /// The decode operator: requests out of the first stream, dead letters out of the second.
@@ -186,14 +187,24 @@ pub fn decode<'s, T: Task>(
                 let mut ok_session = ok.session(&ok_cap);
                 let mut refused = Vec::new();
                 for rec in data.drain(..) {
-                    // The ID the source gave the row, for a retraction should it fail.
-                    let given = if settings.retract_failures && !matches!(rec.body, Body::Delete | Body::Refused(..)) { rec.id.clone() } else { None };
+                    // The ID of a row that replaces an answer, for a retraction should it fail.
+                    let given = if settings.retract_failures && matches!(rec.body, Body::Typed(_, _, true)) { rec.id.clone() } else { None };
                     match decode_record(task.as_ref(), &settings, rec) {
                         Ok(env) => ok_session.give(env),
                         Err(d) => {
                             if let Some(Ok(Some(id))) = given.map(|b| check_id(&b, settings.max_id_bytes)) {
                                 let (pos, ingest_ms) = (d.pos.clone(), d.ingest_ms);
-                                ok_session.give(Envelope { id, payload: None, passthrough: Vec::new(), pos, ingest_ms, raw: Vec::new(), content: 0, seq: 0 });
+                                ok_session.give(Envelope {
+                                    id,
+                                    payload: None,
+                                    passthrough: Vec::new(),
+                                    pos,
+                                    ingest_ms,
+                                    raw: Vec::new(),
+                                    content: 0,
+                                    seq: 0,
+                                    replaces: false,
+                                });
                             }
                             refused.push(d)
                         }

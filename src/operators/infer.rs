@@ -62,6 +62,7 @@ pub fn infer<'s, T: Task>(
     task: Arc<T>,
     service: InferenceHandle<T::Model>,
     retract_failures: bool,
+    forget: crate::operators::key_by_id::Forget,
 ) -> (Stream<'s, u64, Vec<Answer>>, Stream<'s, u64, Vec<DeadLetter>>, Stream<'s, u64, Vec<Deleted>>) {
     let scope = requests.scope();
     let mut builder = OperatorBuilder::new("Infer".to_owned(), scope);
@@ -111,7 +112,8 @@ pub fn infer<'s, T: Task>(
                             admitted += 1;
                         }
                         Err((reason, detail)) => {
-                            if retract_failures {
+                            forget.failed(&env.id);
+                            if retract_failures && env.replaces {
                                 retracted.push(Deleted { id: env.id, pos: env.pos.clone(), ingest_ms: env.ingest_ms, seq: env.seq });
                             }
                             refused.push(DeadLetter::new(env.pos, reason, detail, env.raw, env.ingest_ms))
@@ -166,8 +168,9 @@ pub fn infer<'s, T: Task>(
                 };
                 match finished {
                     Err((reason, detail)) => {
+                        forget.failed(&env.id);
                         // A failed change retracts the ID's old answer (a table's row).
-                        if retract_failures {
+                        if retract_failures && env.replaces {
                             retracted.entry(p.time).or_default().push(Deleted { id: env.id, pos: env.pos.clone(), ingest_ms: env.ingest_ms, seq: env.seq });
                         }
                         failed.entry(p.time).or_default().push(DeadLetter::new(env.pos, reason, detail, env.raw, env.ingest_ms))
@@ -181,6 +184,7 @@ pub fn infer<'s, T: Task>(
                         ingest_ms: env.ingest_ms,
                         raw: env.raw,
                         seq: env.seq,
+                        replaces: env.replaces,
                     }),
                 }
             }

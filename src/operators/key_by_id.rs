@@ -26,6 +26,24 @@ use timely::dataflow::operators::generic::OutputBuilder;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::Stream;
 
+/// IDs whose last change failed after it was keyed (the model or a sink refused it; it is a
+/// dead letter): the key stage forgets what it knew of them, so the same record sent again is
+/// a change, not a duplicate. Shared by a worker's key, infer and sink stages (the sinks write on
+/// their own threads).
+#[derive(Clone, Default)]
+pub struct Forget(std::sync::Arc<std::sync::Mutex<Vec<u64>>>);
+
+impl Forget {
+    /// `id`'s last change failed.
+    pub fn failed(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(id_hash(id));
+    }
+
+    fn take(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 /// The 64-bit hash an ID is known by in the state and routed by.
 pub fn id_hash(id: &str) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
@@ -111,6 +129,7 @@ pub fn key_by_id<'s, P>(
     requests: Stream<'s, u64, Vec<Envelope<P>>>,
     keying: Keying,
     window: usize,
+    forget: Forget,
 ) -> (Stream<'s, u64, Vec<Envelope<P>>>, Stream<'s, u64, Vec<Deleted>>)
 where
     P: timely::ExchangeData,
@@ -119,8 +138,8 @@ where
     // changes from the worker that answers it (the live file source), stay where they were read
     // (their checkpoints commit with their answers), with no exchange at all.
     match keying {
-        Keying::Table => keyed(requests, Exchange::new(|env: &Envelope<P>| id_hash(&env.id)), keying, window),
-        Keying::Stream | Keying::Changes => keyed(requests, Pipeline, keying, window),
+        Keying::Table => keyed(requests, Exchange::new(|env: &Envelope<P>| id_hash(&env.id)), keying, window, forget),
+        Keying::Stream | Keying::Changes => keyed(requests, Pipeline, keying, window, forget),
     }
 }
 
@@ -130,6 +149,7 @@ fn keyed<'s, P, C>(
     pact: C,
     keying: Keying,
     window: usize,
+    forget: Forget,
 ) -> (Stream<'s, u64, Vec<Envelope<P>>>, Stream<'s, u64, Vec<Deleted>>)
 where
     P: timely::ExchangeData,
@@ -155,6 +175,9 @@ where
         move |frontiers| {
             let mut reqs = req_out.activate();
             let mut dels = del_out.activate();
+            for key in forget.take() {
+                seen.forget(key);
+            }
             input.for_each(|cap, data| {
                 let Some(&time) = cap.least() else { return };
                 match keying {

@@ -41,6 +41,7 @@ pub fn durable_sink<'s>(
     mut writers: Vec<Box<dyn SinkWriter>>,
     max_dead_letter_bytes: usize,
     retract_refused: bool,
+    forget: crate::operators::key_by_id::Forget,
     progress: Arc<Progress>,
 ) -> Stream<'s, u64, Vec<()>> {
     let scope = answers.scope();
@@ -57,7 +58,7 @@ pub fn durable_sink<'s>(
     let address = builder.operator_info().address.to_vec();
     let activator = scope.worker().sync_activator_for(address);
 
-    let (batch_tx, ack_rx, threads) = spawn_stages(writers, worker_index, activator, retract_refused);
+    let (batch_tx, ack_rx, threads) = spawn_stages(writers, worker_index, activator, retract_refused, forget);
 
     builder.build(move |_initial| {
         let mut threads = Some(threads);
@@ -141,6 +142,7 @@ fn spawn_stages(
     worker_index: usize,
     activator: timely::scheduling::SyncActivator,
     retract_refused: bool,
+    forget: crate::operators::key_by_id::Forget,
 ) -> (crossbeam_channel::Sender<Group>, crossbeam_channel::Receiver<Ack>, Vec<std::thread::JoinHandle<()>>) {
     let (first_tx, mut rx) = crossbeam_channel::unbounded::<Group>();
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Ack>();
@@ -158,11 +160,11 @@ fn spawn_stages(
         } else {
             (rx.clone(), None)
         };
-        let (ack_tx, activator) = (ack_tx.clone(), activator.clone());
+        let (ack_tx, activator, forget) = (ack_tx.clone(), activator.clone(), forget.clone());
         let kind = writer.as_ref().map(|w| w.kind()).unwrap_or("none");
         let thread = std::thread::Builder::new()
             .name(format!("sluice-sink-{worker_index}-{kind}"))
-            .spawn(move || stage_loop(writer, input, forward, ack_tx, activator, retract_refused))
+            .spawn(move || stage_loop(writer, input, forward, ack_tx, activator, retract_refused, forget))
             .expect("cannot start a sink thread");
         threads.push(thread);
     }
@@ -176,6 +178,7 @@ fn stage_loop(
     acks: crossbeam_channel::Sender<Ack>,
     activator: timely::scheduling::SyncActivator,
     retract_refused: bool,
+    forget: crate::operators::key_by_id::Forget,
 ) {
     let latency = metrics::histogram!(crate::metrics::END_TO_END_LATENCY);
     let answers = metrics::counter!(crate::metrics::ANSWERS);
@@ -191,7 +194,7 @@ fn stage_loop(
         }
         let (mut batch, epochs) = merge(queued);
         if let Some(w) = writer.as_mut() {
-            write_durably(w.as_mut(), &mut batch, retract_refused);
+            write_durably(w.as_mut(), &mut batch, retract_refused, &forget);
         }
         if let Some(next) = &forward {
             next.send((batch, epochs)).expect("the next sink stage outlives this one");
@@ -240,7 +243,7 @@ fn merge(queued: Vec<Group>) -> Group {
 /// dead letters, written to this sink and, through `batch`, to the sinks after it. With
 /// `retract_refused` (a table's rows), a refused answer also deletes its ID's old answer, here
 /// and in the sinks after it, as a fresh read would leave none.
-fn write_durably(writer: &mut dyn SinkWriter, batch: &mut EpochBatch, retract_refused: bool) {
+fn write_durably(writer: &mut dyn SinkWriter, batch: &mut EpochBatch, retract_refused: bool, forget: &crate::operators::key_by_id::Forget) {
     let Err(first) = write_retrying(writer, batch) else { return };
     tracing::warn!(sink = writer.kind(), epoch = batch.epoch, "the sink refused a record ({first}); isolating it");
     let whole = std::mem::take(batch);
@@ -271,14 +274,20 @@ fn write_durably(writer: &mut dyn SinkWriter, batch: &mut EpochBatch, retract_re
         dead.push(d);
     }
     metrics::counter!(crate::metrics::SINK_REJECTED, "sink" => kind).increment(dead.len() as u64);
+    // The same record sent again is tried again, not dropped as a duplicate.
+    for (c, _) in &refused_changes {
+        forget.failed(c.id());
+    }
     let refused_seqs: std::collections::HashSet<u64> = refused_changes.iter().map(|(c, _)| c.seq()).collect();
     // A refused answer's retraction (a delete of its ID, in its place among the changes).
     let retractions: HashMap<u64, Change> = if retract_refused {
         refused_changes
             .iter()
             .filter_map(|(c, _)| match c {
-                Change::Upsert(a) => Some((a.seq, Change::Delete(Deleted { id: a.id.clone(), pos: a.pos.clone(), ingest_ms: a.ingest_ms, seq: a.seq }))),
-                Change::Delete(_) => None,
+                Change::Upsert(a) if a.replaces => {
+                    Some((a.seq, Change::Delete(Deleted { id: a.id.clone(), pos: a.pos.clone(), ingest_ms: a.ingest_ms, seq: a.seq })))
+                }
+                _ => None,
             })
             .collect()
     } else {
@@ -450,6 +459,7 @@ mod tests {
             ingest_ms: 0,
             raw: id.as_bytes().to_vec(),
             seq,
+            replaces: false,
         })
     }
 
@@ -499,7 +509,7 @@ mod tests {
                     Box::new(Recorder { name: "topic", offsets: false, delay: Duration::from_millis(10), log: log.clone() }),
                 ];
                 writers.sort_by_key(|w| w.stores_checkpoints());
-                let (tx, acks, threads) = spawn_stages(writers, 0, activator, false);
+                let (tx, acks, threads) = spawn_stages(writers, 0, activator, false, Default::default());
                 for e in 0..8u64 {
                     let ids = [format!("e{e}a"), format!("e{e}b")];
                     let b = batch(e, &[ids[0].as_str(), ids[1].as_str()], e as i64);
@@ -577,7 +587,7 @@ mod tests {
     fn a_record_the_sink_refuses_becomes_a_dead_letter_and_the_rest_is_written_in_order() {
         let mut sink = Picky::default();
         let mut b = batch(1, &["a", "b", "bad1", "c", "d", "bad2", "e"], 9);
-        write_durably(&mut sink, &mut b, false);
+        write_durably(&mut sink, &mut b, false, &Default::default());
         assert_eq!(sink.written, vec!["a", "b", "c", "d", "e"], "the good changes, each once, in order");
         assert_eq!(sink.dead, vec![("bad1".to_string(), DeadReason::SinkRejected), ("bad2".to_string(), DeadReason::SinkRejected)]);
         assert_eq!(sink.checkpoints, 1, "the checkpoint is written once, after everything else");
@@ -592,7 +602,7 @@ mod tests {
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let mut named = Picky { names: true, ..Picky::default() };
         let mut b = batch(1, &ids, 9);
-        write_durably(&mut named, &mut b, false);
+        write_durably(&mut named, &mut b, false, &Default::default());
         let good: Vec<&str> = ids.iter().copied().filter(|i| i.starts_with("ok")).collect();
         assert_eq!(named.written, good, "the good changes, each once, in order");
         assert_eq!(named.dead.len(), 22);
@@ -601,7 +611,7 @@ mod tests {
         // The batch, the rest, then the dead letters.
         assert_eq!(named.writes, 3, "no splitting");
         let mut unnamed = Picky::default();
-        write_durably(&mut unnamed, &mut batch(1, &ids, 9), false);
+        write_durably(&mut unnamed, &mut batch(1, &ids, 9), false, &Default::default());
         assert_eq!(unnamed.written, good);
         assert!(unnamed.writes > 40, "an unnamed refusal splits the batch down to each bad record: {} writes", unnamed.writes);
     }
@@ -611,7 +621,7 @@ mod tests {
         let mut sink = Picky::default();
         let mut b = batch(1, &["a", "bad"], 9);
         b.dead.push(DeadLetter::new(SourcePos::row("f.csv".into(), 3), DeadReason::MissingColumn, "short".into(), b"x,".to_vec(), 1));
-        write_durably(&mut sink, &mut b, false);
+        write_durably(&mut sink, &mut b, false, &Default::default());
         assert_eq!(sink.written, vec!["a"]);
         assert_eq!(sink.dead, vec![("x,".to_string(), DeadReason::MissingColumn), ("bad".to_string(), DeadReason::SinkRejected)]);
     }

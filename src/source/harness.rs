@@ -71,10 +71,12 @@ pub struct InFlight {
     busy_since: Option<Instant>,
 }
 
-/// Records a worker may hold before its pace is measured, when a drain time bounds it.
-const FIRST_RECORDS: usize = 1024;
+/// Records a worker may hold before its pace is measured, when a drain time bounds it: a small
+/// first helping, since one slow record can take a second (the bound grows with the first
+/// measurement).
+const FIRST_RECORDS: usize = 16;
 /// The least a measured pace may bound a worker to.
-const MIN_RECORDS: usize = 64;
+const MIN_RECORDS: usize = 4;
 
 impl InFlight {
     pub fn new(max_epochs: u64, max_records: usize) -> Self {
@@ -141,6 +143,16 @@ impl InFlight {
             e.0 += n;
             e.1 += bytes;
         }
+    }
+
+    /// Records not yet durable.
+    pub fn records(&self) -> usize {
+        self.records.values().map(|e| e.0).sum()
+    }
+
+    /// Records made durable per second while busy, once measured.
+    pub fn pace(&self) -> Option<f64> {
+        self.pace
     }
 
     /// Epochs holding records that are not yet durable.
@@ -255,6 +267,14 @@ pub fn source_harness<'s>(
                 }
             }
             if stopping {
+                if matches!(phase, Phase::Reading(_)) {
+                    tracing::info!(
+                        worker = index,
+                        records = in_flight.records(),
+                        pace = in_flight.pace().unwrap_or(0.0),
+                        "{kind} source: stopping; draining what is in flight"
+                    );
+                }
                 finish(&mut phase, &mut caps, &mut cp_out, epoch, open_records);
                 activator.activate();
                 return;
@@ -410,7 +430,7 @@ mod tests {
     fn slow_records_are_admitted_only_as_many_as_drain_within_the_grace() {
         use std::time::Duration;
         let mut f = InFlight::new(100, 65_536).with_cost(1 << 20, Some(Duration::from_secs(2)));
-        assert_eq!(f.budget(1), 1024, "before the pace is known, a first helping");
+        assert_eq!(f.budget(1), 16, "before the pace is known, a first helping");
         f.add(1, 40, 1000);
         std::thread::sleep(Duration::from_millis(200));
         f.durable_before(2);

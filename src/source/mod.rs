@@ -40,8 +40,10 @@ pub enum Body {
     /// Named text fields the source already split (a CSV row); `RawRecord::bytes` keeps the
     /// original bytes for dead letters.
     Fields(Vec<(Arc<str>, String)>),
-    /// Fields as `Fields`, with each field's kind as the source inferred it (a live file's schema).
-    Typed(Vec<(Arc<str>, String)>, Arc<[crate::record::ColumnKind]>),
+    /// Fields as `Fields`, with each field's kind as the source inferred it (a live file's schema),
+    /// and whether the row replaces an answer its ID has (a changed row, not a new one): a row
+    /// that then fails retracts that answer.
+    Typed(Vec<(Arc<str>, String)>, Arc<[crate::record::ColumnKind]>, bool),
     /// No payload: a request to delete the ID's answer (a Kafka tombstone).
     Delete,
     /// The source could not frame the record; it becomes a dead letter with this reason.
