@@ -6,7 +6,8 @@
 //! stays within the harness's in-flight bounds, so a slow sink stops the pulling instead of
 //! letting leases lapse. On a subscription with exactly-once delivery the acknowledgement is
 //! the confirmed one, and its failures are counted. On shutdown, what is durable is acked and
-//! the rest is nacked, to be redelivered.
+//! the rest is nacked, to be redelivered. A pull that the client library ends for good (an error
+//! outside its retry set) is opened again with backoff (see `pull`).
 
 use super::admin::Admin;
 use super::{check_name, runtime, Connection, Failure, ID_ATTRIBUTE};
