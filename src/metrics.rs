@@ -50,6 +50,9 @@ pub const EXECUTION_FALLBACKS: &str = "sluice_execution_fallbacks_total";
 pub const MODEL_SESSIONS: &str = "sluice_model_sessions";
 /// Seconds one sink epoch write took. Label: `sink`.
 pub const SINK_WRITE_LATENCY: &str = "sluice_sink_write_seconds";
+/// Counter: Pub/Sub streaming pulls that ended (an error outside the client library's retry
+/// set, such as UNKNOWN or CANCELLED) and were opened again.
+pub const PUBSUB_PULL_RESTARTS: &str = "sluice_pubsub_pull_restarts_total";
 
 /// Installs the Prometheus exporter on `addr` and registers every metric with a description.
 pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
@@ -94,6 +97,7 @@ fn describe() {
     describe_counter!(EXECUTION_FALLBACKS, "Sessions run on the CPU because CUDA could not be used (execution.fallback = cpu).");
     describe_gauge!(MODEL_SESSIONS, "Model sessions open, by provider.");
     describe_histogram!(SINK_WRITE_LATENCY, "Seconds per sink epoch write.");
+    describe_counter!(PUBSUB_PULL_RESTARTS, "Pub/Sub streaming pulls that ended on an error the client does not retry, and were opened again.");
     for reason in DeadReason::ALL {
         metrics::counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(0);
     }

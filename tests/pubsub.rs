@@ -5,6 +5,8 @@
 //! share one subscription.
 
 mod common;
+#[path = "common/grpc_proxy.rs"]
+mod grpc_proxy;
 
 use common::blackbox::{spawn_sluice, wait_until, Sluice};
 use common::kafka::unique;
@@ -12,6 +14,7 @@ use common::rides::{expected, rides, wait_for_rows};
 use common::*;
 use google_cloud_pubsub::client::Publisher;
 use google_cloud_pubsub::model::Message;
+use grpc_proxy::GrpcProxy;
 use sluice::connectors::pubsub::admin::Admin;
 use sluice::connectors::pubsub::client::{ReplySubscription, RequestClient};
 use sluice::connectors::pubsub::{runtime, Connection};
@@ -549,4 +552,74 @@ topic = "{results}"
     assert_eq!(seen, want, "every Kafka ride answered on the Pub/Sub topic: {}", k.stderr_tail());
     k.signal("-TERM");
     assert_eq!(exit_of(&mut k, Duration::from_secs(30)), 0, "{}", k.stderr_tail());
+}
+
+/// The body of `GET /metrics` on `port`, or None while nothing answers there.
+fn scrape(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// The value of the unlabelled counter `name` in a `/metrics` body.
+fn counter(body: &str, name: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Issue 19, item 7. The client library closes a streaming pull for good on a status outside
+/// its retry set (UNKNOWN, or CANCELLED from a proxy or load balancer); sluice then polled the
+/// dead pull forever and answered nothing more. A gRPC proxy between sluice and the emulator
+/// ends exactly one StreamingPull call with UNKNOWN once rides have flowed through it and some
+/// are answered (others are typically read and not yet durable): the pull must be rebuilt (a
+/// warning with the status, `sluice_pubsub_pull_restarts_total` = 1), the rides published
+/// after the abort answered, and every ride be in Postgres exactly once. One worker, so that
+/// nothing else pulls while its pull is dead.
+#[test]
+fn a_streaming_pull_aborted_with_unknown_is_rebuilt_and_every_ride_is_answered_once() {
+    let s = setup("psabort", 10);
+    let proxy = GrpcProxy::start(&emulator(), "/google.pubsub.v1.Subscriber/StreamingPull");
+    let messages = rides("pa", 2000, 31);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let topology = s
+        .topology("lease_extension_s = 10", "")
+        .replacen(&format!("endpoint = \"http://{}\"", emulator()), &format!("endpoint = \"http://{}\"", proxy.addr), 1)
+        .replacen("workers = 2", "workers = 1", 1)
+        + &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    assert!(topology.contains(&proxy.addr.to_string()), "the source reads through the proxy:\n{topology}");
+    let mut w = spawn_sluice(s.dir.path(), &topology, &[], &[("RUST_LOG", "sluice=info")]);
+    s.publish_rides(&messages[..1000]);
+    // The emulator sends up to 100 messages a response.
+    let flowed = wait_until(Duration::from_secs(60), || proxy.messages() >= 3 && count_rows(&s.table) > 0);
+    assert!(flowed, "rides flow through the proxy and are answered before the abort: {}", w.stderr_tail());
+    proxy.abort_one(2, "injected by the test proxy");
+    assert!(wait_until(Duration::from_secs(10), || proxy.aborted() == 1), "the proxy aborted a StreamingPull call");
+    let at_abort = count_rows(&s.table);
+    s.publish_rides(&messages[1000..]);
+    let rows = wait_for_rows(&s.table, 2000, Duration::from_secs(60));
+    assert_eq!(
+        rows,
+        2000,
+        "the rides must all be answered after the abort (at {at_abort} rows); {} StreamingPull calls, {} responses dropped by the proxy; stderr:\n{}",
+        proxy.calls(),
+        proxy.dropped(),
+        w.stderr_tail()
+    );
+    let answers = s.answers();
+    let late: Vec<&String> = messages[1000..].iter().map(|(id, _)| id).filter(|id| !answers.contains_key(*id)).take(5).collect();
+    assert!(late.is_empty(), "rides published after the abort are answered, e.g. missing {late:?}");
+    assert!(proxy.calls() >= 2, "a new StreamingPull call was opened after the abort ({} calls)", proxy.calls());
+    assert_eq!(proxy.aborted(), 1, "exactly one call was aborted");
+    let body = scrape(port).unwrap_or_default();
+    assert_eq!(counter(&body, "sluice_pubsub_pull_restarts_total"), Some(1.0), "one pull restart counted; /metrics:\n{body}");
+    w.signal("-TERM");
+    assert_eq!(exit_of(&mut w, Duration::from_secs(30)), 0, "{}", w.stderr_tail());
+    assert_exactly_once(&s, &messages);
+    let log = w.stderr();
+    let warning = log.lines().find(|l| l.contains("WARN") && l.contains("streaming pull ended"));
+    assert!(warning.is_some_and(|l| l.contains("Unknown")), "the end of the pull is a warning with its status:\n{log}");
 }

@@ -6,7 +6,8 @@
 //! stays within the harness's in-flight bounds, so a slow sink stops the pulling instead of
 //! letting leases lapse. On a subscription with exactly-once delivery the acknowledgement is
 //! the confirmed one, and its failures are counted. On shutdown, what is durable is acked and
-//! the rest is nacked, to be redelivered.
+//! the rest is nacked, to be redelivered. A pull that the client library ends for good (an error
+//! outside its retry set) is opened again with backoff (see `pull`).
 
 use super::admin::Admin;
 use super::{check_name, runtime, Connection, Failure, ID_ATTRIBUTE};
@@ -15,7 +16,7 @@ use crate::source::{Body, Checkpoint, IdFrom, Keying, Poll, RawRecord, Source, S
 use google_cloud_pubsub::client::Subscriber;
 use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::handler::Handler;
-use google_cloud_pubsub::subscriber::{ShutdownBehavior, ShutdownToken};
+use google_cloud_pubsub::subscriber::{MessageStream, ShutdownBehavior, ShutdownToken};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -206,21 +207,74 @@ impl SourceFactory for PubsubFactory {
     }
 }
 
-/// What the pulling task hands to the worker.
-type Delivery = (Message, Handler);
+/// What the pulling task hands to the worker: a message, its handle, and the generation of
+/// the streaming pull that delivered it.
+type Delivery = (Message, Handler, u64);
 
-/// One worker's streaming pull.
+/// The first wait before a streaming pull that ended is opened again; it doubles up to
+/// [`PULL_BACKOFF_MAX`], and starts over once a new pull delivers a message.
+const PULL_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const PULL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How each streaming pull of a worker is opened (again, after one ended).
+#[derive(Clone)]
+struct PullSettings {
+    subscription: String,
+    max_outstanding_messages: i64,
+    max_outstanding_bytes: i64,
+    lease_extension: Duration,
+    max_lease: Duration,
+}
+
+impl PullSettings {
+    fn open(&self, subscriber: &Subscriber) -> MessageStream {
+        subscriber
+            .subscribe(self.subscription.clone())
+            .set_max_outstanding_messages(self.max_outstanding_messages)
+            .set_max_outstanding_bytes(self.max_outstanding_bytes)
+            .set_max_lease_extension(self.lease_extension)
+            .set_max_lease(self.max_lease)
+            // When a pull stops (our shutdown, or the library closing it after an error), its
+            // lease loop sends the acknowledgements given and nacks every other message it
+            // holds at once, so what is not durable is redelivered without waiting for its
+            // lease to lapse.
+            .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
+            .build()
+    }
+}
+
+/// What the worker and the pulling task share.
+struct PullState {
+    /// The pull's last error, for the harness (a missing subscription stops the run).
+    error: Mutex<Option<(Failure, String)>>,
+    /// Set once no pull will be opened again: the subscription is gone or refused, or the
+    /// worker stopped.
+    ended: AtomicBool,
+    /// Set by the worker when it stops, before it shuts the current pull down: an end seen
+    /// after this is ours, not a failure to recover from.
+    stopping: AtomicBool,
+    /// The current pull's generation (0 for the first, +1 per rebuild) and its shutdown token.
+    /// Swapped under this lock, after which `stopping` is checked again, so that a stop never
+    /// misses a pull opened while it ran.
+    current: Mutex<(u64, Option<ShutdownToken>)>,
+}
+
+impl PullState {
+    fn generation(&self) -> u64 {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+}
+
+/// One worker's streaming pull, rebuilt when it ends.
 pub struct PubsubSource {
     subscription: Arc<str>,
     id_from: IdFrom,
     max_message_bytes: usize,
     rx: mpsc::Receiver<Delivery>,
-    /// The pull's last error, for the harness (a missing subscription stops the run).
-    error: Arc<Mutex<Option<(Failure, String)>>>,
-    /// Handles of the messages read, by the epoch that carried them, until that epoch is durable.
-    pending: BTreeMap<u64, Vec<Handler>>,
-    shutdown: ShutdownToken,
-    ended: Arc<AtomicBool>,
+    state: Arc<PullState>,
+    /// Handles of the messages read (with the generation of the pull that delivered them), by
+    /// the epoch that carried them, until that epoch is durable.
+    pending: BTreeMap<u64, Vec<(u64, Handler)>>,
     /// Confirmed acknowledgements on their way (exactly-once subscriptions): a shutdown waits
     /// for them, since stopping the pull fails those still unanswered.
     confirming: Vec<tokio::task::JoinHandle<()>>,
@@ -229,54 +283,30 @@ pub struct PubsubSource {
 impl PubsubSource {
     fn open(c: &PubsubSourceConfig, subscriber: Subscriber, max_outstanding: usize, worker: usize) -> Self {
         let _enter = runtime().enter();
-        let mut stream = subscriber
-            .subscribe(c.subscription.clone())
-            .set_max_outstanding_messages(max_outstanding as i64)
-            .set_max_outstanding_bytes(c.max_outstanding_bytes as i64)
-            .set_max_lease_extension(Duration::from_secs(c.lease_extension_s))
-            .set_max_lease(Duration::from_secs(c.max_lease_s))
-            // At shutdown, send the acknowledgements given and nack the rest at once, so that
-            // what is not durable is redelivered without waiting for its lease to lapse.
-            .set_shutdown_behavior(ShutdownBehavior::NackImmediately)
-            .build();
-        let shutdown = stream.shutdown_token();
+        let settings = PullSettings {
+            subscription: c.subscription.clone(),
+            max_outstanding_messages: max_outstanding as i64,
+            max_outstanding_bytes: c.max_outstanding_bytes as i64,
+            lease_extension: Duration::from_secs(c.lease_extension_s),
+            max_lease: Duration::from_secs(c.max_lease_s),
+        };
         // Flow control holds what is outstanding to `max_outstanding`; the channel holds
         // a poll's worth more, so the pull never waits on a worker that is reading.
         let (tx, rx) = mpsc::channel::<Delivery>(4096);
-        let error = Arc::new(Mutex::new(None));
-        let ended = Arc::new(AtomicBool::new(false));
-        let (err_slot, ended_flag) = (error.clone(), ended.clone());
+        let state =
+            Arc::new(PullState { error: Mutex::new(None), ended: AtomicBool::new(false), stopping: AtomicBool::new(false), current: Mutex::new((0, None)) });
+        let shared = state.clone();
         runtime().spawn(async move {
-            loop {
-                match stream.next().await {
-                    Some(Ok(delivery)) => {
-                        if tx.send(delivery).await.is_err() {
-                            break; // the worker is gone; what was not handed over is nacked
-                        }
-                    }
-                    Some(Err(e)) => {
-                        let failure = super::classify(&e);
-                        tracing::warn!("pubsub pull (worker {worker}): {e}");
-                        *err_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some((failure, e.to_string()));
-                        if failure == Failure::Config {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                    None => break,
-                }
-            }
-            ended_flag.store(true, Ordering::Relaxed);
+            pull(settings, subscriber, tx, &shared, worker).await;
+            shared.ended.store(true, Ordering::Relaxed);
         });
         PubsubSource {
             subscription: c.subscription.as_str().into(),
             id_from: c.id.clone(),
             max_message_bytes: c.max_message_bytes,
             rx,
-            error,
+            state,
             pending: BTreeMap::new(),
-            shutdown,
-            ended,
             confirming: Vec::new(),
         }
     }
@@ -304,19 +334,102 @@ pub fn message_position(subscription: Arc<str>, message_id: &str) -> SourcePos {
     SourcePos::message(subscription, number)
 }
 
+/// Runs a worker's streaming pulls until the worker stops or the subscription cannot be read.
+///
+/// `google-cloud-pubsub` resumes a pull by itself after the errors in its retry set (transport
+/// errors, UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, INTERNAL). After any
+/// other (UNKNOWN, or CANCELLED from a proxy or load balancer) it closes the pull for good:
+/// `next()` yields the error once and then only `None`, and the pull's lease loop ends, nacking
+/// every message it still held (`NackImmediately`). So a pull that ends, other than at our own
+/// stop or for a missing or refused subscription, is counted
+/// ([`crate::metrics::PUBSUB_PULL_RESTARTS`]), logged at `warn` with its status, and replaced
+/// by a new one after a backoff of 100 ms doubling to 5 s (reset once a new pull delivers).
+///
+/// What the dead pull held and the worker had not acknowledged is nacked by the library as
+/// that pull closes, durable or not, and is redelivered (to the new pull or another worker).
+/// The worker keeps the records it already read from that pull: they are answered, and the
+/// redelivered copies are absorbed by their request IDs (every sink upserts by ID). A message
+/// whose epoch becomes durable after its pull died cannot be acknowledged: the library gives no
+/// way to acknowledge an ack ID through another pull's handle, and the ID was nacked anyway;
+/// see [`Source::durable`].
+async fn pull(settings: PullSettings, subscriber: Subscriber, tx: mpsc::Sender<Delivery>, state: &PullState, worker: usize) {
+    let mut backoff = PULL_BACKOFF_MIN;
+    let mut generation = 0u64;
+    loop {
+        let mut stream = settings.open(&subscriber);
+        let token = stream.shutdown_token();
+        let stopped = {
+            let mut current = state.current.lock().unwrap_or_else(|p| p.into_inner());
+            *current = (generation, Some(token.clone()));
+            state.stopping.load(Ordering::SeqCst)
+        };
+        if stopped {
+            token.shutdown().await;
+            return;
+        }
+        let status = loop {
+            match stream.next().await {
+                Some(Ok((m, h))) => {
+                    backoff = PULL_BACKOFF_MIN;
+                    if tx.send((m, h, generation)).await.is_err() {
+                        return; // the worker is gone; dropping the pull nacks what it holds
+                    }
+                }
+                Some(Err(e)) => {
+                    let failure = super::classify(&e);
+                    *state.error.lock().unwrap_or_else(|p| p.into_inner()) = Some((failure, e.to_string()));
+                    if failure == Failure::Config {
+                        tracing::warn!("pubsub pull (worker {worker}): {e}");
+                        return;
+                    }
+                    break match e.status() {
+                        Some(s) => format!("{:?}: {}", s.code, s.message),
+                        None => e.to_string(),
+                    };
+                }
+                None => break "the stream ended without an error".to_string(),
+            }
+        };
+        if state.stopping.load(Ordering::SeqCst) {
+            return; // our own stop ended it
+        }
+        metrics::counter!(crate::metrics::PUBSUB_PULL_RESTARTS).increment(1);
+        tracing::warn!(
+            worker,
+            generation,
+            subscription = %settings.subscription,
+            status = %status,
+            "pubsub: the streaming pull ended; what it held and is not acknowledged is nacked for redelivery, and a new pull opens in {backoff:?}"
+        );
+        // Let the dead pull's lease loop send its last acknowledgements and its nacks first, so
+        // that what it held can be redelivered to the new pull.
+        drop(stream);
+        let _ = tokio::time::timeout(Duration::from_secs(10), token.shutdown()).await;
+        let until = tokio::time::Instant::now() + backoff;
+        while tokio::time::Instant::now() < until {
+            if state.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20).min(until - tokio::time::Instant::now())).await;
+        }
+        backoff = (backoff * 2).min(PULL_BACKOFF_MAX);
+        generation += 1;
+    }
+}
+
 impl Source for PubsubSource {
     fn poll(&mut self, epoch: u64, budget: usize, out: &mut Vec<RawRecord>) -> Result<Poll, SourceError> {
         let now = now_ms();
         while out.len() < budget {
             match self.rx.try_recv() {
-                Ok((m, h)) => {
+                Ok((m, h, generation)) => {
                     out.push(self.record(&m, now));
-                    self.pending.entry(epoch).or_default().push(h);
+                    self.pending.entry(epoch).or_default().push((generation, h));
                 }
                 Err(_) => break,
             }
         }
-        if let Some((failure, e)) = self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some((failure, e)) = self.state.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
             if failure == Failure::Config {
                 return Err(SourceError::Config(format!("cannot pull from {}: {e}", self.subscription)));
             }
@@ -324,18 +437,29 @@ impl Source for PubsubSource {
         if !out.is_empty() && out.len() >= budget {
             return Ok(Poll::More);
         }
-        if self.ended.load(Ordering::Relaxed) && self.rx.is_empty() {
+        if self.state.ended.load(Ordering::Relaxed) && self.rx.is_empty() {
             return Err(SourceError::Transient(format!("the pull from {} ended", self.subscription)));
         }
         Ok(Poll::Idle(Duration::from_millis(2)))
     }
 
+    /// Acknowledges the messages of the epochs before `before`. A message delivered by a pull
+    /// that has since ended is not acknowledged: its handle's lease loop is gone, and the
+    /// library nacked it as that pull closed, with no way to acknowledge its ack ID through the
+    /// new pull. It is redelivered, answered again, and the sinks' upserts by request ID absorb
+    /// the duplicate.
     fn durable(&mut self, before: u64) {
         let keep = self.pending.split_off(&before);
         let done = std::mem::replace(&mut self.pending, keep);
-        let mut acked = 0u64;
+        let current = self.state.generation();
+        let (mut acked, mut orphaned) = (0u64, 0u64);
         self.confirming.retain(|t| !t.is_finished());
-        for h in done.into_values().flatten() {
+        for (generation, h) in done.into_values().flatten() {
+            if generation != current {
+                orphaned += 1;
+                drop(h);
+                continue;
+            }
             acked += 1;
             match h {
                 Handler::ExactlyOnce(h) => {
@@ -352,6 +476,11 @@ impl Source for PubsubSource {
         if acked > 0 {
             metrics::counter!(super::ACKED_METRIC).increment(acked);
         }
+        if orphaned > 0 {
+            tracing::info!(
+                "pubsub: {orphaned} durable messages came from a pull that has ended and cannot be acknowledged; they are redelivered and their request IDs absorb the duplicates"
+            );
+        }
     }
 }
 
@@ -366,7 +495,9 @@ impl Drop for PubsubSource {
         if nacked > 0 {
             tracing::info!("pubsub: {nacked} messages not durable are left to redelivery");
         }
-        let token = self.shutdown.clone();
+        // No new pull from here on; the current one is shut down below.
+        self.state.stopping.store(true, Ordering::SeqCst);
+        let token = self.state.current.lock().unwrap_or_else(|p| p.into_inner()).1.clone();
         let confirming = std::mem::take(&mut self.confirming);
         let _ = runtime().block_on(async {
             tokio::time::timeout(Duration::from_secs(10), async {
@@ -375,7 +506,9 @@ impl Drop for PubsubSource {
                 for t in confirming {
                     let _ = t.await;
                 }
-                token.shutdown().await
+                if let Some(token) = token {
+                    token.shutdown().await
+                }
             })
             .await
         });
