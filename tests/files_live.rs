@@ -341,8 +341,9 @@ dir = "{out}"
         root = env!("CARGO_MANIFEST_DIR"),
         out = dir.path().join("out").display()
     );
-    let mut w = spawn_sluice(dir.path(), &text, &[], &[]);
-    assert!(w.wait_timeout(Duration::from_secs(120)).expect("ends").success(), "{}", w.stderr_tail());
+    let mut w = spawn_sluice(dir.path(), &text, &[], &[("RUST_LOG", "sluice=info")]);
+    let status = w.wait_timeout(Duration::from_secs(120)).unwrap_or_else(|| panic!("a fresh full run ends\n{}", w.stderr_tail()));
+    assert!(status.success(), "{}", w.stderr_tail());
     jsonl_state(&dir.path().join("out")).into_iter().filter_map(|(k, v)| v.map(|p| (k, p))).collect()
 }
 
@@ -1030,7 +1031,7 @@ fn after_random_file_operations_and_kills_the_table_equals_a_fresh_full_run() {
     // Each file: its rows as (id, features).
     let mut files: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     let mut next = 0usize;
-    let mut row = |next: &mut usize, g: &mut dyn FnMut(usize) -> usize| {
+    let row = |next: &mut usize, g: &mut dyn FnMut(usize) -> usize| {
         *next += 1;
         (format!("c{next}"), format!("{},{},{}.{}", 1 + g(263), 1 + g(263), 1 + g(30), g(100)))
     };
@@ -1141,6 +1142,9 @@ fn after_random_file_operations_and_kills_the_table_equals_a_fresh_full_run() {
         }
     }
     assert!(kills >= 2, "the sequence kills the worker a few times: {kills}");
+    if let Ok(keep) = std::env::var("KEEP_CHAOS") {
+        let _ = std::process::Command::new("cp").args(["-a", &s.input().display().to_string(), &keep]).status();
+    }
     let fresh = fresh_full_run(&s, &s.input().display().to_string(), "");
     let total: usize = files.values().map(Vec::len).sum();
     assert_eq!(fresh.len(), total, "a fresh run answers every row once");

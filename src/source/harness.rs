@@ -309,6 +309,16 @@ pub fn source_harness<'s>(
             if clock.is_none() {
                 budget = budget.min(settings.epoch_records.saturating_sub(open_records));
             }
+            if budget == 0 && clock.is_none() && open_records > 0 && in_flight.budget(epoch) == 0 {
+                // Counted epochs: the in-flight bound is reached before the epoch is full. Close
+                // it, or what it holds never becomes durable and nothing is admitted again.
+                cp_out.activate().session(&cs[1]).give_iterator(source.checkpoint(epoch).into_iter());
+                open_records = 0;
+                epoch += 1;
+                for c in cs.iter_mut() {
+                    c.downgrade(&epoch);
+                }
+            }
             if budget == 0 {
                 tracing::trace!(epoch, in_flight = in_flight.epochs(), "{kind} source paused");
                 // Backpressure: leave the input where it is until the sinks catch up.
