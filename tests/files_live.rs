@@ -988,10 +988,11 @@ fn a_kill_between_two_workers_commits_of_one_file_loses_no_answer() {
     let release = hold_row_lock(&s.table, held);
     let text = s.topology(&s.input().display().to_string(), false, "", "");
     let mut w = spawn_sluice(s.dir.path(), &text, &[], &[("RUST_LOG", "sluice=info")]);
-    // Wait until the other worker's share is committed (some rows changed, the held one not),
-    // and stays so for a second.
+    // Wait until the free worker has committed rows (some rows changed, the held one not), and
+    // it stays so for a second. (It commits what its in-flight bound lets it read: the durability
+    // that frees that bound waits for every worker, the held one too.)
     let changed = || predictions(&s).iter().filter(|(k, v)| first.get(*k) != Some(v)).count();
-    assert!(wait_until(Duration::from_secs(120), || changed() > 100), "the free worker commits its rows\n{}", w.stderr_tail());
+    assert!(wait_until(Duration::from_secs(120), || changed() > 0), "the free worker commits rows\n{}", w.stderr_tail());
     let mut last = changed();
     loop {
         std::thread::sleep(Duration::from_secs(1));
