@@ -915,10 +915,7 @@ impl ParquetRows {
                     Seen::Same | Seen::Foreign => continue,
                     Seen::Send(id) => id,
                     Seen::Duplicate(id) => {
-                        let detail = match &elsewhere {
-                            Some(other) => elsewhere_detail(&id, file, other),
-                            None => duplicate_detail(&id, file),
-                        };
+                        let detail = duplicate_detail(&id, file, elsewhere.as_deref());
                         let json: serde_json::Map<String, serde_json::Value> =
                             self.names.iter().zip(&values).map(|(k, v)| (k.to_string(), serde_json::Value::from(v.as_str()))).collect();
                         out.push(refused(file, self.row, &serde_json::to_vec(&json).unwrap_or_default(), DeadReason::DuplicateId, detail, now));
@@ -958,14 +955,13 @@ fn claim(owners: &mut Owners, diff: &mut Diff, no: u32, named: Option<&str>, see
     Some(other)
 }
 
-/// The dead letter's detail for a row of `file` whose `id` is answered from `other`.
-fn elsewhere_detail(id: &str, file: &str, other: &str) -> String {
-    format!("the id `{id}` of this row of {file} is already answered from {other}; this row is answered if {other} no longer has it")
-}
-
-/// The dead letter's detail for a row whose `id` an earlier row of `file` has.
-fn duplicate_detail(id: &str, file: &str) -> String {
-    format!("the id `{id}` is already used by an earlier row of {file}; the first row with it is the one answered")
+/// The dead letter's detail for a row of `file` whose `id` an earlier row of the file has, or
+/// that another file (`elsewhere`) answers.
+fn duplicate_detail(id: &str, file: &str, elsewhere: Option<&str>) -> String {
+    match elsewhere {
+        Some(other) => format!("the id `{id}` of this row of {file} is already answered from {other}; this row is answered if {other} no longer has it"),
+        None => format!("the id `{id}` is already used by an earlier row of {file}; the first row with it is the one answered"),
+    }
 }
 
 fn refused(file: &Arc<str>, row: u64, bytes: &[u8], reason: DeadReason, detail: String, now: u64) -> RawRecord {
@@ -1160,10 +1156,7 @@ impl<'b> Framer<'b> for Slice<'_, 'b, '_> {
             Seen::Send(id) => id,
             Seen::Duplicate(id) => {
                 self.room -= 1;
-                let detail = match &elsewhere {
-                    Some(other) => elsewhere_detail(&id, self.file, other),
-                    None => duplicate_detail(&id, self.file),
-                };
+                let detail = duplicate_detail(&id, self.file, elsewhere.as_deref());
                 self.out.push(refused(self.file, row, rec.bytes, DeadReason::DuplicateId, detail, self.now));
                 return true;
             }
