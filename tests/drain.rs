@@ -101,3 +101,59 @@ fn sigterm_on_a_watched_qa_backlog_drains_within_the_grace_and_the_restart_answe
     assert_eq!(first + second, rows, "nothing answered twice: {first} then {second}");
     assert!(ids().values().all(|&n| n == 1), "one answer line per ID");
 }
+
+#[test]
+fn sigterm_half_way_through_a_1m_row_file_and_the_restart_answers_exactly_the_rest() {
+    // A one-shot read of one 1,000,000-row rides file into Postgres, stopped once a tenth is
+    // answered: the stop stores how far the file's read got, with the answers it covers, so the
+    // restart answers the rest and nothing twice (before, a file's manifest came only at its end
+    // and the restart answered every row again).
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let rows = 1_000_000usize;
+    let mut csv = String::with_capacity(rows * 32);
+    csv.push_str("id,PULocationID,DOLocationID,trip_distance\n");
+    for i in 0..rows {
+        csv.push_str(&format!("r{i},{},{},{}\n", 1 + i % 263, 1 + (i * 7) % 263, 0.5 + (i % 97) as f64 * 0.25));
+    }
+    std::fs::write(input.join("rides.csv"), csv).unwrap();
+    let name = unique("drain1m");
+    let table = format!("{name}_answers");
+    let text = format!(
+        r#"name = "{name}"
+[source]
+type = "files"
+path = "{input}"
+[task]
+type = "tabular"
+model = "{root}/models/rides/model.onnx"
+[runtime]
+workers = 2
+progress = false
+[[sinks]]
+type = "postgres"
+url = "{pg}"
+table = "{table}"
+"#,
+        input = input.display(),
+        root = env!("CARGO_MANIFEST_DIR"),
+        pg = common::pg_url(),
+    );
+    let mut w = spawn_sluice(dir.path(), &text, &[], &[("RUST_LOG", "sluice=info")]);
+    let count =
+        || common::blackbox::try_query(&format!("SELECT count(*) FROM {}", common::blackbox::quote_pg(&table))).map(|r| r[0].get::<_, i64>(0)).unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(300), || count() >= 100_000), "a tenth answered\n{}", w.stderr_tail());
+    w.signal("-TERM");
+    let status = w.wait_timeout(Duration::from_secs(60)).unwrap_or_else(|| panic!("no exit\n{}", w.stderr_tail()));
+    assert_eq!(status.code(), Some(0), "{}", w.stderr_tail());
+    let first = answered(&w.stdout()) as usize;
+    assert!(first < rows, "the stop came before the file was done: {first}");
+    assert_eq!(count() as usize, first, "the table holds what the first run says it answered");
+    let mut again = spawn_sluice(dir.path(), &text, &[], &[("RUST_LOG", "sluice=info")]);
+    let status = again.wait_timeout(Duration::from_secs(600)).unwrap_or_else(|| panic!("the restart ends\n{}", again.stderr_tail()));
+    assert_eq!(status.code(), Some(0), "{}", again.stderr_tail());
+    let second = answered(&again.stdout()) as usize;
+    assert_eq!(first + second, rows, "the restart answers exactly the rest: {first} then {second}");
+    assert_eq!(count() as usize, rows);
+}

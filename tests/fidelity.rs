@@ -9,16 +9,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("SLUICE_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var("SLUICE_CACHE").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/sluice"));
-    let p = cache.join("venv/bin/python");
-    assert!(p.exists(), "no Python venv at {} (run scripts/setup.sh --test)", p.display());
-    p
-}
-
 fn reference(input: &Path, out: &Path, max_seq_len: usize, doc_stride: usize) -> BTreeMap<String, serde_json::Value> {
     let r = repo();
     let status = Command::new(python())

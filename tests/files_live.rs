@@ -856,6 +856,60 @@ fn two_files_sharing_ids_answer_each_once_and_the_second_takes_over_when_the_fir
     assert!(same(&now, &fresh), "b.csv's 20 rows: {:?}", now.keys().collect::<Vec<_>>());
 }
 
+/// ID to (prediction, owning pipeline, source) in the table of `s`.
+fn owners(s: &Live) -> BTreeMap<String, (f64, String, String)> {
+    query(&format!("SELECT id, prediction, pipeline, source FROM {}", sluice::sql::quote_ident(&s.table)))
+        .iter()
+        .map(|r| (r.get::<_, String>(0), (r.get::<_, f64>(1), r.get::<_, String>(2), r.get::<_, String>(3))))
+        .collect()
+}
+
+#[test]
+fn two_pipelines_on_one_table_never_delete_or_overwrite_each_others_answers() {
+    // Before answers recorded their pipeline: b's run overwrote a's answers to o5..o9 with its
+    // own, and removing b's file then deleted them, though a's file still held them.
+    let a = Live::new("flowna");
+    let mut b = Live::new("flownb");
+    b.table = a.table.clone();
+    put(&a.input().join("a.csv"), &rides_csv("o", true, 0..10));
+    // b.csv: o5..o14, with other features than a.csv's o5..o9.
+    let b_rows: String = std::iter::once("id,PULocationID,DOLocationID,trip_distance\n".to_string())
+        .chain((5..15).map(|i| format!("o{i},{},{},{}\n", 100 + i, 50 + i, 30.5 + i as f64)))
+        .collect();
+    put(&b.input().join("b.csv"), &b_rows);
+    assert_eq!(answered(&once(&a, &[])), 10);
+    let a_answers = predictions(&a);
+    once(&b, &[]);
+    let rows = owners(&a);
+    assert_eq!(rows.len(), 15, "o0..o14: {rows:?}");
+    for i in 0..15 {
+        let (owner, source) = if i < 10 { (&a.name, "a.csv") } else { (&b.name, "b.csv") };
+        let (p, pipeline, src) = &rows[&format!("o{i}")];
+        assert_eq!((pipeline, src.as_str()), (owner, source), "o{i}'s owner");
+        if i < 10 {
+            assert_eq!(*p, a_answers[&format!("o{i}")], "o{i} keeps a's answer");
+        }
+    }
+    // b's five IDs that a answers are b's dead letters, naming a.
+    let refused = dead_details(&b, "sink_rejected");
+    assert_eq!(refused.len(), 5, "{refused:?}");
+    assert!(refused.iter().all(|d| d.contains(&format!("by pipeline `{}`", a.name))), "{refused:?}");
+    // b's rows go (its file keeps only its header, as a folder listing empty is not taken for
+    // "everything removed"): b's own five answers go with them, a's ten stay.
+    put(&b.input().join("b.csv"), "id,PULocationID,DOLocationID,trip_distance\n");
+    once(&b, &[]);
+    let rows = owners(&a);
+    let want: std::collections::BTreeSet<String> = (0..10).map(|i| format!("o{i}")).collect();
+    assert_eq!(rows.keys().cloned().collect::<std::collections::BTreeSet<_>>(), want, "a's ten answers, and only them");
+    assert!(rows.values().all(|(_, pipeline, _)| pipeline == &a.name));
+    // The same JSON-lines folder for both is refused at start-up, naming the owner.
+    let text = b.topology(&b.input().display().to_string(), false, "", "").replace(&b.out().display().to_string(), &a.out().display().to_string());
+    let mut w = spawn_sluice(b.dir.path(), &text, &[], &[]);
+    let status = w.wait_timeout(Duration::from_secs(60)).expect("refused at once");
+    assert_eq!(status.code(), Some(1), "{}", w.stderr_tail());
+    assert!(w.stderr_tail().contains(&format!("holds the answers of pipeline `{}`", a.name)), "{}", w.stderr_tail());
+}
+
 #[test]
 fn a_folder_moved_away_for_3_s_deletes_nothing_and_recomputes_nothing() {
     let s = Live::new("flaway");
@@ -937,6 +991,66 @@ fn a_row_edited_into_a_sink_refusal_loses_its_old_answer() {
     s.wait_rows(|r| r.len() == 9 && !r.contains_key("k3"), "k3's old answer is deleted", &w);
     assert!(wait_until(Duration::from_secs(30), || dead_details(&s, "sink_rejected").len() == 1), "{:?}", dead_details(&s, "sink_rejected"));
     stop(&mut w);
+}
+
+/// A real ONNX model that fails on some rows: `prediction = table[PULocationID] + trip_distance`,
+/// where `table` has 300 entries, so ONNX Runtime's Gather refuses a batch holding a
+/// PULocationID of 300 or more ("indices element out of data bounds"). Built with the `onnx`
+/// package of the test venv (scripts/setup.sh --test).
+fn gather_model(dir: &Path) -> PathBuf {
+    let path = dir.join("gather.onnx");
+    let script = format!(
+        r#"
+import onnx
+from onnx import helper, TensorProto, numpy_helper
+import numpy as np
+table = numpy_helper.from_array((np.arange(300, dtype=np.float32) * 0.5).reshape(300, 1), "table")
+g = helper.make_graph(
+    [helper.make_node("Gather", ["table", "PULocationID"], ["picked"], axis=0),
+     helper.make_node("Reshape", ["picked", "shape"], ["flat"]),
+     helper.make_node("Add", ["flat", "trip_distance"], ["prediction"])],
+    "gather",
+    [helper.make_tensor_value_info("PULocationID", TensorProto.INT64, ["N", 1]),
+     helper.make_tensor_value_info("trip_distance", TensorProto.FLOAT, ["N", 1])],
+    [helper.make_tensor_value_info("prediction", TensorProto.FLOAT, ["N", 1])],
+    [table, numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), "shape")])
+m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+m.ir_version = 8
+onnx.checker.check_model(m)
+onnx.save(m, "{out}")
+"#,
+        out = path.display()
+    );
+    let status = std::process::Command::new(common::python()).arg("-c").arg(script).status().expect("run the venv's python");
+    assert!(status.success(), "building the Gather model failed");
+    path
+}
+
+#[test]
+fn a_row_edited_into_a_model_failure_loses_its_old_answer_and_gets_it_back_when_fixed() {
+    let s = Live::new("flmodel");
+    let model = gather_model(s.dir.path());
+    let file = s.input().join("g.csv");
+    let text: String = std::iter::once("id,PULocationID,trip_distance\n".to_string()).chain((0..10).map(|i| format!("g{i},{},{}.25\n", 10 * i, i))).collect();
+    put(&file, &text);
+    let topology = s
+        .topology(&s.input().display().to_string(), true, "", "")
+        .replace(&format!("{}/models/rides/model.onnx", env!("CARGO_MANIFEST_DIR")), &model.display().to_string());
+    let mut w = spawn_sluice(s.dir.path(), &topology, &[], &[("RUST_LOG", "sluice=info")]);
+    s.wait_rows(|r| r.len() == 10, "answered", &w);
+    // g4: table[40] + 4.25 = 24.25, from ONNX Runtime itself.
+    assert!((s.rows()["g4"].0 - 24.25).abs() < 1e-6, "{:?}", s.rows()["g4"]);
+    put(&file, &text.replace("g4,40,4.25", "g4,400,4.25"));
+    s.wait_rows(|r| r.len() == 9 && !r.contains_key("g4"), "g4's old answer is deleted", &w);
+    let failed = || dead_details(&s, "inference_failed");
+    assert!(wait_until(Duration::from_secs(30), || failed().len() == 1), "{:?}", failed());
+    assert!(failed()[0].contains("out of"), "ONNX Runtime's reason: {:?}", failed());
+    assert_eq!(jsonl_state(&s.out()).get("g4"), Some(&None), "JSON lines: g4's last op is a delete");
+    put(&file, &text);
+    s.wait_rows(|r| r.len() == 10, "fixed, it is answered again", &w);
+    assert!((s.rows()["g4"].0 - 24.25).abs() < 1e-6);
+    let out = stop(&mut w);
+    assert_eq!(answered(&out), 11, "10 rows, then g4 again; the other nine were not recomputed: {out}");
 }
 
 /// Holds a row lock on `id` of `table` in an open transaction until the returned sender is

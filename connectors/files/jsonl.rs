@@ -7,7 +7,8 @@
 //! and resumes the source from there, so answers are neither lost nor written twice. A long
 //! checkpoint (a file source's manifest) lives in a side file named by its content, written
 //! before the checkpoint file that names it. For a source that reads everything again (one-shot
-//! CSV), a run starts the files afresh.
+//! CSV), a run starts the files afresh. A folder holds one pipeline's answers: the first to
+//! write there records its name in `sluice-pipeline`, and another pipeline is refused at start-up.
 
 use crate::record::{Answer, Change, Column, DeadLetter};
 use crate::sink::{EpochBatch, SinkContext, SinkError, SinkFactory, SinkWriter};
@@ -81,6 +82,33 @@ fn read_checkpoint(path: &Path) -> Result<Option<CheckpointFile>, SinkError> {
     }
 }
 
+/// The file naming the pipeline whose answers a folder holds.
+pub const OWNER_FILE: &str = "sluice-pipeline";
+
+/// Makes `pipeline` the owner of `dir`'s answers, or refuses when another pipeline owns them:
+/// its files would be replaced, its deletes would apply to the other's answers, and a one-shot
+/// run would start them afresh. A folder from before owners were recorded is claimed.
+fn claim(dir: &Path, pipeline: &str) -> Result<(), SinkError> {
+    let path = dir.join(OWNER_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(owner) if owner.trim_end() == pipeline => Ok(()),
+        Ok(owner) => Err(SinkError::Config(format!(
+            "{} holds the answers of pipeline `{}`, so pipeline `{pipeline}` cannot write there\n  hint: give this pipeline its own sinks.dir, or delete {} if pipeline `{}` and its answers are gone",
+            dir.display(),
+            owner.trim_end(),
+            path.display(),
+            owner.trim_end()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let tmp = dir.join(format!("{OWNER_FILE}.tmp"));
+            std::fs::write(&tmp, format!("{pipeline}\n"))
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .map_err(|e| SinkError::Config(format!("cannot write {}: {e}", path.display())))
+        }
+        Err(e) => Err(SinkError::Config(format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
 /// Cuts `path` back to `len` bytes (a missing file is fine).
 fn cut_to(path: &Path, len: u64) -> Result<(), SinkError> {
     match OpenOptions::new().write(true).open(path) {
@@ -108,6 +136,7 @@ impl SinkFactory for JsonlConfig {
     fn open(&self, ctx: &SinkContext) -> Result<Option<Vec<Checkpoint>>, SinkError> {
         let dir = &self.dir;
         std::fs::create_dir_all(dir).map_err(|e| SinkError::Config(format!("cannot create {}: {e}", dir.display())))?;
+        claim(dir, &ctx.pipeline)?;
         if !ctx.resumable {
             // The source reads everything again: this process's workers start their files afresh.
             for w in ctx.workers.clone() {

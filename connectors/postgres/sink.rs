@@ -4,7 +4,10 @@
 //! an upsert, which rewrites a row only when its content changes, so rerunning the same input
 //! leaves exactly the same rows. Checkpoints are keyed by the pipeline's identity (its name and
 //! its answer table), dead letters by pipeline, source and position, so pipelines sharing a
-//! database never overwrite each other's. Errors are classified: data exceptions (class 22),
+//! database never overwrite each other's. Each answer row records its owner (`pipeline`, and its
+//! `source`): a delete removes only its own pipeline's rows, and an answer to an ID another
+//! pipeline's row holds is refused by name (a dead letter), so two pipelines on one table never
+//! overwrite or delete each other's answers. Errors are classified: data exceptions (class 22),
 //! integrity constraint violations (class 23: NOT NULL, foreign key, a unique index other than
 //! the ID's, CHECK, exclusion), program limits (class 54) and an exception a trigger raises
 //! (`P0001`) are the record's fault and get it isolated; syntax and permission errors (classes
@@ -304,7 +307,7 @@ impl PostgresWriter {
             for c in self.columns {
                 cols.push_str(&format!(", {} {}", quote_ident(c.name), sql_type(c.kind)));
             }
-            cols.push_str(", model TEXT NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now()");
+            cols.push_str(", model TEXT NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), pipeline TEXT, source TEXT");
             let dead = self.dead_table();
             let dead_literal = dead.replace('\'', "''");
             let upgrade = dollar_quoted(&format!(
@@ -316,19 +319,54 @@ impl PostgresWriter {
                    END IF; END",
                 dead_escaped = dead.replace('\'', "''").replace('%', "%%"),
             ));
+            // An answer table made by an older sluice lacks the owner columns. ALTER TABLE takes
+            // the table's strongest lock even when it changes nothing, and would wait behind any
+            // open transaction on the table (a DBA's, a reader's): only when they are missing.
+            let table_literal = self.table().replace('\'', "''");
+            let owners = dollar_quoted(&format!(
+                "BEGIN IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{table_literal}'::regclass AND attname = 'source' AND NOT attisdropped) \
+                   OR NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{table_literal}'::regclass AND attname = 'pipeline' AND NOT attisdropped) THEN \
+                   ALTER TABLE {table} ADD COLUMN IF NOT EXISTS pipeline TEXT, ADD COLUMN IF NOT EXISTS source TEXT; \
+                 END IF; END",
+                table = self.table()
+            ));
+            let dead_columns = dollar_quoted(&format!(
+                "BEGIN IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = '{dead_literal}'::regclass AND attname = 'raw_sha256' AND NOT attisdropped) THEN \
+                   ALTER TABLE {dead} ADD COLUMN IF NOT EXISTS raw_len BIGINT, ADD COLUMN IF NOT EXISTS raw_sha256 TEXT; \
+                 END IF; END"
+            ));
             // A dead-letter table made by an older sluice is keyed by source and position only,
             // and lacks the length and hash of cut raw bytes: bring it up to date.
             let ddl = format!(
                 "SELECT pg_advisory_xact_lock(7364912); \
                  CREATE TABLE IF NOT EXISTS {table} ({cols}); \
+                 DO {owners}; \
                  CREATE TABLE IF NOT EXISTS {dead} (source TEXT NOT NULL, position TEXT NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, raw BYTEA NOT NULL, pipeline TEXT NOT NULL, raw_len BIGINT, raw_sha256 TEXT, first_seen TIMESTAMPTZ NOT NULL DEFAULT now(), last_seen TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, source, position)); \
-                 ALTER TABLE {dead} ADD COLUMN IF NOT EXISTS raw_len BIGINT, ADD COLUMN IF NOT EXISTS raw_sha256 TEXT; \
+                 DO {dead_columns}; \
                  DO {upgrade}; \
                  CREATE TABLE IF NOT EXISTS {checkpoints} (pipeline TEXT NOT NULL, target TEXT NOT NULL, scope TEXT NOT NULL, shard TEXT NOT NULL, position TEXT NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (pipeline, target, scope, shard));",
                 table = self.table(),
                 checkpoints = self.checkpoints_table()
             );
             self.rt.block_on(client.batch_execute(&format!("BEGIN; {ddl} COMMIT;"))).map_err(classify)?;
+            // The owner columns of a table an older sluice made may be a pass-through column of
+            // another type that happens to share the name.
+            let clash = self
+                .rt
+                .block_on(client.query(
+                    "SELECT column_name::text, data_type::text FROM information_schema.columns \
+                     WHERE table_schema = $1 AND table_name = $2 AND column_name IN ('pipeline', 'source') AND data_type <> 'text'",
+                    &[&self.target.schema, &self.target.table],
+                ))
+                .map_err(classify)?;
+            if let Some(r) = clash.first() {
+                return Err(SinkError::Config(format!(
+                    "table {} has a column `{}` of type {}, where sluice records each answer's owner as text\n  hint: rename that column (ALTER TABLE … RENAME COLUMN), or write to another sinks.table",
+                    self.table(),
+                    r.get::<_, String>(0),
+                    r.get::<_, String>(1)
+                )));
+            }
             self.client = Some(client);
         }
         Ok(self.client.as_ref().expect("connected"))
@@ -403,7 +441,11 @@ impl PostgresWriter {
         }
         answers.sort_by(|a, b| a.id.cmp(&b.id));
         deleted.sort_unstable();
-        let delete_sql = format!("DELETE FROM {} WHERE id = ANY($1::text[])", self.table());
+        // A delete removes only this pipeline's answers (or an older sluice's, which have no owner).
+        let delete_sql = format!("DELETE FROM {} WHERE id = ANY($1::text[]) AND (pipeline = $2 OR pipeline IS NULL)", self.table());
+        // IDs of this batch whose rows another pipeline owns (asked on the upsert path only: a
+        // plain insert that meets an existing row fails and is redone as the upsert).
+        let foreign_sql = format!("SELECT id, pipeline FROM {} WHERE id = ANY($1::text[]) AND pipeline <> $2 FOR UPDATE", self.table());
         let mut dead_latest: HashMap<(String, String), &DeadLetter> = HashMap::new();
         for d in &batch.dead {
             dead_latest.insert((d.pos.source(), d.pos.position()), d);
@@ -433,7 +475,7 @@ impl PostgresWriter {
         if let Some(other) = answers.iter().find(|a| &*a.model != model) {
             return Err(SinkError::Config(format!("one batch holds answers of two models ({model} and {})", other.model)));
         }
-        let mut value_cols: Vec<Box<dyn ToSql + Sync>> = Vec::new();
+        let mut value_cols: Vec<Box<dyn ToSql + Sync + '_>> = Vec::new();
         for (i, c) in self.columns.iter().enumerate() {
             match c.kind {
                 // Task outputs are text, integers or floats; the other kinds are pass-through only.
@@ -467,6 +509,7 @@ impl PostgresWriter {
                 )),
             }
         }
+        value_cols.push(Box::new(answers.iter().map(|a| &*a.pos.source).collect::<Vec<&str>>()));
         for name in &passthrough {
             value_cols.push(Box::new(
                 answers.iter().map(|a| a.passthrough.iter().find(|f| &f.name == name).map(|f| f.value.clone())).collect::<Vec<Option<String>>>(),
@@ -504,14 +547,22 @@ impl PostgresWriter {
             let client = self.client.as_mut().expect("connected");
             let result = self.rt.block_on(async {
                 let tx = client.transaction().await?;
+                if upsert && !ids.is_empty() {
+                    let foreign = tx.query(foreign_sql.as_str(), &[&ids, &pipeline]).await?;
+                    if !foreign.is_empty() {
+                        // Dropping the transaction rolls it back.
+                        return Ok(foreign.iter().map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))).collect());
+                    }
+                }
                 if let Some(sql) = &answer_sql {
                     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&ids];
                     params.extend(value_cols.iter().map(|b| b.as_ref() as &(dyn ToSql + Sync)));
                     params.push(&model);
+                    params.push(&pipeline);
                     tx.execute(sql.as_str(), &params).await?;
                 }
                 if !deleted.is_empty() {
-                    tx.execute(delete_sql.as_str(), &[&deleted]).await?;
+                    tx.execute(delete_sql.as_str(), &[&deleted, &pipeline]).await?;
                 }
                 if !dead.is_empty() {
                     tx.execute(dead_sql.as_str(), &[&d_source, &d_pos, &d_reason, &d_detail, &d_raw, &d_pipeline, &d_len, &d_sha]).await?;
@@ -519,15 +570,29 @@ impl PostgresWriter {
                 if !c_scope.is_empty() {
                     tx.execute(checkpoints_sql.as_str(), &[&pipeline, &target, &c_scope, &c_shard, &c_position]).await?;
                 }
-                tx.commit().await
+                tx.commit().await.map(|_| Vec::new())
             });
             match result {
+                Ok(foreign) if !foreign.is_empty() => {
+                    let owners: HashMap<&str, &str> = foreign.iter().map(|(id, p)| (id.as_str(), p.as_str())).collect();
+                    let table = self.table();
+                    let refused = answers
+                        .iter()
+                        .filter_map(|a| {
+                            owners.get(a.id.as_str()).map(|owner| {
+                                (a.seq, format!("id `{}` is answered in table {table} by pipeline `{owner}`; one table holds one answer per id", a.id))
+                            })
+                        })
+                        .collect();
+                    return Err(SinkError::Refused(refused));
+                }
+                Ok(_) => return Ok(()),
                 Err(e) if !upsert && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
                     // The failed transaction was rolled back when it was dropped.
                     upsert = true;
                     self.upsert_writes = UPSERT_AFTER_CONFLICT;
                 }
-                other => return other.map_err(classify),
+                Err(e) => return Err(classify(e)),
             }
         }
     }
@@ -551,6 +616,10 @@ impl PostgresWriter {
                 }
             ));
         }
+        // The file, topic or subscription that supplied the answer.
+        n += 1;
+        names.push(quote_ident("source"));
+        casts.push(format!("${n}::text[]"));
         let first_passthrough = names.len();
         for p in passthrough {
             n += 1;
@@ -570,8 +639,10 @@ impl PostgresWriter {
                 _ => a.clone(),
             })
             .collect();
+        // The model label and the owning pipeline are one value each for the whole batch.
         names.push(quote_ident("model"));
-        let model_param = format!("${}::text", n + 1);
+        names.push(quote_ident("pipeline"));
+        let model_param = format!("${}::text, ${}::text", n + 1, n + 2);
         let t = self.table();
         let updated: Vec<&String> = names.iter().skip(1).collect();
         let set: Vec<String> = updated.iter().map(|c| format!("{c} = EXCLUDED.{c}")).collect();
@@ -588,7 +659,8 @@ impl PostgresWriter {
             return insert;
         }
         format!(
-            "{insert} ON CONFLICT (id) DO UPDATE SET {set}, updated_at = now() WHERE ({old}) IS DISTINCT FROM ({new})",
+            "{insert} ON CONFLICT (id) DO UPDATE SET {set}, updated_at = now() \
+             WHERE (cur.pipeline IS NULL OR cur.pipeline = EXCLUDED.pipeline) AND ({old}) IS DISTINCT FROM ({new})",
             set = set.join(", "),
             old = old.join(", "),
             new = new.join(", "),

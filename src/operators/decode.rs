@@ -17,7 +17,7 @@ use timely::dataflow::Stream;
 /// Names sluice writes beside a task's own output columns (`source` is the JSON-lines
 /// position); a pass-through field with one of these names (or a task output's name) is renamed
 /// by [`passthrough_names`].
-pub const RESERVED_COLUMNS: [&str; 6] = ["id", "model", "model_version", "updated_at", "op", "source"];
+pub const RESERVED_COLUMNS: [&str; 7] = ["id", "model", "model_version", "updated_at", "op", "source", "pipeline"];
 
 /// How records are decoded.
 #[derive(Clone, Debug)]

@@ -104,3 +104,14 @@ pub fn count_rows(table: &str) -> i64 {
     }
     query(&format!("SELECT count(*) FROM {}", sluice::sql::quote_ident(table)))[0].get(0)
 }
+
+/// The Python of the test venv (scripts/setup.sh --test), or `SLUICE_PYTHON`.
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("SLUICE_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("SLUICE_CACHE").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/sluice"));
+    let p = cache.join("venv/bin/python");
+    assert!(p.exists(), "no Python venv at {} (run scripts/setup.sh --test)", p.display());
+    p
+}
