@@ -100,7 +100,7 @@ impl SinkConfig {
                         return Err((field, why, "use 1 to 63 bytes with no NUL or control characters, e.g. qa_answers".into()));
                     }
                 }
-                Ok(())
+                super::postgres::tls::check(&crate::topology::expand_env(&pg.url), pg.tls_root_cert.as_deref(), pg.tls_verify)
             }
         }
     }

@@ -13,8 +13,12 @@
 //! (`P0001`) are the record's fault and get it isolated; syntax and permission errors (classes
 //! 42, 28) stop the run; the rest is retried. Connecting is bounded by `connect_timeout_ms` and
 //! every statement by `statement_timeout_ms`, so an unreachable or stuck server is an error,
-//! never a hang.
+//! never a hang. TLS follows libpq (`tls.rs`): `sslmode` in the URL (`prefer` by default, so
+//! TLS whenever the server offers it), `tls_root_cert` and `tls_verify`; a server refusing TLS
+//! that is required, or a certificate failing verification, stops the run as a configuration
+//! error.
 
+use super::tls::{self, PgConnect, TlsVerify};
 use crate::record::{Answer, Change, Column, ColumnKind, DeadLetter, Value};
 use crate::sink::{EpochBatch, SinkContext, SinkError, SinkFactory, SinkWriter};
 use crate::source::Checkpoint;
@@ -22,9 +26,10 @@ use crate::sql::{qualified, quote_ident};
 pub use crate::topology::expand_env;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 /// The table holding each pipeline's source checkpoints, written in the same transaction as its answers.
 pub const CHECKPOINTS_TABLE: &str = "sluice_checkpoints";
@@ -36,7 +41,23 @@ pub const LEGACY_OFFSETS_TABLE: &str = "sluice_offsets";
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     /// Connection string, e.g. `postgres://user:pass@127.0.0.1:5432/db`. `${VAR}` is read from the environment.
+    /// Its `sslmode` is libpq's: `disable`, `prefer` (the default: TLS when the server offers it),
+    /// `require` (TLS, certificate not checked), `verify-ca` and `verify-full` (the same as
+    /// `tls_verify` = "ca" and "full"); `sslrootcert=` is the same as `tls_root_cert`.
     pub url: String,
+    /// A PEM file of the CA certificates the server's certificate must chain to (for a
+    /// self-signed server certificate, that certificate). When set, the certificate is verified
+    /// (`tls_verify` defaults to "full") and TLS is required. A file that cannot be read or holds
+    /// no certificate stops the run at start-up.
+    #[serde(default)]
+    pub tls_root_cert: Option<PathBuf>,
+    /// How the server's certificate is checked: "none" (encrypt, accept any certificate),
+    /// "ca" (it must chain to `tls_root_cert`, else to the system's roots; names unchecked) or
+    /// "full" (the chain and that it names the host of the URL). Default: "full" with
+    /// `tls_root_cert`, else "none". "ca" and "full" make TLS required; a certificate that fails
+    /// them stops the run with the reason.
+    #[serde(default)]
+    pub tls_verify: Option<TlsVerify>,
     /// Answer table; created if missing. Any name is allowed; it is always quoted.
     pub table: String,
     /// Dead-letter table; created if missing.
@@ -81,6 +102,8 @@ impl PostgresConfig {
             pipeline: pipeline.to_string(),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms.max(1)),
             statement_timeout_ms: self.statement_timeout_ms,
+            tls_root_cert: self.tls_root_cert.clone(),
+            tls_verify: self.tls_verify,
         }
     }
 }
@@ -97,7 +120,11 @@ impl SinkFactory for PostgresConfig {
     fn open(&self, ctx: &SinkContext) -> Result<Option<Vec<Checkpoint>>, SinkError> {
         let mut pg = PostgresWriter::new(self.target(&ctx.pipeline), ctx.columns)?;
         let hint = "\n  hint: start Postgres (scripts/pg.sh starts a local one) and check sinks.url";
-        pg.connect_now().map_err(|e| SinkError::Config(format!("{e}{hint}")))?;
+        pg.connect_now().map_err(|e| match e {
+            // A refused TLS handshake carries its own hint.
+            SinkError::Config(m) if m.contains("\n  hint: ") => SinkError::Config(m),
+            e => SinkError::Config(format!("{e}{hint}")),
+        })?;
         pg.load_checkpoints().map(Some).map_err(|e| SinkError::Config(format!("cannot read stored checkpoints: {e}")))
     }
 
@@ -120,6 +147,10 @@ pub struct PostgresTarget {
     pub connect_timeout: Duration,
     /// The session's `statement_timeout` in milliseconds (0: none).
     pub statement_timeout_ms: u64,
+    /// `tls_root_cert`: the PEM roots the server's certificate is verified against.
+    pub tls_root_cert: Option<PathBuf>,
+    /// `tls_verify`: how the server's certificate is checked (None: as the URL and root say).
+    pub tls_verify: Option<TlsVerify>,
 }
 
 impl PostgresTarget {
@@ -133,6 +164,8 @@ impl PostgresTarget {
             pipeline: pipeline.to_string(),
             connect_timeout: Duration::from_millis(default_connect_timeout_ms()),
             statement_timeout_ms: default_statement_timeout_ms(),
+            tls_root_cert: None,
+            tls_verify: None,
         }
     }
 }
@@ -141,6 +174,8 @@ impl PostgresTarget {
 pub struct PostgresWriter {
     rt: tokio::runtime::Runtime,
     target: PostgresTarget,
+    /// The connection string as read, and the TLS client it asks for.
+    connect: PgConnect,
     columns: &'static [Column],
     client: Option<Client>,
     /// Passthrough columns known to exist in the answer table, with their types there.
@@ -218,7 +253,8 @@ impl PostgresWriter {
     /// Prepares a writer; it connects (and creates its tables) on the first write, and reconnects after errors.
     pub fn new(target: PostgresTarget, columns: &'static [Column]) -> Result<Self, SinkError> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| SinkError::Config(format!("cannot start a runtime: {e}")))?;
-        Ok(PostgresWriter { rt, target, columns, client: None, known: HashMap::new(), upsert_writes: 0 })
+        let connect = tls::prepare(&expand_env(&target.url), target.tls_root_cert.as_deref(), target.tls_verify)?;
+        Ok(PostgresWriter { rt, target, connect, columns, client: None, known: HashMap::new(), upsert_writes: 0 })
     }
 
     /// Connects now and creates the tables, so configuration errors show at start-up.
@@ -275,18 +311,21 @@ impl PostgresWriter {
             self.known.clear();
         }
         if self.client.is_none() {
-            let url = expand_env(&self.target.url);
-            let mut config: tokio_postgres::Config =
-                url.parse().map_err(|e| SinkError::Config(format!("sinks.url is not a Postgres connection string: {e}")))?;
+            let mut config = self.connect.config.clone();
             let limit = self.target.connect_timeout;
             if config.get_connect_timeout().is_none() {
                 config.connect_timeout(limit);
             }
             // tokio-postgres bounds only the socket's connect: a server (or a proxy) that accepts
             // the connection and never answers the start-up would hang it, so bound the whole of it.
-            let (client, connection) = match self.rt.block_on(async { tokio::time::timeout(limit, config.connect(NoTls)).await }) {
+            let tls = self.connect.tls.clone();
+            let (client, connection) = match self.rt.block_on(async { tokio::time::timeout(limit, config.connect(tls)).await }) {
                 Ok(Ok(c)) => c,
-                Ok(Err(e)) => return Err(SinkError::Transient(format!("cannot connect to Postgres: {e}"))),
+                // TLS refused or a certificate failing verification: retrying cannot help.
+                Ok(Err(e)) => match self.connect.refusal(&e) {
+                    Some(why) => return Err(SinkError::Config(why)),
+                    None => return Err(SinkError::Transient(format!("cannot connect to Postgres: {}", tls::with_causes(&e)))),
+                },
                 Err(_) => {
                     return Err(SinkError::Transient(format!(
                         "cannot connect to Postgres: no answer within {} ms (sinks.connect_timeout_ms)",
