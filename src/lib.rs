@@ -9,6 +9,7 @@ pub mod connectors;
 pub mod execution;
 pub mod fault;
 pub mod guard;
+pub mod hash;
 pub mod inference;
 pub mod json;
 pub mod metrics;

@@ -10,8 +10,6 @@
 //! the row gives it a new ID (the old answer is deleted and the new one written).
 
 use base64::Engine;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 
 /// The 64-bit hash a row's ID is known by: XXH3, a stable algorithm, since manifests outlive
 /// the binary that wrote them.
@@ -24,26 +22,7 @@ pub fn row_hash(header: u64, bytes: &[u8]) -> u64 {
     twox_hash::XxHash3_64::oneshot_with_seed(header, bytes)
 }
 
-/// A hasher for keys that are already uniform 64-bit hashes: it passes them through.
-#[derive(Default, Clone, Copy)]
-pub struct PassThrough(u64);
-
-impl Hasher for PassThrough {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// A map keyed by a hash.
-pub type ByHash<V> = HashMap<u64, V, BuildHasherDefault<PassThrough>>;
+pub use crate::hash::{ByHash, PassThrough};
 
 /// The derived ID of the `k`-th (1-based) row of `file` with this content hash.
 pub fn derived_id(file: &str, content: u64, k: u32) -> String {
@@ -1007,7 +986,7 @@ mod tests {
         use std::collections::BTreeSet;
         // Derived IDs: (content, k-th duplicate); contents from a small set, so duplicates abound.
         let ids = |file: &[u64]| -> Vec<String> {
-            let mut k: HashMap<u64, u32> = HashMap::new();
+            let mut k: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
             file.iter()
                 .map(|c| {
                     let n = k.entry(*c).or_insert(0);
