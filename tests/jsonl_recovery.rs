@@ -122,7 +122,8 @@ fn a_kafka_to_json_lines_run_killed_with_sigkill_and_restarted_answers_every_id_
         let id = l["id"].as_str().unwrap().to_string();
         let p = l["prediction"].as_f64().unwrap();
         match want.get(&id) {
-            Some(w) if (p - w).abs() < 1e-9 => {}
+            // Within the last bits an f32 output moves by with its batch's shape (tests/pubsub.rs).
+            Some(w) if (p - w).abs() <= 1e-5 * w.abs().max(1.0) => {}
             other => wrong.push(format!("{id}: {p} (model: {other:?})")),
         }
         *counts.entry(id).or_default() += 1;

@@ -185,7 +185,10 @@ fn assert_exactly_once(s: &Setup, messages: &[(String, Vec<u8>)]) {
     assert_eq!(rows.len(), messages.len(), "one row per request");
     for (id, p) in &rows {
         let w = want.get(id).unwrap_or_else(|| panic!("unexpected id {id}"));
-        assert!((p - w).abs() < 1e-9, "{id}: stored {p}, the model says {w}");
+        // The model's f32 output for one row moves in its last bits with the shape of the batch
+        // it ran in (up to 4e-6 between a row alone and in 512; ONNX Runtime picks kernels by
+        // shape), and a lone redelivered ride runs alone: another ride's answer is far off.
+        assert!((p - w).abs() <= 1e-5 * w.abs().max(1.0), "{id}: stored {p}, the model says {w}");
     }
 }
 
