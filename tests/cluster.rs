@@ -3,8 +3,9 @@
 
 mod common;
 
+use common::blackbox::spawn_sluice;
 use std::collections::HashSet;
-use std::process::Command;
+use std::time::Duration;
 
 #[test]
 fn two_processes_answer_every_ride_once() {
@@ -13,27 +14,23 @@ fn two_processes_answer_every_ride_once() {
     let hosts = dir.path().join("hosts.txt");
     std::fs::write(&hosts, format!("127.0.0.1:{}\n127.0.0.1:{}\n", base, base + 1)).unwrap();
     let out = dir.path().join("out");
-    let topology = dir.path().join("cluster.toml");
-    std::fs::write(
-        &topology,
-        format!(
-            "name = \"cluster\"\n[source]\ntype = \"generator\"\ncount = 20000\nseed = 5\n[task]\ntype = \"tabular\"\nmodel = \"{}\"\n[batching]\nmax_batch = 512\n[runtime]\nworkers = 1\nepoch_records = 1000\nprogress = false\n[[sinks]]\ntype = \"jsonl\"\ndir = \"{}\"\n",
-            common::repo().join("models/rides/model.onnx").display(),
-            out.display()
-        ),
-    )
-    .unwrap();
-    let (t, h) = (topology.to_str().unwrap().to_string(), hosts.to_str().unwrap().to_string());
-    let spawn = move |process: usize| {
-        Command::new(env!("CARGO_BIN_EXE_sluice")).args(["run", &t, "--no-progress", "--process", &process.to_string(), "--hostfile", &h]).output()
-    };
-    let p1 = std::thread::spawn({
-        let spawn = spawn.clone();
-        move || spawn(1)
-    });
-    let r0 = spawn(0).unwrap();
-    let r1 = p1.join().unwrap().unwrap();
-    assert!(r0.status.success() && r1.status.success(), "{}\n{}", String::from_utf8_lossy(&r0.stderr), String::from_utf8_lossy(&r1.stderr));
+    let text = format!(
+        "name = \"cluster\"\n[source]\ntype = \"generator\"\ncount = 20000\nseed = 5\n[task]\ntype = \"tabular\"\nmodel = \"{}\"\n[batching]\nmax_batch = 512\n[runtime]\nworkers = 1\nepoch_records = 1000\nprogress = false\n[[sinks]]\ntype = \"jsonl\"\ndir = \"{}\"\n",
+        common::repo().join("models/rides/model.onnx").display(),
+        out.display()
+    );
+    let h = hosts.to_str().unwrap();
+    let mut p1 = spawn_sluice(dir.path(), &text, &["--process", "1", "--hostfile", h], &[]);
+    let mut p0 = spawn_sluice(dir.path(), &text, &["--process", "0", "--hostfile", h], &[]);
+    // Bounded: a process that fails at start leaves the other waiting for it for good (timely's
+    // cluster connects forever), so the test fails with both stderrs instead of hanging.
+    let limit = Duration::from_secs(300);
+    let s0 = p0.wait_timeout(limit);
+    let s1 = p1.wait_timeout(if s0.is_some_and(|s| s.success()) { limit } else { Duration::from_secs(5) });
+    let logs = format!("process 0: {s0:?}\n{}\nprocess 1: {s1:?}\n{}", p0.stderr_tail(), p1.stderr_tail());
+    p0.kill();
+    p1.kill();
+    assert!(s0.is_some_and(|s| s.success()) && s1.is_some_and(|s| s.success()), "{logs}");
     let answers = common::read_lines(&out, "answers.w");
     let ids: HashSet<String> = answers.iter().map(|a| a["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(answers.len(), 20000);

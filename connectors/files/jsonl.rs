@@ -100,7 +100,11 @@ fn claim(dir: &Path, pipeline: &str) -> Result<(), SinkError> {
             owner.trim_end()
         ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let tmp = dir.join(format!("{OWNER_FILE}.tmp"));
+            // A temporary file of this writer's own: the processes of a cluster (and its workers)
+            // claim the folder at the same time, and with one shared name one's rename could
+            // publish the file the other had just truncated, or find it gone.
+            let unique = format!("{}-{:?}", std::process::id(), std::thread::current().id()).replace(|c: char| !c.is_ascii_alphanumeric(), "");
+            let tmp = dir.join(format!("{OWNER_FILE}.{unique}.tmp"));
             std::fs::write(&tmp, format!("{pipeline}\n"))
                 .and_then(|_| std::fs::rename(&tmp, &path))
                 .map_err(|e| SinkError::Config(format!("cannot write {}: {e}", path.display())))
@@ -398,6 +402,33 @@ mod tests {
     use crate::record::{SourcePos, Value};
 
     const COLUMNS: &[Column] = &[Column { name: "prediction", kind: crate::record::ColumnKind::Float }];
+
+    #[test]
+    fn writers_claiming_a_new_folder_at_once_for_one_pipeline_all_succeed() {
+        // The processes of a cluster (and their workers) claim the folder at the same moment: with
+        // a temporary file shared by name, one's rename published what another had just
+        // truncated (an empty owner: "holds the answers of pipeline ``") or found it gone, the
+        // process stopped, and its cluster peer waited for it for good.
+        for round in 0..40 {
+            let dir = tempfile::tempdir().unwrap();
+            let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let claims: Vec<_> = (0..8)
+                .map(|_| {
+                    let (dir, start) = (dir.path().to_path_buf(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        claim(&dir, "rides").map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            for c in claims {
+                assert_eq!(c.join().unwrap(), Ok(()), "round {round}");
+            }
+            assert_eq!(std::fs::read_to_string(dir.path().join(OWNER_FILE)).unwrap(), "rides\n");
+            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+            assert_eq!(left.len(), 1, "no temporary file is left: {left:?}");
+        }
+    }
 
     fn batch(epoch: u64, ids: std::ops::Range<u64>) -> EpochBatch {
         let changes = ids
