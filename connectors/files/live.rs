@@ -8,9 +8,10 @@
 //! is diffed correctly. With `watch = true` it keeps polling; without, it reads once and ends.
 
 use super::csv::{frame, frame_rows, header_names, infer_kinds, kind_of, normalize_header, parse_rows, Framer};
-use super::manifest::{id_key, row_hash, ByHash, Diff, Manifest, Route, Seen, BLOCK_ROWS};
+use super::manifest::{id_key, row_hash, Diff, Manifest, Route, Seen, BLOCK_ROWS};
 use super::scan::RawRecord as Framed;
 use super::store::{FileReader, Listed, Store, StoreSettings};
+use crate::hash::ByHash;
 use crate::record::{now_ms, ColumnKind, DeadReason, SourcePos};
 use crate::source::{Body, Checkpoint, Keying, Poll, RawRecord, Source, SourceError, SourceFactory};
 use serde::Deserialize;

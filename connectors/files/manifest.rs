@@ -9,6 +9,7 @@
 //! (k ≥ 2) in the file. A derived ID survives rows being inserted or removed around it; editing
 //! the row gives it a new ID (the old answer is deleted and the new one written).
 
+use crate::hash::ByHash;
 use base64::Engine;
 
 /// The 64-bit hash a row's ID is known by: XXH3, a stable algorithm, since manifests outlive
@@ -21,8 +22,6 @@ pub fn id_key(id: &str) -> u64 {
 pub fn row_hash(header: u64, bytes: &[u8]) -> u64 {
     twox_hash::XxHash3_64::oneshot_with_seed(header, bytes)
 }
-
-pub use crate::hash::{ByHash, PassThrough};
 
 /// The derived ID of the `k`-th (1-based) row of `file` with this content hash.
 pub fn derived_id(file: &str, content: u64, k: u32) -> String {
