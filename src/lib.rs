@@ -6,6 +6,7 @@
 pub mod batcher;
 #[path = "../connectors/mod.rs"]
 pub mod connectors;
+pub mod engine;
 pub mod execution;
 pub mod fault;
 pub mod guard;

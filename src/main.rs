@@ -10,6 +10,8 @@ use sluice::topology::{TaskConfig, Topology};
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod serve;
+
 // mimalloc instead of glibc's malloc: answers are allocated on a timely worker and freed on a sink
 // thread, and glibc's per-arena free lists made that cross-thread traffic a tenth of the worker's
 // CPU in a profile of a Kafka drain (docs/benchmarks.md).
@@ -41,6 +43,19 @@ enum Command {
         /// Never draw the progress bar.
         #[arg(long)]
         no_progress: bool,
+    },
+    /// Start the engine and the HTTP job API: uploads, jobs, their progress and answers.
+    Serve {
+        /// The serve config; default: the embedded one (the bundled QA and ride models,
+        /// state in ./sluice-state, listening on 127.0.0.1:8080).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Listen here instead of the config's address.
+        #[arg(long)]
+        listen: Option<String>,
+        /// Keep the state here instead of the config's folder.
+        #[arg(long)]
+        state: Option<PathBuf>,
     },
     /// Parse and validate a topology file without running it.
     Validate { topology: PathBuf },
@@ -172,6 +187,20 @@ fn real_main() -> anyhow::Result<()> {
                 println!("  wrote {o}");
             }
             Ok(())
+        }
+        Command::Serve { config, listen, state } => {
+            let mut c = match config {
+                Some(path) => serve::config::ServeConfig::load(&path)?,
+                None => serve::config::ServeConfig::default(),
+            };
+            if let Some(l) = listen {
+                c.listen = l;
+            }
+            if let Some(s) = state {
+                c.state = s;
+            }
+            c.check("serve config")?;
+            serve::serve(c)
         }
         Command::Validate { topology } => {
             let t = Topology::load(&topology)?;

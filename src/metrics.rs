@@ -56,9 +56,38 @@ pub const PUBSUB_PULL_RESTARTS: &str = "sluice_pubsub_pull_restarts_total";
 
 /// Installs the Prometheus exporter on `addr` and registers every metric with a description.
 pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
+    builder()?.with_http_listener(addr).install()?;
+    describe();
+    Ok(())
+}
+
+static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> = std::sync::OnceLock::new();
+
+/// Installs the Prometheus recorder without a listener of its own (`sluice serve` renders
+/// `/metrics` on its port, see [`render`]); its upkeep runs every second on a thread.
+pub fn install_recorder() -> Result<(), String> {
+    let handle = builder().and_then(|b| b.install_recorder()).map_err(|e| e.to_string())?;
+    let upkeep = handle.clone();
+    std::thread::Builder::new()
+        .name("sluice-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            upkeep.run_upkeep();
+        })
+        .map_err(|e| e.to_string())?;
+    let _ = HANDLE.set(handle);
+    describe();
+    Ok(())
+}
+
+/// The metrics in Prometheus's text format, once [`install_recorder`] has run.
+pub fn render() -> Option<String> {
+    HANDLE.get().map(|h| h.render())
+}
+
+fn builder() -> Result<metrics_exporter_prometheus::PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     PrometheusBuilder::new()
-        .with_http_listener(addr)
         // Histogram samples wait in memory until the next upkeep folds them into the buckets:
         // at 300,000 answers a second the default 5 s held about 20 MB of them.
         .upkeep_timeout(std::time::Duration::from_secs(1))
@@ -69,9 +98,6 @@ pub fn install(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::Buil
                 &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
             )
         })
-        .and_then(|b| b.install())?;
-    describe();
-    Ok(())
 }
 
 fn describe() {

@@ -2,7 +2,8 @@
 //! and source checkpoints, and once the epoch is complete hands it, in change order, to a chain
 //! of sink threads, one per configured sink, each writing it in turn. Transient errors are
 //! retried with backoff; a record a sink refuses is isolated by splitting the batch and becomes
-//! a dead letter while the rest is written; a configuration error stops the process. The
+//! a dead letter while the rest is written; a configuration error fails the job (it stops
+//! reading, writes and acknowledges nothing more, and ends failed with the error). The
 //! operator holds a capability on its (empty) output until the last sink has written an epoch,
 //! so a probe on that output says exactly which epochs are durable.
 
@@ -29,6 +30,22 @@ struct Ack {
     dead: u64,
 }
 
+/// What the sink tells its job: a configuration error fails it.
+#[derive(Clone)]
+pub struct JobControl {
+    /// Stops the job's source.
+    pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The job's failure, if any.
+    pub fatal: crate::source::harness::FatalSlot,
+}
+
+impl JobControl {
+    fn fail(&self, kind: &'static str, error: String) {
+        self.fatal.set(crate::runtime::RunError::Sink { kind, error: SinkError::Config(error) });
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// Writes `answers`, `deletes`, `dead` and the sources' `checkpoints` through `writers`; dead
 /// letters are bounded to `max_dead_letter_bytes` of raw bytes first. The returned stream
 /// carries no data; probe it to learn which epochs are durable.
@@ -43,6 +60,7 @@ pub fn durable_sink<'s>(
     retract_refused: bool,
     forget: crate::operators::key_by_id::Forget,
     progress: Arc<Progress>,
+    control: JobControl,
 ) -> Stream<'s, u64, Vec<()>> {
     let scope = answers.scope();
     let worker_index = scope.index();
@@ -58,7 +76,8 @@ pub fn durable_sink<'s>(
     let address = builder.operator_info().address.to_vec();
     let activator = scope.worker().sync_activator_for(address);
 
-    let (batch_tx, ack_rx, threads) = spawn_stages(writers, worker_index, activator, retract_refused, forget);
+    let failed = control.fatal.clone();
+    let (batch_tx, ack_rx, threads) = spawn_stages(writers, worker_index, activator, retract_refused, forget, control);
 
     builder.build(move |_initial| {
         let mut threads = Some(threads);
@@ -113,6 +132,10 @@ pub fn durable_sink<'s>(
             }
             while let Ok(ack) = ack_rx.try_recv() {
                 writing.remove(&ack.epoch);
+                // A failed job's later epochs were not written: they count for nothing.
+                if failed.failed() {
+                    continue;
+                }
                 progress.answered.fetch_add(ack.answers, Ordering::Relaxed);
                 progress.deleted.fetch_add(ack.deleted, Ordering::Relaxed);
                 progress.dead.fetch_add(ack.dead, Ordering::Relaxed);
@@ -143,6 +166,7 @@ fn spawn_stages(
     activator: timely::scheduling::SyncActivator,
     retract_refused: bool,
     forget: crate::operators::key_by_id::Forget,
+    control: JobControl,
 ) -> (crossbeam_channel::Sender<Group>, crossbeam_channel::Receiver<Ack>, Vec<std::thread::JoinHandle<()>>) {
     let (first_tx, mut rx) = crossbeam_channel::unbounded::<Group>();
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Ack>();
@@ -160,17 +184,18 @@ fn spawn_stages(
         } else {
             (rx.clone(), None)
         };
-        let (ack_tx, activator, forget) = (ack_tx.clone(), activator.clone(), forget.clone());
+        let (ack_tx, activator, forget, control) = (ack_tx.clone(), activator.clone(), forget.clone(), control.clone());
         let kind = writer.as_ref().map(|w| w.kind()).unwrap_or("none");
         let thread = std::thread::Builder::new()
             .name(format!("sluice-sink-{worker_index}-{kind}"))
-            .spawn(move || stage_loop(writer, input, forward, ack_tx, activator, retract_refused, forget))
+            .spawn(move || stage_loop(writer, input, forward, ack_tx, activator, retract_refused, forget, control))
             .expect("cannot start a sink thread");
         threads.push(thread);
     }
     (first_tx, ack_rx, threads)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn stage_loop(
     mut writer: Option<Box<dyn SinkWriter>>,
     rx: crossbeam_channel::Receiver<Group>,
@@ -179,6 +204,7 @@ fn stage_loop(
     activator: timely::scheduling::SyncActivator,
     retract_refused: bool,
     forget: crate::operators::key_by_id::Forget,
+    control: JobControl,
 ) {
     let latency = metrics::histogram!(crate::metrics::END_TO_END_LATENCY);
     let answers = metrics::counter!(crate::metrics::ANSWERS);
@@ -194,7 +220,14 @@ fn stage_loop(
         }
         let (mut batch, epochs) = merge(queued);
         if let Some(w) = writer.as_mut() {
-            write_durably(w.as_mut(), &mut batch, retract_refused, &forget);
+            // A failed job writes nothing more: its epochs pass through unwritten, unacknowledged
+            // to the source, so that its dataflow ends.
+            if !control.fatal.failed() {
+                write_durably(w.as_mut(), &mut batch, retract_refused, &forget);
+                if let Some(e) = CONFIG_ERROR.with(|c| c.borrow_mut().take()) {
+                    control.fail(w.kind(), e);
+                }
+            }
         }
         if let Some(next) = &forward {
             next.send((batch, epochs)).expect("the next sink stage outlives this one");
@@ -414,9 +447,16 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+thread_local! {
+    /// A configuration error a sink stage met while writing: no later write can succeed, so the
+    /// stage fails its job once the write in progress returns (nothing from then on is written
+    /// or acknowledged, so the write reports success to end its retries and splits).
+    static CONFIG_ERROR: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Writes until the sink accepts the batch or refuses a record in it (`Err` with the sink's
-/// reason). Transient errors back off exponentially up to 10 s. A configuration error stops the
-/// process, since no later write can succeed. After a stop signal the watchdog ends the process
+/// reason). Transient errors back off exponentially up to 10 s. A configuration error fails the
+/// job (see [`CONFIG_ERROR`]), since no later write can succeed. After a stop signal the watchdog ends the process
 /// once the grace period is over, with nothing undurable acknowledged.
 fn write_retrying(writer: &mut dyn SinkWriter, batch: &EpochBatch) -> Result<(), Refusal> {
     let mut delay = Duration::from_millis(100);
@@ -436,9 +476,11 @@ fn write_retrying(writer: &mut dyn SinkWriter, batch: &EpochBatch) -> Result<(),
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
             Err(SinkError::Config(e)) => {
-                tracing::error!(sink = writer.kind(), "cannot write: {e}");
-                eprintln!("error: {} sink: {e}", writer.kind());
-                std::process::exit(2);
+                tracing::error!(sink = writer.kind(), "cannot write: {e}; the job fails");
+                CONFIG_ERROR.with(|c| {
+                    c.borrow_mut().get_or_insert(e);
+                });
+                return Ok(());
             }
         }
     }

@@ -36,19 +36,41 @@ pub struct HarnessSettings {
     pub drain_within: Option<Duration>,
 }
 
-/// A run-stopping error raised on a worker thread (a source that cannot work as configured);
-/// the run stops and returns the first one.
+/// A job-stopping error raised on a worker or sink thread (a source or sink that cannot work as
+/// configured); the job stops, acknowledges nothing more, and ends failed with the first one.
 #[derive(Clone, Default)]
-pub struct FatalSlot(Arc<Mutex<Option<SourceError>>>);
+pub struct FatalSlot(Arc<Mutex<FatalState>>);
+
+#[derive(Default)]
+struct FatalState {
+    error: Option<crate::runtime::RunError>,
+    message: Option<String>,
+}
 
 impl FatalSlot {
-    pub fn set(&self, error: SourceError) {
+    pub fn set(&self, error: impl Into<crate::runtime::RunError>) {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        slot.get_or_insert(error);
+        if slot.message.is_none() {
+            let error = error.into();
+            slot.message = Some(error.to_string());
+            slot.error = Some(error);
+        }
     }
 
-    pub fn take(&self) -> Option<SourceError> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    /// Whether the job has failed: nothing from then on may be acknowledged.
+    pub fn failed(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).message.is_some()
+    }
+
+    /// The failure's message, if any.
+    pub fn peek(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).message.clone()
+    }
+
+    /// The failure itself the first time; its message after that.
+    pub fn take(&self) -> Option<crate::runtime::RunError> {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        slot.error.take().or_else(|| slot.message.clone().map(crate::runtime::RunError::Failed))
     }
 }
 
@@ -231,7 +253,7 @@ pub fn source_harness<'s>(
             match &mut phase {
                 Phase::Finished => return,
                 Phase::Draining(source) => {
-                    if oldest > acknowledged {
+                    if oldest > acknowledged && !fatal.failed() {
                         acknowledged = oldest;
                         source.durable(oldest);
                     }
@@ -242,7 +264,7 @@ pub fn source_harness<'s>(
                     }
                     return;
                 }
-                Phase::Reading(source) if oldest > acknowledged => {
+                Phase::Reading(source) if oldest > acknowledged && !fatal.failed() => {
                     acknowledged = oldest;
                     source.durable(oldest);
                 }

@@ -1,0 +1,166 @@
+//! The serve config (`sluice serve --config serve.toml`): the listen address, bearer tokens, the
+//! state folder, the templates jobs are made from, the pipelines that run for the process's
+//! life, and the limits; and its embedded default (the bundled QA and ride models, a local
+//! state folder, no server needed).
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// What `sluice serve` runs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Where the HTTP server listens.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// The state folder: job records, uploads, and each job's answers.
+    #[serde(default = "default_state")]
+    pub state: PathBuf,
+    /// Timely worker threads.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// A file with one bearer token per line. Tokens also come from `SLUICE_TOKENS`
+    /// (comma-separated). With any token set, every route but health needs one.
+    #[serde(default)]
+    pub tokens_file: Option<PathBuf>,
+    #[serde(default)]
+    pub limits: Limits,
+    /// The templates a job names (`template`, or `model` in an upload form): a topology file
+    /// whose task, batching, execution and sinks the job uses, with its own source.
+    #[serde(default = "default_templates")]
+    pub templates: BTreeMap<String, PathBuf>,
+    /// Topology files run for the process's life (a Kafka ride stream, for example).
+    #[serde(default)]
+    pub pipelines: Vec<PathBuf>,
+    /// How long SIGTERM gives the jobs to drain.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// The largest upload, in bytes (413 past it).
+    #[serde(default = "default_max_upload")]
+    pub max_upload_bytes: u64,
+    /// Jobs waiting to run at most (429 past it).
+    #[serde(default = "default_max_queued")]
+    pub max_queued_jobs: usize,
+    /// Jobs running at once; the others wait, in the order they came.
+    #[serde(default = "default_max_running")]
+    pub max_running_jobs: usize,
+    /// Finished jobs kept (the oldest go first, with their uploads and answers).
+    #[serde(default = "default_keep_finished")]
+    pub keep_finished_jobs: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_upload_bytes: default_max_upload(),
+            max_queued_jobs: default_max_queued(),
+            max_running_jobs: default_max_running(),
+            keep_finished_jobs: default_keep_finished(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_state() -> PathBuf {
+    PathBuf::from("sluice-state")
+}
+fn default_workers() -> usize {
+    2
+}
+fn default_grace() -> u64 {
+    30_000
+}
+fn default_max_upload() -> u64 {
+    1 << 30
+}
+fn default_max_queued() -> usize {
+    1000
+}
+fn default_max_running() -> usize {
+    2
+}
+fn default_keep_finished() -> usize {
+    1000
+}
+fn default_templates() -> BTreeMap<String, PathBuf> {
+    BTreeMap::from([("qa".to_string(), PathBuf::from("topologies/qa_csv.toml")), ("rides".to_string(), PathBuf::from("topologies/rides_generator.toml"))])
+}
+
+impl Default for ServeConfig {
+    /// The embedded default: the bundled QA and ride models, state in `sluice-state/`.
+    fn default() -> Self {
+        toml::from_str("").expect("every field has a default")
+    }
+}
+
+impl ServeConfig {
+    /// Reads and checks a serve config; errors name the file, the field and the fix.
+    pub fn load(path: &Path) -> anyhow::Result<ServeConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot read the serve config: {e}", path.display()))?;
+        let config: ServeConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+        config.check(&path.display().to_string())?;
+        Ok(config)
+    }
+
+    pub fn check(&self, file: &str) -> anyhow::Result<()> {
+        let bad = |field: &str, message: String, hint: &str| anyhow::anyhow!("{file}: field `{field}`: {message}\n  hint: {hint}");
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(bad("listen", format!("`{}` is not an address", self.listen), "use host:port, e.g. 127.0.0.1:8080"));
+        }
+        if self.workers == 0 {
+            return Err(bad("workers", "must be at least 1".into(), "use the machine's cores, e.g. 2"));
+        }
+        if self.limits.max_running_jobs == 0 {
+            return Err(bad("limits.max_running_jobs", "must be at least 1".into(), "e.g. 2"));
+        }
+        for (name, t) in &self.templates {
+            if !t.is_file() {
+                return Err(bad(&format!("templates.{name}"), format!("no file at `{}`", t.display()), "name a topology file, e.g. topologies/qa_csv.toml"));
+            }
+        }
+        for p in &self.pipelines {
+            if !p.is_file() {
+                return Err(bad("pipelines", format!("no file at `{}`", p.display()), "name topology files, e.g. [\"topologies/rides_kafka.toml\"]"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The bearer tokens: `tokens_file`'s lines and `SLUICE_TOKENS`.
+    pub fn tokens(&self) -> anyhow::Result<Vec<String>> {
+        let mut tokens: Vec<String> = std::env::var("SLUICE_TOKENS").unwrap_or_default().split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect();
+        if let Some(f) = &self.tokens_file {
+            let text = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("cannot read tokens_file {}: {e}", f.display()))?;
+            tokens.extend(text.lines().map(str::trim).filter(|t| !t.is_empty() && !t.starts_with('#')).map(String::from));
+        }
+        Ok(tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_serves_the_bundled_models_locally() {
+        let c = ServeConfig::default();
+        assert_eq!(c.listen, "127.0.0.1:8080");
+        assert_eq!(c.state, PathBuf::from("sluice-state"));
+        assert_eq!(c.templates.keys().cloned().collect::<Vec<_>>(), vec!["qa".to_string(), "rides".to_string()]);
+        assert_eq!(c.limits.max_upload_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_with_its_name() {
+        let e = toml::from_str::<ServeConfig>("listne = \"x\"").unwrap_err().to_string();
+        assert!(e.contains("listne"), "{e}");
+    }
+}

@@ -1,0 +1,498 @@
+//! The HTTP front of `sluice serve` (axum): the job API under `/v1` (submit, upload, status,
+//! list, cancel, answers and dead letters as NDJSON), health under the Open Inference
+//! Protocol's `/v2/health/*` paths, and `/metrics`. Errors are `{"error": {"code", "message",
+//! "hint"}}` with the status that fits; with tokens configured every route but health and
+//! metrics needs `Authorization: Bearer <token>`.
+
+use crate::serve::jobs::{from_template, JobRecord, Jobs, JobsError};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sluice::engine::JobStatus;
+use sluice::topology::{TaskConfig, Topology};
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What every handler sees.
+pub struct App {
+    pub jobs: Arc<Jobs>,
+    /// The templates, parsed at start.
+    pub templates: BTreeMap<String, (PathBuf, Topology)>,
+    pub tokens: Vec<String>,
+}
+
+/// An API error: its status, a stable code, a message and how to fix it.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    hint: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>, hint: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), hint: hint.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"error": {"code": self.code, "message": self.message, "hint": self.hint}}))).into_response()
+    }
+}
+
+impl From<JobsError> for ApiError {
+    fn from(e: JobsError) -> ApiError {
+        match e {
+            JobsError::Invalid(m, h) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", m, h),
+            JobsError::NotFound(id) => ApiError::new(StatusCode::NOT_FOUND, "job_not_found", format!("no job `{id}`"), "list the jobs with GET /v1/jobs"),
+            JobsError::Full(n) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", format!("{n} jobs are already waiting"), "try again once some have run"),
+            JobsError::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m, "see the server's log"),
+        }
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let api = Router::new()
+        .route("/v1/templates", get(templates))
+        .route("/v1/jobs", post(submit).get(list))
+        .route("/v1/jobs/upload", post(upload).layer(DefaultBodyLimit::disable()))
+        .route("/v1/jobs/{id}", get(status))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/answers", get(answers))
+        .route("/v1/jobs/{id}/dead_letters", get(dead_letters))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), auth));
+    Router::new()
+        .route("/v2/health/live", get(|| async { Json(json!({"live": true})) }))
+        .route("/v2/health/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route", "the job API lives under /v1/jobs") })
+        .with_state(app)
+}
+
+async fn auth(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    if app.tokens.is_empty() {
+        return next.run(request).await;
+    }
+    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if app.tokens.iter().any(|k| k == t.trim()) => next.run(request).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the bearer token is not one of the server's", "use a token from the serve config's tokens_file or SLUICE_TOKENS").into_response(),
+        None => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "this route needs a bearer token", "send `Authorization: Bearer <token>`").into_response(),
+    }
+}
+
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    if app.jobs.engine().stopping() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"ready": false}))).into_response()
+    } else {
+        Json(json!({"ready": true})).into_response()
+    }
+}
+
+async fn metrics() -> Response {
+    match sluice::metrics::render() {
+        Some(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        None => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_metrics", "metrics are not installed", "").into_response(),
+    }
+}
+
+async fn templates(State(app): State<Arc<App>>) -> Json<Value> {
+    let list: Vec<Value> = app
+        .templates
+        .iter()
+        .map(|(name, (path, t))| {
+            let task = match &t.task {
+                TaskConfig::ExtractiveQa { .. } => "extractive_qa",
+                TaskConfig::Tabular { .. } => "tabular",
+            };
+            json!({"name": name, "topology": path, "pipeline": t.name, "task": task, "columns": required_columns(t)})
+        })
+        .collect();
+    Json(json!({"templates": list}))
+}
+
+/// `POST /v1/jobs`: a whole topology (`{"topology": "<TOML>"}`, or the TOML itself), or a
+/// template and a source (`{"template": "rides", "source": {"type": "generator", "count": 1000}}`).
+async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: String) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let key = idempotency_key(&headers);
+    let (text, template) = if body.trim_start().starts_with('{') {
+        let v: Value = serde_json::from_str(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("the body is not JSON: {e}"), "send {\"topology\": \"...\"} or {\"template\": ..., \"source\": {...}}"))?;
+        if let Some(t) = v.get("topology").and_then(Value::as_str) {
+            (t.to_string(), None)
+        } else if let Some(name) = v.get("template").and_then(Value::as_str) {
+            let (path, _) = template(&app, name)?;
+            let source = v.get("source").cloned().ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", "a template job needs a `source`", "e.g. \"source\": {\"type\": \"csv\", \"path\": \"data/q.csv\"}"))?;
+            let source: toml::Table = serde_json::from_value(source).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("`source` is not a table: {e}"), "give the source's fields as a JSON object"))?;
+            (from_template(path, source).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "template", e, "check the serve config's templates"))?, Some(name.to_string()))
+        } else {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", "the body names neither `topology` nor `template`", "send {\"topology\": \"<TOML>\"} or {\"template\": \"rides\", \"source\": {...}}"));
+        }
+    } else {
+        (body, None)
+    };
+    let jobs = app.jobs.clone();
+    let record = tokio::task::spawn_blocking(move || jobs.submit(text, template, key, None)).await.map_err(internal)??;
+    Ok((StatusCode::ACCEPTED, Json(json!({"job_id": record.id, "status": record.status}))))
+}
+
+/// `POST /v1/jobs/upload`: multipart form data with `file` (CSV or Parquet) and `model` (or
+/// `template`). The file is streamed to the state folder as it arrives.
+async fn upload(State(app): State<Arc<App>>, headers: HeaderMap, mut form: Multipart) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let key = idempotency_key(&headers);
+    let limit = app.jobs.config.limits.max_upload_bytes;
+    let mut name: Option<String> = None;
+    let mut saved: Option<Upload> = None;
+    let broken = |e: axum::extract::multipart::MultipartError| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_multipart", format!("the form data is broken: {}", e.body_text()), "send multipart/form-data with a `file` and a `model` field")
+    };
+    loop {
+        let field = match form.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                drop(saved);
+                return Err(broken(e));
+            }
+        };
+        match field.name().unwrap_or_default() {
+            "model" | "template" => name = Some(field.text().await.map_err(broken)?.trim().to_string()),
+            "file" => {
+                let filename = field.file_name().unwrap_or_default().to_string();
+                let parquet = filename.ends_with(".parquet") || field.content_type().is_some_and(|c| c.contains("parquet"));
+                let ext = if parquet { "parquet" } else { "csv" };
+                let path = app.jobs.config.state.join("uploads").join(format!("{}.{ext}", upload_name()));
+                let file = std::fs::File::create(&path).map_err(|e| internal(format!("cannot store the upload: {e}")))?;
+                let mut up = Upload { path, file: Some(std::io::BufWriter::with_capacity(1 << 20, file)), bytes: 0, parquet, keep: false };
+                let mut field = field;
+                loop {
+                    match field.chunk().await {
+                        Ok(Some(chunk)) => {
+                            up.bytes += chunk.len() as u64;
+                            if up.bytes > limit {
+                                return Err(ApiError::new(
+                                    StatusCode::PAYLOAD_TOO_LARGE,
+                                    "upload_too_large",
+                                    format!("the upload is over the limit of {limit} bytes"),
+                                    "split the file, or raise limits.max_upload_bytes in the serve config",
+                                ));
+                            }
+                            if let Some(w) = up.file.as_mut() {
+                                w.write_all(&chunk).map_err(|e| internal(format!("cannot store the upload: {e}")))?;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => return Err(broken(e)),
+                    }
+                }
+                if let Some(w) = up.file.take() {
+                    w.into_inner().map_err(|e| internal(format!("cannot store the upload: {e}")))?.sync_all().map_err(|e| internal(format!("cannot store the upload: {e}")))?;
+                }
+                saved = Some(up);
+            }
+            _ => {}
+        }
+    }
+    let mut up = saved.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_upload", "the form has no `file` field", "add the CSV or Parquet file as `file`"))?;
+    let name = name.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_upload", "the form names no `model`", format!("add a `model` field, one of: {}", app.templates.keys().cloned().collect::<Vec<_>>().join(", "))))?;
+    let (template_path, topology) = template(&app, &name)?;
+    let required = required_columns(topology);
+    let columns = if up.parquet { parquet_columns(&up.path) } else { csv_header(&up.path) }
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_upload", format!("cannot read the file's columns: {e}"), "upload a CSV with a header line, or a Parquet file"))?;
+    let missing: Vec<&str> = required.iter().map(String::as_str).filter(|c| !columns.iter().any(|h| h == c)).collect();
+    if !missing.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "missing_columns",
+            format!("the file has no {} column{} (it has: {})", missing.join(", "), if missing.len() > 1 { "s" } else { "" }, columns.join(", ")),
+            format!("the `{name}` model needs the columns {}", required.join(", ")),
+        ));
+    }
+    let mut source = toml::Table::new();
+    source.insert("type".into(), "files".into());
+    let absolute = std::path::absolute(&up.path).unwrap_or(up.path.clone());
+    source.insert("path".into(), absolute.display().to_string().into());
+    source.insert("format".into(), (if up.parquet { "parquet" } else { "csv" }).into());
+    source.insert("suffix".into(), (if up.parquet { ".parquet" } else { ".csv" }).into());
+    let text = from_template(template_path, source).map_err(|e| internal(e))?;
+    let jobs = app.jobs.clone();
+    let upload = (up.path.clone(), up.bytes);
+    let record = tokio::task::spawn_blocking(move || jobs.submit(text, Some(name), key, Some(upload))).await.map_err(internal)??;
+    // An idempotent repeat returns the first job, which keeps its own upload.
+    up.keep = record.upload.as_ref() == Some(&up.path);
+    Ok((StatusCode::ACCEPTED, Json(json!({"job_id": record.id, "status": record.status}))))
+}
+
+/// An upload on its way to the state folder: removed unless a job takes it.
+struct Upload {
+    path: PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    bytes: u64,
+    parquet: bool,
+    keep: bool,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.file.take();
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    status: Option<String>,
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/jobs?status=running,enqueued&cursor=<id>&limit=100`: oldest first; `next_cursor`
+/// continues after the last one listed.
+async fn list(State(app): State<Arc<App>>, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+    let wanted: Option<Vec<JobStatus>> = match &q.status {
+        None => None,
+        Some(s) => Some(
+            s.split(',')
+                .map(|one| {
+                    serde_json::from_value(Value::String(one.trim().to_string())).map_err(|_| {
+                        ApiError::new(StatusCode::BAD_REQUEST, "invalid_status", format!("`{one}` is not a job status"), "use enqueued, running, succeeded, failed or canceled")
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let jobs = app.jobs.clone();
+    let all = tokio::task::spawn_blocking(move || jobs.list()).await.map_err(internal)?;
+    let mut page: Vec<Value> = Vec::new();
+    let mut next = None;
+    for r in all.iter().filter(|r| q.cursor.as_ref().is_none_or(|c| &r.id > c)).filter(|r| wanted.as_ref().is_none_or(|w| w.contains(&r.status))) {
+        if page.len() == limit {
+            next = page.last().and_then(|p| p["job_id"].as_str().map(String::from));
+            break;
+        }
+        page.push(view(r));
+    }
+    Ok(Json(json!({"jobs": page, "next_cursor": next})))
+}
+
+async fn status(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let jobs = app.jobs.clone();
+    let record = tokio::task::spawn_blocking(move || jobs.get(&id).ok_or(JobsError::NotFound(id))).await.map_err(internal)??;
+    Ok(Json(view(&record)))
+}
+
+async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let jobs = app.jobs.clone();
+    let record = tokio::task::spawn_blocking(move || jobs.cancel(&id)).await.map_err(internal)??;
+    Ok(Json(view(&record)))
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    cursor: Option<String>,
+    limit: Option<u64>,
+}
+
+async fn answers(State(app): State<Arc<App>>, Path(id): Path<String>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
+    lines(app, id, "answers", q).await
+}
+
+async fn dead_letters(State(app): State<Arc<App>>, Path(id): Path<String>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
+    lines(app, id, "dead_letters", q).await
+}
+
+/// Streams a job's `<kind>.w<worker>.jsonl` files as one NDJSON body, from `cursor`
+/// (`<file>:<offset>`) for at most `limit` lines; the `Sluice-Next-Cursor` header continues
+/// after them (absent at the end).
+async fn lines(app: Arc<App>, id: String, kind: &'static str, q: PageQuery) -> Result<Response, ApiError> {
+    if app.jobs.get(&id).is_none() {
+        return Err(JobsError::NotFound(id).into());
+    }
+    let dir = app.jobs.out_dir(&id);
+    let (mut file, mut offset) = match &q.cursor {
+        None => (0usize, 0u64),
+        Some(c) => c
+            .split_once(':')
+            .and_then(|(f, o)| Some((f.parse().ok()?, o.parse().ok()?)))
+            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_cursor", format!("`{c}` is not a cursor"), "pass the Sluice-Next-Cursor header of the last page"))?,
+    };
+    // The files as they are now: a page ends where they end.
+    let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let w: u64 = name.strip_prefix(kind)?.strip_prefix(".w")?.strip_suffix(".jsonl")?.parse().ok()?;
+                    Some((w, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    let lens: Vec<u64> = files.iter().map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).collect();
+    // Where this page ends: `limit` lines on, found by counting newlines.
+    let mut ranges: Vec<(PathBuf, u64, u64)> = Vec::new();
+    let mut left = q.limit.unwrap_or(u64::MAX);
+    let mut next = None;
+    while file < files.len() && left > 0 {
+        let len = lens[file];
+        let end = if left == u64::MAX { len } else { nth_line_end(&files[file].1, offset, len, &mut left).map_err(internal)? };
+        if end > offset {
+            ranges.push((files[file].1.clone(), offset, end));
+        }
+        if end < len {
+            next = Some(format!("{file}:{end}"));
+            break;
+        }
+        file += 1;
+        offset = 0;
+    }
+    if next.is_none() && left == 0 && file < files.len() {
+        next = Some(format!("{file}:{offset}"));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    std::thread::spawn(move || {
+        for (path, from, to) in ranges {
+            let sent = (|| -> std::io::Result<()> {
+                let mut f = std::fs::File::open(&path)?;
+                f.seek(std::io::SeekFrom::Start(from))?;
+                let mut f = f.take(to - from);
+                loop {
+                    let mut buf = vec![0u8; 256 << 10];
+                    let n = f.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    buf.truncate(n);
+                    if tx.blocking_send(Ok(buf)).is_err() {
+                        return Ok(());
+                    }
+                }
+            })();
+            if let Err(e) = sent {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(header::CONTENT_TYPE, "application/x-ndjson".parse().expect("a valid header"));
+    if let Some(n) = next {
+        response.headers_mut().insert("sluice-next-cursor", n.parse().map_err(internal)?);
+    }
+    Ok(response)
+}
+
+/// The offset just past the `left`-th line from `from` (or `len`), counting the lines it passes off `left`.
+fn nth_line_end(path: &std::path::Path, from: u64, len: u64, left: &mut u64) -> Result<u64, String> {
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    f.seek(std::io::SeekFrom::Start(from)).map_err(|e| e.to_string())?;
+    let mut pos = from;
+    let mut buf = vec![0u8; 256 << 10];
+    while pos < len && *left > 0 {
+        let want = ((len - pos) as usize).min(buf.len());
+        let n = f.read(&mut buf[..want]).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        for i in memchr::memchr_iter(b'\n', &buf[..n]) {
+            *left -= 1;
+            if *left == 0 {
+                return Ok(pos + i as u64 + 1);
+            }
+        }
+        pos += n as u64;
+    }
+    Ok(pos)
+}
+
+/// A job as the API shows it.
+fn view(r: &JobRecord) -> Value {
+    let now = sluice::record::now_ms();
+    let done = r.answered + r.dead_letters;
+    let secs = r.started_ms.map(|s| (r.finished_ms.unwrap_or(now).saturating_sub(s)) as f64 / 1000.0).unwrap_or(0.0);
+    let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+    let eta = match (r.total, r.status) {
+        (Some(t), JobStatus::Running) if rate > 0.0 => Some((t.saturating_sub(done)) as f64 / rate),
+        _ => None,
+    };
+    json!({
+        "job_id": r.id,
+        "status": r.status,
+        "template": r.template,
+        "pipeline": r.pipeline,
+        "source": r.source,
+        "counts": {"read": r.read, "answered": r.answered, "dead_letters": r.dead_letters, "total": r.total},
+        "bytes_total": r.bytes_total,
+        "rate_per_s": rate,
+        "eta_s": eta,
+        "created_ms": r.created_ms,
+        "started_ms": r.started_ms,
+        "finished_ms": r.finished_ms,
+        "attempts": r.attempts,
+        "error": r.error,
+    })
+}
+
+fn template<'a>(app: &'a App, name: &str) -> Result<&'a (PathBuf, Topology), ApiError> {
+    app.templates.get(name).ok_or_else(|| {
+        ApiError::new(StatusCode::NOT_FOUND, "model_not_found", format!("no model or template `{name}`"), format!("use one of: {}", app.templates.keys().cloned().collect::<Vec<_>>().join(", ")))
+    })
+}
+
+/// The columns a template's task reads from a file.
+fn required_columns(t: &Topology) -> Vec<String> {
+    match &t.task {
+        TaskConfig::ExtractiveQa { .. } => vec!["question".into(), "context".into()],
+        // The tabular task's inputs are the model's; its rows are checked one by one (a row
+        // without a feature is a dead letter).
+        TaskConfig::Tabular { .. } => Vec::new(),
+    }
+}
+
+fn csv_header(path: &std::path::Path) -> Result<Vec<String>, String> {
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 64 << 10];
+    let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+    let head = &buf[..n];
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let line = line.trim_start_matches('\u{feff}').trim_end_matches('\r');
+    if line.is_empty() {
+        return Err("the file is empty".into());
+    }
+    Ok(line.split(',').map(|c| c.trim().trim_matches('"').to_string()).collect())
+}
+
+fn parquet_columns(path: &std::path::Path) -> Result<Vec<String>, String> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let reader = SerializedFileReader::new(f).map_err(|e| e.to_string())?;
+    Ok(reader.metadata().file_metadata().schema_descr().columns().iter().map(|c| c.name().to_string()).collect())
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Option<String> {
+    headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+fn upload_name() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!("u{:011x}{:05x}", sluice::record::now_ms(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xfffff)
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string(), "see the server's log")
+}
