@@ -214,7 +214,10 @@ impl Engine {
                         BatchInvariance::No => false,
                     };
                     if !invariant {
-                        tracing::info!("{} uses dynamic quantization: running one window per model call so answers do not depend on batch-mates", model.display());
+                        tracing::info!(
+                            "{} uses dynamic quantization: running one window per model call so answers do not depend on batch-mates",
+                            model.display()
+                        );
                     }
                     let exec = &topology.execution;
                     let shapes = |provider| crate::runtime::qa_shapes(topology, provider, *max_seq_len);
@@ -469,6 +472,9 @@ trait Install: Send + Sync {
     fn job(&self) -> Arc<JobShared>;
 }
 
+/// One worker's sink writers, in the topology's order.
+type Writers = Vec<Box<dyn SinkWriter>>;
+
 /// Everything one job's dataflow needs on every worker, prepared once per process.
 struct Prepared<T: Task> {
     job: Arc<JobShared>,
@@ -483,17 +489,29 @@ struct Prepared<T: Task> {
     max_dead: usize,
     retract: bool,
     /// Each local worker's sink writers, taken when it installs the dataflow.
-    writers: Mutex<Vec<Option<Vec<Box<dyn SinkWriter>>>>>,
+    writers: Mutex<Vec<Option<Writers>>>,
     first_worker: usize,
 }
 
-fn prepare<T: Task>(inner: &Inner, job: Arc<JobShared>, topology: &Topology, task: Arc<T>, handle: InferenceHandle<T::Model>, opts: JobOptions) -> Result<Arc<dyn Install>, RunError> {
+fn prepare<T: Task>(
+    inner: &Inner,
+    job: Arc<JobShared>,
+    topology: &Topology,
+    task: Arc<T>,
+    handle: InferenceHandle<T::Model>,
+    opts: JobOptions,
+) -> Result<Arc<dyn Install>, RunError> {
     let settings = &inner.settings;
     let workers = settings.workers.max(1);
     let rt = &topology.runtime;
     let source = topology.source.factory(&topology.name, &topology.runtime)?;
     let first_worker = settings.process * workers;
-    let ctx = SinkContext { pipeline: topology.name.clone(), columns: task.output_columns(), resumable: source.resumable(), workers: first_worker..first_worker + workers };
+    let ctx = SinkContext {
+        pipeline: topology.name.clone(),
+        columns: task.output_columns(),
+        resumable: source.resumable(),
+        workers: first_worker..first_worker + workers,
+    };
     let sinks: Vec<Arc<dyn SinkFactory>> = resolve_sinks(topology).iter().map(|s| s.factory()).collect();
     let mut outputs = Vec::new();
     // The sinks that store checkpoints are written last, in the order given, so the last of
@@ -566,8 +584,16 @@ impl<T: Task> Install for Prepared<T> {
         let (stop, fatal, progress) = (job.stop.clone(), job.fatal.clone(), job.progress.clone());
         let name = format!("{}:{}", job.pipeline, job.id);
         worker.dataflow_named::<u64, _, _>(&name, |scope| {
-            let (records, checkpoints) =
-                source_harness(scope, self.source.clone(), self.resume.clone(), self.harness.clone(), durable.clone(), stop.clone(), fatal.clone(), progress.clone());
+            let (records, checkpoints) = source_harness(
+                scope,
+                self.source.clone(),
+                self.resume.clone(),
+                self.harness.clone(),
+                durable.clone(),
+                stop.clone(),
+                fatal.clone(),
+                progress.clone(),
+            );
             let (requests, bad) = decode(records, self.task.clone(), self.decoding.clone());
             let forget = crate::operators::key_by_id::Forget::default();
             let (requests, deletes) = key_by_id(requests, self.keying, self.window, forget.clone());

@@ -100,7 +100,11 @@ pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, RunError> 
 }
 
 /// One model per run in flight: the first decides the provider, and so the default count.
-pub(crate) fn open_models<M>(exec: &ExecutionConfig, load: impl Fn() -> Result<M, InferenceError>, provider: impl Fn(&M) -> Provider) -> Result<Vec<M>, InferenceError> {
+pub(crate) fn open_models<M>(
+    exec: &ExecutionConfig,
+    load: impl Fn() -> Result<M, InferenceError>,
+    provider: impl Fn(&M) -> Provider,
+) -> Result<Vec<M>, InferenceError> {
     let first = load()?;
     let runs = exec.runs_on(provider(&first));
     std::iter::once(Ok(first)).chain((1..runs).map(|_| load())).collect()
@@ -124,4 +128,3 @@ pub(crate) fn model_name_or_folder(name: &Option<String>, model: &std::path::Pat
 pub fn policy(topology: &Topology) -> BatchPolicy {
     BatchPolicy { max_batch: topology.batching.max_batch, max_delay: Duration::from_millis(topology.batching.max_delay_ms), lookahead: 4 }
 }
-

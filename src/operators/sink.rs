@@ -551,7 +551,8 @@ mod tests {
                     Box::new(Recorder { name: "topic", offsets: false, delay: Duration::from_millis(10), log: log.clone() }),
                 ];
                 writers.sort_by_key(|w| w.stores_checkpoints());
-                let (tx, acks, threads) = spawn_stages(writers, 0, activator, false, Default::default());
+                let (tx, acks, threads) =
+                    spawn_stages(writers, 0, activator, false, Default::default(), JobControl { stop: Default::default(), fatal: Default::default() });
                 for e in 0..8u64 {
                     let ids = [format!("e{e}a"), format!("e{e}b")];
                     let b = batch(e, &[ids[0].as_str(), ids[1].as_str()], e as i64);

@@ -136,7 +136,8 @@ impl ServeConfig {
 
     /// The bearer tokens: `tokens_file`'s lines and `SLUICE_TOKENS`.
     pub fn tokens(&self) -> anyhow::Result<Vec<String>> {
-        let mut tokens: Vec<String> = std::env::var("SLUICE_TOKENS").unwrap_or_default().split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect();
+        let mut tokens: Vec<String> =
+            std::env::var("SLUICE_TOKENS").unwrap_or_default().split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect();
         if let Some(f) = &self.tokens_file {
             let text = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("cannot read tokens_file {}: {e}", f.display()))?;
             tokens.extend(text.lines().map(str::trim).filter(|t| !t.is_empty() && !t.starts_with('#')).map(String::from));

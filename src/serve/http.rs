@@ -54,7 +54,9 @@ impl From<JobsError> for ApiError {
         match e {
             JobsError::Invalid(m, h) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", m, h),
             JobsError::NotFound(id) => ApiError::new(StatusCode::NOT_FOUND, "job_not_found", format!("no job `{id}`"), "list the jobs with GET /v1/jobs"),
-            JobsError::Full(n) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", format!("{n} jobs are already waiting"), "try again once some have run"),
+            JobsError::Full(n) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", format!("{n} jobs are already waiting"), "try again once some have run")
+            }
             JobsError::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m, "see the server's log"),
         }
     }
@@ -86,8 +88,16 @@ async fn auth(State(app): State<Arc<App>>, request: Request, next: Next) -> Resp
     let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(t) if app.tokens.iter().any(|k| k == t.trim()) => next.run(request).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the bearer token is not one of the server's", "use a token from the serve config's tokens_file or SLUICE_TOKENS").into_response(),
-        None => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "this route needs a bearer token", "send `Authorization: Bearer <token>`").into_response(),
+        Some(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the bearer token is not one of the server's",
+            "use a token from the serve config's tokens_file or SLUICE_TOKENS",
+        )
+        .into_response(),
+        None => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "this route needs a bearer token", "send `Authorization: Bearer <token>`").into_response()
+        }
     }
 }
 
@@ -126,16 +136,41 @@ async fn templates(State(app): State<Arc<App>>) -> Json<Value> {
 async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: String) -> Result<(StatusCode, Json<Value>), ApiError> {
     let key = idempotency_key(&headers);
     let (text, template) = if body.trim_start().starts_with('{') {
-        let v: Value = serde_json::from_str(&body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("the body is not JSON: {e}"), "send {\"topology\": \"...\"} or {\"template\": ..., \"source\": {...}}"))?;
+        let v: Value = serde_json::from_str(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body is not JSON: {e}"),
+                "send {\"topology\": \"...\"} or {\"template\": ..., \"source\": {...}}",
+            )
+        })?;
         if let Some(t) = v.get("topology").and_then(Value::as_str) {
             (t.to_string(), None)
         } else if let Some(name) = v.get("template").and_then(Value::as_str) {
             let (path, _) = template(&app, name)?;
-            let source = v.get("source").cloned().ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", "a template job needs a `source`", "e.g. \"source\": {\"type\": \"csv\", \"path\": \"data/q.csv\"}"))?;
-            let source: toml::Table = serde_json::from_value(source).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("`source` is not a table: {e}"), "give the source's fields as a JSON object"))?;
-            (from_template(path, source).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "template", e, "check the serve config's templates"))?, Some(name.to_string()))
+            let source = v.get("source").cloned().ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_job",
+                    "a template job needs a `source`",
+                    "e.g. \"source\": {\"type\": \"csv\", \"path\": \"data/q.csv\"}",
+                )
+            })?;
+            let source: toml::Table = serde_json::from_value(source).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("`source` is not a table: {e}"), "give the source's fields as a JSON object")
+            })?;
+            (
+                from_template(path, source)
+                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "template", e, "check the serve config's templates"))?,
+                Some(name.to_string()),
+            )
         } else {
-            return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", "the body names neither `topology` nor `template`", "send {\"topology\": \"<TOML>\"} or {\"template\": \"rides\", \"source\": {...}}"));
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_job",
+                "the body names neither `topology` nor `template`",
+                "send {\"topology\": \"<TOML>\"} or {\"template\": \"rides\", \"source\": {...}}",
+            ));
         }
     } else {
         (body, None)
@@ -153,7 +188,12 @@ async fn upload(State(app): State<Arc<App>>, headers: HeaderMap, mut form: Multi
     let mut name: Option<String> = None;
     let mut saved: Option<Upload> = None;
     let broken = |e: axum::extract::multipart::MultipartError| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_multipart", format!("the form data is broken: {}", e.body_text()), "send multipart/form-data with a `file` and a `model` field")
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_multipart",
+            format!("the form data is broken: {}", e.body_text()),
+            "send multipart/form-data with a `file` and a `model` field",
+        )
     };
     loop {
         let field = match form.next_field().await {
@@ -195,19 +235,36 @@ async fn upload(State(app): State<Arc<App>>, headers: HeaderMap, mut form: Multi
                     }
                 }
                 if let Some(w) = up.file.take() {
-                    w.into_inner().map_err(|e| internal(format!("cannot store the upload: {e}")))?.sync_all().map_err(|e| internal(format!("cannot store the upload: {e}")))?;
+                    w.into_inner()
+                        .map_err(|e| internal(format!("cannot store the upload: {e}")))?
+                        .sync_all()
+                        .map_err(|e| internal(format!("cannot store the upload: {e}")))?;
                 }
                 saved = Some(up);
             }
             _ => {}
         }
     }
-    let mut up = saved.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_upload", "the form has no `file` field", "add the CSV or Parquet file as `file`"))?;
-    let name = name.ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_upload", "the form names no `model`", format!("add a `model` field, one of: {}", app.templates.keys().cloned().collect::<Vec<_>>().join(", "))))?;
+    let mut up = saved
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_upload", "the form has no `file` field", "add the CSV or Parquet file as `file`"))?;
+    let name = name.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_upload",
+            "the form names no `model`",
+            format!("add a `model` field, one of: {}", app.templates.keys().cloned().collect::<Vec<_>>().join(", ")),
+        )
+    })?;
     let (template_path, topology) = template(&app, &name)?;
     let required = required_columns(topology);
-    let columns = if up.parquet { parquet_columns(&up.path) } else { csv_header(&up.path) }
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_upload", format!("cannot read the file's columns: {e}"), "upload a CSV with a header line, or a Parquet file"))?;
+    let columns = if up.parquet { parquet_columns(&up.path) } else { csv_header(&up.path) }.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_upload",
+            format!("cannot read the file's columns: {e}"),
+            "upload a CSV with a header line, or a Parquet file",
+        )
+    })?;
     let missing: Vec<&str> = required.iter().map(String::as_str).filter(|c| !columns.iter().any(|h| h == c)).collect();
     if !missing.is_empty() {
         return Err(ApiError::new(
@@ -223,7 +280,7 @@ async fn upload(State(app): State<Arc<App>>, headers: HeaderMap, mut form: Multi
     source.insert("path".into(), absolute.display().to_string().into());
     source.insert("format".into(), (if up.parquet { "parquet" } else { "csv" }).into());
     source.insert("suffix".into(), (if up.parquet { ".parquet" } else { ".csv" }).into());
-    let text = from_template(template_path, source).map_err(|e| internal(e))?;
+    let text = from_template(template_path, source).map_err(internal)?;
     let jobs = app.jobs.clone();
     let upload = (up.path.clone(), up.bytes);
     let record = tokio::task::spawn_blocking(move || jobs.submit(text, Some(name), key, Some(upload))).await.map_err(internal)??;
@@ -266,7 +323,12 @@ async fn list(State(app): State<Arc<App>>, Query(q): Query<ListQuery>) -> Result
             s.split(',')
                 .map(|one| {
                     serde_json::from_value(Value::String(one.trim().to_string())).map_err(|_| {
-                        ApiError::new(StatusCode::BAD_REQUEST, "invalid_status", format!("`{one}` is not a job status"), "use enqueued, running, succeeded, failed or canceled")
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_status",
+                            format!("`{one}` is not a job status"),
+                            "use enqueued, running, succeeded, failed or canceled",
+                        )
                     })
                 })
                 .collect::<Result<_, _>>()?,
@@ -323,10 +385,9 @@ async fn lines(app: Arc<App>, id: String, kind: &'static str, q: PageQuery) -> R
     let dir = app.jobs.out_dir(&id);
     let (mut file, mut offset) = match &q.cursor {
         None => (0usize, 0u64),
-        Some(c) => c
-            .split_once(':')
-            .and_then(|(f, o)| Some((f.parse().ok()?, o.parse().ok()?)))
-            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "invalid_cursor", format!("`{c}` is not a cursor"), "pass the Sluice-Next-Cursor header of the last page"))?,
+        Some(c) => c.split_once(':').and_then(|(f, o)| Some((f.parse().ok()?, o.parse().ok()?))).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_cursor", format!("`{c}` is not a cursor"), "pass the Sluice-Next-Cursor header of the last page")
+        })?,
     };
     // The files as they are now: a page ends where they end.
     let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
@@ -449,7 +510,12 @@ fn view(r: &JobRecord) -> Value {
 
 fn template<'a>(app: &'a App, name: &str) -> Result<&'a (PathBuf, Topology), ApiError> {
     app.templates.get(name).ok_or_else(|| {
-        ApiError::new(StatusCode::NOT_FOUND, "model_not_found", format!("no model or template `{name}`"), format!("use one of: {}", app.templates.keys().cloned().collect::<Vec<_>>().join(", ")))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("no model or template `{name}`"),
+            format!("use one of: {}", app.templates.keys().cloned().collect::<Vec<_>>().join(", ")),
+        )
     })
 }
 

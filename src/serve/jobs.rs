@@ -140,7 +140,13 @@ impl Jobs {
 
     /// Accepts a job: checks its topology, records it, and queues it. With an idempotency key
     /// already seen, the job that key made.
-    pub fn submit(&self, mut topology_text: String, template: Option<String>, key: Option<String>, upload: Option<(PathBuf, u64)>) -> Result<JobRecord, JobsError> {
+    pub fn submit(
+        &self,
+        mut topology_text: String,
+        template: Option<String>,
+        key: Option<String>,
+        upload: Option<(PathBuf, u64)>,
+    ) -> Result<JobRecord, JobsError> {
         let mut state = lock(&self.state);
         if let Some(k) = &key {
             if let Some(id) = state.keys.get(k) {
@@ -150,7 +156,8 @@ impl Jobs {
         if state.queue.len() >= self.config.limits.max_queued_jobs {
             return Err(JobsError::Full(self.config.limits.max_queued_jobs));
         }
-        let topology = Topology::parse("job topology", &topology_text).map_err(|e| JobsError::Invalid(format!("{}: {}", e.field, e.message), e.hint.clone()))?;
+        let topology =
+            Topology::parse("job topology", &topology_text).map_err(|e| JobsError::Invalid(format!("{}: {}", e.field, e.message), e.hint.clone()))?;
         if !finite(&topology_text) {
             return Err(JobsError::Invalid(
                 "`source`: a job needs a finite source".into(),

@@ -1,0 +1,495 @@
+//! `sluice serve` as a user meets it: a real server process, real HTTP (a small HTTP/1.1
+//! client over a socket, below), the real models, and the Postgres the scripts started. Uploads
+//! get the answers `sluice run` gives; a 1M-ride job counts up and is fetched whole; cancel,
+//! kill -9 and restart, a job whose sink fails beside one that goes on, and every bad request
+//! the API refuses.
+
+mod common;
+
+use common::blackbox::{json_lines, sluice_bin, spawn_sluice};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A `sluice serve` child, killed when dropped.
+struct Server {
+    child: Option<Child>,
+    addr: String,
+    err_path: PathBuf,
+    token: Option<String>,
+}
+
+impl Server {
+    /// Starts `sluice serve` with this config text (the state folder and the listen address are
+    /// given on the command line), from the repository root so the bundled models are found.
+    fn start(dir: &Path, config: &str, env: &[(&str, &str)]) -> Server {
+        let cfg = dir.join("serve.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let err_path = dir.join(format!("serve-{}.stderr", std::process::id() as u128 * 1000 + Instant::now().elapsed().as_nanos() % 1000));
+        let mut cmd = Command::new(sluice_bin());
+        cmd.current_dir(repo())
+            .args(["serve", "--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0", "--state", dir.join("state").to_str().unwrap()])
+            .env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(std::fs::File::create(&err_path).unwrap()).spawn().expect("start sluice serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line.trim().rsplit("http://").next().unwrap_or_default().to_string();
+        assert!(addr.contains(':'), "sluice serve did not say where it listens: {line:?}; stderr:\n{}", std::fs::read_to_string(&err_path).unwrap_or_default());
+        Server { child: Some(child), addr, err_path, token: None }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err_path).unwrap_or_default()
+    }
+
+    fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+        let mut all: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        if let Some(t) = &self.token {
+            all.push(("Authorization".into(), format!("Bearer {t}")));
+        }
+        http(&self.addr, method, path, &all, body)
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        self.call("GET", path, &[], b"")
+    }
+
+    fn post_json(&self, path: &str, body: &Value) -> Reply {
+        self.call("POST", path, &[("Content-Type", "application/json")], body.to_string().as_bytes())
+    }
+
+    fn upload(&self, model: &str, name: &str, file: &[u8], extra: &[(&str, &str)]) -> Reply {
+        let (ct, body) = multipart(&[("model", None, model.as_bytes())], ("file", name, file));
+        let mut headers = vec![("Content-Type", ct.as_str())];
+        headers.extend_from_slice(extra);
+        self.call("POST", "/v1/jobs/upload", &headers, &body)
+    }
+
+    fn job(&self, id: &str) -> Value {
+        let r = self.get(&format!("/v1/jobs/{id}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    }
+
+    /// Polls a job until its status is final; every status seen, with the answers count.
+    fn wait_final(&self, id: &str, within: Duration) -> (Value, Vec<(String, u64)>) {
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        loop {
+            let j = self.job(id);
+            let status = j["status"].as_str().unwrap().to_string();
+            seen.push((status.clone(), j["counts"]["answered"].as_u64().unwrap()));
+            if ["succeeded", "failed", "canceled"].contains(&status.as_str()) {
+                return (j, seen);
+            }
+            assert!(start.elapsed() < within, "job {id} still {status} after {within:?}: {j}\nstderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every line of a job's answers (or dead letters), fetched in pages of `page` lines.
+    fn lines(&self, id: &str, kind: &str, page: u64) -> Vec<Value> {
+        self.raw_lines(id, kind, page).iter().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// The IDs of a job's answers, fetched in pages of `page` lines; each line's prediction
+    /// must be a positive number.
+    fn ride_ids(&self, id: &str, page: u64) -> Vec<String> {
+        self.raw_lines(id, "answers", page)
+            .iter()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                assert!(v["prediction"].as_f64().is_some_and(|p| p.is_finite() && p > 0.0), "an answer without the model's prediction: {l}");
+                v["id"].as_str().unwrap().to_string()
+            })
+            .collect()
+    }
+
+    fn raw_lines(&self, id: &str, kind: &str, page: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/v1/jobs/{id}/{kind}?limit={page}&cursor={c}"),
+                None => format!("/v1/jobs/{id}/{kind}?limit={page}"),
+            };
+            let r = self.get(&path);
+            assert_eq!(r.status, 200, "{}", r.text());
+            let got: Vec<String> = r.text().lines().filter(|l| !l.is_empty()).map(String::from).collect();
+            assert!(got.len() as u64 <= page, "a page of {} lines for limit {page}", got.len());
+            out.extend(got);
+            match r.headers.get("sluice-next-cursor") {
+                Some(c) => cursor = Some(c.clone()),
+                None => return out,
+            }
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap();
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Some(s) = c.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).to_string()
+    }
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    fn error_code(&self) -> String {
+        self.json()["error"]["code"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// One HTTP/1.1 request on its own connection; reads the whole reply (chunked or not).
+fn http(addr: &str, method: &str, path: &str, headers: &[(String, String)], body: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) before it has read a large body: a failed write is not an error.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no HTTP reply head in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: HashMap<String, String> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers.get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+        body = dechunk(&body);
+    }
+    Reply { status, headers, body }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { return out };
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..eol]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[eol + 2 + size + 2..];
+    }
+}
+
+/// A multipart/form-data body: text fields, then one file field.
+fn multipart(fields: &[(&str, Option<&str>, &[u8])], file: (&str, &str, &[u8])) -> (String, Vec<u8>) {
+    let boundary = "sluice-test-boundary-7d1f";
+    let mut body = Vec::new();
+    for (name, _, value) in fields {
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes());
+        body.extend_from_slice(value);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\nContent-Type: text/csv\r\n\r\n", file.0, file.1).as_bytes(),
+    );
+    body.extend_from_slice(file.2);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn rides_csv(n: usize) -> String {
+    let mut s = String::from("id,PULocationID,DOLocationID,trip_distance\n");
+    for i in 0..n {
+        s.push_str(&format!("r{i},{},{},{}\n", 1 + i % 263, 1 + (i * 7) % 263, 0.5 + (i % 97) as f64 * 0.25));
+    }
+    s
+}
+
+fn config(extra: &str) -> String {
+    format!("workers = 2\nshutdown_grace_ms = 20000\n{extra}\n[templates]\nqa = \"topologies/qa_csv.toml\"\nrides = \"topologies/rides_generator.toml\"\n")
+}
+
+fn job_id(r: &Reply) -> String {
+    assert_eq!(r.status, 202, "{}", r.text());
+    r.json()["job_id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn an_uploaded_csv_gets_the_answers_sluice_run_gives_on_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = std::fs::read(repo().join("samples/questions.csv")).unwrap();
+    let server = Server::start(dir.path(), &config(""), &[]);
+    let id = job_id(&server.upload("qa", "questions.csv", &csv, &[]));
+    let (job, _) = server.wait_final(&id, Duration::from_secs(300));
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let served: Vec<Value> = server.lines(&id, "answers", 1000);
+    let dead: Vec<Value> = server.lines(&id, "dead_letters", 1000);
+
+    // The same file through `sluice run`.
+    std::fs::copy(repo().join("samples/questions.csv"), dir.path().join("q.csv")).unwrap();
+    let out = dir.path().join("run-out");
+    let topology = std::fs::read_to_string(repo().join("topologies/qa_csv.toml"))
+        .unwrap()
+        .replace("path = \"samples/questions.csv\"", &format!("path = {:?}", dir.path().join("q.csv")))
+        .replace("models/", &format!("{}/models/", repo().display()))
+        .replace("listen = \"127.0.0.1:9464\"", "")
+        + &format!("\n[[sinks]]\ntype = \"jsonl\"\ndir = {out:?}\n");
+    let mut run = spawn_sluice(dir.path(), &topology, &[], &[]);
+    let status = run.wait_timeout(Duration::from_secs(300)).expect("sluice run ended");
+    assert!(status.success(), "{}", run.stderr_tail());
+    let ran = json_lines(&out, "answers");
+    let key = |v: &Value| (v["id"].as_str().unwrap().to_string(), v["answer"].as_str().unwrap().to_string(), v["start_char"].as_i64(), v["end_char"].as_i64());
+    let served_set: HashSet<_> = served.iter().map(key).collect();
+    let ran_set: HashSet<_> = ran.iter().map(key).collect();
+    assert_eq!(served.len(), ran.len(), "as many answers served as run");
+    assert!(!served.is_empty());
+    assert_eq!(served_set, ran_set, "the same answers, spans and IDs");
+    let scores: HashMap<String, f64> = ran.iter().map(|v| (v["id"].as_str().unwrap().to_string(), v["score"].as_f64().unwrap())).collect();
+    for v in &served {
+        let (a, b) = (v["score"].as_f64().unwrap(), scores[v["id"].as_str().unwrap()]);
+        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "score of {}: {a} vs {b}", v["id"]);
+    }
+    assert_eq!(job["counts"]["answered"].as_u64().unwrap(), served.len() as u64);
+    assert_eq!(job["counts"]["dead_letters"].as_u64().unwrap(), dead.len() as u64);
+    assert_eq!(job["template"], "qa");
+    assert_eq!(job["bytes_total"].as_u64().unwrap(), csv.len() as u64);
+}
+
+#[test]
+fn a_million_ride_job_counts_up_ends_succeeded_and_its_answers_are_fetched_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &config(""), &[]);
+    let r = server.post_json("/v1/jobs", &serde_json::json!({"template": "rides", "source": {"type": "generator", "count": 1_000_000, "seed": 7}}));
+    let id = job_id(&r);
+    let (job, seen) = server.wait_final(&id, Duration::from_secs(600));
+    assert_eq!(job["status"], "succeeded", "{job}");
+    for w in seen.windows(2) {
+        assert!(w[1].1 >= w[0].1, "progress went backwards: {:?} then {:?}", w[0], w[1]);
+    }
+    assert_eq!(job["counts"]["answered"].as_u64(), Some(1_000_000), "{job}");
+    assert_eq!(job["counts"]["total"].as_u64(), Some(1_000_000), "{job}");
+    assert_eq!(job["counts"]["dead_letters"].as_u64(), Some(0), "{job}");
+    let answers = server.ride_ids(&id, 300_000);
+    assert_eq!(answers.len(), 1_000_000);
+    let ids: HashSet<&String> = answers.iter().collect();
+    assert_eq!(ids.len(), 1_000_000, "every ride answered once");
+}
+
+#[test]
+fn a_canceled_job_stops_within_five_seconds_and_reads_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &config(""), &[]);
+    let id = job_id(&server.post_json("/v1/jobs", &serde_json::json!({"template": "rides", "source": {"type": "generator", "count": 500_000_000u64}})));
+    let start = Instant::now();
+    while server.job(&id)["counts"]["answered"].as_u64().unwrap() == 0 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no answers yet: {}", server.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let asked = Instant::now();
+    let r = server.call("POST", &format!("/v1/jobs/{id}/cancel"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (job, _) = server.wait_final(&id, Duration::from_secs(30));
+    assert_eq!(job["status"], "canceled", "{job}");
+    assert!(asked.elapsed() < Duration::from_secs(5), "canceled after {:?}", asked.elapsed());
+    let read = job["counts"]["read"].as_u64().unwrap();
+    assert!(read < 500_000_000, "{job}");
+    std::thread::sleep(Duration::from_secs(1));
+    let later = server.job(&id);
+    assert_eq!(later["counts"]["read"].as_u64().unwrap(), read, "the source went on reading after the cancel");
+    assert_eq!(later["counts"]["answered"], job["counts"]["answered"]);
+    // What was durable stays.
+    assert_eq!(server.raw_lines(&id, "answers", 1_000_000).len() as u64, job["counts"]["answered"].as_u64().unwrap());
+}
+
+#[test]
+fn a_job_whose_postgres_sink_fails_ends_failed_alone_while_other_jobs_finish() {
+    let Ok(url) = std::env::var("SLUICE_PG_URL") else {
+        panic!("SLUICE_PG_URL is not set: run the tests through scripts/test.sh, which starts Postgres");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let table = format!("serve_fail_{}", std::process::id());
+    let template = std::fs::read_to_string(repo().join("topologies/rides_generator.toml")).unwrap()
+        + &format!("\n[[sinks]]\ntype = \"postgres\"\nurl = \"{url}\"\ntable = \"{table}\"\ndead_letter_table = \"{table}_dead\"\n");
+    std::fs::write(dir.path().join("rides_pg.toml"), template).unwrap();
+    let cfg = config("") + &format!("rides_pg = {:?}\n", dir.path().join("rides_pg.toml"));
+    let server = Server::start(dir.path(), &cfg, &[]);
+    // A table it cannot create (a system schema): the job fails at start, with Postgres's reason.
+    let mut bad = std::fs::read_to_string(dir.path().join("rides_pg.toml")).unwrap();
+    bad = bad.replace("[[sinks]]\ntype = \"postgres\"", "[[sinks]]\ntype = \"postgres\"\nschema = \"pg_catalog\"");
+    let r = server.post_json("/v1/jobs", &serde_json::json!({"topology": bad.replace("count = 100000", "count = 1000")}));
+    let at_start = job_id(&r);
+    // One whose table a DBA drops while it runs, beside one that writes only its own answers.
+    let doomed = job_id(&server.post_json("/v1/jobs", &serde_json::json!({"template": "rides_pg", "source": {"type": "generator", "count": 50_000_000u64}})));
+    let fine = job_id(&server.post_json("/v1/jobs", &serde_json::json!({"template": "rides", "source": {"type": "generator", "count": 300_000}})));
+    let (first, _) = server.wait_final(&at_start, Duration::from_secs(120));
+    assert_eq!(first["status"], "failed", "{first}");
+    assert!(first["error"].as_str().unwrap().contains("permission denied"), "{first}");
+    let start = Instant::now();
+    while server.job(&doomed)["counts"]["answered"].as_u64().unwrap() == 0 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no answers yet: {}", server.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    common::blackbox::try_query(&format!("DROP TABLE \"{table}\"")).expect("a DBA drops the table");
+    let (failed, _) = server.wait_final(&doomed, Duration::from_secs(120));
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("postgres"), "{failed}");
+    let (ok, _) = server.wait_final(&fine, Duration::from_secs(300));
+    assert_eq!(ok["status"], "succeeded", "{ok}");
+    assert_eq!(ok["counts"]["answered"].as_u64(), Some(300_000));
+    assert_eq!(server.ride_ids(&fine, 1_000_000).len(), 300_000);
+    // The engine goes on: ready, and a new job runs to the end.
+    assert_eq!(server.get("/v2/health/ready").status, 200);
+    let after = job_id(&server.post_json("/v1/jobs", &serde_json::json!({"template": "rides", "source": {"type": "generator", "count": 1000}})));
+    assert_eq!(server.wait_final(&after, Duration::from_secs(60)).0["status"], "succeeded");
+    let _ = common::blackbox::try_query(&format!("DROP TABLE IF EXISTS \"{table}_dead\""));
+}
+
+#[test]
+fn kill_9_in_the_middle_of_an_upload_job_then_a_restart_answers_every_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = 600_000;
+    let csv = rides_csv(rows);
+    let mut server = Server::start(dir.path(), &config(""), &[]);
+    let id = job_id(&server.upload("rides", "rides.csv", csv.as_bytes(), &[]));
+    let start = Instant::now();
+    loop {
+        let j = server.job(&id);
+        let done = j["counts"]["answered"].as_u64().unwrap();
+        assert!(j["status"] != "succeeded", "the job ended before the kill; make it longer: {j}");
+        if done >= 20_000 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress: {j}\n{}", server.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.kill9();
+    let before: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("state/jobs").join(&id).join("job.json")).unwrap()).unwrap();
+    assert_eq!(before["status"], "running", "{before}");
+    let server = Server::start(dir.path(), &config(""), &[]);
+    let (job, _) = server.wait_final(&id, Duration::from_secs(300));
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", server.stderr());
+    assert_eq!(job["attempts"].as_u64(), Some(2), "{job}");
+    let answers = server.ride_ids(&id, 250_000);
+    let ids: HashSet<&String> = answers.iter().collect();
+    assert_eq!(ids.len(), rows, "every row answered");
+    assert_eq!(answers.len(), rows, "and none twice");
+    assert_eq!(job["counts"]["answered"].as_u64(), Some(rows as u64), "{job}");
+    assert!(server.stderr().contains("resuming"), "the restart resumed the job from its checkpoints:\n{}", server.stderr());
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokens"), "# team tokens\nsecret-1\n").unwrap();
+    let cfg = config(&format!("tokens_file = {:?}\n[limits]\nmax_upload_bytes = 1048576\n", dir.path().join("tokens")));
+    let mut server = Server::start(dir.path(), &cfg, &[]);
+    // Health needs no token; the API does.
+    assert_eq!(server.get("/v2/health/live").status, 200);
+    let r = server.get("/v1/jobs");
+    assert_eq!((r.status, r.error_code()), (401, "unauthorized".into()), "{}", r.text());
+    let r = server.call("GET", "/v1/jobs", &[("Authorization", "Bearer wrong")], b"");
+    assert_eq!(r.status, 401);
+    server.token = Some("secret-1".into());
+    assert_eq!(server.get("/v1/jobs").status, 200);
+
+    // Over the size limit: 413, and nothing kept.
+    let big = rides_csv(200_000);
+    assert!(big.len() > 3 << 20);
+    let r = server.upload("rides", "big.csv", big.as_bytes(), &[]);
+    assert_eq!((r.status, r.error_code()), (413, "upload_too_large".into()), "{}", r.text());
+    let uploads = dir.path().join("state/uploads");
+    assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0, "the refused upload was kept");
+
+    // A broken multipart body.
+    let r = server.call(
+        "POST",
+        "/v1/jobs/upload",
+        &[("Content-Type", "multipart/form-data; boundary=xyz")],
+        b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.csv\"\r\n\r\nid,q",
+    );
+    assert_eq!((r.status, r.error_code()), (400, "invalid_multipart".into()), "{}", r.text());
+
+    // A CSV without the `context` column.
+    let r = server.upload("qa", "q.csv", b"id,question\n1,Who?\n", &[]);
+    assert_eq!((r.status, r.error_code()), (400, "missing_columns".into()), "{}", r.text());
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("context"), "{}", r.text());
+
+    // An unknown model.
+    let r = server.upload("nope", "q.csv", b"id,question,context\n1,a,b\n", &[]);
+    assert_eq!((r.status, r.error_code()), (404, "model_not_found".into()), "{}", r.text());
+    assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0, "refused uploads are not kept");
+
+    // An unknown job.
+    let r = server.get("/v1/jobs/j0000000000000000000");
+    assert_eq!((r.status, r.error_code()), (404, "job_not_found".into()));
+    assert_eq!(server.get("/v1/jobs/j0000000000000000000/answers").status, 404);
+
+    // A stream is not a job.
+    let r = server.post_json("/v1/jobs", &serde_json::json!({"template": "rides", "source": {"type": "generator"}}));
+    assert_eq!((r.status, r.error_code()), (400, "invalid_job".into()), "{}", r.text());
+    // A topology with a bad field names it.
+    let r = server.post_json("/v1/jobs", &serde_json::json!({"template": "rides", "source": {"type": "csv", "path": ""}}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("source.path"), "{}", r.text());
+
+    // The same Idempotency-Key twice: one job.
+    let csv = rides_csv(100);
+    let a = job_id(&server.upload("rides", "r.csv", csv.as_bytes(), &[("Idempotency-Key", "k-1")]));
+    let b = job_id(&server.upload("rides", "r.csv", csv.as_bytes(), &[("Idempotency-Key", "k-1")]));
+    assert_eq!(a, b);
+    let listed = server.get("/v1/jobs").json();
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 1, "the repeat's upload was kept");
+    assert_eq!(server.wait_final(&a, Duration::from_secs(60)).0["counts"]["answered"].as_u64(), Some(100));
+    // Status filters and cursors.
+    assert_eq!(server.get("/v1/jobs?status=failed").json()["jobs"].as_array().unwrap().len(), 0);
+    assert_eq!(server.get("/v1/jobs?status=succeeded").json()["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(server.get("/v1/jobs?status=nonsense").status, 400);
+    assert_eq!(server.get(&format!("/v1/jobs?cursor={a}")).json()["jobs"].as_array().unwrap().len(), 0);
+
+    // SIGTERM: the server stops cleanly.
+    let status = server.terminate(Duration::from_secs(30)).expect("stopped within 30 s");
+    assert_eq!(status.code(), Some(0), "{}", server.stderr());
+}
