@@ -13,6 +13,7 @@ done
 python3 -c 'import venv' 2>/dev/null && ok "python3 venv" || missing "python3 venv: apt-get install python3-venv"
 if have java; then ok "java (Pub/Sub emulator)"; else warn "java: the Pub/Sub emulator needs Java 17 (scripts/pubsub.sh says how)"; fi
 if have gcloud || [ -n "${SLUICE_PUBSUB_EMULATOR:-}" ]; then ok "Pub/Sub emulator"; else warn "no gcloud: the Pub/Sub tests need google-cloud-cli-pubsub-emulator"; fi
+if have chromium; then ok "chromium (the serve page test)"; elif [ "$(id -u)" = 0 ]; then warn "chromium not installed: scripts/test.sh installs it with apt"; else missing "chromium: not installed and not root (apt-get install chromium)"; fi
 if have pg_ctlcluster || have psql; then ok "PostgreSQL"; elif [ "$(id -u)" = 0 ]; then warn "PostgreSQL not installed: scripts/pg.sh installs it with apt"; else missing "PostgreSQL: not installed and not root (scripts/pg.sh needs apt)"; fi
 for p in 5432:postgres 19092:tansu 19093:tansu-persistent 19000:moto-s3 8085:pubsub 4443:fake-gcs; do
   port=${p%%:*}; name=${p#*:}

@@ -20,6 +20,15 @@ SLUICE_KAFKA_PORT=19093 SLUICE_KAFKA_PERSIST=1 bash scripts/kafka.sh start
 bash scripts/pubsub.sh start
 # A Google Cloud Storage emulator for the live file source's gs:// tests (tests/files_live.rs).
 bash scripts/gcs.sh start
+# Headless Chromium renders `sluice serve`'s page in tests/serve.rs, as a person sees it.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "test: installing chromium from apt (for the page test)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+  else
+    echo "test: chromium is missing and this is not root: sudo apt-get install chromium" >&2
+  fi
+fi
 export SLUICE_PG_URL="${SLUICE_PG_URL:-postgres://sluice:sluice@127.0.0.1:5432/sluice}"
 cargo build --benches
 log=$(mktemp)

@@ -88,12 +88,21 @@ struct Inner {
     threads: Mutex<Vec<std::thread::Thread>>,
     /// Set at shutdown: workers return once their jobs are done.
     shutdown: AtomicBool,
-    /// Set by SIGTERM/SIGINT or shutdown: every job stops reading and drains.
-    stop: Arc<AtomicBool>,
+    /// Set by SIGTERM/SIGINT: every job stops reading and drains, within the grace period
+    /// the watchdog gives them.
+    signalled: Arc<AtomicBool>,
+    /// Set by [`Engine::stop`] or shutdown: every job stops reading and drains (no deadline).
+    stop: AtomicBool,
     jobs: Mutex<Vec<Arc<JobShared>>>,
     models: ModelRegistry,
     /// The first error of a worker (timely could not start, a worker panicked).
     broken: Mutex<Option<String>>,
+}
+
+impl Inner {
+    fn stopping(&self) -> bool {
+        self.signalled.load(Ordering::Relaxed) || self.stop.load(Ordering::Relaxed)
+    }
 }
 
 impl Engine {
@@ -106,19 +115,20 @@ impl Engine {
         } else if settings.metrics_recorder {
             crate::metrics::install_recorder().map_err(|e| RunError::Metrics { listen: "/metrics".into(), reason: e })?;
         }
-        let stop = Arc::new(AtomicBool::new(false));
+        let signalled = Arc::new(AtomicBool::new(false));
         if let Some(grace) = settings.signals_grace {
             for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                signal_hook::flag::register(signal, stop.clone()).map_err(RunError::Signals)?;
+                signal_hook::flag::register(signal, signalled.clone()).map_err(RunError::Signals)?;
             }
-            crate::guard::start_watchdog(stop.clone(), grace);
+            crate::guard::start_watchdog(signalled.clone(), grace);
         }
         let inner = Arc::new(Inner {
             settings: settings.clone(),
             log: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
             shutdown: AtomicBool::new(false),
-            stop,
+            signalled,
+            stop: AtomicBool::new(false),
             jobs: Mutex::new(Vec::new()),
             models: ModelRegistry::default(),
             broken: Mutex::new(None),
@@ -131,7 +141,7 @@ impl Engine {
                 .spawn(move || loop {
                     std::thread::sleep(Duration::from_millis(20));
                     let Some(inner) = inner.upgrade() else { return };
-                    if inner.stop.load(Ordering::Relaxed) {
+                    if inner.stopping() {
                         for j in lock(&inner.jobs).iter() {
                             j.stop.store(true, Ordering::Relaxed);
                         }
@@ -174,7 +184,7 @@ impl Engine {
 
     /// The flag SIGTERM/SIGINT set: once set, every job drains and no new one starts.
     pub fn stopping(&self) -> bool {
-        self.inner.stop.load(Ordering::Relaxed)
+        self.inner.stopping()
     }
 
     /// Stops every job as a signal would (they drain and keep what is durable).
@@ -191,7 +201,7 @@ impl Engine {
     /// hold) and installs its dataflow on every worker. An error here is the job's, returned
     /// before anything runs; errors met while it runs end it `failed` (see [`Job::wait`]).
     pub fn submit(&self, id: &str, topology: &Topology, opts: JobOptions) -> Result<Job, RunError> {
-        if self.inner.stop.load(Ordering::Relaxed) {
+        if self.inner.stopping() {
             return Err(RunError::Stopping);
         }
         if self.inner.settings.hosts.len() > 1 && !lock(&self.inner.log).is_empty() {
@@ -242,7 +252,7 @@ impl Engine {
         };
         lock(&self.inner.jobs).push(shared.clone());
         shared.set_status(JobStatus::Running);
-        if self.inner.stop.load(Ordering::Relaxed) {
+        if self.inner.stopping() {
             shared.stop.store(true, Ordering::Relaxed);
         }
         lock(&self.inner.log).push(install);

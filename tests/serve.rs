@@ -315,6 +315,15 @@ fn a_million_ride_job_counts_up_ends_succeeded_and_its_answers_are_fetched_whole
     assert_eq!(answers.len(), 1_000_000);
     let ids: HashSet<&String> = answers.iter().collect();
     assert_eq!(ids.len(), 1_000_000, "every ride answered once");
+    // Per-job and per-route series on the same port.
+    let metrics = server.get("/metrics").text();
+    let series = format!("sluice_job_answered{{job=\"{id}\",pipeline=\"rides_generator\",status=\"succeeded\"}} 1000000");
+    assert!(metrics.contains(&series), "no `{series}` in /metrics:\n{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("sluice_http_requests_total{") && l.contains("route=\"/v1/jobs/{id}\"") && l.contains("status=\"200\"")),
+        "no per-route series in /metrics"
+    );
+    assert!(metrics.contains("sluice_sink_answers_total"), "the engine's own series are there too");
 }
 
 #[test]
@@ -416,7 +425,7 @@ fn kill_9_in_the_middle_of_an_upload_job_then_a_restart_answers_every_row_once()
     assert_eq!(ids.len(), rows, "every row answered");
     assert_eq!(answers.len(), rows, "and none twice");
     assert_eq!(job["counts"]["answered"].as_u64(), Some(rows as u64), "{job}");
-    assert!(server.stderr().contains("resuming"), "the restart resumed the job from its checkpoints:\n{}", server.stderr());
+    assert!(server.stderr().contains("from the checkpoints stored with the answers"), "the restart resumed the job from its checkpoints:\n{}", server.stderr());
 }
 
 #[test]
@@ -492,4 +501,60 @@ fn bad_requests_get_clear_errors_and_leave_nothing_behind() {
     // SIGTERM: the server stops cleanly.
     let status = server.terminate(Duration::from_secs(30)).expect("stopped within 30 s");
     assert_eq!(status.code(), Some(0), "{}", server.stderr());
+}
+
+/// The page at `/`, as a person sees it: headless Chromium renders it (its script fetches the
+/// API), and the rendered page lists the job with a full progress bar, the models and the
+/// pipelines. Also the OpenAPI document describes every route.
+#[test]
+fn the_page_lists_jobs_with_progress_bars_models_and_pipelines_in_a_browser() {
+    let Some(chromium) = ["chromium", "chromium-browser"].into_iter().find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+    else {
+        panic!("no chromium: scripts/setup.sh --test installs Debian's `chromium` for this test");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &config(""), &[]);
+    let id = job_id(&server.post_json("/v1/jobs", &serde_json::json!({"template": "rides", "source": {"type": "generator", "count": 20_000}})));
+    assert_eq!(server.wait_final(&id, Duration::from_secs(120)).0["status"], "succeeded");
+    let shot = dir.path().join("page.png");
+    let url = format!("http://{}/", server.addr);
+    let browse = |extra: &[&str]| {
+        let profile = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(chromium);
+        cmd.args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--virtual-time-budget=5000", "--window-size=1280,900"])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(extra)
+            .arg(&url);
+        let out = cmd.output().expect("run chromium");
+        assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let dom = browse(&["--dump-dom"]);
+    assert!(dom.contains(&format!("data-job=\"{id}\"")), "the rendered page has no row for job {id}:\n{dom}");
+    let row = &dom[dom.find(&format!("data-job=\"{id}\"")).unwrap()..];
+    let row = &row[..row.find("</tr>").unwrap()];
+    assert!(row.contains("succeeded") && row.contains("20,000") && row.contains("<progress") && row.contains("100%"), "the job's row: {row}");
+    for model in ["qa", "rides"] {
+        assert!(dom.contains(&format!("<td>{model}</td>")), "the page lists the model {model}");
+    }
+    assert!(dom.contains("none configured"), "the page has the pipelines table");
+    assert!(!dom.contains("loading…"), "the page's script ran");
+    browse(&[&format!("--screenshot={}", shot.display())]);
+    assert!(std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0) > 10_000, "a screenshot of the page");
+
+    let doc = server.get("/v1/openapi.json").json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    for path in [
+        "/v1/jobs",
+        "/v1/jobs/upload",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/cancel",
+        "/v1/jobs/{id}/answers",
+        "/v1/jobs/{id}/dead_letters",
+        "/v1/templates",
+        "/v1/pipelines",
+    ] {
+        assert!(doc["paths"][path].is_object(), "the OpenAPI document lacks {path}");
+    }
+    assert!(doc["components"]["schemas"]["JobView"]["properties"]["counts"].is_object(), "JobView is described");
 }

@@ -2,7 +2,8 @@
 //! list, cancel, answers and dead letters as NDJSON), health under the Open Inference
 //! Protocol's `/v2/health/*` paths, and `/metrics`. Errors are `{"error": {"code", "message",
 //! "hint"}}` with the status that fits; with tokens configured every route but health and
-//! metrics needs `Authorization: Bearer <token>`.
+//! metrics needs `Authorization: Bearer <token>`. `/` is a page listing the jobs with progress
+//! bars, the pipelines and the models, with an upload form; `/v1/openapi.json` describes the API.
 
 use crate::serve::jobs::{from_template, JobRecord, Jobs, JobsError};
 use axum::body::Body;
@@ -27,6 +28,8 @@ pub struct App {
     /// The templates, parsed at start.
     pub templates: BTreeMap<String, (PathBuf, Topology)>,
     pub tokens: Vec<String>,
+    /// The serve config's pipelines, running for the process's life.
+    pub pipelines: Vec<sluice::engine::Job>,
 }
 
 /// An API error: its status, a stable code, a message and how to fix it.
@@ -65,6 +68,8 @@ impl From<JobsError> for ApiError {
 pub fn router(app: Arc<App>) -> Router {
     let api = Router::new()
         .route("/v1/templates", get(templates))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/pipelines", get(pipelines))
         .route("/v1/jobs", post(submit).get(list))
         .route("/v1/jobs/upload", post(upload).layer(DefaultBodyLimit::disable()))
         .route("/v1/jobs/{id}", get(status))
@@ -73,12 +78,26 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/dead_letters", get(dead_letters))
         .layer(axum::middleware::from_fn_with_state(app.clone(), auth));
     Router::new()
+        .route("/", get(|| async { axum::response::Html(include_str!("page.html")) }))
         .route("/v2/health/live", get(|| async { Json(json!({"live": true})) }))
         .route("/v2/health/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(api)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route", "the job API lives under /v1/jobs") })
+        .layer(axum::middleware::from_fn(count_requests))
         .with_state(app)
+}
+
+/// Per-route series: requests by route, method and status, and their latency.
+async fn count_requests(request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let method = request.method().to_string();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("sluice_http_requests_total", "route" => route.clone(), "method" => method, "status" => status).increment(1);
+    metrics::histogram!("sluice_http_request_seconds", "route" => route).record(started.elapsed().as_secs_f64());
+    response
 }
 
 async fn auth(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
@@ -109,15 +128,44 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-async fn metrics() -> Response {
-    match sluice::metrics::render() {
-        Some(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
-        None => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_metrics", "metrics are not installed", "").into_response(),
+/// The engine's metrics, the routes', and a series per job kept in the state folder.
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let Some(mut text) = sluice::metrics::render() else {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_metrics", "metrics are not installed", "").into_response();
+    };
+    let jobs = app.jobs.clone();
+    let records = tokio::task::spawn_blocking(move || jobs.list()).await.unwrap_or_default();
+    let mut by_status: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for s in [JobStatus::Enqueued, JobStatus::Running, JobStatus::Succeeded, JobStatus::Failed, JobStatus::Canceled] {
+        by_status.insert(s.as_str(), 0);
     }
+    for r in &records {
+        *by_status.entry(r.status.as_str()).or_default() += 1;
+    }
+    text.push_str("# HELP sluice_jobs Jobs kept in the state folder, by status.\n# TYPE sluice_jobs gauge\n");
+    for (s, n) in by_status {
+        text.push_str(&format!("sluice_jobs{{status=\"{s}\"}} {n}\n"));
+    }
+    for (name, help) in
+        [("read", "Records a job has read."), ("answered", "Answers a job has made durable."), ("dead_letters", "Dead letters a job has made durable.")]
+    {
+        text.push_str(&format!("# HELP sluice_job_{name} {help}\n# TYPE sluice_job_{name} gauge\n"));
+        for r in &records {
+            let v = match name {
+                "read" => r.read,
+                "answered" => r.answered,
+                _ => r.dead_letters,
+            };
+            text.push_str(&format!("sluice_job_{name}{{job=\"{}\",pipeline=\"{}\",status=\"{}\"}} {v}\n", r.id, r.pipeline, r.status.as_str()));
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-async fn templates(State(app): State<Arc<App>>) -> Json<Value> {
-    let list: Vec<Value> = app
+/// The templates (models) jobs can name.
+#[utoipa::path(get, path = "/v1/templates", responses((status = 200, body = Templates)), security(("bearer" = [])))]
+async fn templates(State(app): State<Arc<App>>) -> Json<Templates> {
+    let templates = app
         .templates
         .iter()
         .map(|(name, (path, t))| {
@@ -125,30 +173,65 @@ async fn templates(State(app): State<Arc<App>>) -> Json<Value> {
                 TaskConfig::ExtractiveQa { .. } => "extractive_qa",
                 TaskConfig::Tabular { .. } => "tabular",
             };
-            json!({"name": name, "topology": path, "pipeline": t.name, "task": task, "columns": required_columns(t)})
+            TemplateView { name: name.clone(), topology: path.clone(), pipeline: t.name.clone(), task: task.into(), columns: required_columns(t) }
         })
         .collect();
-    Json(json!({"templates": list}))
+    Json(Templates { templates })
+}
+
+/// A pipeline of the serve config, running for the process's life.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct PipelineView {
+    name: String,
+    #[schema(value_type = String, example = "running")]
+    status: JobStatus,
+    read: u64,
+    answered: u64,
+    dead_letters: u64,
+    error: Option<String>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Pipelines {
+    pipelines: Vec<PipelineView>,
+}
+
+/// The pipelines that run for the process's life, with their counts.
+#[utoipa::path(get, path = "/v1/pipelines", responses((status = 200, body = Pipelines)), security(("bearer" = [])))]
+async fn pipelines(State(app): State<Arc<App>>) -> Json<Pipelines> {
+    let pipelines = app
+        .pipelines
+        .iter()
+        .map(|p| {
+            let s = p.snapshot();
+            PipelineView { name: p.id().to_string(), status: s.status, read: s.read, answered: s.answered, dead_letters: s.dead_letters, error: s.error }
+        })
+        .collect();
+    Json(Pipelines { pipelines })
 }
 
 /// `POST /v1/jobs`: a whole topology (`{"topology": "<TOML>"}`, or the TOML itself), or a
 /// template and a source (`{"template": "rides", "source": {"type": "generator", "count": 1000}}`).
-async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: String) -> Result<(StatusCode, Json<Value>), ApiError> {
+#[utoipa::path(post, path = "/v1/jobs", request_body = SubmitRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "The same key returns the same job")),
+    responses((status = 202, body = Accepted), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody, description = "unknown template"), (status = 429, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: String) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let key = idempotency_key(&headers);
     let (text, template) = if body.trim_start().starts_with('{') {
-        let v: Value = serde_json::from_str(&body).map_err(|e| {
+        let req: SubmitRequest = serde_json::from_str(&body).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "invalid_json",
-                format!("the body is not JSON: {e}"),
+                format!("the body is not a job request: {e}"),
                 "send {\"topology\": \"...\"} or {\"template\": ..., \"source\": {...}}",
             )
         })?;
-        if let Some(t) = v.get("topology").and_then(Value::as_str) {
-            (t.to_string(), None)
-        } else if let Some(name) = v.get("template").and_then(Value::as_str) {
-            let (path, _) = template(&app, name)?;
-            let source = v.get("source").cloned().ok_or_else(|| {
+        if let Some(t) = req.topology {
+            (t, None)
+        } else if let Some(name) = req.template {
+            let (path, _) = template(&app, &name)?;
+            let source = req.source.ok_or_else(|| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "invalid_job",
@@ -162,7 +245,7 @@ async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: String) -
             (
                 from_template(path, source)
                     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "template", e, "check the serve config's templates"))?,
-                Some(name.to_string()),
+                Some(name),
             )
         } else {
             return Err(ApiError::new(
@@ -177,12 +260,16 @@ async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: String) -
     };
     let jobs = app.jobs.clone();
     let record = tokio::task::spawn_blocking(move || jobs.submit(text, template, key, None)).await.map_err(internal)??;
-    Ok((StatusCode::ACCEPTED, Json(json!({"job_id": record.id, "status": record.status}))))
+    Ok((StatusCode::ACCEPTED, Json(Accepted { job_id: record.id, status: record.status })))
 }
 
 /// `POST /v1/jobs/upload`: multipart form data with `file` (CSV or Parquet) and `model` (or
 /// `template`). The file is streamed to the state folder as it arrives.
-async fn upload(State(app): State<Arc<App>>, headers: HeaderMap, mut form: Multipart) -> Result<(StatusCode, Json<Value>), ApiError> {
+#[utoipa::path(post, path = "/v1/jobs/upload", request_body(content = UploadForm, content_type = "multipart/form-data"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "The same key returns the same job")),
+    responses((status = 202, body = Accepted), (status = 400, body = ErrorBody, description = "a broken form, or a file without the model's columns"), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody, description = "unknown model"), (status = 413, body = ErrorBody), (status = 429, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn upload(State(app): State<Arc<App>>, headers: HeaderMap, mut form: Multipart) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let key = idempotency_key(&headers);
     let limit = app.jobs.config.limits.max_upload_bytes;
     let mut name: Option<String> = None;
@@ -286,7 +373,7 @@ async fn upload(State(app): State<Arc<App>>, headers: HeaderMap, mut form: Multi
     let record = tokio::task::spawn_blocking(move || jobs.submit(text, Some(name), key, Some(upload))).await.map_err(internal)??;
     // An idempotent repeat returns the first job, which keeps its own upload.
     up.keep = record.upload.as_ref() == Some(&up.path);
-    Ok((StatusCode::ACCEPTED, Json(json!({"job_id": record.id, "status": record.status}))))
+    Ok((StatusCode::ACCEPTED, Json(Accepted { job_id: record.id, status: record.status })))
 }
 
 /// An upload on its way to the state folder: removed unless a job takes it.
@@ -307,16 +394,20 @@ impl Drop for Upload {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct ListQuery {
+    /// Statuses to list, comma-separated.
     status: Option<String>,
+    /// The `next_cursor` of the last page.
     cursor: Option<String>,
+    /// At most this many (default 100, at most 1000).
     limit: Option<usize>,
 }
 
 /// `GET /v1/jobs?status=running,enqueued&cursor=<id>&limit=100`: oldest first; `next_cursor`
 /// continues after the last one listed.
-async fn list(State(app): State<Arc<App>>, Query(q): Query<ListQuery>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/v1/jobs", params(ListQuery), responses((status = 200, body = JobList), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)), security(("bearer" = [])))]
+async fn list(State(app): State<Arc<App>>, Query(q): Query<ListQuery>) -> Result<Json<JobList>, ApiError> {
     let wanted: Option<Vec<JobStatus>> = match &q.status {
         None => None,
         Some(s) => Some(
@@ -337,40 +428,52 @@ async fn list(State(app): State<Arc<App>>, Query(q): Query<ListQuery>) -> Result
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let jobs = app.jobs.clone();
     let all = tokio::task::spawn_blocking(move || jobs.list()).await.map_err(internal)?;
-    let mut page: Vec<Value> = Vec::new();
-    let mut next = None;
+    let mut jobs: Vec<JobView> = Vec::new();
+    let mut next_cursor = None;
     for r in all.iter().filter(|r| q.cursor.as_ref().is_none_or(|c| &r.id > c)).filter(|r| wanted.as_ref().is_none_or(|w| w.contains(&r.status))) {
-        if page.len() == limit {
-            next = page.last().and_then(|p| p["job_id"].as_str().map(String::from));
+        if jobs.len() == limit {
+            next_cursor = jobs.last().map(|p| p.job_id.clone());
             break;
         }
-        page.push(view(r));
+        jobs.push(view(r));
     }
-    Ok(Json(json!({"jobs": page, "next_cursor": next})))
+    Ok(Json(JobList { jobs, next_cursor }))
 }
 
-async fn status(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+/// A job's status, counts, rate and error.
+#[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = String, Path)), responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn status(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
     let jobs = app.jobs.clone();
     let record = tokio::task::spawn_blocking(move || jobs.get(&id).ok_or(JobsError::NotFound(id))).await.map_err(internal)??;
     Ok(Json(view(&record)))
 }
 
-async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+/// Stops a job: it reads no more, drains, and ends `canceled`; what was durable stays.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", params(("id" = String, Path)), responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn cancel(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
     let jobs = app.jobs.clone();
     let record = tokio::task::spawn_blocking(move || jobs.cancel(&id)).await.map_err(internal)??;
     Ok(Json(view(&record)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct PageQuery {
+    /// The `Sluice-Next-Cursor` header of the last page.
     cursor: Option<String>,
+    /// At most this many lines.
     limit: Option<u64>,
 }
 
+/// The job's answers as NDJSON (one change per line), whatever its template's sinks.
+#[utoipa::path(get, path = "/v1/jobs/{id}/answers", params(("id" = String, Path), PageQuery),
+    responses((status = 200, content_type = "application/x-ndjson", description = "one answer per line; `Sluice-Next-Cursor` continues"), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 async fn answers(State(app): State<Arc<App>>, Path(id): Path<String>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     lines(app, id, "answers", q).await
 }
 
+/// The job's dead letters as NDJSON, with their reasons and original bytes.
+#[utoipa::path(get, path = "/v1/jobs/{id}/dead_letters", params(("id" = String, Path), PageQuery),
+    responses((status = 200, content_type = "application/x-ndjson", description = "one dead letter per line; `Sluice-Next-Cursor` continues"), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 async fn dead_letters(State(app): State<Arc<App>>, Path(id): Path<String>, Query(q): Query<PageQuery>) -> Result<Response, ApiError> {
     lines(app, id, "dead_letters", q).await
 }
@@ -481,7 +584,116 @@ fn nth_line_end(path: &std::path::Path, from: u64, len: u64, left: &mut u64) -> 
 }
 
 /// A job as the API shows it.
-fn view(r: &JobRecord) -> Value {
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct JobView {
+    job_id: String,
+    /// `enqueued`, `running`, `succeeded`, `failed` or `canceled`.
+    #[schema(value_type = String, example = "running")]
+    status: JobStatus,
+    /// The template (model) it was made from.
+    template: Option<String>,
+    pipeline: String,
+    /// Where its records come from.
+    source: String,
+    counts: Counts,
+    /// The uploaded file's size.
+    bytes_total: Option<u64>,
+    /// Records done (answered or dead letters) per second since it started.
+    rate_per_s: f64,
+    /// Seconds left at that rate, when the total is known.
+    eta_s: Option<f64>,
+    /// When it was accepted, started and ended (ms since the Unix epoch).
+    created_ms: u64,
+    started_ms: Option<u64>,
+    finished_ms: Option<u64>,
+    /// Times it was started: more than one after the server restarted.
+    attempts: u32,
+    /// Why it failed.
+    error: Option<String>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Counts {
+    read: u64,
+    answered: u64,
+    dead_letters: u64,
+    /// Records the source will read, once known.
+    total: Option<u64>,
+}
+
+/// A job just accepted.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Accepted {
+    job_id: String,
+    #[schema(value_type = String, example = "enqueued")]
+    status: JobStatus,
+}
+
+/// A page of jobs, oldest first.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct JobList {
+    jobs: Vec<JobView>,
+    /// Pass as `cursor` for the next page; absent on the last.
+    next_cursor: Option<String>,
+}
+
+/// Every error: `{"error": {"code", "message", "hint"}}`.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, for programs: `job_not_found`, `upload_too_large`, `missing_columns`, ...
+    code: String,
+    message: String,
+    /// How to fix it.
+    hint: String,
+}
+
+/// `POST /v1/jobs`: a whole topology, or a template and a source.
+#[derive(Deserialize, utoipa::ToSchema)]
+pub struct SubmitRequest {
+    /// A topology file's TOML, with a finite source.
+    topology: Option<String>,
+    /// A template (see `GET /v1/templates`), with `source`.
+    template: Option<String>,
+    /// The source's fields, as in a topology's `[source]` table.
+    #[schema(value_type = Option<Object>, example = json!({"type": "generator", "count": 1000000}))]
+    source: Option<Value>,
+}
+
+/// The upload form.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    /// The template (model) to run the file through.
+    model: String,
+    /// A CSV (with a header line) or a Parquet file.
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+}
+
+/// A template a job can name.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct TemplateView {
+    name: String,
+    #[schema(value_type = String)]
+    topology: PathBuf,
+    pipeline: String,
+    /// `extractive_qa` or `tabular`.
+    task: String,
+    /// The columns an uploaded file must have.
+    columns: Vec<String>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Templates {
+    templates: Vec<TemplateView>,
+}
+
+fn view(r: &JobRecord) -> JobView {
     let now = sluice::record::now_ms();
     let done = r.answered + r.dead_letters;
     let secs = r.started_ms.map(|s| (r.finished_ms.unwrap_or(now).saturating_sub(s)) as f64 / 1000.0).unwrap_or(0.0);
@@ -490,22 +702,49 @@ fn view(r: &JobRecord) -> Value {
         (Some(t), JobStatus::Running) if rate > 0.0 => Some((t.saturating_sub(done)) as f64 / rate),
         _ => None,
     };
-    json!({
-        "job_id": r.id,
-        "status": r.status,
-        "template": r.template,
-        "pipeline": r.pipeline,
-        "source": r.source,
-        "counts": {"read": r.read, "answered": r.answered, "dead_letters": r.dead_letters, "total": r.total},
-        "bytes_total": r.bytes_total,
-        "rate_per_s": rate,
-        "eta_s": eta,
-        "created_ms": r.created_ms,
-        "started_ms": r.started_ms,
-        "finished_ms": r.finished_ms,
-        "attempts": r.attempts,
-        "error": r.error,
-    })
+    JobView {
+        job_id: r.id.clone(),
+        status: r.status,
+        template: r.template.clone(),
+        pipeline: r.pipeline.clone(),
+        source: r.source.clone(),
+        counts: Counts { read: r.read, answered: r.answered, dead_letters: r.dead_letters, total: r.total },
+        bytes_total: r.bytes_total,
+        rate_per_s: rate,
+        eta_s: eta,
+        created_ms: r.created_ms,
+        started_ms: r.started_ms,
+        finished_ms: r.finished_ms,
+        attempts: r.attempts,
+        error: r.error.clone(),
+    }
+}
+
+/// The OpenAPI document of the job API.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "sluice serve", description = "The job API of sluice: upload files, run jobs, follow them, fetch their answers."),
+    paths(submit, upload, list, status, cancel, answers, dead_letters, templates, pipelines, openapi),
+    components(schemas(JobView, Counts, Accepted, JobList, ErrorBody, ErrorDetail, SubmitRequest, UploadForm, TemplateView, Templates, PipelineView, Pipelines)),
+    modifiers(&Bearer)
+)]
+pub struct ApiDoc;
+
+struct Bearer;
+
+impl utoipa::Modify for Bearer {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    }
+}
+
+/// The job API's OpenAPI document.
+#[utoipa::path(get, path = "/v1/openapi.json", responses((status = 200, description = "OpenAPI 3.1")))]
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    use utoipa::OpenApi as _;
+    Json(ApiDoc::openapi())
 }
 
 fn template<'a>(app: &'a App, name: &str) -> Result<&'a (PathBuf, Topology), ApiError> {

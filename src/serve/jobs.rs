@@ -272,6 +272,7 @@ impl Jobs {
         loop {
             // Follow the running jobs.
             let ids: Vec<String> = state.running.keys().cloned().collect();
+            let mut compact = Vec::new();
             for id in ids {
                 let snap = state.running[&id].snapshot();
                 let due = state.saved.get(&id).is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
@@ -284,9 +285,14 @@ impl Jobs {
                 apply(r, &snap, base);
                 if snap.status.is_final() {
                     // A job stopped by the server's own stop is not done: the next server resumes it.
+                    if snap.status == JobStatus::Succeeded && r.attempts > 1 && !stopping {
+                        compact.push(id.clone());
+                        continue;
+                    }
                     if stopping && !canceled && snap.status != JobStatus::Failed {
                         r.status = JobStatus::Running;
                     } else {
+                        r.status = snap.status;
                         r.finished_ms = Some(sluice::record::now_ms());
                         r.error = snap.error.clone();
                     }
@@ -302,6 +308,33 @@ impl Jobs {
                     self.save(&r);
                     state.saved.insert(id.clone(), std::time::Instant::now());
                 }
+            }
+            // A job that ran more than once may hold an ID's answer twice (a file read again from
+            // its last stored position): keep each ID's last line, then call it done.
+            for id in compact {
+                drop(state);
+                let counts = compact_answers(&self.out_dir(&id));
+                state = lock(&self.state);
+                let Some(r) = state.records.get_mut(&id) else { continue };
+                match counts {
+                    Ok((answers, dead)) => {
+                        r.answered = answers;
+                        r.dead_letters = dead;
+                        r.read = answers + dead;
+                        r.status = JobStatus::Succeeded;
+                    }
+                    Err(e) => {
+                        r.status = JobStatus::Failed;
+                        r.error = Some(format!("cannot compact the job's answers: {e}"));
+                    }
+                }
+                r.finished_ms = Some(sluice::record::now_ms());
+                let r = r.clone();
+                self.save(&r);
+                state.running.remove(&id);
+                state.saved.remove(&id);
+                state.base.remove(&id);
+                tracing::info!(job = %id, status = r.status.as_str(), answered = r.answered, "job ended");
             }
             // Start what there is room for.
             while !state.stopping && state.running.len() < self.config.limits.max_running_jobs {
@@ -389,9 +422,57 @@ fn apply(r: &mut JobRecord, s: &sluice::engine::JobSnapshot, base: (u64, u64)) {
     if s.total > 0 {
         r.total = Some(s.total);
     }
-    if !r.status.is_final() && s.status.is_final() {
-        r.status = s.status;
+    // The status is the queue's to change: a job is done once its record is (see `run_queue`).
+}
+
+/// Rewrites a finished job's answer files keeping only each ID's last line (dropped entirely
+/// when that is a delete), in their order; dead letters are kept as they are. Returns the
+/// answers and dead letters it holds then.
+fn compact_answers(dir: &Path) -> std::io::Result<(u64, u64)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("answers.w") && n.to_string_lossy().ends_with(".jsonl")))
+        .collect();
+    files.sort();
+    #[derive(serde::Deserialize)]
+    struct Line<'a> {
+        #[serde(borrow)]
+        id: std::borrow::Cow<'a, str>,
+        #[serde(default)]
+        op: Option<std::borrow::Cow<'a, str>>,
     }
+    // Each ID's last line: (file, line number).
+    let mut last: HashMap<String, (usize, usize)> = HashMap::new();
+    let mut contents = Vec::with_capacity(files.len());
+    for (f, path) in files.iter().enumerate() {
+        let bytes = std::fs::read(path)?;
+        for (n, line) in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+            if let Ok(l) = serde_json::from_slice::<Line>(line) {
+                last.insert(l.id.into_owned(), (f, n));
+            }
+        }
+        contents.push(bytes);
+    }
+    let mut kept = 0u64;
+    for (f, path) in files.iter().enumerate() {
+        let tmp = path.with_extension("jsonl.compact");
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        for (n, line) in contents[f].split(|&b| b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+            let keep = match serde_json::from_slice::<Line>(line) {
+                Ok(l) => last.get(l.id.as_ref()) == Some(&(f, n)) && l.op.as_deref() != Some("delete"),
+                Err(_) => false,
+            };
+            if keep {
+                std::io::Write::write_all(&mut out, line)?;
+                std::io::Write::write_all(&mut out, b"\n")?;
+                kept += 1;
+            }
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+    }
+    Ok((kept, count_lines(dir, "dead_letters")))
 }
 
 /// The lines of a job's `<kind>.w*.jsonl` files.

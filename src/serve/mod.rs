@@ -39,7 +39,7 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
     }
     let listen = config.listen.clone();
     let jobs = jobs::Jobs::open(config, engine)?;
-    let app = Arc::new(http::App { jobs: jobs.clone(), templates, tokens });
+    let app = Arc::new(http::App { jobs: jobs.clone(), templates, tokens, pipelines: pipelines.clone() });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("sluice-http").enable_all().build()?;
     let served = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
