@@ -84,6 +84,8 @@ struct Inner {
     settings: EngineSettings,
     /// Every job ever submitted, in order; each worker installs them in this order.
     log: Mutex<Vec<Arc<dyn Install>>>,
+    /// The log's length, read by the workers on every step without the lock.
+    submitted: AtomicUsize,
     /// The worker threads, woken when a job is submitted.
     threads: Mutex<Vec<std::thread::Thread>>,
     /// Set at shutdown: workers return once their jobs are done.
@@ -125,6 +127,7 @@ impl Engine {
         let inner = Arc::new(Inner {
             settings: settings.clone(),
             log: Mutex::new(Vec::new()),
+            submitted: AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
             shutdown: AtomicBool::new(false),
             signalled,
@@ -255,7 +258,11 @@ impl Engine {
         if self.inner.stopping() {
             shared.stop.store(true, Ordering::Relaxed);
         }
-        lock(&self.inner.log).push(install);
+        {
+            let mut log = lock(&self.inner.log);
+            log.push(install);
+            self.inner.submitted.store(log.len(), Ordering::Release);
+        }
         for t in lock(&self.inner.threads).iter() {
             t.unpark();
         }
@@ -315,7 +322,7 @@ pub struct JobShared {
     pub pipeline: String,
     /// Set to stop reading (a cancel, a failure, the engine's stop); the job then drains.
     stop: Arc<AtomicBool>,
-    canceled: AtomicBool,
+    canceled: Arc<AtomicBool>,
     fatal: FatalSlot,
     progress: Arc<Progress>,
     /// Workers of this process still running the job's dataflow.
@@ -341,7 +348,7 @@ impl JobShared {
             id: id.to_string(),
             pipeline: topology.name.clone(),
             stop: Arc::new(AtomicBool::new(false)),
-            canceled: AtomicBool::new(false),
+            canceled: Arc::new(AtomicBool::new(false)),
             fatal: FatalSlot::default(),
             progress: Arc::new(Progress::default()),
             remaining: AtomicUsize::new(workers),
@@ -373,11 +380,14 @@ impl JobShared {
             let mut s = lock(&self.state);
             s.finished = Some(SystemTime::now());
             s.elapsed = Some(s.started_at.elapsed());
-            if let Some(e) = self.fatal.peek() {
+            // A canceled job is canceled, with the error it met meanwhile if any (a sink that
+            // gave up retrying because of the cancel).
+            if self.canceled.load(Ordering::Relaxed) {
+                s.status = JobStatus::Canceled;
+                s.error = self.fatal.peek();
+            } else if let Some(e) = self.fatal.peek() {
                 s.status = JobStatus::Failed;
                 s.error = Some(e);
-            } else if self.canceled.load(Ordering::Relaxed) {
-                s.status = JobStatus::Canceled;
             } else {
                 s.status = JobStatus::Succeeded;
             }
@@ -610,7 +620,7 @@ impl<T: Task> Install for Prepared<T> {
             let (answers, refused, retracted) = infer(requests, self.task.clone(), self.handle.clone(), self.retract, forget.clone());
             let dead = bad.concat(refused);
             let deletes = deletes.concat(retracted);
-            let control = crate::operators::sink::JobControl { stop: stop.clone(), fatal: fatal.clone() };
+            let control = crate::operators::sink::JobControl { stop: stop.clone(), fatal: fatal.clone(), canceled: job.canceled.clone() };
             durable_sink(answers, deletes, dead, checkpoints, writers, self.max_dead, self.retract, forget, progress.clone(), control).probe_with(&durable);
         });
         durable
@@ -629,9 +639,11 @@ fn worker_loop(worker: &mut timely::worker::Worker, inner: &Arc<Inner>) -> Resul
     let mut installed = 0usize;
     let mut running: Vec<(Arc<JobShared>, ProbeHandle<u64>)> = Vec::new();
     loop {
-        let fresh: Vec<Arc<dyn Install>> = {
+        let fresh: Vec<Arc<dyn Install>> = if inner.submitted.load(Ordering::Acquire) > installed {
             let log = lock(&inner.log);
             log.get(installed..).map(|s| s.to_vec()).unwrap_or_default()
+        } else {
+            Vec::new()
         };
         installed += fresh.len();
         for cmd in fresh {
@@ -647,7 +659,7 @@ fn worker_loop(worker: &mut timely::worker::Worker, inner: &Arc<Inner>) -> Resul
                 true
             }
         });
-        if inner.shutdown.load(Ordering::Relaxed) && running.is_empty() && !busy && installed >= lock(&inner.log).len() {
+        if inner.shutdown.load(Ordering::Relaxed) && running.is_empty() && !busy && installed >= inner.submitted.load(Ordering::Acquire) {
             return Ok(());
         }
     }

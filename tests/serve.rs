@@ -352,6 +352,30 @@ fn a_canceled_job_stops_within_five_seconds_and_reads_no_more() {
     assert_eq!(server.raw_lines(&id, "answers", 1_000_000).len() as u64, job["counts"]["answered"].as_u64().unwrap());
 }
 
+/// A cancel is not held back by a sink that cannot write: with every sink write failing (a
+/// transient error, retried with backoff), the job still ends `canceled` within 5 s, with
+/// nothing answered and the reason, while the server keeps serving.
+#[test]
+fn a_job_whose_sink_keeps_failing_is_still_canceled_within_five_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &config(""), &[("SLUICE_FAULT", "sink-fail")]);
+    let id = job_id(&server.post_json("/v1/jobs", &serde_json::json!({"template": "rides", "source": {"type": "generator", "count": 1_000_000}})));
+    let start = Instant::now();
+    while server.job(&id)["counts"]["read"].as_u64().unwrap() == 0 {
+        assert!(start.elapsed() < Duration::from_secs(120), "nothing read: {}", server.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let asked = Instant::now();
+    assert_eq!(server.call("POST", &format!("/v1/jobs/{id}/cancel"), &[], b"").status, 200);
+    let (job, _) = server.wait_final(&id, Duration::from_secs(30));
+    assert!(asked.elapsed() < Duration::from_secs(5), "canceled after {:?}", asked.elapsed());
+    assert_eq!(job["status"], "canceled", "{job}");
+    assert_eq!(job["counts"]["answered"].as_u64(), Some(0), "{job}");
+    assert!(job["error"].as_str().unwrap_or_default().contains("canceled while the sink retried"), "{job}");
+    assert_eq!(server.get("/v2/health/ready").status, 200);
+}
+
 #[test]
 fn a_job_whose_postgres_sink_fails_ends_failed_alone_while_other_jobs_finish() {
     let Ok(url) = std::env::var("SLUICE_PG_URL") else {
@@ -362,8 +386,14 @@ fn a_job_whose_postgres_sink_fails_ends_failed_alone_while_other_jobs_finish() {
     let template = std::fs::read_to_string(repo().join("topologies/rides_generator.toml")).unwrap()
         + &format!("\n[[sinks]]\ntype = \"postgres\"\nurl = \"{url}\"\ntable = \"{table}\"\ndead_letter_table = \"{table}_dead\"\n");
     std::fs::write(dir.path().join("rides_pg.toml"), template).unwrap();
-    let cfg = config("") + &format!("rides_pg = {:?}\n", dir.path().join("rides_pg.toml"));
+    // A Kafka ride stream on the same engine, for the process's life.
+    let stream = common::rides::setup("serve_stream");
+    std::fs::write(dir.path().join("stream.toml"), stream.topology()).unwrap();
+    let cfg = config(&format!("pipelines = [{:?}]", dir.path().join("stream.toml"))) + &format!("rides_pg = {:?}\n", dir.path().join("rides_pg.toml"));
     let server = Server::start(dir.path(), &cfg, &[]);
+    let producer = common::kafka::producer();
+    let rides = common::rides::rides(&stream.name, 20_000, 11);
+    common::kafka::produce(&producer, &stream.topic, &rides[..10_000]);
     // A table it cannot create (a system schema): the job fails at start, with Postgres's reason.
     let mut bad = std::fs::read_to_string(dir.path().join("rides_pg.toml")).unwrap();
     bad = bad.replace("[[sinks]]\ntype = \"postgres\"", "[[sinks]]\ntype = \"postgres\"\nschema = \"pg_catalog\"");
@@ -381,6 +411,7 @@ fn a_job_whose_postgres_sink_fails_ends_failed_alone_while_other_jobs_finish() {
         std::thread::sleep(Duration::from_millis(100));
     }
     common::blackbox::try_query(&format!("DROP TABLE \"{table}\"")).expect("a DBA drops the table");
+    common::kafka::produce(&producer, &stream.topic, &rides[10_000..]);
     let (failed, _) = server.wait_final(&doomed, Duration::from_secs(120));
     assert_eq!(failed["status"], "failed", "{failed}");
     assert!(failed["error"].as_str().unwrap().contains("postgres"), "{failed}");
@@ -388,6 +419,13 @@ fn a_job_whose_postgres_sink_fails_ends_failed_alone_while_other_jobs_finish() {
     assert_eq!(ok["status"], "succeeded", "{ok}");
     assert_eq!(ok["counts"]["answered"].as_u64(), Some(300_000));
     assert_eq!(server.ride_ids(&fine, 1_000_000).len(), 300_000);
+    // The stream answered every ride once, into Postgres and its results topic.
+    assert_eq!(common::rides::wait_for_rows(&stream.table, 20_000, Duration::from_secs(120)), 20_000, "{}", server.stderr());
+    common::rides::check_exactly_once(&stream, &rides);
+    let pipelines = server.get("/v1/pipelines").json();
+    assert_eq!(pipelines["pipelines"][0]["name"], stream.name.as_str(), "{pipelines}");
+    assert_eq!(pipelines["pipelines"][0]["status"], "running", "{pipelines}");
+    assert!(pipelines["pipelines"][0]["answered"].as_u64().unwrap() >= 20_000, "{pipelines}");
     // The engine goes on: ready, and a new job runs to the end.
     assert_eq!(server.get("/v2/health/ready").status, 200);
     let after = job_id(&server.post_json("/v1/jobs", &serde_json::json!({"template": "rides", "source": {"type": "generator", "count": 1000}})));

@@ -37,6 +37,9 @@ pub struct JobControl {
     pub stop: Arc<std::sync::atomic::AtomicBool>,
     /// The job's failure, if any.
     pub fatal: crate::source::harness::FatalSlot,
+    /// Set when the job is canceled: a sink retrying a transient error gives up (nothing more
+    /// is written or acknowledged) instead of holding the cancel back.
+    pub canceled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl JobControl {
@@ -208,6 +211,7 @@ fn stage_loop(
 ) {
     let latency = metrics::histogram!(crate::metrics::END_TO_END_LATENCY);
     let answers = metrics::counter!(crate::metrics::ANSWERS);
+    STAGE_CANCELED.with(|c| *c.borrow_mut() = Some(control.canceled.clone()));
     while let Ok(first) = rx.recv() {
         // Group commit: groups that queued up while the last write was in flight are written
         // together, so a busy sink pays one round trip (and one transaction) for all of them.
@@ -452,6 +456,9 @@ thread_local! {
     /// stage fails its job once the write in progress returns (nothing from then on is written
     /// or acknowledged, so the write reports success to end its retries and splits).
     static CONFIG_ERROR: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+    /// The cancel flag of the job this sink stage serves: a canceled job stops retrying, and
+    /// ends the same way (see [`CONFIG_ERROR`]).
+    static STAGE_CANCELED: std::cell::RefCell<Option<Arc<std::sync::atomic::AtomicBool>>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Writes until the sink accepts the batch or refuses a record in it (`Err` with the sink's
@@ -470,6 +477,13 @@ fn write_retrying(writer: &mut dyn SinkWriter, batch: &EpochBatch) -> Result<(),
             Err(SinkError::Record(e)) => return Err(Refusal::One(e)),
             Err(SinkError::Refused(named)) => return Err(Refusal::These(named)),
             Err(SinkError::Transient(e)) => {
+                if STAGE_CANCELED.with(|c| c.borrow().as_ref().is_some_and(|f| f.load(Ordering::Relaxed))) {
+                    tracing::warn!(sink = writer.kind(), "the job was canceled while this sink retried ({e}); what it had not written is not acknowledged");
+                    CONFIG_ERROR.with(|c| {
+                        c.borrow_mut().get_or_insert(format!("canceled while the sink retried: {e}"));
+                    });
+                    return Ok(());
+                }
                 metrics::counter!(crate::metrics::SINK_RETRIES, "sink" => writer.kind()).increment(1);
                 tracing::warn!(sink = writer.kind(), epoch = batch.epoch, "write failed, retrying in {:?}: {e}", delay);
                 std::thread::sleep(delay);
@@ -551,8 +565,14 @@ mod tests {
                     Box::new(Recorder { name: "topic", offsets: false, delay: Duration::from_millis(10), log: log.clone() }),
                 ];
                 writers.sort_by_key(|w| w.stores_checkpoints());
-                let (tx, acks, threads) =
-                    spawn_stages(writers, 0, activator, false, Default::default(), JobControl { stop: Default::default(), fatal: Default::default() });
+                let (tx, acks, threads) = spawn_stages(
+                    writers,
+                    0,
+                    activator,
+                    false,
+                    Default::default(),
+                    JobControl { stop: Default::default(), fatal: Default::default(), canceled: Default::default() },
+                );
                 for e in 0..8u64 {
                     let ids = [format!("e{e}a"), format!("e{e}b")];
                     let b = batch(e, &[ids[0].as_str(), ids[1].as_str()], e as i64);
