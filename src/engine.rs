@@ -213,7 +213,7 @@ impl Engine {
         if let Some(e) = lock(&self.inner.broken).clone() {
             return Err(RunError::WorkerPanicked(e));
         }
-        let shared = Arc::new(JobShared::new(id, topology, self.inner.settings.workers.max(1)));
+        let shared = Arc::new(JobShared::new(id, topology, self.inner.settings.workers.max(1), opts.ended.clone()));
         let install: Arc<dyn Install> = match &topology.task {
             TaskConfig::ExtractiveQa { model, tokenizer, max_seq_len, doc_stride, max_answer_len, model_name } => {
                 let key = format!("qa {:?} {:?} {:?} {:?}", topology.task, topology.execution, topology.batching, self.inner.settings.workers);
@@ -314,6 +314,8 @@ pub struct JobOptions {
     /// Called once the job's sinks are open (files cut back to their checkpoints) and before its
     /// dataflow reads anything.
     pub opened: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Called once the job has ended (any status), on the worker thread that saw it end last.
+    pub ended: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// A job's shared state: what the workers, the sinks and its handles see.
@@ -327,6 +329,7 @@ pub struct JobShared {
     progress: Arc<Progress>,
     /// Workers of this process still running the job's dataflow.
     remaining: AtomicUsize,
+    ended: Option<Arc<dyn Fn() + Send + Sync>>,
     state: Mutex<JobState>,
     done: Condvar,
 }
@@ -343,7 +346,7 @@ struct JobState {
 }
 
 impl JobShared {
-    fn new(id: &str, topology: &Topology, workers: usize) -> JobShared {
+    fn new(id: &str, topology: &Topology, workers: usize, ended: Option<Arc<dyn Fn() + Send + Sync>>) -> JobShared {
         JobShared {
             id: id.to_string(),
             pipeline: topology.name.clone(),
@@ -352,6 +355,7 @@ impl JobShared {
             fatal: FatalSlot::default(),
             progress: Arc::new(Progress::default()),
             remaining: AtomicUsize::new(workers),
+            ended,
             state: Mutex::new(JobState {
                 status: JobStatus::Enqueued,
                 started: SystemTime::now(),
@@ -393,6 +397,9 @@ impl JobShared {
             }
         }
         self.done.notify_all();
+        if let Some(ended) = &self.ended {
+            ended();
+        }
     }
 }
 

@@ -93,7 +93,7 @@ pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, RunError> 
         signals_grace: Some(Duration::from_millis(topology.runtime.shutdown_grace_ms)),
     };
     let engine = Engine::start(settings)?;
-    let job = engine.submit(&topology.name, topology, JobOptions { progress_bar: opts.progress, opened: None })?;
+    let job = engine.submit(&topology.name, topology, JobOptions { progress_bar: opts.progress, opened: None, ended: None })?;
     let summary = job.wait();
     engine.shutdown()?;
     summary

@@ -271,6 +271,10 @@ async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: String) -
     security(("bearer" = [])))]
 async fn upload(State(app): State<Arc<App>>, headers: HeaderMap, mut form: Multipart) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let key = idempotency_key(&headers);
+    // A repeat is answered before its body is stored again.
+    if let Some(record) = key.as_deref().and_then(|k| app.jobs.by_key(k)) {
+        return Ok((StatusCode::ACCEPTED, Json(Accepted { job_id: record.id, status: record.status })));
+    }
     let limit = app.jobs.config.limits.max_upload_bytes;
     let mut name: Option<String> = None;
     let mut saved: Option<Upload> = None;

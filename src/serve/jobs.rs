@@ -198,6 +198,12 @@ impl Jobs {
         Ok(record)
     }
 
+    /// The job an idempotency key made, if any.
+    pub fn by_key(&self, key: &str) -> Option<JobRecord> {
+        let id = lock(&self.state).keys.get(key).cloned()?;
+        self.get(&id)
+    }
+
     /// A job's record, with its live counts.
     pub fn get(&self, id: &str) -> Option<JobRecord> {
         let mut state = lock(&self.state);
@@ -384,14 +390,22 @@ impl Jobs {
     /// Runs a job's topology on the engine, with its own answers folder as a sink. Also what
     /// that folder holds once the sinks are open (a resumed job's earlier answers and dead
     /// letters; none for a source that reads everything again, whose files start afresh).
-    fn start(&self, r: &JobRecord) -> Result<(Job, (u64, u64)), String> {
+    fn start(self: &Arc<Self>, r: &JobRecord) -> Result<(Job, (u64, u64)), String> {
         let mut topology = Topology::parse("job topology", &r.topology).map_err(|e| e.to_string())?;
         let out = self.out_dir(&r.id);
         topology.sinks.push(SinkConfig::default_jsonl(out.clone()));
         let base = Arc::new(Mutex::new((0, 0)));
         let (b, dir) = (base.clone(), out.clone());
         let opened: Arc<dyn Fn() + Send + Sync> = Arc::new(move || *lock(&b) = (count_lines(&dir, "answers"), count_lines(&dir, "dead_letters")));
-        let job = self.engine.submit(&r.id, &topology, JobOptions { progress_bar: false, opened: Some(opened) }).map_err(|e| e.to_string())?;
+        // The queue hears of the end at once, so the record says so without a polling delay.
+        let me = Arc::downgrade(self);
+        let ended: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+            if let Some(jobs) = me.upgrade() {
+                jobs.wake.notify_all();
+            }
+        });
+        let job =
+            self.engine.submit(&r.id, &topology, JobOptions { progress_bar: false, opened: Some(opened), ended: Some(ended) }).map_err(|e| e.to_string())?;
         let base = *lock(&base);
         Ok((job, base))
     }
