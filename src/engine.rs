@@ -82,8 +82,10 @@ pub struct Engine {
 
 struct Inner {
     settings: EngineSettings,
-    /// Every job ever submitted, in order; each worker installs them in this order.
-    log: Mutex<Vec<Arc<dyn Install>>>,
+    /// Every job ever submitted, in order; each worker installs them in this order. An entry
+    /// counts the workers that installed it and is emptied by the last (its dataflow holds what
+    /// it needs from then on), so a long-lived engine keeps no finished job's setup.
+    log: Mutex<Vec<(usize, Option<Arc<dyn Install>>)>>,
     /// The log's length, read by the workers on every step without the lock.
     submitted: AtomicUsize,
     /// The worker threads, woken when a job is submitted.
@@ -144,8 +146,11 @@ impl Engine {
                 .spawn(move || loop {
                     std::thread::sleep(Duration::from_millis(20));
                     let Some(inner) = inner.upgrade() else { return };
+                    let mut jobs = lock(&inner.jobs);
+                    // Ended jobs leave the list (their handles keep what they report).
+                    jobs.retain(|j| !lock(&j.state).status.is_final());
                     if inner.stopping() {
-                        for j in lock(&inner.jobs).iter() {
+                        for j in jobs.iter() {
                             j.stop.store(true, Ordering::Relaxed);
                         }
                     }
@@ -260,7 +265,7 @@ impl Engine {
         }
         {
             let mut log = lock(&self.inner.log);
-            log.push(install);
+            log.push((0, Some(install)));
             self.inner.submitted.store(log.len(), Ordering::Release);
         }
         for t in lock(&self.inner.threads).iter() {
@@ -269,7 +274,18 @@ impl Engine {
         Ok(Job { shared })
     }
 
-    /// Every job submitted so far, oldest first.
+    /// The inference services running: one per model file, task settings, execution and
+    /// batching, however many jobs use it.
+    pub fn model_services(&self) -> usize {
+        lock(&self.inner.models.services).len()
+    }
+
+    /// Jobs whose setup the log still holds (not yet installed by every worker).
+    pub fn pending_installs(&self) -> usize {
+        lock(&self.inner.log).iter().filter(|(_, e)| e.is_some()).count()
+    }
+
+    /// The jobs not yet ended, oldest first.
     pub fn jobs(&self) -> Vec<Job> {
         lock(&self.inner.jobs).iter().map(|s| Job { shared: s.clone() }).collect()
     }
@@ -647,12 +663,25 @@ fn worker_loop(worker: &mut timely::worker::Worker, inner: &Arc<Inner>) -> Resul
     let mut running: Vec<(Arc<JobShared>, ProbeHandle<u64>)> = Vec::new();
     loop {
         let fresh: Vec<Arc<dyn Install>> = if inner.submitted.load(Ordering::Acquire) > installed {
-            let log = lock(&inner.log);
-            log.get(installed..).map(|s| s.to_vec()).unwrap_or_default()
+            let mut log = lock(&inner.log);
+            let workers = inner.settings.workers.max(1);
+            let fresh: Vec<Arc<dyn Install>> = log
+                .iter_mut()
+                .skip(installed)
+                .filter_map(|(count, entry)| {
+                    *count += 1;
+                    if *count >= workers {
+                        entry.take()
+                    } else {
+                        entry.clone()
+                    }
+                })
+                .collect();
+            installed = log.len();
+            fresh
         } else {
             Vec::new()
         };
-        installed += fresh.len();
         for cmd in fresh {
             let probe = cmd.install(worker);
             running.push((cmd.job(), probe));
