@@ -85,7 +85,7 @@ struct Inner {
     /// Every job ever submitted, in order; each worker installs them in this order. An entry
     /// counts the workers that installed it and is emptied by the last (its dataflow holds what
     /// it needs from then on), so a long-lived engine keeps no finished job's setup.
-    log: Mutex<Vec<(usize, Option<Arc<dyn Install>>)>>,
+    log: Mutex<Vec<LogEntry>>,
     /// The log's length, read by the workers on every step without the lock.
     submitted: AtomicUsize,
     /// The worker threads, woken when a job is submitted.
@@ -508,6 +508,9 @@ impl Job {
         })
     }
 }
+
+/// A submitted job: the workers that installed it, and its setup until the last of them has.
+type LogEntry = (usize, Option<Arc<dyn Install>>);
 
 /// A job's dataflow, ready to be built on each worker.
 trait Install: Send + Sync {
