@@ -19,7 +19,7 @@ use sluice::runtime::{self, RunOptions};
 use sluice::tasks::extractive_qa::QaShapes;
 use sluice::tasks::extractive_qa::{ExtractiveQa, QaModel, QaRequest, QaSettings, Window};
 use sluice::tasks::Task;
-use sluice::topology::{ExecutionConfig, Padding, Provider, Topology};
+use sluice::topology::{ExecutionConfig, Padding, Provider};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -132,7 +132,7 @@ fn main() {
             if gpu { 512 } else { 64 },
             if metrics { format!("[metrics]\nlisten = \"{metrics_at}\"\n") } else { String::new() }
         );
-        Topology::parse("bench.toml", &text).unwrap()
+        sluice::registry::parse("bench.toml", &text).unwrap()
     };
     let mut per_question = 0.0;
     for round in 0..rounds {

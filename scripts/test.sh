@@ -30,10 +30,10 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 export SLUICE_PG_URL="${SLUICE_PG_URL:-postgres://sluice:sluice@127.0.0.1:5432/sluice}"
-cargo build --benches
+cargo build --workspace --benches
 log=$(mktemp)
 set +e
-cargo test --lib --bins --tests "$@" 2>&1 | tee "$log"
+cargo test --workspace --lib --bins --tests "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole suite, summed over every test binary.

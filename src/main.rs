@@ -6,7 +6,7 @@ use sluice::connectors::kafka::client::{KafkaAnswers, KafkaPublish, RequestClien
 use sluice::connectors::loadgen::{self, Answers, Publish};
 use sluice::connectors::pubsub;
 use sluice::runtime::{self, RunOptions};
-use sluice::topology::{TaskConfig, Topology};
+use sluice::topology::TaskConfig;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -156,7 +156,7 @@ fn main() {
 fn real_main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run { topology, workers, process, hostfile, no_progress } => {
-            let t = Topology::load(&topology)?;
+            let t = sluice::registry::load(&topology)?;
             let hosts = match hostfile {
                 Some(f) => std::fs::read_to_string(&f)
                     .with_context(|| format!("cannot read hostfile {}", f.display()))?
@@ -203,12 +203,12 @@ fn real_main() -> anyhow::Result<()> {
             serve::serve(c)
         }
         Command::Validate { topology } => {
-            let t = Topology::load(&topology)?;
+            let t = sluice::registry::load(&topology)?;
             println!("{}: ok (pipeline `{}`)", topology.display(), t.name);
             Ok(())
         }
         Command::Check { topology } => {
-            let t = Topology::load(&topology)?;
+            let t = sluice::registry::load(&topology)?;
             let provider = t.execution.provider;
             let (_, library) = sluice::ortlib::environment_for(provider == sluice::topology::Provider::Cuda)?;
             println!("onnx runtime: ok ({})", library.display());

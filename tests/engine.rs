@@ -11,7 +11,7 @@ fn rides_job(name: &str, count: u64, out: &std::path::Path) -> Topology {
     let text = format!(
         "name = \"{name}\"\n[source]\ntype = \"generator\"\ncount = {count}\nseed = 3\n[task]\ntype = \"tabular\"\nmodel = \"{root}/models/rides/model.onnx\"\n[batching]\nmax_batch = 512\nmax_delay_ms = 2\n[runtime]\nepoch_records = 4096\nprogress = false\n[[sinks]]\ntype = \"jsonl\"\ndir = {out:?}\n"
     );
-    Topology::parse("test", &text).unwrap()
+    sluice::registry::parse("test", &text).unwrap()
 }
 
 fn lines(dir: &std::path::Path) -> usize {

@@ -269,7 +269,7 @@ fn a_root_file_that_is_not_there_is_refused_at_start_up() {
 
 /// Why the topology `text` is refused.
 fn refusal(text: &str) -> String {
-    match sluice::topology::Topology::parse("tls.toml", text) {
+    match sluice::registry::parse("tls.toml", text) {
         Ok(_) => panic!("accepted:\n{text}"),
         Err(e) => e.to_string(),
     }

@@ -8,7 +8,7 @@
 use crate::serve::config::ServeConfig;
 use serde::{Deserialize, Serialize};
 use sluice::engine::{Engine, Job, JobOptions, JobStatus};
-use sluice::topology::{SinkConfig, Topology};
+use sluice::topology::Topology;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -157,8 +157,8 @@ impl Jobs {
             return Err(JobsError::Full(self.config.limits.max_queued_jobs));
         }
         let topology =
-            Topology::parse("job topology", &topology_text).map_err(|e| JobsError::Invalid(format!("{}: {}", e.field, e.message), e.hint.clone()))?;
-        if !finite(&topology_text) {
+            sluice::registry::parse("job topology", &topology_text).map_err(|e| JobsError::Invalid(format!("{}: {}", e.field, e.message), e.hint.clone()))?;
+        if !topology.source.bounded() {
             return Err(JobsError::Invalid(
                 "`source`: a job needs a finite source".into(),
                 "use a csv, parquet or files source (watch = false) or a generator with a count; streams run as `pipelines` of the serve config".into(),
@@ -391,9 +391,13 @@ impl Jobs {
     /// that folder holds once the sinks are open (a resumed job's earlier answers and dead
     /// letters; none for a source that reads everything again, whose files start afresh).
     fn start(self: &Arc<Self>, r: &JobRecord) -> Result<(Job, (u64, u64)), String> {
-        let mut topology = Topology::parse("job topology", &r.topology).map_err(|e| e.to_string())?;
+        let mut topology = sluice::registry::parse("job topology", &r.topology).map_err(|e| e.to_string())?;
         let out = self.out_dir(&r.id);
-        topology.sinks.push(SinkConfig::default_jsonl(out.clone()));
+        // The job's own answers folder, beside its topology's sinks or in place of the default.
+        if topology.default_sinks {
+            topology.sinks.clear();
+        }
+        topology.sinks.push(sluice::registry::jsonl(out.clone()));
         let base = Arc::new(Mutex::new((0, 0)));
         let (b, dir) = (base.clone(), out.clone());
         let opened: Arc<dyn Fn() + Send + Sync> = Arc::new(move || *lock(&b) = (count_lines(&dir, "answers"), count_lines(&dir, "dead_letters")));
@@ -504,18 +508,6 @@ fn count_lines(dir: &Path, kind: &str) -> u64 {
     n
 }
 
-/// Whether a topology's source ends by itself.
-fn finite(text: &str) -> bool {
-    let Ok(table) = text.parse::<toml::Table>() else { return false };
-    let Some(source) = table.get("source").and_then(|s| s.as_table()) else { return false };
-    match source.get("type").and_then(|t| t.as_str()) {
-        Some("csv") => true,
-        Some("files") => !source.get("watch").and_then(|w| w.as_bool()).unwrap_or(false),
-        Some("generator") => source.get("count").is_some(),
-        _ => false,
-    }
-}
-
 /// The topology's TOML as stored: parsed and written again.
 fn normalize(text: &str) -> Result<String, String> {
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.message().to_string())?;
@@ -554,12 +546,14 @@ mod tests {
 
     #[test]
     fn only_sources_that_end_make_jobs() {
-        assert!(finite("[source]\ntype = \"csv\"\npath = \"a.csv\""));
-        assert!(finite("[source]\ntype = \"files\"\npath = \"a\""));
-        assert!(!finite("[source]\ntype = \"files\"\npath = \"a\"\nwatch = true"));
-        assert!(finite("[source]\ntype = \"generator\"\ncount = 5"));
-        assert!(!finite("[source]\ntype = \"generator\""));
-        assert!(!finite("[source]\ntype = \"kafka\""));
+        let bounded = |text: &str| sluice::registry::registry().parse_source(text.parse().unwrap()).unwrap().bounded();
+        assert!(bounded("type = \"csv\"\npath = \"a.csv\""));
+        assert!(bounded("type = \"files\"\npath = \"a\""));
+        assert!(!bounded("type = \"files\"\npath = \"a\"\nwatch = true"));
+        assert!(bounded("type = \"generator\"\ncount = 5"));
+        assert!(!bounded("type = \"generator\""));
+        assert!(!bounded("type = \"kafka\"\nbrokers = \"b:9092\"\ntopic = \"t\""));
+        assert!(!bounded("type = \"pubsub\"\nsubscription = \"projects/p/subscriptions/s\""));
     }
 
     #[test]

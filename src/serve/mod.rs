@@ -7,7 +7,6 @@ pub mod jobs;
 
 use config::ServeConfig;
 use sluice::engine::{Engine, EngineSettings, JobOptions};
-use sluice::topology::Topology;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +17,7 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let tokens = config.tokens()?;
     let mut templates = BTreeMap::new();
     for (name, path) in &config.templates {
-        let t = Topology::load(path)?;
+        let t = sluice::registry::load(path)?;
         templates.insert(name.clone(), (path.clone(), t));
     }
     let engine = Engine::start(EngineSettings {
@@ -32,7 +31,7 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // The pipelines that run for the process's life: their failure is theirs, logged.
     let mut pipelines = Vec::new();
     for path in &config.pipelines {
-        let t = Topology::load(path)?;
+        let t = sluice::registry::load(path)?;
         let job = engine.submit(&t.name, &t, JobOptions::default())?;
         tracing::info!(pipeline = %t.name, "pipeline running");
         pipelines.push(job);

@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use sluice::runtime::{self, RunOptions, Summary};
-use sluice::topology::Topology;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -47,7 +46,7 @@ pub fn jsonl_sink(dir: &Path) -> String {
 }
 
 pub fn run(text: &str, workers: usize) -> Summary {
-    let topology = Topology::parse("test.toml", text).unwrap_or_else(|e| panic!("{e}"));
+    let topology = sluice::registry::parse("test.toml", text).unwrap_or_else(|e| panic!("{e}"));
     runtime::run(&topology, &RunOptions { workers: Some(workers), ..Default::default() }).unwrap_or_else(|e| panic!("run failed: {e}"))
 }
 

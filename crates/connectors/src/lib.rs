@@ -1,0 +1,16 @@
+//! sluice's connectors to external systems, one folder per system: `files` (CSV, Parquet and
+//! JSON lines in folders and buckets, JSON lines out), `kafka` (partition-owning source, results
+//! sink, request client), `postgres` (upserting sink), `pubsub` (shared-subscription source and
+//! sink) and `generator` (built-in rides). Each implements the core's connector contract
+//! (`sluice_core::connector`) and its source or sink contract; the binary's registry lists them.
+#![forbid(unsafe_code)]
+
+pub mod files;
+pub mod generator;
+pub mod kafka;
+pub mod loadgen;
+pub mod postgres;
+pub mod pubsub;
+pub mod results;
+pub mod rides;
+pub mod sql;
