@@ -2,11 +2,11 @@
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use sluice::connectors::kafka::client::{KafkaAnswers, KafkaPublish, RequestClient};
-use sluice::connectors::loadgen::{self, Answers, Publish};
-use sluice::connectors::pubsub;
+use sluice::connectors::client::RequestBroker;
+use sluice::connectors::kafka::client::{KafkaBroker, DEFAULT_LINGER_MS};
+use sluice::connectors::loadgen;
+use sluice::connectors::pubsub::{self, client::PubsubBroker};
 use sluice::runtime::{self, RunOptions};
-use sluice::topology::TaskConfig;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -128,14 +128,19 @@ struct Broker {
 }
 
 impl Broker {
-    fn topics(&self) -> (String, String) {
-        let (t, r) =
-            if self.pubsub { ("projects/sluice-local/topics/rides", "projects/sluice-local/topics/ride-durations") } else { ("rides", "ride-durations") };
-        (self.topic.clone().unwrap_or_else(|| t.into()), self.results.clone().unwrap_or_else(|| r.into()))
+    /// The broker these flags name, picked once; `linger_ms` is the Kafka load generator's.
+    fn client(&self, linger_ms: u64) -> Box<dyn RequestBroker> {
+        if self.pubsub {
+            Box::new(PubsubBroker { connection: pubsub::Connection { endpoint: self.endpoint.clone(), credentials_file: self.credentials_file.clone() } })
+        } else {
+            Box::new(KafkaBroker { brokers: self.brokers.clone(), linger_ms })
+        }
     }
 
-    fn connection(&self) -> pubsub::Connection {
-        pubsub::Connection { endpoint: self.endpoint.clone(), credentials_file: self.credentials_file.clone() }
+    /// The requests and results topics: the flags', else the broker's defaults.
+    fn topics(&self, client: &dyn RequestBroker) -> (String, String) {
+        let (t, r) = client.default_topics();
+        (self.topic.clone().unwrap_or_else(|| t.into()), self.results.clone().unwrap_or_else(|| r.into()))
     }
 }
 
@@ -212,27 +217,14 @@ fn real_main() -> anyhow::Result<()> {
             let provider = t.execution.provider;
             let (_, library) = sluice::ortlib::environment_for(provider == sluice::topology::Provider::Cuda)?;
             println!("onnx runtime: ok ({})", library.display());
-            match &t.task {
-                TaskConfig::ExtractiveQa { model, tokenizer, max_seq_len, doc_stride, max_answer_len, .. } => {
-                    let loaded = sluice::tasks::extractive_qa::QaModel::load(model, |p| sluice::runtime::qa_shapes(&t, p, *max_seq_len), true, &t.execution)?;
-                    println!("model {}: ok on {}", model.display(), loaded.provider().name());
-                    let settings =
-                        sluice::tasks::extractive_qa::QaSettings { max_seq_len: *max_seq_len, doc_stride: *doc_stride, max_answer_len: *max_answer_len };
-                    sluice::tasks::extractive_qa::ExtractiveQa::new(tokenizer, settings, String::new())?;
-                    println!("tokenizer {}: ok", tokenizer.display());
-                }
-                TaskConfig::Tabular { model, output, .. } => {
-                    let loaded = sluice::tasks::tabular::TabularModel::load(model, output.as_deref(), &t.execution)?;
-                    let task = sluice::tasks::tabular::Tabular::new(&loaded, String::new());
-                    let inputs: Vec<String> = task.specs().iter().map(|s| format!("{} ({:?})", s.name, s.kind)).collect();
-                    println!("model {}: ok on {}; inputs {}", model.display(), loaded.provider().name(), inputs.join(", "));
-                }
+            for line in t.task.check(&t)? {
+                println!("{line}");
             }
             Ok(())
         }
         Command::MockBroker { topics } => {
             use std::io::Write as _;
-            let cluster = sluice::connectors::kafka::mock::start(&topics).map_err(anyhow::Error::msg)?;
+            let cluster = sluice::connectors::kafka::mock::start(&topics)?;
             println!("mock broker at {}", cluster.bootstrap_servers());
             std::io::stdout().flush()?;
             loop {
@@ -242,27 +234,20 @@ fn real_main() -> anyhow::Result<()> {
         Command::Request { broker, json, timeout_ms } => {
             let payload: serde_json::Value = serde_json::from_str(&json).context("--json must be a JSON object")?;
             let obj = payload.as_object().context("--json must be a JSON object")?.clone();
-            let (topic, results) = broker.topics();
-            let timeout = Duration::from_millis(timeout_ms);
-            let (id, answer) = if broker.pubsub {
-                pubsub::client::RequestClient::connect(&broker.connection(), &topic, &results)?.request(obj, timeout)?
-            } else {
-                RequestClient::connect(&broker.brokers, &topic, &results)?.request(obj, timeout)?
-            };
+            let client = broker.client(DEFAULT_LINGER_MS);
+            let (topic, results) = broker.topics(client.as_ref());
+            let (id, answer) = client.request(&topic, &results, obj, Duration::from_millis(timeout_ms))?;
             println!("{}", serde_json::json!({"request_id": id, "answer": answer}));
             Ok(())
         }
         Command::Loadgen { broker, count, rate, seed, drain_ms, preload, linger_ms } => {
             let spec = loadgen::LoadSpec { run_id: loadgen::new_run_id(), count, rate, seed, drain: Duration::from_millis(drain_ms), preload };
-            let (topic, results) = broker.topics();
-            let (mut publish, answers): (Box<dyn Publish>, Box<dyn Answers>) = if broker.pubsub {
-                let answers = pubsub::client::PubsubAnswers::open(&broker.connection(), &results, &format!("{}-", spec.run_id)).map_err(anyhow::Error::msg)?;
-                (Box::new(pubsub::client::PubsubPublish::new(&broker.connection(), &topic).map_err(anyhow::Error::msg)?), Box::new(answers))
-            } else {
-                let answers = KafkaAnswers(sluice::connectors::kafka::client::consumer_at_end(&broker.brokers, &results)?);
-                (Box::new(KafkaPublish::new(&broker.brokers, &topic, linger_ms).map_err(anyhow::Error::msg)?), Box::new(answers))
-            };
-            let report = loadgen::run(&spec, publish.as_mut(), answers).map_err(anyhow::Error::msg)?;
+            let client = broker.client(linger_ms);
+            let (topic, results) = broker.topics(client.as_ref());
+            // Listening first: every answer arrives after its request.
+            let answers = client.answers(&results, &format!("{}-", spec.run_id))?;
+            let mut publish = client.publisher(&topic)?;
+            let report = loadgen::run(&spec, publish.as_mut(), answers)?;
             println!("{report}");
             if report.lost > 0 {
                 bail!("{} requests got no answer", report.lost);

@@ -470,6 +470,92 @@ fn kill_9_in_the_middle_of_an_upload_job_then_a_restart_answers_every_row_once()
     assert!(server.stderr().contains("from the checkpoints stored with the answers"), "the restart resumed the job from its checkpoints:\n{}", server.stderr());
 }
 
+/// Job records in a Postgres table (the serve config's `state_store`): none in the state
+/// folder; kill -9 mid-job leaves the row `running`, and a restart reads it back, resumes the
+/// job and ends it `succeeded` with every row answered once; retention by age then removes the
+/// row, the answers and the upload.
+#[test]
+fn with_a_postgres_state_store_a_job_survives_kill_9_and_ages_out_of_the_table() {
+    let Ok(url) = std::env::var("SLUICE_PG_URL") else {
+        panic!("SLUICE_PG_URL is not set: run the tests through scripts/test.sh, which starts Postgres");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let table = format!("serve_jobs_{}", std::process::id());
+    let rows = 1_000_000;
+    let csv = rides_csv(rows);
+    let store = format!("[state_store]\npostgres = \"{url}\"\ntable = \"{table}\"\n");
+    let mut server = Server::start(dir.path(), &config(&store), &[]);
+    let id = job_id(&server.upload("rides", "rides.csv", csv.as_bytes(), &[]));
+    let row = |id: &str| {
+        common::blackbox::try_query(&format!("SELECT status, record::text FROM \"{table}\" WHERE id = '{id}'"))
+            .expect("the job table")
+            .first()
+            .map(|r| (r.get::<_, String>(0), serde_json::from_str::<Value>(&r.get::<_, String>(1)).unwrap()))
+    };
+    // Progress reaches the table (written every second) while the job runs; then kill -9.
+    let start = Instant::now();
+    while row(&id).map_or(0, |(_, r)| r["answered"].as_u64().unwrap()) < 20_000 {
+        assert!(server.job(&id)["status"] != "succeeded", "the job ended before the kill; make it longer");
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress in the table: {}", server.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.kill9();
+    let (status, record) = row(&id).expect("the job's row");
+    assert_eq!(status, "running", "{record}");
+    assert!(record["answered"].as_u64().unwrap() > 0, "progress is in the table: {record}");
+    assert!(!dir.path().join("state/jobs").join(&id).join("job.json").exists(), "the record went to Postgres, not to a file");
+    let mut server = Server::start(dir.path(), &config(&store), &[]);
+    assert!(server.stderr().contains(&format!("job records in the Postgres table public.{table}")), "{}", server.stderr());
+    let (job, _) = server.wait_final(&id, Duration::from_secs(300));
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", server.stderr());
+    assert_eq!(job["attempts"].as_u64(), Some(2), "{job}");
+    let answers = server.ride_ids(&id, 250_000);
+    assert_eq!(answers.iter().collect::<HashSet<_>>().len(), rows, "every row answered");
+    assert_eq!(answers.len(), rows, "and none twice");
+    let (status, record) = row(&id).expect("the job's row");
+    assert_eq!((status.as_str(), record["answered"].as_u64()), ("succeeded", Some(rows as u64)), "{record}");
+    let upload = PathBuf::from(record["upload"].as_str().unwrap());
+    assert!(upload.exists(), "the upload is kept while the job is");
+    // A server that keeps finished jobs for a second: the job goes, its row, answers and upload.
+    assert_eq!(server.terminate(Duration::from_secs(30)).and_then(|s| s.code()), Some(0), "{}", server.stderr());
+    let server = Server::start(dir.path(), &config(&(store.clone() + "[limits]\nkeep_finished_s = 1\n")), &[]);
+    let start = Instant::now();
+    while server.get(&format!("/v1/jobs/{id}")).status != 404 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the job outlived keep_finished_s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(row(&id).is_none(), "its row is gone");
+    assert!(!upload.exists() && !dir.path().join("state/jobs").join(&id).exists(), "its upload and answers are gone");
+    let _ = common::blackbox::try_query(&format!("DROP TABLE IF EXISTS \"{table}\""));
+}
+
+/// A 2 GB upload against the default 1 GB limit, sent as curl sends a large file (its length
+/// declared, `Expect: 100-continue`): 413 before the body is sent, nothing stored.
+#[test]
+fn a_two_gigabyte_upload_over_the_one_gigabyte_limit_is_refused_before_it_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &config(""), &[]);
+    let len: u64 = 2 << 30;
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /v1/jobs/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {len}\r\nExpect: 100-continue\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).expect("an answer without the body"), 1, "the server closed without an answer");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert_eq!(std::fs::read_dir(dir.path().join("state/uploads")).unwrap().count(), 0, "nothing stored");
+    // A body that does not declare its length is cut off as it streams (the 3 MB over 1 MB case
+    // of `bad_requests_get_clear_errors_and_leave_nothing_behind`).
+}
+
 #[test]
 fn bad_requests_get_clear_errors_and_leave_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,9 +14,14 @@ pub struct ServeConfig {
     /// Where the HTTP server listens.
     #[serde(default = "default_listen")]
     pub listen: String,
-    /// The state folder: job records, uploads, and each job's answers.
+    /// The state folder: uploads, each job's answers, and the job records unless
+    /// `state_store` keeps them in Postgres.
     #[serde(default = "default_state")]
     pub state: PathBuf,
+    /// Where job records and progress live: omit for files in the state folder, or a Postgres
+    /// table, so that the records outlive the machine and can be queried.
+    #[serde(default)]
+    pub state_store: Option<StateStore>,
     /// Timely worker threads.
     #[serde(default = "default_workers")]
     pub workers: usize,
@@ -38,6 +43,27 @@ pub struct ServeConfig {
     pub shutdown_grace_ms: u64,
 }
 
+/// Job records in a Postgres table.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateStore {
+    /// The connection string (`${VAR}` expanded), e.g. postgres://user:password@host:5432/db.
+    pub postgres: String,
+    /// The schema of the table.
+    #[serde(default = "default_store_schema")]
+    pub schema: String,
+    /// The table, created when missing: one row per job (`id`, `status`, `record` as JSONB).
+    #[serde(default = "default_store_table")]
+    pub table: String,
+}
+
+fn default_store_schema() -> String {
+    "public".into()
+}
+fn default_store_table() -> String {
+    "sluice_jobs".into()
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -53,6 +79,9 @@ pub struct Limits {
     /// Finished jobs kept (the oldest go first, with their uploads and answers).
     #[serde(default = "default_keep_finished")]
     pub keep_finished_jobs: usize,
+    /// How long a finished job is kept, in seconds, before it goes with its upload and answers.
+    #[serde(default = "default_keep_finished_s")]
+    pub keep_finished_s: u64,
 }
 
 impl Default for Limits {
@@ -62,6 +91,7 @@ impl Default for Limits {
             max_queued_jobs: default_max_queued(),
             max_running_jobs: default_max_running(),
             keep_finished_jobs: default_keep_finished(),
+            keep_finished_s: default_keep_finished_s(),
         }
     }
 }
@@ -89,6 +119,9 @@ fn default_max_running() -> usize {
 }
 fn default_keep_finished() -> usize {
     1000
+}
+fn default_keep_finished_s() -> u64 {
+    7 * 24 * 3600
 }
 fn default_templates() -> BTreeMap<String, PathBuf> {
     BTreeMap::from([("qa".to_string(), PathBuf::from("topologies/qa_csv.toml")), ("rides".to_string(), PathBuf::from("topologies/rides_generator.toml"))])
@@ -120,6 +153,16 @@ impl ServeConfig {
         }
         if self.limits.max_running_jobs == 0 {
             return Err(bad("limits.max_running_jobs", "must be at least 1".into(), "e.g. 2"));
+        }
+        if let Some(s) = &self.state_store {
+            if s.postgres.trim().is_empty() {
+                return Err(bad("state_store.postgres", "is empty".into(), "use postgres://user:password@host:5432/database"));
+            }
+            for (field, name) in [("state_store.schema", &s.schema), ("state_store.table", &s.table)] {
+                if let Err(why) = sluice::sql::check_identifier(name) {
+                    return Err(bad(field, why.to_string(), "use 1 to 63 bytes with no NUL or control characters, e.g. sluice_jobs"));
+                }
+            }
         }
         for (name, t) in &self.templates {
             if !t.is_file() {

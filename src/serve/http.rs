@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sluice::engine::JobStatus;
-use sluice::topology::{TaskConfig, Topology};
+use sluice::topology::Topology;
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, Write};
 use std::path::PathBuf;
@@ -168,12 +168,12 @@ async fn templates(State(app): State<Arc<App>>) -> Json<Templates> {
     let templates = app
         .templates
         .iter()
-        .map(|(name, (path, t))| {
-            let task = match &t.task {
-                TaskConfig::ExtractiveQa { .. } => "extractive_qa",
-                TaskConfig::Tabular { .. } => "tabular",
-            };
-            TemplateView { name: name.clone(), topology: path.clone(), pipeline: t.name.clone(), task: task.into(), columns: required_columns(t) }
+        .map(|(name, (path, t))| TemplateView {
+            name: name.clone(),
+            topology: path.clone(),
+            pipeline: t.name.clone(),
+            task: t.task.kind().into(),
+            columns: t.task.required_columns(),
         })
         .collect();
     Json(Templates { templates })
@@ -263,6 +263,9 @@ async fn submit(State(app): State<Arc<App>>, headers: HeaderMap, body: String) -
     Ok((StatusCode::ACCEPTED, Json(Accepted { job_id: record.id, status: record.status })))
 }
 
+/// Bytes of an upload's body beyond its file: the form's boundaries, headers and `model` field.
+const FORM_OVERHEAD: u64 = 64 << 10;
+
 /// `POST /v1/jobs/upload`: multipart form data with `file` (CSV or Parquet) and `model` (or
 /// `template`). The file is streamed to the state folder as it arrives.
 #[utoipa::path(post, path = "/v1/jobs/upload", request_body(content = UploadForm, content_type = "multipart/form-data"),
@@ -276,6 +279,20 @@ async fn upload(State(app): State<Arc<App>>, headers: HeaderMap, mut form: Multi
         return Ok((StatusCode::ACCEPTED, Json(Accepted { job_id: record.id, status: record.status })));
     }
     let limit = app.jobs.config.limits.max_upload_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "upload_too_large",
+            format!("the upload is over the limit of {limit} bytes"),
+            "split the file, or raise limits.max_upload_bytes in the serve config",
+        )
+    };
+    // A body that says it is larger than the limit (with room for the form's own fields) is
+    // refused before a byte of it is read; one that does not say is cut off as it streams.
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit.saturating_add(FORM_OVERHEAD)) {
+        return Err(too_large());
+    }
     let mut name: Option<String> = None;
     let mut saved: Option<Upload> = None;
     let broken = |e: axum::extract::multipart::MultipartError| {
@@ -310,12 +327,7 @@ async fn upload(State(app): State<Arc<App>>, headers: HeaderMap, mut form: Multi
                         Ok(Some(chunk)) => {
                             up.bytes += chunk.len() as u64;
                             if up.bytes > limit {
-                                return Err(ApiError::new(
-                                    StatusCode::PAYLOAD_TOO_LARGE,
-                                    "upload_too_large",
-                                    format!("the upload is over the limit of {limit} bytes"),
-                                    "split the file, or raise limits.max_upload_bytes in the serve config",
-                                ));
+                                return Err(too_large());
                             }
                             if let Some(w) = up.file.as_mut() {
                                 w.write_all(&chunk).map_err(|e| internal(format!("cannot store the upload: {e}")))?;
@@ -762,14 +774,9 @@ fn template<'a>(app: &'a App, name: &str) -> Result<&'a (PathBuf, Topology), Api
     })
 }
 
-/// The columns a template's task reads from a file.
+/// The columns a template's task reads from a file (none for a task that checks each row).
 fn required_columns(t: &Topology) -> Vec<String> {
-    match &t.task {
-        TaskConfig::ExtractiveQa { .. } => vec!["question".into(), "context".into()],
-        // The tabular task's inputs are the model's; its rows are checked one by one (a row
-        // without a feature is a dead letter).
-        TaskConfig::Tabular { .. } => Vec::new(),
-    }
+    t.task.required_columns()
 }
 
 fn csv_header(path: &std::path::Path) -> Result<Vec<String>, String> {

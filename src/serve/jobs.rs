@@ -1,11 +1,12 @@
-//! The server's jobs: their records in the state folder (`jobs/<id>/job.json`, rewritten
-//! atomically on every change and every second of progress), the queue that runs at most
+//! The server's jobs: their records in the state store (`jobs/<id>/job.json` in the state
+//! folder, or a Postgres table; rewritten on every change and every second of progress), the queue that runs at most
 //! `max_running_jobs` at once on the engine, and the restart that puts every job that was
 //! enqueued or running back in the queue. Each job writes its answers and dead letters as JSON
 //! lines to `jobs/<id>/out/` besides its template's sinks; a resumable source (an uploaded
 //! file, read through the files connector) resumes from the checkpoints stored there.
 
 use crate::serve::config::ServeConfig;
+use crate::serve::store::{FileStore, PgStore, RecordStore};
 use serde::{Deserialize, Serialize};
 use sluice::engine::{Engine, Job, JobOptions, JobStatus};
 use sluice::topology::Topology;
@@ -60,6 +61,7 @@ pub struct Jobs {
     pub config: ServeConfig,
     engine: Engine,
     dir: PathBuf,
+    store: Box<dyn RecordStore>,
     state: Mutex<State>,
     wake: Condvar,
 }
@@ -88,17 +90,13 @@ impl Jobs {
         let dir = config.state.join("jobs");
         std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("cannot create the state folder {}: {e}", dir.display()))?;
         std::fs::create_dir_all(config.state.join("uploads")).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", config.state.display()))?;
+        let store: Box<dyn RecordStore> = match &config.state_store {
+            Some(s) => Box::new(PgStore::open(s)?),
+            None => Box::new(FileStore { dir: dir.clone() }),
+        };
+        tracing::info!("job records in the {}", store.describe());
         let mut state = State::default();
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path().join("job.json");
-            let Ok(text) = std::fs::read_to_string(&path) else { continue };
-            let record: JobRecord = match serde_json::from_str(&text) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!("skipping {}: {e}", path.display());
-                    continue;
-                }
-            };
+        for record in store.load()? {
             if let Some(k) = &record.idempotency_key {
                 state.keys.insert(k.clone(), record.id.clone());
             }
@@ -115,7 +113,7 @@ impl Jobs {
         if !resumed.is_empty() {
             tracing::info!(jobs = resumed.len(), "resuming the jobs a previous server left unfinished");
         }
-        let jobs = Arc::new(Jobs { config, engine, dir, state: Mutex::new(state), wake: Condvar::new() });
+        let jobs = Arc::new(Jobs { config, engine, dir, store, state: Mutex::new(state), wake: Condvar::new() });
         for id in &resumed {
             jobs.save(&lock(&jobs.state).records[id]);
         }
@@ -260,14 +258,8 @@ impl Jobs {
     }
 
     fn save(&self, record: &JobRecord) {
-        let dir = self.job_dir(&record.id);
-        let result = std::fs::create_dir_all(&dir).and_then(|_| {
-            let tmp = dir.join("job.json.tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(record).unwrap_or_default())?;
-            std::fs::rename(&tmp, dir.join("job.json"))
-        });
-        if let Err(e) = result {
-            tracing::error!(job = %record.id, "cannot write the job's record: {e}");
+        if let Err(e) = self.store.save(record) {
+            tracing::error!(job = %record.id, "cannot write the job's record to the {}: {e}", self.store.describe());
         }
     }
 
@@ -414,11 +406,19 @@ impl Jobs {
         Ok((job, base))
     }
 
-    /// Removes the oldest finished jobs past `keep_finished_jobs`, with their folders and uploads.
+    /// Removes the oldest finished jobs past `keep_finished_jobs`, and those finished more than
+    /// `keep_finished_s` ago, with their records, folders and uploads.
     fn retire(&self, state: &mut State) {
-        let finished: Vec<String> = state.records.values().filter(|r| r.status.is_final()).map(|r| r.id.clone()).collect();
+        let finished: Vec<&JobRecord> = state.records.values().filter(|r| r.status.is_final()).collect();
         let excess = finished.len().saturating_sub(self.config.limits.keep_finished_jobs);
-        for id in finished.into_iter().take(excess) {
+        let cutoff = sluice::record::now_ms().saturating_sub(self.config.limits.keep_finished_s.saturating_mul(1000));
+        let expired: Vec<String> =
+            finished.iter().enumerate().filter(|(i, r)| *i < excess || r.finished_ms.is_some_and(|f| f < cutoff)).map(|(_, r)| r.id.clone()).collect();
+        for id in expired {
+            if let Err(e) = self.store.remove(&id) {
+                tracing::warn!(job = %id, "cannot remove the job's record from the {}: {e}", self.store.describe());
+                continue;
+            }
             if let Some(r) = state.records.remove(&id) {
                 if let Some(k) = &r.idempotency_key {
                     state.keys.remove(k);

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod http;
 pub mod jobs;
+pub mod store;
 
 use config::ServeConfig;
 use sluice::engine::{Engine, EngineSettings, JobOptions};

@@ -1,8 +1,10 @@
 //! `sluice loadgen`: publishes generated rides at a target rate (or as fast as it can), matches
 //! every answer on the results topic to its request by ID, and reports throughput, end-to-end
 //! latency percentiles, and lost and duplicate answers. The measuring is shared; each broker
-//! (Kafka, Pub/Sub) supplies a [`Publish`] side and an [`Answers`] side.
+//! (Kafka, Pub/Sub) supplies a [`Publish`] side and an [`Answers`] side, through its
+//! [`crate::client::RequestBroker`].
 
+use crate::error::ConnectorError;
 use crate::rides::RideGenerator;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -11,9 +13,9 @@ use std::time::{Duration, Instant};
 /// The publishing side of a load test.
 pub trait Publish {
     /// Hands one request to the client (it may batch); `id` is also its request ID.
-    fn send(&mut self, id: &str, body: &[u8]) -> Result<(), String>;
+    fn send(&mut self, id: &str, body: &[u8]) -> Result<(), ConnectorError>;
     /// Waits until everything sent is accepted by the broker.
-    fn flush(&mut self) -> Result<(), String>;
+    fn flush(&mut self) -> Result<(), ConnectorError>;
 }
 
 /// The listening side of a load test: the results as they arrive, from the moment it exists.
@@ -170,8 +172,9 @@ pub fn new_run_id() -> String {
     format!("lg{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0))
 }
 
-/// Runs one load test: `answers` must already be listening.
-pub fn run(spec: &LoadSpec, publish: &mut dyn Publish, mut answers: Box<dyn Answers>) -> Result<LoadReport, String> {
+/// Runs one load test: `answers` must already be listening. Errors are the publisher's, or
+/// internal (a ride that cannot be written as JSON, a listener that panicked).
+pub fn run(spec: &LoadSpec, publish: &mut dyn Publish, mut answers: Box<dyn Answers>) -> Result<LoadReport, ConnectorError> {
     let run_id = &spec.run_id;
     let n = spec.count as usize;
     let sent_ns: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
@@ -246,7 +249,7 @@ pub fn run(spec: &LoadSpec, publish: &mut dyn Publish, mut answers: Box<dyn Answ
         let id = format!("{run_id}-{i}");
         let ride = rides.next().expect("the generator is endless");
         buf.clear();
-        serde_json::to_writer(&mut buf, &ride.request_json(&id)).map_err(|e| e.to_string())?;
+        serde_json::to_writer(&mut buf, &ride.request_json(&id)).map_err(|e| ConnectorError::internal(e.to_string()))?;
         sent_ns[i].store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         publish.send(&id, &buf)?;
     }
@@ -259,7 +262,7 @@ pub fn run(spec: &LoadSpec, publish: &mut dyn Publish, mut answers: Box<dyn Answ
     }
     send_done.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     let cpu_at_send_done = process_cpu_seconds();
-    listener.join().map_err(|_| "the listener panicked".to_string())?;
+    listener.join().map_err(|_| ConnectorError::internal("the listener panicked"))?;
     let cpu_at_end = process_cpu_seconds();
     let answers: Vec<(f64, u64)> = std::mem::take(&mut *answers_seen.lock().expect("answers lock"));
     let mut lat: Vec<f64> = answers.iter().map(|(l, _)| *l).collect();

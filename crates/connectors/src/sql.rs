@@ -1,16 +1,19 @@
 //! SQL identifier checking and quoting: every table and column name sluice puts in SQL goes
 //! through `quote_ident`, so a hostile name is a name and never syntax.
 
-/// Checks that `name` can be a PostgreSQL identifier: 1 to 63 bytes, no NUL, no control characters.
-pub fn check_identifier(name: &str) -> Result<(), String> {
+use crate::error::ConnectorError;
+
+/// Checks that `name` can be a PostgreSQL identifier: 1 to 63 bytes, no NUL, no control
+/// characters. A bad name is a configuration error.
+pub fn check_identifier(name: &str) -> Result<(), ConnectorError> {
     if name.is_empty() {
-        return Err("is empty".into());
+        return Err(ConnectorError::config("is empty"));
     }
     if name.len() > 63 {
-        return Err(format!("`{name}` is {} bytes; PostgreSQL truncates identifiers past 63", name.len()));
+        return Err(ConnectorError::config(format!("`{name}` is {} bytes; PostgreSQL truncates identifiers past 63", name.len())));
     }
     if name.chars().any(|c| c == '\0' || c.is_control()) {
-        return Err(format!("`{}` holds a NUL or control character", name.escape_debug()));
+        return Err(ConnectorError::config(format!("`{}` holds a NUL or control character", name.escape_debug())));
     }
     Ok(())
 }

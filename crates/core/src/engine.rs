@@ -6,18 +6,16 @@
 //! job go on. Jobs on the same model file, task settings, execution and batching share one
 //! inference service, so their requests are batched together.
 
-use crate::inference::{self, InferenceHandle};
+use crate::inference::InferenceHandle;
 use crate::operators::decode::{decode, DecodeSettings};
-use crate::operators::{infer::infer, key_by_id::key_by_id, sink::durable_sink};
+use crate::operators::{infer::infer, key_by_id::key_by_id, operator_span, sink::durable_sink};
 use crate::progress::{self, Progress};
 use crate::runtime::{RunError, Summary};
 use crate::sink::{SinkContext, SinkFactory, SinkWriter};
 use crate::source::harness::{source_harness, FatalSlot, HarnessSettings};
 use crate::source::{Checkpoint, Keying, SourceFactory};
-use crate::tasks::extractive_qa::{ExtractiveQa, QaModel, QaSettings};
-use crate::tasks::tabular::{Tabular, TabularModel};
-use crate::tasks::{self, Task};
-use crate::topology::{BatchInvariance, TaskConfig, Topology};
+use crate::tasks::Task;
+use crate::topology::Topology;
 use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -219,45 +217,9 @@ impl Engine {
             return Err(RunError::WorkerPanicked(e));
         }
         let shared = Arc::new(JobShared::new(id, topology, self.inner.settings.workers.max(1), opts.ended.clone()));
-        let install: Arc<dyn Install> = match &topology.task {
-            TaskConfig::ExtractiveQa { model, tokenizer, max_seq_len, doc_stride, max_answer_len, model_name } => {
-                let key = format!("qa {:?} {:?} {:?} {:?}", topology.task, topology.execution, topology.batching, self.inner.settings.workers);
-                let (task, handle) = self.inner.models.get_or_start(&key, || {
-                    let label = tasks::model_label(&crate::runtime::model_name_or_folder(model_name, model), model)?;
-                    let settings = QaSettings { max_seq_len: *max_seq_len, doc_stride: *doc_stride, max_answer_len: *max_answer_len };
-                    let task = Arc::new(ExtractiveQa::new(tokenizer, settings, label)?);
-                    let invariant = match topology.batching.batch_invariant {
-                        BatchInvariance::Auto => !tasks::uses_dynamic_quantization(model),
-                        BatchInvariance::Yes => true,
-                        BatchInvariance::No => false,
-                    };
-                    if !invariant {
-                        tracing::info!(
-                            "{} uses dynamic quantization: running one window per model call so answers do not depend on batch-mates",
-                            model.display()
-                        );
-                    }
-                    let exec = &topology.execution;
-                    let shapes = |provider| crate::runtime::qa_shapes(topology, provider, *max_seq_len);
-                    let models = crate::runtime::open_models(exec, || QaModel::load(model, shapes, invariant, exec), QaModel::provider)?;
-                    let (handle, joins) = inference::start(models, crate::runtime::policy(topology))?;
-                    Ok((task, handle, joins))
-                })?;
-                prepare(&self.inner, shared.clone(), topology, task, handle, opts)?
-            }
-            TaskConfig::Tabular { model, output, model_name } => {
-                let key = format!("tabular {:?} {:?} {:?}", topology.task, topology.execution, topology.batching);
-                let (task, handle) = self.inner.models.get_or_start(&key, || {
-                    let label = tasks::model_label(&crate::runtime::model_name_or_folder(model_name, model), model)?;
-                    let exec = &topology.execution;
-                    let models = crate::runtime::open_models(exec, || TabularModel::load(model, output.as_deref(), exec), TabularModel::provider)?;
-                    let task = Arc::new(Tabular::new(&models[0], label));
-                    let (handle, joins) = inference::start(models, crate::runtime::policy(topology))?;
-                    Ok((task, handle, joins))
-                })?;
-                prepare(&self.inner, shared.clone(), topology, task, handle, opts)?
-            }
-        };
+        // The task starts (or shares) its model service and prepares the job's dataflow.
+        let start = JobStart { inner: &self.inner, job: shared.clone(), topology, opts };
+        let Installed(install) = topology.task.start(start)?;
         lock(&self.inner.jobs).push(shared.clone());
         shared.set_status(JobStatus::Running);
         if self.inner.stopping() {
@@ -518,6 +480,40 @@ trait Install: Send + Sync {
     fn job(&self) -> Arc<JobShared>;
 }
 
+/// A job being submitted, handed to its task ([`TaskConfig::start`](crate::topology::TaskConfig::start)),
+/// which starts or shares its model service and prepares the job with [`JobStart::install`].
+pub struct JobStart<'e> {
+    inner: &'e Inner,
+    job: Arc<JobShared>,
+    topology: &'e Topology,
+    opts: JobOptions,
+}
+
+/// A model service as a task starts it: the task, the handle its units are submitted through,
+/// and the service's threads (joined when the engine shuts down).
+pub type Started<T> = (Arc<T>, InferenceHandle<<T as Task>::Model>, Vec<JoinHandle<()>>);
+
+/// A job's dataflow, prepared by [`JobStart::install`] and ready to be installed on every worker.
+pub struct Installed(Arc<dyn Install>);
+
+impl<'e> JobStart<'e> {
+    /// The job's topology.
+    pub fn topology(&self) -> &'e Topology {
+        self.topology
+    }
+
+    /// Prepares the job (opens its sinks, reads the checkpoints they hold) on the inference
+    /// service for its model file, task settings, execution and batching: the one already
+    /// running for them, shared with the jobs on it so their requests are batched together, or
+    /// the one `start` starts.
+    pub fn install<T: Task>(self, start: impl FnOnce() -> Result<Started<T>, RunError>) -> Result<Installed, RunError> {
+        let t = self.topology;
+        let key = format!("{:?} {:?} {:?}", t.task, t.execution, t.batching);
+        let (task, handle) = self.inner.models.get_or_start(&key, start)?;
+        prepare(self.inner, self.job, t, task, handle, self.opts).map(Installed)
+    }
+}
+
 /// One worker's sink writers, in the topology's order.
 type Writers = Vec<Box<dyn SinkWriter>>;
 
@@ -629,7 +625,10 @@ impl<T: Task> Install for Prepared<T> {
         let job = &self.job;
         let (stop, fatal, progress) = (job.stop.clone(), job.fatal.clone(), job.progress.clone());
         let name = format!("{}:{}", job.pipeline, job.id);
+        let span = |operator| operator_span(&job.pipeline, operator, worker.index());
+        let spans = [span("source"), span("decode"), span("key_by_id"), span("infer"), span("sink")];
         worker.dataflow_named::<u64, _, _>(&name, |scope| {
+            let [source, decoding, keying, inferring, sinking] = spans;
             let (records, checkpoints) = source_harness(
                 scope,
                 self.source.clone(),
@@ -639,15 +638,17 @@ impl<T: Task> Install for Prepared<T> {
                 stop.clone(),
                 fatal.clone(),
                 progress.clone(),
+                source,
             );
-            let (requests, bad) = decode(records, self.task.clone(), self.decoding.clone());
+            let (requests, bad) = decode(records, self.task.clone(), self.decoding.clone(), decoding);
             let forget = crate::operators::key_by_id::Forget::default();
-            let (requests, deletes) = key_by_id(requests, self.keying, self.window, forget.clone());
-            let (answers, refused, retracted) = infer(requests, self.task.clone(), self.handle.clone(), self.retract, forget.clone());
+            let (requests, deletes) = key_by_id(requests, self.keying, self.window, forget.clone(), keying);
+            let (answers, refused, retracted) = infer(requests, self.task.clone(), self.handle.clone(), self.retract, forget.clone(), inferring);
             let dead = bad.concat(refused);
             let deletes = deletes.concat(retracted);
             let control = crate::operators::sink::JobControl { stop: stop.clone(), fatal: fatal.clone(), canceled: job.canceled.clone() };
-            durable_sink(answers, deletes, dead, checkpoints, writers, self.max_dead, self.retract, forget, progress.clone(), control).probe_with(&durable);
+            durable_sink(answers, deletes, dead, checkpoints, writers, self.max_dead, self.retract, forget, progress.clone(), control, sinking)
+                .probe_with(&durable);
         });
         durable
     }
@@ -715,12 +716,7 @@ type Service<T> = (Arc<T>, InferenceHandle<<T as Task>::Model>);
 
 impl ModelRegistry {
     /// The service for `key`, started by `start` the first time.
-    #[allow(clippy::type_complexity)]
-    fn get_or_start<T: Task>(
-        &self,
-        key: &str,
-        start: impl FnOnce() -> Result<(Arc<T>, InferenceHandle<T::Model>, Vec<JoinHandle<()>>), RunError>,
-    ) -> Result<Service<T>, RunError> {
+    fn get_or_start<T: Task>(&self, key: &str, start: impl FnOnce() -> Result<Started<T>, RunError>) -> Result<Service<T>, RunError> {
         let mut services = lock(&self.services);
         if let Some(s) = services.get(key).and_then(|s| s.clone().downcast::<Service<T>>().ok()) {
             return Ok((s.0.clone(), s.1.clone()));

@@ -6,6 +6,7 @@
 
 use super::scan::{RawRecord as Framed, Scanner};
 use super::InputFile;
+use crate::error::ConnectorError;
 use arrow::array::{Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use serde::Deserialize;
@@ -308,7 +309,7 @@ pub fn header_names(rec: &Framed, file: &Arc<str>, now: u64, out: &mut Vec<RawRe
         Some((reason, detail)) => refuse(*reason, detail.clone(), out),
         None => match parse_rows(&[rec.bytes], rec.fields) {
             Ok(mut rows) => normalize_header(&rows.remove(0)),
-            Err(e) => refuse(DeadReason::BrokenQuoting, e, out),
+            Err(e) => refuse(DeadReason::BrokenQuoting, e.message, out),
         },
     }
 }
@@ -401,14 +402,14 @@ fn supply(f: &OpenFile, framed: Vec<(u64, Framed)>, now: u64, out: &mut Vec<RawR
         slots.push(slot);
     }
     let bytes: Vec<&[u8]> = good.iter().map(|(_, _, b)| *b).collect();
-    let parsed: Vec<Result<Vec<String>, String>> = match parse_rows(&bytes, columns) {
+    let parsed: Vec<Result<Vec<String>, ConnectorError>> = match parse_rows(&bytes, columns) {
         Ok(rows) => rows.into_iter().map(Ok).collect(),
         // Isolate whichever record arrow refused; the others still parse.
         Err(_) => bytes.iter().map(|b| parse_rows(&[b], columns).map(|mut v| v.remove(0))).collect(),
     };
     for ((slot, row, raw), values) in good.into_iter().zip(parsed) {
         slots[slot] = Some(match values {
-            Err(e) => refused(row, raw, DeadReason::BrokenQuoting, e),
+            Err(e) => refused(row, raw, DeadReason::BrokenQuoting, e.message),
             Ok(values) => {
                 let id = f.id_col.map(|i| values[i].trim().as_bytes().to_vec()).filter(|id| !id.is_empty());
                 let fields: Vec<(Arc<str>, String)> = header.iter().cloned().zip(values).collect();
@@ -419,7 +420,6 @@ fn supply(f: &OpenFile, framed: Vec<(u64, Framed)>, now: u64, out: &mut Vec<RawR
     out.extend(slots.into_iter().flatten());
 }
 
-/// Parses well-framed CSV records into rows of text with arrow-csv. `None` values are empty fields.
 /// The kind of each of `columns` columns, by arrow's CSV schema inference over `sample` (the
 /// header and the rows after it, up to `INFER_ROWS` of them, cut at the last whole line): integer,
 /// float, boolean, timestamp (or date) or text. Anything arrow cannot infer is text.
@@ -447,7 +447,9 @@ pub fn kind_of(t: &DataType) -> ColumnKind {
     }
 }
 
-pub fn parse_rows(records: &[&[u8]], columns: usize) -> Result<Vec<Vec<String>>, String> {
+/// Parses well-framed CSV records into rows of text with arrow-csv. `None` values are empty fields.
+/// A record arrow refuses is the input's fault; rows that do not come out as asked are internal.
+pub fn parse_rows(records: &[&[u8]], columns: usize) -> Result<Vec<Vec<String>>, ConnectorError> {
     if records.is_empty() {
         return Ok(Vec::new());
     }
@@ -461,18 +463,19 @@ pub fn parse_rows(records: &[&[u8]], columns: usize) -> Result<Vec<Vec<String>>,
     }
     let mut rest = &buf[..];
     while !rest.is_empty() {
-        let n = decoder.decode(rest).map_err(|e| e.to_string())?;
+        let n = decoder.decode(rest).map_err(|e| ConnectorError::input(e.to_string()))?;
         if n == 0 {
             break;
         }
         rest = &rest[n..];
     }
-    let batch = decoder.flush().map_err(|e| e.to_string())?.ok_or("no rows decoded")?;
+    let batch = decoder.flush().map_err(|e| ConnectorError::input(e.to_string()))?.ok_or_else(|| ConnectorError::internal("no rows decoded"))?;
     if batch.num_rows() != records.len() {
-        return Err(format!("decoded {} rows from {} records", batch.num_rows(), records.len()));
+        return Err(ConnectorError::internal(format!("decoded {} rows from {} records", batch.num_rows(), records.len())));
     }
-    let cols: Vec<&StringArray> =
-        (0..columns).map(|i| batch.column(i).as_any().downcast_ref::<StringArray>().ok_or("column is not text")).collect::<Result<_, _>>()?;
+    let cols: Vec<&StringArray> = (0..columns)
+        .map(|i| batch.column(i).as_any().downcast_ref::<StringArray>().ok_or_else(|| ConnectorError::internal("column is not text")))
+        .collect::<Result<_, _>>()?;
     Ok((0..batch.num_rows()).map(|r| cols.iter().map(|c| if c.is_null(r) { String::new() } else { c.value(r).to_string() }).collect()).collect())
 }
 
@@ -486,7 +489,7 @@ impl SourceConnector for CsvConfig {
         true
     }
     fn factory(&self, _pipeline: &str, _runtime: &RuntimeConfig) -> Result<Arc<dyn SourceFactory>, SourceError> {
-        Ok(Arc::new(CsvFactory { config: self.clone(), files: super::expand(&self.path).map_err(SourceError::Config)? }))
+        Ok(Arc::new(CsvFactory { config: self.clone(), files: super::expand(&self.path)? }))
     }
 }
 

@@ -11,6 +11,7 @@ use super::csv::{frame, frame_rows, header_names, infer_kinds, kind_of, normaliz
 use super::manifest::{id_key, row_hash, Diff, Manifest, Route, Seen, BLOCK_ROWS};
 use super::scan::RawRecord as Framed;
 use super::store::{FileReader, Listed, Store, StoreSettings};
+use crate::error::ConnectorError;
 use serde::Deserialize;
 use sluice_core::connector::{ConfigError, SourceConnector};
 use sluice_core::hash::ByHash;
@@ -140,7 +141,7 @@ pub struct FilesFactory {
 impl FilesFactory {
     /// Checks that the location can be opened (a missing folder, a bad URL) before the run.
     pub fn new(config: FilesConfig) -> Result<Self, SourceError> {
-        let store = Store::open(&config.path, &config.settings()).map_err(SourceError::Config)?;
+        let store = Store::open(&config.path, &config.settings())?;
         Ok(FilesFactory { scope: format!("files:{}", store.describe()), config })
     }
 }
@@ -241,7 +242,7 @@ impl FilesFactory {
     /// before eras), each worker adopts, for its rows, the manifests of the workers that
     /// answered them, and stores its own with its first checkpoints.
     fn open(&self, worker: usize, peers: usize, resume: &[Checkpoint]) -> Result<FilesSource, SourceError> {
-        let store = Store::open(&self.config.path, &self.config.settings()).map_err(SourceError::Config)?;
+        let store = Store::open(&self.config.path, &self.config.settings())?;
         let route = Route::new(worker, peers);
         let era_scope = self.era_scope();
         let stored_era = resume.iter().filter(|c| c.scope == era_scope).filter_map(|c| Era::decode(&c.position)).max_by_key(|e| e.era);
@@ -512,7 +513,8 @@ impl FilesSource {
     /// Lists the location and queues what changed: removals first (so a renamed file's rows
     /// are released before its new name claims them), then new and changed files.
     fn list(&mut self) -> Result<(), SourceError> {
-        let listed = self.store.list(&self.suffix).map_err(SourceError::Transient)?;
+        // A failed listing is transient: polled again after a backoff.
+        let listed = self.store.list(&self.suffix)?;
         if self.listed_at.is_none() && self.worker == 0 && listed.is_empty() {
             tracing::warn!("no `*{}` files at {}{}", self.suffix, self.store.describe(), if self.watch { " yet" } else { "" });
         }
@@ -836,17 +838,19 @@ struct ParquetRows {
 }
 
 impl ParquetRows {
-    fn open(store: &Store, listed: &Listed) -> Result<ParquetRows, String> {
+    /// Opens a listed file: a file that cannot be opened is transient (as for
+    /// [`Store::reader`]); one that is not Parquet is the input's fault.
+    fn open(store: &Store, listed: &Listed) -> Result<ParquetRows, ConnectorError> {
         let name = listed.name.as_str();
         use parquet::arrow::arrow_reader::ParquetRecordBatchReader;
         let reader = match store.local_path(name) {
             Some(path) => {
-                let file = std::fs::File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+                let file = std::fs::File::open(&path).map_err(|e| ConnectorError::unreachable(format!("cannot open {}: {e}", path.display())))?;
                 ParquetRecordBatchReader::try_new(file, 4096)
             }
             None => ParquetRecordBatchReader::try_new(bytes::Bytes::from(store.read_all(name, listed.size)?), 4096),
         };
-        let reader = reader.map_err(|e| format!("{name} is not a readable Parquet file: {e}"))?;
+        let reader = reader.map_err(|e| ConnectorError::input(format!("{name} is not a readable Parquet file: {e}")))?;
         let schema = arrow::array::RecordBatchReader::schema(&reader);
         let raw: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
         let names = normalize_header(&raw);
@@ -857,7 +861,8 @@ impl ParquetRows {
     }
 
     /// Diffs up to `max_rows` rows and supplies the changed ones, stopping when `out` holds
-    /// `budget`. Returns rows seen, rows supplied, and whether rows remain.
+    /// `budget`. Returns rows seen, rows supplied, and whether rows remain. A batch that cannot
+    /// be decoded or shown as text is the input's fault.
     #[allow(clippy::too_many_arguments)]
     fn supply(
         &mut self,
@@ -869,7 +874,7 @@ impl ParquetRows {
         max_rows: usize,
         out: &mut Vec<RawRecord>,
         m: &FileMetrics,
-    ) -> Result<(u64, u64, bool), String> {
+    ) -> Result<(u64, u64, bool), ConnectorError> {
         let file_no = owners.number(file);
         use arrow::util::display::{ArrayFormatter, FormatOptions};
         let (mut rows, mut changed) = (0u64, 0u64);
@@ -882,7 +887,7 @@ impl ParquetRows {
                         m.changed.increment(changed);
                         return Ok((rows, changed, false));
                     }
-                    Some(Err(e)) => return Err(e.to_string()),
+                    Some(Err(e)) => return Err(ConnectorError::input(e.to_string())),
                     Some(Ok(b)) => {
                         self.batch = Some((b, 0));
                         continue;
@@ -890,8 +895,12 @@ impl ParquetRows {
                 },
             };
             let options = FormatOptions::default().with_null("");
-            let formatters: Vec<ArrayFormatter> =
-                batch.columns().iter().map(|c| ArrayFormatter::try_new(c.as_ref(), &options)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+            let formatters: Vec<ArrayFormatter> = batch
+                .columns()
+                .iter()
+                .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+                .collect::<Result<_, _>>()
+                .map_err(|e| ConnectorError::input(e.to_string()))?;
             let columns = batch.columns();
             let mut values: Vec<String> = Vec::with_capacity(columns.len());
             while *at < batch.num_rows() && out.len() < budget && (rows as usize) < max_rows {
@@ -1072,13 +1081,13 @@ impl<'h, 'b, 'o> Slice<'h, 'b, 'o> {
         }
         let columns = header.names.len();
         let bytes: Vec<&[u8]> = good.iter().map(|(_, b, _, _)| *b).collect();
-        let parsed: Vec<Result<Vec<String>, String>> = match parse_rows(&bytes, columns) {
+        let parsed: Vec<Result<Vec<String>, ConnectorError>> = match parse_rows(&bytes, columns) {
             Ok(rows) => rows.into_iter().map(Ok).collect(),
             Err(_) => bytes.iter().map(|b| parse_rows(&[b], columns).map(|mut v| v.remove(0))).collect(),
         };
         for ((row, raw, id, replaces), values) in good.into_iter().zip(parsed) {
             out.push(match values {
-                Err(e) => RawRecord { id: Some(id.into_bytes()), ..refused(file, row, raw, DeadReason::BrokenQuoting, e, now) },
+                Err(e) => RawRecord { id: Some(id.into_bytes()), ..refused(file, row, raw, DeadReason::BrokenQuoting, e.message, now) },
                 Ok(values) => {
                     let fields: Vec<(Arc<str>, String)> = header.names.iter().cloned().zip(values).collect();
                     RawRecord {

@@ -9,6 +9,7 @@
 //! (k ≥ 2) in the file. A derived ID survives rows being inserted or removed around it; editing
 //! the row gives it a new ID (the old answer is deleted and the new one written).
 
+use crate::error::ConnectorError;
 use base64::Engine;
 use sluice_core::hash::ByHash;
 
@@ -266,21 +267,21 @@ impl Manifest {
     }
 
     /// Reads one row record, adding a named row's ID to the arena.
-    fn read_record(&mut self, r: &mut Cursor) -> Result<Row, String> {
+    fn read_record(&mut self, r: &mut Cursor) -> Result<Row, ConnectorError> {
         let content = r.u64()?;
         let (a, b) = match r.take(1)?[0] {
             0 => (r.u32()?, DERIVED),
             1 => {
                 let len = r.u32()?;
                 if len == DERIVED {
-                    return Err("bad id length".into());
+                    return Err(corrupt("bad id length"));
                 }
-                let id = std::str::from_utf8(r.take(len as usize)?).map_err(|_| "bad id")?;
+                let id = std::str::from_utf8(r.take(len as usize)?).map_err(|_| corrupt("bad id"))?;
                 let a = self.arena.len() as u32;
                 self.arena.push_str(id);
                 (a, len)
             }
-            _ => return Err("bad row kind".into()),
+            _ => return Err(corrupt("bad row kind")),
         };
         Ok(Row { content, a, b, seen: 0, at: 0 })
     }
@@ -333,15 +334,16 @@ impl Manifest {
     /// Reads a manifest back from its durable base and the changes since it. No hashing for the
     /// base: its rows come back in the file's order, and a diff finds them by position. Changes
     /// made to another base (a base stored without its changes) are left out: the file then
-    /// differs from the base's version, so it is read again and diffed against the base.
-    pub fn decode(base: &str, changes: Option<&str>) -> Result<Manifest, String> {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(base).map_err(|e| format!("not base64: {e}"))?;
+    /// differs from the base's version, so it is read again and diffed against the base. A
+    /// manifest sluice cannot read is sluice's own data gone wrong: internal.
+    pub fn decode(base: &str, changes: Option<&str>) -> Result<Manifest, ConnectorError> {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(base).map_err(|e| corrupt(format!("not base64: {e}")))?;
         let mut r = Cursor { b: &bytes, at: 0 };
         let stamp = match r.take(4)? {
             b"SLM2" => r.u64()?,
             // Stored before bases had stamps: no changes go with it.
             b"SLM1" => 0,
-            _ => return Err("not a sluice file manifest".into()),
+            _ => return Err(corrupt("not a sluice file manifest")),
         };
         let version = r.string()?;
         let n = r.u64()? as usize;
@@ -359,11 +361,11 @@ impl Manifest {
     }
 
     /// Applies stored changes to a freshly read base.
-    fn apply(&mut self, changes: &str) -> Result<(), String> {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(changes).map_err(|e| format!("not base64: {e}"))?;
+    fn apply(&mut self, changes: &str) -> Result<(), ConnectorError> {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(changes).map_err(|e| corrupt(format!("not base64: {e}")))?;
         let mut r = Cursor { b: &bytes, at: 0 };
         if r.take(4)? != b"SLC1" {
-            return Err("not a sluice manifest change set".into());
+            return Err(corrupt("not a sluice manifest change set"));
         }
         if r.u64()? != self.base {
             tracing::debug!("files: stored manifest changes belong to another base; the base alone is used");
@@ -405,26 +407,31 @@ impl Manifest {
     }
 }
 
+/// A stored manifest that cannot be read: sluice's own data, so internal.
+fn corrupt(message: impl Into<String>) -> ConnectorError {
+    ConnectorError::internal(message)
+}
+
 struct Cursor<'a> {
     b: &'a [u8],
     at: usize,
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let s = self.b.get(self.at..self.at + n).ok_or("truncated manifest")?;
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ConnectorError> {
+        let s = self.b.get(self.at..self.at + n).ok_or_else(|| corrupt("truncated manifest"))?;
         self.at += n;
         Ok(s)
     }
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, ConnectorError> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, ConnectorError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
-    fn string(&mut self) -> Result<String, String> {
+    fn string(&mut self) -> Result<String, ConnectorError> {
         let len = self.u32()? as usize;
-        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| "bad version".into())
+        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| corrupt("bad version"))
     }
 }
 

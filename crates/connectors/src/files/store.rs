@@ -2,7 +2,11 @@
 //! S3-compatible store) or a Google Cloud Storage bucket, through the `object_store` crate. It
 //! lists files with a version tag (ETag or generation, size and modification time together) and
 //! reads them in ranges. Credentials come from the environment or a file and are never logged.
+//! A location that cannot be opened is a configuration error; a listing or a read that fails
+//! once it is open is transient (the file system or the bucket is an outside system, and the
+//! next listing tries again).
 
+use crate::error::ConnectorError;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use std::io::Read;
@@ -62,18 +66,19 @@ pub fn split_url(url: &str) -> Option<(&str, &str, &str)> {
 }
 
 impl Store {
-    /// Opens `location`: a local path, or `s3://bucket/prefix` or `gs://bucket/prefix`.
-    pub fn open(location: &str, settings: &StoreSettings) -> Result<Store, String> {
+    /// Opens `location`: a local path, or `s3://bucket/prefix` or `gs://bucket/prefix`. A
+    /// missing path, a bad URL or bad bucket settings are configuration errors.
+    pub fn open(location: &str, settings: &StoreSettings) -> Result<Store, ConnectorError> {
         if !location.contains("://") || location.starts_with("file://") {
             let path = PathBuf::from(location.trim_start_matches("file://"));
             if !path.exists() {
-                return Err(format!("`{}` does not exist", path.display()));
+                return Err(ConnectorError::config(format!("`{}` does not exist", path.display())));
             }
             let single = path.is_file();
             return Ok(Store::Local { root: path, single });
         }
         let Some((scheme, bucket, prefix)) = split_url(location) else {
-            return Err(format!("`{location}` is not a bucket URL; use s3://bucket/prefix or gs://bucket/prefix"));
+            return Err(ConnectorError::config(format!("`{location}` is not a bucket URL; use s3://bucket/prefix or gs://bucket/prefix")));
         };
         let store: Arc<dyn ObjectStore> = match scheme {
             "s3" => {
@@ -84,7 +89,7 @@ impl Store {
                 if let Some(r) = &settings.region {
                     b = b.with_region(r);
                 }
-                Arc::new(b.build().map_err(|e| format!("cannot set up S3 for bucket {bucket}: {}", redact(&e.to_string())))?)
+                Arc::new(b.build().map_err(|e| ConnectorError::config(format!("cannot set up S3 for bucket {bucket}: {}", redact(&e.to_string()))))?)
             }
             "gs" => {
                 let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
@@ -94,11 +99,14 @@ impl Store {
                 if let Some(e) = &settings.endpoint {
                     b = b.with_base_url(e);
                 }
-                Arc::new(b.build().map_err(|e| format!("cannot set up GCS for bucket {bucket}: {}", redact(&e.to_string())))?)
+                Arc::new(b.build().map_err(|e| ConnectorError::config(format!("cannot set up GCS for bucket {bucket}: {}", redact(&e.to_string()))))?)
             }
-            other => return Err(format!("`{other}://` is not a store sluice reads; use a local path, s3:// or gs://")),
+            other => return Err(ConnectorError::config(format!("`{other}://` is not a store sluice reads; use a local path, s3:// or gs://"))),
         };
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| format!("cannot start an I/O runtime: {e}"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ConnectorError::internal(format!("cannot start an I/O runtime: {e}")))?;
         Ok(Store::Object { store, prefix: ObjectPath::from(prefix), url: location.trim_end_matches('/').to_string(), runtime: Arc::new(runtime) })
     }
 
@@ -110,15 +118,17 @@ impl Store {
         }
     }
 
-    /// Every file under the location whose name ends with `suffix`, sorted by name.
-    pub fn list(&self, suffix: &str) -> Result<Vec<Listed>, String> {
+    /// Every file under the location whose name ends with `suffix`, sorted by name. A listing
+    /// that fails cannot be trusted now: transient.
+    pub fn list(&self, suffix: &str) -> Result<Vec<Listed>, ConnectorError> {
         let mut out = match self {
             Store::Local { root, single } => list_local(root, *single, suffix)?,
             Store::Object { store, prefix, runtime, url } => {
                 use futures_util::TryStreamExt;
                 let prefix_opt = if prefix.as_ref().is_empty() { None } else { Some(prefix) };
-                let metas: Vec<object_store::ObjectMeta> =
-                    runtime.block_on(store.list(prefix_opt).try_collect()).map_err(|e| format!("cannot list {url}: {}", redact(&e.to_string())))?;
+                let metas: Vec<object_store::ObjectMeta> = runtime
+                    .block_on(store.list(prefix_opt).try_collect())
+                    .map_err(|e| ConnectorError::unreachable(format!("cannot list {url}: {}", redact(&e.to_string()))))?;
                 let strip = if prefix.as_ref().is_empty() { String::new() } else { format!("{}/", prefix.as_ref()) };
                 metas
                     .into_iter()
@@ -144,7 +154,8 @@ impl Store {
     }
 
     /// The whole of `name`, fetched in ranges (formats that need random access, from a bucket).
-    pub fn read_all(&self, name: &str, size: u64) -> Result<Vec<u8>, String> {
+    /// Errors as for [`Store::reader`] and [`FileReader::read_into`].
+    pub fn read_all(&self, name: &str, size: u64) -> Result<Vec<u8>, ConnectorError> {
         let mut reader = self.reader(name, size)?;
         let mut buf = Vec::new();
         while reader.read_into(&mut buf)? > 0 {}
@@ -152,12 +163,13 @@ impl Store {
     }
 
     /// Opens `name` (a name from [`Store::list`]) for reading from its start; an object is read
-    /// up to the `size` its listing gave.
-    pub fn reader(&self, name: &str, size: u64) -> Result<FileReader, String> {
+    /// up to the `size` its listing gave. A listed file that cannot be opened changed or went
+    /// away since: transient, the next listing decides.
+    pub fn reader(&self, name: &str, size: u64) -> Result<FileReader, ConnectorError> {
         match self {
             Store::Local { root, single } => {
                 let path = if *single { root.clone() } else { root.join(name) };
-                let file = std::fs::File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+                let file = std::fs::File::open(&path).map_err(|e| ConnectorError::unreachable(format!("cannot open {}: {e}", path.display())))?;
                 Ok(FileReader::Local(file))
             }
             Store::Object { store, prefix, runtime, .. } => {
@@ -168,31 +180,33 @@ impl Store {
     }
 }
 
-fn list_local(root: &Path, single: bool, suffix: &str) -> Result<Vec<Listed>, String> {
+/// The local listing behind [`Store::list`]; every failure is transient.
+fn list_local(root: &Path, single: bool, suffix: &str) -> Result<Vec<Listed>, ConnectorError> {
+    let failed = |what: &str, path: &Path, e: std::io::Error| ConnectorError::unreachable(format!("cannot {what} {}: {e}", path.display()));
     let tag = |m: &std::fs::Metadata| {
         use std::os::unix::fs::MetadataExt;
         format!("{}:{}|{}|{}.{}", m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec())
     };
     if single {
-        let m = std::fs::metadata(root).map_err(|e| format!("cannot read {}: {e}", root.display()))?;
+        let m = std::fs::metadata(root).map_err(|e| failed("read", root, e))?;
         let name = root.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         return Ok(vec![Listed { name, size: m.len(), tag: tag(&m) }]);
     }
     // Folders are followed through symbolic links only inside the root, and each folder once
     // (by device and inode): a link to `..` or to the root itself is not a loop.
     use std::os::unix::fs::MetadataExt;
-    let canonical = std::fs::canonicalize(root).map_err(|e| format!("cannot list {}: {e}", root.display()))?;
+    let canonical = std::fs::canonicalize(root).map_err(|e| failed("list", root, e))?;
     let mut visited: std::collections::HashSet<(u64, u64)> = std::collections::HashSet::new();
     let mut out = Vec::new();
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
-        let m = std::fs::metadata(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let m = std::fs::metadata(&dir).map_err(|e| failed("list", &dir, e))?;
         if !visited.insert((m.dev(), m.ino())) {
             continue;
         }
-        let entries = std::fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let entries = std::fs::read_dir(&dir).map_err(|e| failed("list", &dir, e))?;
         for entry in entries {
-            let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+            let entry = entry.map_err(|e| failed("list", &dir, e))?;
             let path = entry.path();
             let m = match std::fs::metadata(&path) {
                 Ok(m) => m,
@@ -200,7 +214,7 @@ fn list_local(root: &Path, single: bool, suffix: &str) -> Result<Vec<Listed>, St
                 // A file that stays missing is removed once that has settled.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 // Anything else (permissions, I/O): the listing cannot be trusted.
-                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+                Err(e) => return Err(failed("read", &path, e)),
             };
             if m.is_dir() {
                 let linked = entry.file_type().map(|t| t.is_symlink()).unwrap_or(false);
@@ -248,13 +262,14 @@ pub enum FileReader {
 }
 
 impl FileReader {
-    /// Appends the next chunk to `buf`; `Ok(0)` at the end of the file.
-    pub fn read_into(&mut self, buf: &mut Vec<u8>) -> Result<usize, String> {
+    /// Appends the next chunk to `buf`; `Ok(0)` at the end of the file. A failed read is
+    /// transient (the file changed under the reader, or the bucket did not answer).
+    pub fn read_into(&mut self, buf: &mut Vec<u8>) -> Result<usize, ConnectorError> {
         match self {
             FileReader::Local(f) => {
                 let len = buf.len();
                 buf.resize(len + (1 << 20), 0);
-                let n = f.read(&mut buf[len..]).map_err(|e| format!("read failed: {e}"));
+                let n = f.read(&mut buf[len..]).map_err(|e| ConnectorError::unreachable(format!("read failed: {e}")));
                 buf.truncate(len + *n.as_ref().unwrap_or(&0));
                 n
             }
@@ -264,7 +279,9 @@ impl FileReader {
                     return Ok(0);
                 }
                 let end = (*at + RANGE).min(*size);
-                let bytes = runtime.block_on(store.get_range(location, *at..end)).map_err(|e| format!("read failed: {}", redact(&e.to_string())))?;
+                let bytes = runtime
+                    .block_on(store.get_range(location, *at..end))
+                    .map_err(|e| ConnectorError::unreachable(format!("read failed: {}", redact(&e.to_string()))))?;
                 if bytes.is_empty() {
                     *at = *size;
                     return Ok(0);

@@ -9,6 +9,7 @@
 //! with the run; this broker shows what sluice itself does over a long run. It is not durable and
 //! not for production: it stands in for a Kafka broker only in that benchmark.
 
+use crate::error::ConnectorError;
 use rdkafka::mocking::MockCluster;
 
 /// A topic to create at start-up: `name:partitions`.
@@ -19,24 +20,26 @@ pub struct MockTopic {
 }
 
 impl std::str::FromStr for MockTopic {
-    type Err = String;
+    type Err = ConnectorError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (name, partitions) = s.rsplit_once(':').ok_or_else(|| format!("`{s}`: write a topic as NAME:PARTITIONS, e.g. rides:4"))?;
-        let partitions: i32 = partitions.parse().map_err(|_| format!("`{s}`: the partition count `{partitions}` is not a number"))?;
+    /// A malformed topic is a configuration error.
+    fn from_str(s: &str) -> Result<Self, ConnectorError> {
+        let (name, partitions) = s.rsplit_once(':').ok_or_else(|| ConnectorError::config(format!("`{s}`: write a topic as NAME:PARTITIONS, e.g. rides:4")))?;
+        let partitions: i32 = partitions.parse().map_err(|_| ConnectorError::config(format!("`{s}`: the partition count `{partitions}` is not a number")))?;
         if name.is_empty() || partitions < 1 {
-            return Err(format!("`{s}`: a topic needs a name and at least 1 partition"));
+            return Err(ConnectorError::config(format!("`{s}`: a topic needs a name and at least 1 partition")));
         }
         Ok(MockTopic { name: name.to_string(), partitions })
     }
 }
 
 /// Starts a one-broker mock cluster with `topics`; `bootstrap_servers()` gives its address.
-/// The cluster lives as long as the returned handle.
-pub fn start(topics: &[MockTopic]) -> Result<MockCluster<'static, rdkafka::producer::DefaultProducerContext>, String> {
-    let cluster = MockCluster::new(1).map_err(|e| format!("cannot start the mock cluster: {e}"))?;
+/// The cluster lives as long as the returned handle. librdkafka failing to start it is internal;
+/// a topic it refuses to create (a bad name) is a configuration error.
+pub fn start(topics: &[MockTopic]) -> Result<MockCluster<'static, rdkafka::producer::DefaultProducerContext>, ConnectorError> {
+    let cluster = MockCluster::new(1).map_err(|e| ConnectorError::internal(format!("cannot start the mock cluster: {e}")))?;
     for t in topics {
-        cluster.create_topic(&t.name, t.partitions, 1).map_err(|e| format!("cannot create topic {}: {e}", t.name))?;
+        cluster.create_topic(&t.name, t.partitions, 1).map_err(|e| ConnectorError::config(format!("cannot create topic {}: {e}", t.name)))?;
     }
     Ok(cluster)
 }
@@ -53,6 +56,7 @@ mod tests {
     fn topics_are_written_name_colon_partitions() {
         assert_eq!("rides:4".parse(), Ok(MockTopic { name: "rides".into(), partitions: 4 }));
         assert_eq!("a:b:2".parse::<MockTopic>().map(|t| t.name), Ok("a:b".to_string()), "the last colon splits");
+        assert_eq!("rides".parse::<MockTopic>().map_err(|e| e.to_string()), Err("`rides`: write a topic as NAME:PARTITIONS, e.g. rides:4".to_string()));
         for bad in ["rides", "rides:x", ":3", "rides:0"] {
             assert!(bad.parse::<MockTopic>().is_err(), "{bad} must be refused");
         }

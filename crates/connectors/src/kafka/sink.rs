@@ -12,6 +12,7 @@
 //! again; everything else is retried with backoff.
 
 use super::{base_config, ID_HEADER};
+use crate::error::ConnectorError;
 use crate::results::ResultJson;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -141,8 +142,7 @@ impl SinkFactory for KafkaSinkConfig {
 
     fn writer(&self, ctx: &SinkContext, _worker: usize) -> Result<Box<dyn SinkWriter>, SinkError> {
         let brokers = sluice_core::topology::expand_env(&self.brokers);
-        let w = KafkaWriter::new(&brokers, &self.topic, self.dead_letter_topic.as_deref(), self.idempotent, &self.client, ctx.columns)
-            .map_err(SinkError::Config)?;
+        let w = KafkaWriter::new(&brokers, &self.topic, self.dead_letter_topic.as_deref(), self.idempotent, &self.client, ctx.columns)?;
         Ok(Box::new(w))
     }
 }
@@ -160,6 +160,7 @@ pub struct KafkaWriter {
 
 impl KafkaWriter {
     /// A producer for `topic` (and `dead_letter_topic`); `idempotent` turns on Kafka's idempotent producer.
+    /// Settings librdkafka refuses are a configuration error.
     pub fn new(
         brokers: &str,
         topic: &str,
@@ -167,7 +168,7 @@ impl KafkaWriter {
         idempotent: bool,
         client: &std::collections::BTreeMap<String, String>,
         columns: &'static [Column],
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ConnectorError> {
         let deliveries = DeliveryErrors::default();
         let mut config = base_config(brokers);
         // A short linger lets librdkafka pack an epoch into few produce requests (0 sends one
@@ -186,8 +187,9 @@ impl KafkaWriter {
             config.set(k, v);
         }
         config.set("enable.idempotence", if idempotent { "true" } else { "false" }).set("acks", "all");
-        let producer: ThreadedProducer<DeliveryErrors> =
-            config.create_with_context(deliveries.clone()).map_err(|e| format!("cannot create a Kafka producer (check sinks.client): {e}"))?;
+        let producer: ThreadedProducer<DeliveryErrors> = config
+            .create_with_context(deliveries.clone())
+            .map_err(|e| ConnectorError::config(format!("cannot create a Kafka producer (check sinks.client): {e}")))?;
         // Connect now: the idempotent producer asks for its producer ID on a 500 ms timer once a
         // broker connection is up, so connecting at start-up rather than at the first write saves
         // a timer round (measured: the first write waited about 1 s for its ID). A broker that is

@@ -737,7 +737,7 @@ impl SinkConnector for PostgresConfig {
         }
         for (field, name) in [("table", &self.table), ("dead_letter_table", &self.dead_letter_table), ("schema", &self.schema)] {
             if let Err(why) = crate::sql::check_identifier(name) {
-                return Err(ConfigError::new(field, why, "use 1 to 63 bytes with no NUL or control characters, e.g. qa_answers"));
+                return Err(ConfigError::new(field, why.message, "use 1 to 63 bytes with no NUL or control characters, e.g. qa_answers"));
             }
         }
         tls::check(&sluice_core::topology::expand_env(&self.url), self.tls_root_cert.as_deref(), self.tls_verify).map_err(ConfigError::from)

@@ -2,7 +2,8 @@
 //! subscription exists (so a typo stops the run with the fix, not a silent idle worker),
 //! reading a subscription's delivery type, and the request client's own reply subscription.
 
-use super::{classify, runtime, Failure, Resolved};
+use super::{classify, runtime, Resolved};
+use crate::error::ConnectorError;
 use google_cloud_pubsub::client::{SubscriptionAdmin, TopicAdmin};
 
 /// What sluice reads of a subscription.
@@ -26,9 +27,15 @@ fn describe(e: &google_cloud_pubsub::Error) -> String {
     }
 }
 
+/// A failed call as a connector error: `what` failed, classed by [`classify`].
+fn failed(e: &google_cloud_pubsub::Error, what: String) -> ConnectorError {
+    classify(e).error(format!("{what}: {}", describe(e)))
+}
+
 impl Admin {
-    /// Connects (on the Pub/Sub runtime).
-    pub fn connect(conn: &Resolved) -> Result<Self, String> {
+    /// Connects (on the Pub/Sub runtime). Its errors are those of building a client
+    /// ([`Resolved::publisher`]): the configuration's.
+    pub fn connect(conn: &Resolved) -> Result<Self, ConnectorError> {
         let creds = conn.credentials()?;
         runtime().block_on(async {
             let mut t = TopicAdmin::builder().with_credentials(creds.clone());
@@ -37,42 +44,45 @@ impl Admin {
                 t = t.with_endpoint(e.clone());
                 s = s.with_endpoint(e.clone());
             }
-            let topics = t.build().await.map_err(|e| format!("cannot connect to Pub/Sub at {}: {e}", conn.describe()))?;
-            let subscriptions = s.build().await.map_err(|e| format!("cannot connect to Pub/Sub at {}: {e}", conn.describe()))?;
+            let topics = t.build().await.map_err(|e| conn.build_error(e))?;
+            let subscriptions = s.build().await.map_err(|e| conn.build_error(e))?;
             Ok(Admin { topics, subscriptions })
         })
     }
 
-    /// Whether `topic` exists: `Ok(false)` when it does not, `Err` when the service cannot say.
-    pub fn topic_exists(&self, topic: &str) -> Result<bool, (Failure, String)> {
+    /// Whether `topic` exists: `Ok(false)` when it does not, `Err` when the service cannot say
+    /// (classed by [`classify`]: transient, or the configuration's fault, such as a refused
+    /// permission).
+    pub fn topic_exists(&self, topic: &str) -> Result<bool, ConnectorError> {
         match runtime().block_on(self.topics.get_topic().set_topic(topic).send()) {
             Ok(_) => Ok(true),
             Err(e) if e.status().is_some_and(|s| s.code == google_cloud_gax::error::rpc::Code::NotFound) => Ok(false),
-            Err(e) => Err((classify(&e), format!("cannot look up topic {topic}: {}", describe(&e)))),
+            Err(e) => Err(failed(&e, format!("cannot look up topic {topic}"))),
         }
     }
 
-    /// The subscription's settings; `Ok(None)` when it does not exist.
-    pub fn subscription(&self, name: &str) -> Result<Option<SubscriptionInfo>, (Failure, String)> {
+    /// The subscription's settings; `Ok(None)` when it does not exist. Errors as for
+    /// [`Self::topic_exists`].
+    pub fn subscription(&self, name: &str) -> Result<Option<SubscriptionInfo>, ConnectorError> {
         match runtime().block_on(self.subscriptions.get_subscription().set_subscription(name).send()) {
             Ok(s) => Ok(Some(SubscriptionInfo { topic: s.topic, exactly_once: s.enable_exactly_once_delivery, ack_deadline_seconds: s.ack_deadline_seconds })),
             Err(e) if e.status().is_some_and(|s| s.code == google_cloud_gax::error::rpc::Code::NotFound) => Ok(None),
-            Err(e) => Err((classify(&e), format!("cannot look up subscription {name}: {}", describe(&e)))),
+            Err(e) => Err(failed(&e, format!("cannot look up subscription {name}"))),
         }
     }
 
     /// Creates `topic` unless it exists.
-    pub fn ensure_topic(&self, topic: &str) -> Result<(), String> {
+    pub fn ensure_topic(&self, topic: &str) -> Result<(), ConnectorError> {
         match runtime().block_on(self.topics.create_topic().set_name(topic).send()) {
             Ok(_) => Ok(()),
             Err(e) if e.status().is_some_and(|s| s.code == google_cloud_gax::error::rpc::Code::AlreadyExists) => Ok(()),
-            Err(e) => Err(format!("cannot create topic {topic}: {}", describe(&e))),
+            Err(e) => Err(failed(&e, format!("cannot create topic {topic}"))),
         }
     }
 
     /// Creates subscription `name` on `topic` unless it exists. `filter` is a Pub/Sub filter
-    /// expression (empty: every message).
-    pub fn ensure_subscription(&self, name: &str, topic: &str, filter: &str, ack_deadline_seconds: i32, exactly_once: bool) -> Result<(), String> {
+    /// expression (empty: every message); a filter the service refuses is the input's fault.
+    pub fn ensure_subscription(&self, name: &str, topic: &str, filter: &str, ack_deadline_seconds: i32, exactly_once: bool) -> Result<(), ConnectorError> {
         let create = self
             .subscriptions
             .create_subscription()
@@ -84,25 +94,25 @@ impl Admin {
         match runtime().block_on(create.send()) {
             Ok(_) => Ok(()),
             Err(e) if e.status().is_some_and(|s| s.code == google_cloud_gax::error::rpc::Code::AlreadyExists) => Ok(()),
-            Err(e) => Err(format!("cannot create subscription {name}: {}", describe(&e))),
+            Err(e) => Err(failed(&e, format!("cannot create subscription {name}"))),
         }
     }
 
     /// Deletes a subscription; a missing one is not an error.
-    pub fn delete_subscription(&self, name: &str) -> Result<(), String> {
+    pub fn delete_subscription(&self, name: &str) -> Result<(), ConnectorError> {
         match runtime().block_on(self.subscriptions.delete_subscription().set_subscription(name).send()) {
             Ok(()) => Ok(()),
             Err(e) if e.status().is_some_and(|s| s.code == google_cloud_gax::error::rpc::Code::NotFound) => Ok(()),
-            Err(e) => Err(format!("cannot delete subscription {name}: {}", describe(&e))),
+            Err(e) => Err(failed(&e, format!("cannot delete subscription {name}"))),
         }
     }
 
     /// Deletes a topic; a missing one is not an error.
-    pub fn delete_topic(&self, topic: &str) -> Result<(), String> {
+    pub fn delete_topic(&self, topic: &str) -> Result<(), ConnectorError> {
         match runtime().block_on(self.topics.delete_topic().set_topic(topic).send()) {
             Ok(()) => Ok(()),
             Err(e) if e.status().is_some_and(|s| s.code == google_cloud_gax::error::rpc::Code::NotFound) => Ok(()),
-            Err(e) => Err(format!("cannot delete topic {topic}: {}", describe(&e))),
+            Err(e) => Err(failed(&e, format!("cannot delete topic {topic}"))),
         }
     }
 }

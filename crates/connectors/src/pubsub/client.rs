@@ -2,27 +2,22 @@
 //! attribute) and wait, with a timeout, for the answer carrying that ID on the client's own
 //! subscription to the results topic, never another request's. The client creates its reply
 //! subscription at start (filtered to its own IDs where the service supports filters) and
-//! deletes it when dropped. The load generator's Pub/Sub side is built on the same parts.
+//! deletes it when dropped. The load generator's Pub/Sub side is built on the same parts, and
+//! [`PubsubBroker`] offers all of it as a [`RequestBroker`].
 
 use super::admin::Admin;
-use super::{project_of, runtime, Connection, Resolved, ID_ATTRIBUTE};
+use super::{classify, project_of, runtime, Connection, Resolved, ID_ATTRIBUTE};
+use crate::client::{ClientError, RequestBroker};
+use crate::error::ConnectorError;
 use crate::loadgen::{Answers, Publish};
 use google_cloud_pubsub::client::Publisher;
+use google_cloud_pubsub::error::PublishError;
 use google_cloud_pubsub::model::Message;
 use google_cloud_pubsub::subscriber::ShutdownToken;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// A request-side error.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("pubsub: {0}")]
-    PubSub(String),
-    #[error("no answer for request {id} within {timeout:?}")]
-    Timeout { id: String, timeout: Duration },
-}
 
 /// A message as it arrived, and when.
 type Arrival = (Message, Instant);
@@ -46,8 +41,10 @@ pub fn unique_prefix() -> String {
 impl ReplySubscription {
     /// Subscribes to `results_topic` from now on. With `id_prefix`, only answers whose request
     /// ID starts with it are delivered (where the service supports filters; else all are).
+    /// A topic that is not a full name is a configuration error.
     pub fn open(conn: &Resolved, results_topic: &str, id_prefix: Option<&str>) -> Result<Self, ClientError> {
-        let project = project_of(results_topic).ok_or_else(|| ClientError::PubSub(format!("`{results_topic}` is not projects/P/topics/T")))?;
+        let project =
+            project_of(results_topic).ok_or_else(|| ClientError::PubSub(ConnectorError::config(format!("`{results_topic}` is not projects/P/topics/T"))))?;
         let name = format!("projects/{project}/subscriptions/sluice-reply-{}", unique_prefix());
         let admin = Admin::connect(conn).map_err(ClientError::PubSub)?;
         let filter = id_prefix.map(|p| format!("hasPrefix(attributes.{ID_ATTRIBUTE}, \"{p}\")")).unwrap_or_default();
@@ -157,7 +154,7 @@ impl RequestClient {
                     }
                 }
             })
-            .map_err(|e| ClientError::PubSub(e.to_string()))?;
+            .map_err(|e| ClientError::PubSub(ConnectorError::internal(e.to_string())))?;
         Ok(RequestClient {
             publisher,
             sending: Mutex::new(Vec::new()),
@@ -185,7 +182,7 @@ impl RequestClient {
         payload.insert(ID_ATTRIBUTE.into(), id.into());
         let (tx, rx) = crossbeam_channel::bounded(1);
         self.waiters.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), tx);
-        let body = serde_json::to_vec(&payload).map_err(|e| ClientError::PubSub(e.to_string()))?;
+        let body = serde_json::to_vec(&payload).map_err(|e| ClientError::PubSub(ConnectorError::internal(e.to_string())))?;
         let _enter = runtime().enter();
         let sending = self.publisher.publish(request_message(id, body));
         self.sending.lock().unwrap_or_else(|p| p.into_inner()).push(sending);
@@ -197,7 +194,7 @@ impl RequestClient {
         let sending = std::mem::take(&mut *self.sending.lock().unwrap_or_else(|p| p.into_inner()));
         runtime().block_on(async {
             for f in sending {
-                f.await.map_err(|e| ClientError::PubSub(format!("publish: {e}")))?;
+                f.await.map_err(|e| ClientError::PubSub(publish_error(&e)))?;
             }
             Ok(())
         })
@@ -238,23 +235,34 @@ pub struct PubsubPublish {
 }
 
 impl PubsubPublish {
-    pub fn new(connection: &Connection, topic: &str) -> Result<Self, String> {
-        Ok(PubsubPublish { publisher: publisher(&connection.resolve(), topic).map_err(|e| e.to_string())?, pending: Vec::new() })
+    /// A publisher for `topic`; errors are shown as the request client's (`pubsub: ...`).
+    pub fn new(connection: &Connection, topic: &str) -> Result<Self, ConnectorError> {
+        Ok(PubsubPublish { publisher: publisher(&connection.resolve(), topic)?, pending: Vec::new() })
+    }
+}
+
+/// A publish Pub/Sub did not confirm: a failed call classed by [`classify`], anything else
+/// (a paused ordering key, a publisher shutting down) transient, as in the sink.
+fn publish_error(e: &PublishError) -> ConnectorError {
+    let message = format!("publish: {e}");
+    match e {
+        PublishError::Rpc(inner) => classify(inner).error(message),
+        _ => ConnectorError::unreachable(message),
     }
 }
 
 impl Publish for PubsubPublish {
-    fn send(&mut self, id: &str, body: &[u8]) -> Result<(), String> {
+    fn send(&mut self, id: &str, body: &[u8]) -> Result<(), ConnectorError> {
         let _enter = runtime().enter();
         self.pending.push(self.publisher.publish(request_message(id, body.to_vec())));
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), String> {
+    fn flush(&mut self) -> Result<(), ConnectorError> {
         let pending = std::mem::take(&mut self.pending);
         runtime().block_on(async {
             for f in pending {
-                f.await.map_err(|e| format!("publish: {e}"))?;
+                f.await.map_err(|e| publish_error(&e))?;
             }
             Ok(())
         })
@@ -265,9 +273,10 @@ impl Publish for PubsubPublish {
 pub struct PubsubAnswers(ReplySubscription);
 
 impl PubsubAnswers {
-    /// Listens on `results_topic` for answers whose ID starts with `id_prefix`.
-    pub fn open(connection: &Connection, results_topic: &str, id_prefix: &str) -> Result<Self, String> {
-        Ok(PubsubAnswers(ReplySubscription::open(&connection.resolve(), results_topic, Some(id_prefix)).map_err(|e| e.to_string())?))
+    /// Listens on `results_topic` for answers whose ID starts with `id_prefix`; errors are
+    /// shown as the request client's (`pubsub: ...`).
+    pub fn open(connection: &Connection, results_topic: &str, id_prefix: &str) -> Result<Self, ConnectorError> {
+        Ok(PubsubAnswers(ReplySubscription::open(&connection.resolve(), results_topic, Some(id_prefix))?))
     }
 }
 
@@ -279,5 +288,37 @@ impl Answers for PubsubAnswers {
                 on_id(m.attributes.get(ID_ATTRIBUTE).map(|v| v.as_bytes()));
             }
         }
+    }
+}
+
+/// Pub/Sub as a [`RequestBroker`]: requests carry their ID as an attribute; answers come on a
+/// reply subscription of the client's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PubsubBroker {
+    /// Where and as whom to connect.
+    pub connection: Connection,
+}
+
+impl RequestBroker for PubsubBroker {
+    fn default_topics(&self) -> (&'static str, &'static str) {
+        ("projects/sluice-local/topics/rides", "projects/sluice-local/topics/ride-durations")
+    }
+
+    fn request(
+        &self,
+        requests_topic: &str,
+        results_topic: &str,
+        payload: serde_json::Map<String, serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<(String, serde_json::Value), ClientError> {
+        RequestClient::connect(&self.connection, requests_topic, results_topic)?.request(payload, timeout)
+    }
+
+    fn answers(&self, results_topic: &str, id_prefix: &str) -> Result<Box<dyn Answers>, ConnectorError> {
+        Ok(Box::new(PubsubAnswers::open(&self.connection, results_topic, id_prefix)?))
+    }
+
+    fn publisher(&self, requests_topic: &str) -> Result<Box<dyn Publish>, ConnectorError> {
+        Ok(Box::new(PubsubPublish::new(&self.connection, requests_topic)?))
     }
 }

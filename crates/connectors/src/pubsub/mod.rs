@@ -9,6 +9,7 @@ pub mod client;
 pub mod sink;
 pub mod source;
 
+use crate::error::ConnectorError;
 use google_cloud_gax::error::rpc::Code;
 use google_cloud_pubsub::client::{Publisher, Subscriber};
 use serde::Deserialize;
@@ -75,30 +76,39 @@ fn http_endpoint(address: &str) -> String {
 }
 
 impl Resolved {
-    /// The credentials to present. Errors name the file, never its content.
-    pub fn credentials(&self) -> Result<google_cloud_auth::credentials::Credentials, String> {
+    /// The credentials to present. Errors name the file, never its content; every one is a
+    /// configuration error (the file, or the machine's default credentials, must be fixed).
+    pub fn credentials(&self) -> Result<google_cloud_auth::credentials::Credentials, ConnectorError> {
         if let Some(path) = &self.credentials_file {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the credentials file {}: {e}", path.display()))?;
-            let key: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| format!("the credentials file {} is not a JSON service-account key (line {}, column {})", path.display(), e.line(), e.column()))?;
+            let text =
+                std::fs::read_to_string(path).map_err(|e| ConnectorError::config(format!("cannot read the credentials file {}: {e}", path.display())))?;
+            let key: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                ConnectorError::config(format!(
+                    "the credentials file {} is not a JSON service-account key (line {}, column {})",
+                    path.display(),
+                    e.line(),
+                    e.column()
+                ))
+            })?;
             return google_cloud_auth::credentials::service_account::Builder::new(key)
                 .build()
-                .map_err(|_| format!("the credentials file {} is not a usable service-account key", path.display()));
+                .map_err(|_| ConnectorError::config(format!("the credentials file {} is not a usable service-account key", path.display())));
         }
         if self.emulator {
             return Ok(google_cloud_auth::credentials::anonymous::Builder::new().build());
         }
         google_cloud_auth::credentials::Builder::default().build().map_err(|e| {
-            format!(
+            ConnectorError::config(format!(
                 "no Application Default Credentials ({e}); set credentials_file, run `gcloud auth application-default login`, \
                  or point PUBSUB_EMULATOR_HOST at an emulator"
-            )
+            ))
         })
     }
 
     /// A publisher for `topic` that sends a batch at `messages` messages, `bytes` bytes or after
-    /// `delay`, whichever comes first.
-    pub fn publisher(&self, topic: &str, messages: u32, bytes: u32, delay: std::time::Duration) -> Result<Publisher, String> {
+    /// `delay`, whichever comes first. Building a client makes no call yet, so a failure (a bad
+    /// endpoint, unusable credentials) is a configuration error.
+    pub fn publisher(&self, topic: &str, messages: u32, bytes: u32, delay: std::time::Duration) -> Result<Publisher, ConnectorError> {
         let creds = self.credentials()?;
         let _enter = runtime().enter();
         runtime()
@@ -113,11 +123,11 @@ impl Resolved {
                 }
                 b.build().await
             })
-            .map_err(|e| format!("cannot connect to Pub/Sub at {}: {e}", self.describe()))
+            .map_err(|e| self.build_error(e))
     }
 
-    /// A subscriber client.
-    pub fn subscriber(&self) -> Result<Subscriber, String> {
+    /// A subscriber client; its errors are those of [`Self::publisher`].
+    pub fn subscriber(&self) -> Result<Subscriber, ConnectorError> {
         let creds = self.credentials()?;
         runtime()
             .block_on(async {
@@ -127,7 +137,13 @@ impl Resolved {
                 }
                 b.build().await
             })
-            .map_err(|e| format!("cannot connect to Pub/Sub at {}: {e}", self.describe()))
+            .map_err(|e| self.build_error(e))
+    }
+
+    /// A client that could not be built: no call was made yet, so the endpoint or the
+    /// credentials are at fault.
+    pub(crate) fn build_error(&self, e: impl std::fmt::Display) -> ConnectorError {
+        ConnectorError::config(format!("cannot connect to Pub/Sub at {}: {e}", self.describe()))
     }
 
     /// For people: the endpoint, never credentials.
@@ -173,6 +189,18 @@ pub fn classify(e: &google_cloud_pubsub::Error) -> Failure {
     }
 }
 
+impl Failure {
+    /// This failure as a connector error: a transient one stays transient; a missing resource
+    /// or a refused permission is the configuration's fault; a refused request the input's.
+    pub fn error(self, message: String) -> ConnectorError {
+        match self {
+            Failure::Transient => ConnectorError::unreachable(message),
+            Failure::Config => ConnectorError::config(message),
+            Failure::Record => ConnectorError::input(message),
+        }
+    }
+}
+
 /// The project of a `projects/P/topics/T` or `projects/P/subscriptions/S` name.
 pub fn project_of(name: &str) -> Option<&str> {
     let mut parts = name.split('/');
@@ -182,13 +210,14 @@ pub fn project_of(name: &str) -> Option<&str> {
     }
 }
 
-/// Checks a full resource name: `kind` is `topics` or `subscriptions`.
-pub fn check_name(name: &str, kind: &str) -> Result<(), String> {
+/// Checks a full resource name: `kind` is `topics` or `subscriptions`. A bad name is a
+/// configuration error.
+pub fn check_name(name: &str, kind: &str) -> Result<(), ConnectorError> {
     let ok = project_of(name).is_some() && name.split('/').nth(2) == Some(kind);
     if ok {
         Ok(())
     } else {
-        Err(format!("`{name}` is not a full name like projects/my-project/{kind}/my-{}", kind.trim_end_matches('s')))
+        Err(ConnectorError::config(format!("`{name}` is not a full name like projects/my-project/{kind}/my-{}", kind.trim_end_matches('s'))))
     }
 }
 
@@ -200,7 +229,9 @@ mod tests {
     fn names_must_be_full_resource_names() {
         assert_eq!(project_of("projects/p1/topics/rides"), Some("p1"));
         assert!(check_name("projects/p1/subscriptions/s", "subscriptions").is_ok());
-        assert!(check_name("projects/p1/topics/rides", "subscriptions").unwrap_err().contains("projects/my-project/subscriptions/my-subscription"));
+        let e = check_name("projects/p1/topics/rides", "subscriptions").unwrap_err();
+        assert!(e.message.contains("projects/my-project/subscriptions/my-subscription"), "{e}");
+        assert_eq!(e.http_status(), 400, "a bad name is the user's to fix");
         assert!(check_name("rides", "topics").is_err());
         assert!(check_name("projects//topics/rides", "topics").is_err());
         assert!(check_name("projects/p/topics/rides/extra", "topics").is_err());
@@ -221,12 +252,12 @@ mod tests {
         let path = dir.path().join("key.json");
         std::fs::write(&path, "{\"private_key\": \"SECRET-KEY-MATERIAL\", ").unwrap();
         let r = Resolved { endpoint: None, emulator: false, credentials_file: Some(path.clone()) };
-        let e = r.credentials().expect_err("a broken key is refused");
+        let e = r.credentials().expect_err("a broken key is refused").message;
         assert!(e.contains(&path.display().to_string()), "{e}");
         assert!(!e.contains("SECRET"), "the key's content must not leak: {e}");
         std::fs::write(&path, "{\"type\": \"service_account\", \"private_key\": \"SECRET-KEY-MATERIAL\"}").unwrap();
         if let Err(e) = r.credentials() {
-            assert!(!e.contains("SECRET"), "the key's content must not leak: {e}");
+            assert!(!e.message.contains("SECRET"), "the key's content must not leak: {e}");
         }
     }
 }

@@ -74,11 +74,11 @@ impl PubsubSinkConfig {
     /// Refuses settings that cannot work: `(field within the sink, message, hint)`.
     fn check_fields(&self) -> Result<(), (&'static str, String, String)> {
         if let Err(e) = check_name(&self.topic, "topics") {
-            return Err(("topic", e, "name the topic in full, e.g. projects/sluice-local/topics/ride-durations".into()));
+            return Err(("topic", e.message, "name the topic in full, e.g. projects/sluice-local/topics/ride-durations".into()));
         }
         if let Some(d) = &self.dead_letter_topic {
             if let Err(e) = check_name(d, "topics") {
-                return Err(("dead_letter_topic", e, "e.g. projects/sluice-local/topics/ride-dead-letters".into()));
+                return Err(("dead_letter_topic", e.message, "e.g. projects/sluice-local/topics/ride-dead-letters".into()));
             }
         }
         if self.batch_messages == 0 || self.batch_messages > 1000 {
@@ -91,7 +91,7 @@ impl PubsubSinkConfig {
     }
 
     fn publisher(&self, conn: &super::Resolved, topic: &str) -> Result<Publisher, SinkError> {
-        conn.publisher(topic, self.batch_messages, self.batch_bytes, Duration::from_millis(self.batch_delay_ms)).map_err(SinkError::Config)
+        conn.publisher(topic, self.batch_messages, self.batch_bytes, Duration::from_millis(self.batch_delay_ms)).map_err(SinkError::from)
     }
 }
 
@@ -107,7 +107,7 @@ impl SinkFactory for PubsubSinkConfig {
     /// Checks that the topics exist, so a typo stops the run at start-up with the fix.
     fn open(&self, _ctx: &SinkContext) -> Result<Option<Vec<Checkpoint>>, SinkError> {
         let conn = self.connection().resolve();
-        let admin = Admin::connect(&conn).map_err(SinkError::Config)?;
+        let admin = Admin::connect(&conn)?;
         for topic in std::iter::once(&self.topic).chain(self.dead_letter_topic.as_ref()) {
             match admin.topic_exists(topic) {
                 Ok(true) => {}
@@ -117,9 +117,9 @@ impl SinkFactory for PubsubSinkConfig {
                         conn.describe()
                     )))
                 }
-                Err((Failure::Config, e)) => return Err(SinkError::Config(e)),
+                Err(e) if !e.is_transient() => return Err(e.into()),
                 // Unreachable now: the writes will retry.
-                Err((_, e)) => tracing::warn!("pubsub sink: {e}"),
+                Err(e) => tracing::warn!("pubsub sink: {e}"),
             }
         }
         Ok(None)

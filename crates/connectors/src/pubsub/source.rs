@@ -101,7 +101,7 @@ impl PubsubSourceConfig {
     /// Refuses settings that cannot work: `(field, message, hint)`.
     fn check_fields(&self) -> Result<(), (&'static str, String, &'static str)> {
         if let Err(e) = check_name(&self.subscription, "subscriptions") {
-            return Err(("source.subscription", e, "name the subscription in full, e.g. projects/sluice-local/subscriptions/rides-sluice"));
+            return Err(("source.subscription", e.message, "name the subscription in full, e.g. projects/sluice-local/subscriptions/rides-sluice"));
         }
         if matches!(self.id, IdFrom::Key) {
             return Err((
@@ -160,7 +160,7 @@ impl PubsubFactory {
 
     fn connect(&self) -> Result<Subscriber, SourceError> {
         let conn = self.config.connection().resolve();
-        let admin = Admin::connect(&conn).map_err(SourceError::Config)?;
+        let admin = Admin::connect(&conn)?;
         let info = match admin.subscription(&self.config.subscription) {
             Ok(Some(info)) => info,
             Ok(None) => {
@@ -171,11 +171,11 @@ impl PubsubFactory {
                     conn.describe()
                 )))
             }
-            Err((Failure::Config, e)) => return Err(SourceError::Config(e)),
-            Err((_, e)) => return Err(SourceError::Transient(e)),
+            // Unreachable now: built again after a backoff; refused: the run stops.
+            Err(e) => return Err(e.into()),
         };
         tracing::info!(subscription = %self.config.subscription, topic = %info.topic, exactly_once = info.exactly_once, "pubsub source");
-        conn.subscriber().map_err(SourceError::Config)
+        Ok(conn.subscriber()?)
     }
 }
 

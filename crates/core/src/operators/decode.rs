@@ -164,12 +164,14 @@ pub fn decode_record<T: Task>(task: &T, s: &DecodeSettings, rec: RawRecord) -> R
     Ok(Envelope { id, payload: Some(payload), passthrough, pos, ingest_ms, raw: bytes, content, seq: 0, replaces })
 }
 
-/// The decode operator: requests out of the first stream, dead letters out of the second.
+/// The decode operator: requests out of the first stream, dead letters out of the second. Each
+/// activation runs inside `span` (the job's `<pipeline>.decode`).
 #[allow(clippy::type_complexity)]
 pub fn decode<'s, T: Task>(
     records: Stream<'s, u64, Vec<RawRecord>>,
     task: Arc<T>,
     settings: DecodeSettings,
+    span: tracing::Span,
 ) -> (Stream<'s, u64, Vec<Envelope<T::Request>>>, Stream<'s, u64, Vec<DeadLetter>>) {
     let mut builder = OperatorBuilder::new("Decode".to_owned(), records.scope());
     let mut input = builder.new_input(records, Pipeline);
@@ -179,6 +181,7 @@ pub fn decode<'s, T: Task>(
     let mut dead_out = OutputBuilder::<_, CapacityContainerBuilder<Vec<DeadLetter>>>::from(dead_out);
     builder.build(move |_| {
         move |_frontiers| {
+            let _entered = span.enter();
             let mut ok = ok_out.activate();
             let mut dead = dead_out.activate();
             input.for_each(|cap, data| {

@@ -55,7 +55,9 @@ impl<O> Outs<O> {
     }
 }
 
-/// Runs `task` on every request. Outputs: answers, and dead letters for requests the task refused.
+/// Runs `task` on every request. Outputs: answers, dead letters for requests the task refused,
+/// and the retractions of refused rows that replaced an answer. Each activation runs inside
+/// `span` (the job's `<pipeline>.infer`).
 #[allow(clippy::type_complexity)]
 pub fn infer<'s, T: Task>(
     requests: Stream<'s, u64, Vec<Envelope<T::Request>>>,
@@ -63,6 +65,7 @@ pub fn infer<'s, T: Task>(
     service: InferenceHandle<T::Model>,
     retract_failures: bool,
     forget: crate::operators::key_by_id::Forget,
+    span: tracing::Span,
 ) -> (Stream<'s, u64, Vec<Answer>>, Stream<'s, u64, Vec<DeadLetter>>, Stream<'s, u64, Vec<Deleted>>) {
     let scope = requests.scope();
     let mut builder = OperatorBuilder::new("Infer".to_owned(), scope);
@@ -87,6 +90,7 @@ pub fn infer<'s, T: Task>(
         let mut held: BTreeMap<u64, (Capability<u64>, Capability<u64>, Capability<u64>, usize)> = BTreeMap::new();
         let model_label: Arc<str> = Arc::from(task.model_label());
         move |_frontiers| {
+            let _entered = span.enter();
             let mut ans = ans_out.activate();
             let mut dead = dead_out.activate();
             let mut ret = ret_out.activate();

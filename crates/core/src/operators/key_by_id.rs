@@ -122,13 +122,15 @@ fn decide<P>(mut env: Envelope<P>, seen: &mut Seen, seq: &mut u64, stateless: bo
     Decision::Run(env)
 }
 
-/// Keys `requests` by ID. Outputs: requests to run (with a payload), and deletes.
+/// Keys `requests` by ID. Outputs: requests to run (with a payload), and deletes. Each
+/// activation runs inside `span` (the job's `<pipeline>.key_by_id`).
 #[allow(clippy::type_complexity)]
 pub fn key_by_id<'s, P>(
     requests: Stream<'s, u64, Vec<Envelope<P>>>,
     keying: Keying,
     window: usize,
     forget: Forget,
+    span: tracing::Span,
 ) -> (Stream<'s, u64, Vec<Envelope<P>>>, Stream<'s, u64, Vec<Deleted>>)
 where
     P: timely::ExchangeData,
@@ -137,8 +139,8 @@ where
     // changes from the worker that answers it (the live file source), stay where they were read
     // (their checkpoints commit with their answers), with no exchange at all.
     match keying {
-        Keying::Table => keyed(requests, Exchange::new(|env: &Envelope<P>| id_hash(&env.id)), keying, window, forget),
-        Keying::Stream | Keying::Changes => keyed(requests, Pipeline, keying, window, forget),
+        Keying::Table => keyed(requests, Exchange::new(|env: &Envelope<P>| id_hash(&env.id)), keying, window, forget, span),
+        Keying::Stream | Keying::Changes => keyed(requests, Pipeline, keying, window, forget, span),
     }
 }
 
@@ -149,6 +151,7 @@ fn keyed<'s, P, C>(
     keying: Keying,
     window: usize,
     forget: Forget,
+    span: tracing::Span,
 ) -> (Stream<'s, u64, Vec<Envelope<P>>>, Stream<'s, u64, Vec<Deleted>>)
 where
     P: timely::ExchangeData,
@@ -172,6 +175,7 @@ where
         let mut waiting: BTreeMap<u64, (Capability<u64>, Capability<u64>, HashMap<String, Envelope<P>>)> = BTreeMap::new();
         let unchanged = metrics::counter!(crate::metrics::UNCHANGED);
         move |frontiers| {
+            let _entered = span.enter();
             let mut reqs = req_out.activate();
             let mut dels = del_out.activate();
             for key in forget.take() {

@@ -51,7 +51,8 @@ impl JobControl {
 
 /// Writes `answers`, `deletes`, `dead` and the sources' `checkpoints` through `writers`; dead
 /// letters are bounded to `max_dead_letter_bytes` of raw bytes first. The returned stream
-/// carries no data; probe it to learn which epochs are durable.
+/// carries no data; probe it to learn which epochs are durable. The operator's activations, and
+/// the sink threads' writes, run inside `span` (the job's `<pipeline>.sink`).
 #[allow(clippy::too_many_arguments)]
 pub fn durable_sink<'s>(
     answers: Stream<'s, u64, Vec<Answer>>,
@@ -64,6 +65,7 @@ pub fn durable_sink<'s>(
     forget: crate::operators::key_by_id::Forget,
     progress: Arc<Progress>,
     control: JobControl,
+    span: tracing::Span,
 ) -> Stream<'s, u64, Vec<()>> {
     let scope = answers.scope();
     let worker_index = scope.index();
@@ -80,7 +82,7 @@ pub fn durable_sink<'s>(
     let activator = scope.worker().sync_activator_for(address);
 
     let failed = control.fatal.clone();
-    let (batch_tx, ack_rx, threads) = spawn_stages(writers, worker_index, activator, retract_refused, forget, control);
+    let (batch_tx, ack_rx, threads) = spawn_stages(writers, worker_index, activator, retract_refused, forget, control, span.clone());
 
     builder.build(move |_initial| {
         let mut threads = Some(threads);
@@ -91,6 +93,7 @@ pub fn durable_sink<'s>(
         // at once, rather than grown (and copied) step by step as its containers arrive.
         let mut answers_hint = 0;
         move |frontiers| {
+            let _entered = span.enter();
             ans_in.for_each(|cap, data| {
                 let Some(&t) = cap.least() else { return };
                 let entry = buffered.entry(t).or_insert_with(|| {
@@ -162,7 +165,7 @@ type Group = (EpochBatch, Vec<Ack>);
 /// it has made it durable, so the last sink (the one storing offsets) never gets ahead of the
 /// others, while different sinks work on different epochs at the same time. The last stage
 /// acknowledges every epoch of a group. Returns the first stage's input, the acknowledgements and
-/// the threads.
+/// the threads. Each thread runs inside `span`.
 fn spawn_stages(
     writers: Vec<Box<dyn SinkWriter>>,
     worker_index: usize,
@@ -170,6 +173,7 @@ fn spawn_stages(
     retract_refused: bool,
     forget: crate::operators::key_by_id::Forget,
     control: JobControl,
+    span: tracing::Span,
 ) -> (crossbeam_channel::Sender<Group>, crossbeam_channel::Receiver<Ack>, Vec<std::thread::JoinHandle<()>>) {
     let (first_tx, mut rx) = crossbeam_channel::unbounded::<Group>();
     let (ack_tx, ack_rx) = crossbeam_channel::unbounded::<Ack>();
@@ -187,11 +191,11 @@ fn spawn_stages(
         } else {
             (rx.clone(), None)
         };
-        let (ack_tx, activator, forget, control) = (ack_tx.clone(), activator.clone(), forget.clone(), control.clone());
+        let (ack_tx, activator, forget, control, span) = (ack_tx.clone(), activator.clone(), forget.clone(), control.clone(), span.clone());
         let kind = writer.as_ref().map(|w| w.kind()).unwrap_or("none");
         let thread = std::thread::Builder::new()
             .name(format!("sluice-sink-{worker_index}-{kind}"))
-            .spawn(move || stage_loop(writer, input, forward, ack_tx, activator, retract_refused, forget, control))
+            .spawn(move || span.in_scope(|| stage_loop(writer, input, forward, ack_tx, activator, retract_refused, forget, control)))
             .expect("cannot start a sink thread");
         threads.push(thread);
     }
@@ -572,6 +576,7 @@ mod tests {
                     false,
                     Default::default(),
                     JobControl { stop: Default::default(), fatal: Default::default(), canceled: Default::default() },
+                    tracing::Span::none(),
                 );
                 for e in 0..8u64 {
                     let ids = [format!("e{e}a"), format!("e{e}b")];

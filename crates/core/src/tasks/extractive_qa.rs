@@ -2,12 +2,16 @@
 //! strided windows, run a start/end-logit model, and choose the best span across the windows the
 //! way the transformers question-answering pipeline does.
 
+use super::registry::TaskKind;
 use super::{Refusal, Task};
+use crate::engine::{Installed, JobStart};
 use crate::inference::{InferenceError, Model};
 use crate::record::{Column, ColumnKind, DeadReason, Value};
-use crate::topology::{Padding, Provider};
+use crate::runtime::RunError;
+use crate::topology::{BatchInvariance, Padding, Provider, Topology};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::Arc;
 use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationDirection};
 
 /// A question about a context.
@@ -329,6 +333,53 @@ impl QaModel {
     /// Where the model runs.
     pub fn provider(&self) -> Provider {
         self.provider
+    }
+}
+
+/// The `extractive_qa` task as the topology configures it (see [`super::registry`]).
+pub struct QaKind<'a> {
+    pub model: &'a Path,
+    pub tokenizer: &'a Path,
+    pub settings: QaSettings,
+    pub model_name: &'a Option<String>,
+}
+
+impl TaskKind for QaKind<'_> {
+    fn kind(&self) -> &'static str {
+        "extractive_qa"
+    }
+
+    fn required_columns(&self) -> Vec<String> {
+        vec!["question".into(), "context".into()]
+    }
+
+    fn check(&self, topology: &Topology) -> Result<Vec<String>, InferenceError> {
+        let shapes = |provider| crate::runtime::qa_shapes(topology, provider, self.settings.max_seq_len);
+        let loaded = QaModel::load(self.model, shapes, true, &topology.execution)?;
+        let model = format!("model {}: ok on {}", self.model.display(), loaded.provider().name());
+        ExtractiveQa::new(self.tokenizer, self.settings.clone(), String::new())?;
+        Ok(vec![model, format!("tokenizer {}: ok", self.tokenizer.display())])
+    }
+
+    fn start(&self, job: JobStart<'_>) -> Result<Installed, RunError> {
+        let topology = job.topology();
+        job.install(|| {
+            let label = super::model_label(&crate::runtime::model_name_or_folder(self.model_name, self.model), self.model)?;
+            let task = Arc::new(ExtractiveQa::new(self.tokenizer, self.settings.clone(), label)?);
+            let invariant = match topology.batching.batch_invariant {
+                BatchInvariance::Auto => !super::uses_dynamic_quantization(self.model),
+                BatchInvariance::Yes => true,
+                BatchInvariance::No => false,
+            };
+            if !invariant {
+                tracing::info!("{} uses dynamic quantization: running one window per model call so answers do not depend on batch-mates", self.model.display());
+            }
+            let exec = &topology.execution;
+            let shapes = |provider| crate::runtime::qa_shapes(topology, provider, self.settings.max_seq_len);
+            let models = crate::runtime::open_models(exec, || QaModel::load(self.model, shapes, invariant, exec), QaModel::provider)?;
+            let (handle, joins) = crate::inference::start(models, crate::runtime::policy(topology))?;
+            Ok((task, handle, joins))
+        })
     }
 }
 

@@ -1,7 +1,9 @@
 //! Tasks: each turns request payloads into model units and model outputs back into answers.
-//! A new task is one module implementing [`Task`].
+//! A new task is one module implementing [`Task`] and [`registry::TaskKind`], and one line in
+//! the [`registry`], which is what the engine, the CLI and the server ask about tasks.
 
 pub mod extractive_qa;
+pub mod registry;
 pub mod tabular;
 
 use crate::inference::{InferenceError, Model};

@@ -2,13 +2,18 @@
 //! taken from the model's metadata, so a pipeline exported with skl2onnx (one-hot encoding inside
 //! the graph) needs no feature code. The first output (or the configured one) is the prediction.
 
+use super::registry::TaskKind;
 use super::{Refusal, Task};
+use crate::engine::{Installed, JobStart};
 use crate::inference::{InferenceError, Model};
 use crate::json::{JsonFields, TextValue};
 use crate::record::{Column, ColumnKind, DeadReason, Value};
+use crate::runtime::RunError;
+use crate::topology::Topology;
 use ort::value::{TensorElementType, ValueType};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::Arc;
 
 /// One feature value, typed as the model input wants it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -215,6 +220,43 @@ impl TabularModel {
     /// Where the model runs.
     pub fn provider(&self) -> crate::topology::Provider {
         self.provider
+    }
+}
+
+/// The `tabular` task as the topology configures it (see [`super::registry`]).
+pub struct TabularKind<'a> {
+    pub model: &'a Path,
+    pub output: &'a Option<String>,
+    pub model_name: &'a Option<String>,
+}
+
+impl TaskKind for TabularKind<'_> {
+    fn kind(&self) -> &'static str {
+        "tabular"
+    }
+
+    /// None: the inputs are the model's, and a row without one is a dead letter.
+    fn required_columns(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn check(&self, topology: &Topology) -> Result<Vec<String>, InferenceError> {
+        let loaded = TabularModel::load(self.model, self.output.as_deref(), &topology.execution)?;
+        let task = Tabular::new(&loaded, String::new());
+        let inputs: Vec<String> = task.specs().iter().map(|s| format!("{} ({:?})", s.name, s.kind)).collect();
+        Ok(vec![format!("model {}: ok on {}; inputs {}", self.model.display(), loaded.provider().name(), inputs.join(", "))])
+    }
+
+    fn start(&self, job: JobStart<'_>) -> Result<Installed, RunError> {
+        let topology = job.topology();
+        job.install(|| {
+            let label = super::model_label(&crate::runtime::model_name_or_folder(self.model_name, self.model), self.model)?;
+            let exec = &topology.execution;
+            let models = crate::runtime::open_models(exec, || TabularModel::load(self.model, self.output.as_deref(), exec), TabularModel::provider)?;
+            let task = Arc::new(Tabular::new(&models[0], label));
+            let (handle, joins) = crate::inference::start(models, crate::runtime::policy(topology))?;
+            Ok((task, handle, joins))
+        })
     }
 }
 
