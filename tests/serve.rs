@@ -611,6 +611,10 @@ fn bad_requests_get_clear_errors_and_leave_nothing_behind() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("source.path"), "{}", r.text());
 
+    // A source that cannot be found is refused at once, not queued to fail.
+    let r = server.post_json("/v1/jobs", &serde_json::json!({"template": "rides", "source": {"type": "csv", "path": "no/such/rides-*.csv"}}));
+    assert_eq!((r.status, r.error_code()), (400, "invalid_job".into()), "{}", r.text());
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("no/such/rides-*.csv"), "{}", r.text());
     // The same Idempotency-Key twice: one job.
     let csv = rides_csv(100);
     let a = job_id(&server.upload("rides", "r.csv", csv.as_bytes(), &[("Idempotency-Key", "k-1")]));

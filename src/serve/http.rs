@@ -60,6 +60,7 @@ impl From<JobsError> for ApiError {
             JobsError::Full(n) => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", format!("{n} jobs are already waiting"), "try again once some have run")
             }
+            JobsError::Unavailable(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "source_unavailable", m, "try again once the system is reachable"),
             JobsError::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m, "see the server's log"),
         }
     }
@@ -779,18 +780,9 @@ fn required_columns(t: &Topology) -> Vec<String> {
     t.task.required_columns()
 }
 
+/// The header as the files source will read it (quoting, a BOM, duplicate or blank names).
 fn csv_header(path: &std::path::Path) -> Result<Vec<String>, String> {
-    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 64 << 10];
-    let n = f.read(&mut buf).map_err(|e| e.to_string())?;
-    let head = &buf[..n];
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let line = line.trim_start_matches('\u{feff}').trim_end_matches('\r');
-    if line.is_empty() {
-        return Err("the file is empty".into());
-    }
-    Ok(line.split(',').map(|c| c.trim().trim_matches('"').to_string()).collect())
+    sluice::connectors::files::csv::read_header(path, 1 << 20).map_err(|e| e.to_string())
 }
 
 fn parquet_columns(path: &std::path::Path) -> Result<Vec<String>, String> {

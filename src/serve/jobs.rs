@@ -9,7 +9,7 @@ use crate::serve::config::ServeConfig;
 use crate::serve::store::{FileStore, PgStore, RecordStore};
 use serde::{Deserialize, Serialize};
 use sluice::engine::{Engine, Job, JobOptions, JobStatus};
-use sluice::topology::Topology;
+use sluice::source::SourceError;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -54,6 +54,8 @@ pub enum JobsError {
     NotFound(String),
     /// The queue is full.
     Full(usize),
+    /// A system the job needs cannot be reached for now.
+    Unavailable(String),
     Internal(String),
 }
 
@@ -162,6 +164,18 @@ impl Jobs {
                 "use a csv, parquet or files source (watch = false) or a generator with a count; streams run as `pipelines` of the serve config".into(),
             ));
         }
+        // A source that cannot be opened (no file matches, a bad bucket URL) is refused now,
+        // not queued to fail; one whose system is unreachable for now, too, with 503.
+        let source = match topology.source.factory(&topology.name, &topology.runtime) {
+            Ok(f) => f.describe(),
+            Err(SourceError::Config(m)) => {
+                return Err(JobsError::Invalid(
+                    format!("`source`: {m}"),
+                    "check the source's path, bucket or names; the server reads them from its own machine".into(),
+                ))
+            }
+            Err(SourceError::Transient(m)) => return Err(JobsError::Unavailable(format!("`source`: {m}"))),
+        };
         // The topology as the job will run it, so that a restart runs the same.
         topology_text = normalize(&topology_text).map_err(|e| JobsError::Invalid(e, "send the topology as TOML".into()))?;
         let id = new_id();
@@ -171,7 +185,7 @@ impl Jobs {
             template,
             pipeline: topology.name.clone(),
             topology: topology_text,
-            source: describe_source(&topology),
+            source,
             created_ms: sluice::record::now_ms(),
             started_ms: None,
             finished_ms: None,
@@ -522,10 +536,6 @@ pub fn from_template(template_path: &Path, source: toml::Table) -> Result<String
     // A job's progress goes to its record, not to a metrics port of its own.
     table.remove("metrics");
     toml::to_string(&table).map_err(|e| e.to_string())
-}
-
-fn describe_source(t: &Topology) -> String {
-    t.source.factory(&t.name, &t.runtime).map(|f| f.describe()).unwrap_or_else(|_| "?".into())
 }
 
 /// A new job ID: the creation time in ms and a counter, in hex, so IDs sort by age.

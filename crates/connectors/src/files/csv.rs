@@ -314,6 +314,27 @@ pub fn header_names(rec: &Framed, file: &Arc<str>, now: u64, out: &mut Vec<RawRe
     }
 }
 
+/// The column names of a CSV file as its sources read them: the first record, framed and
+/// unquoted as RFC 4180 says (a BOM skipped, quoted commas kept), names made usable and unique.
+/// Reads at most `max_bytes` of the file; a header longer than that is refused.
+pub fn read_header(path: &std::path::Path, max_bytes: usize) -> Result<Vec<String>, ConnectorError> {
+    let file = std::fs::File::open(path).map_err(|e| ConnectorError::input(format!("cannot read {}: {e}", path.display())))?;
+    let mut head = Vec::new();
+    file.take(max_bytes as u64).read_to_end(&mut head).map_err(|e| ConnectorError::input(format!("cannot read {}: {e}", path.display())))?;
+    let Some(rec) = Scanner::new(&head, max_bytes).next() else {
+        return Err(ConnectorError::input("the file is empty"));
+    };
+    if rec.offset + rec.bytes.len() >= head.len() && head.len() == max_bytes {
+        return Err(ConnectorError::input(format!("the header line is longer than {max_bytes} bytes")));
+    }
+    let mut refused = Vec::new();
+    let names = header_names(&rec, &Arc::from(path.display().to_string()), 0, &mut refused);
+    match refused.first().map(|r| &r.body) {
+        Some(Body::Refused(_, detail)) => Err(ConnectorError::input(detail.clone())),
+        _ => Ok(names),
+    }
+}
+
 impl Source for CsvSource {
     fn poll(&mut self, _epoch: u64, budget: usize, out: &mut Vec<RawRecord>) -> Result<Poll, SourceError> {
         let now = now_ms();
@@ -501,6 +522,20 @@ mod tests {
     fn arrow_parses_quoted_fields_and_empty_values() {
         let rows = parse_rows(&[b"1,\"a, \"\"b\"\"\",", b"2,plain,x"], 3).unwrap();
         assert_eq!(rows, vec![vec!["1".to_string(), "a, \"b\"".into(), "".into()], vec!["2".into(), "plain".into(), "x".into()]]);
+    }
+
+    #[test]
+    fn a_files_header_is_read_as_the_source_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.csv");
+        std::fs::write(&path, "\u{feff}id,\"question, asked\",context\r\n1,\"a, b\",c\n").unwrap();
+        assert_eq!(read_header(&path, 1 << 20).unwrap(), vec!["id", "question, asked", "context"]);
+        std::fs::write(&path, "").unwrap();
+        assert!(read_header(&path, 1 << 20).unwrap_err().to_string().contains("empty"));
+        std::fs::write(&path, "id,\"broken\n").unwrap();
+        assert!(read_header(&path, 1 << 20).is_err(), "broken quoting in the header");
+        std::fs::write(&path, format!("id,{}\n1,2\n", "x".repeat(100))).unwrap();
+        assert!(read_header(&path, 50).unwrap_err().to_string().contains("longer than 50"));
     }
 
     #[test]
