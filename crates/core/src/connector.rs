@@ -146,7 +146,7 @@ impl Registry {
     /// Lists a source connector.
     pub fn source<C: SourceConnector>(mut self) -> Self {
         fn parse<C: SourceConnector>(table: toml::Table) -> Result<Arc<dyn SourceSpec>, toml::de::Error> {
-            Ok(Arc::new(C::deserialize(toml::Value::Table(table)).map_err(|e| <toml::de::Error as serde::de::Error>::custom(e.message()))?))
+            Ok(Arc::new(C::deserialize(toml::Value::Table(table))?))
         }
         self.sources.insert(C::TYPE, (parse::<C>, C::ABOUT));
         self
@@ -155,7 +155,7 @@ impl Registry {
     /// Lists a sink connector.
     pub fn sink<C: SinkConnector>(mut self) -> Self {
         fn parse<C: SinkConnector>(table: toml::Table) -> Result<Arc<dyn SinkSpec>, toml::de::Error> {
-            Ok(Arc::new(C::deserialize(toml::Value::Table(table)).map_err(|e| <toml::de::Error as serde::de::Error>::custom(e.message()))?))
+            Ok(Arc::new(C::deserialize(toml::Value::Table(table))?))
         }
         self.sinks.insert(C::TYPE, (parse::<C>, C::ABOUT));
         self
