@@ -38,9 +38,55 @@ pub struct ServeConfig {
     /// Topology files run for the process's life (a Kafka ride stream, for example).
     #[serde(default)]
     pub pipelines: Vec<PathBuf>,
+    /// Models served online (`/v2/models/{name}/infer`, `/v1/answer`). Omitted: one per
+    /// template, named as it, on the template's model file, reloaded when that file changes.
+    #[serde(default)]
+    pub models: Option<BTreeMap<String, ModelConfig>>,
+    /// How often, in milliseconds, watched model files and repositories are checked for a new
+    /// version.
+    #[serde(default = "default_model_poll_ms")]
+    pub model_poll_ms: u64,
     /// How long SIGTERM gives the jobs to drain.
     #[serde(default = "default_grace")]
     pub shutdown_grace_ms: u64,
+}
+
+/// A model served online.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The template whose task, batching and execution the model runs with, so that its
+    /// requests share one inference service with the jobs and pipelines on it. Default: the
+    /// template named as the model.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// A model repository: one folder per version (`1/`, `2/`, …), each holding the model file
+    /// under the template's file name. The highest version serves unless one is loaded by name.
+    #[serde(default)]
+    pub repository: Option<PathBuf>,
+    /// Load a new version when one appears (a new version folder, the model file rewritten).
+    #[serde(default = "default_true")]
+    pub watch: bool,
+    /// Online requests in flight at most; past it, 429 with `Retry-After`.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
+}
+
+impl ModelConfig {
+    /// A template's model as served by default: its file, watched.
+    pub fn of_template(template: &str) -> ModelConfig {
+        ModelConfig { template: Some(template.to_string()), repository: None, watch: true, max_queue: default_max_queue() }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_queue() -> usize {
+    512
+}
+fn default_model_poll_ms() -> u64 {
+    1000
 }
 
 /// Job records in a Postgres table.
@@ -169,12 +215,43 @@ impl ServeConfig {
                 return Err(bad(&format!("templates.{name}"), format!("no file at `{}`", t.display()), "name a topology file, e.g. topologies/qa_csv.toml"));
             }
         }
+        for (name, m) in self.models.iter().flatten() {
+            let template = m.template.as_deref().unwrap_or(name);
+            if !self.templates.contains_key(template) {
+                let known: Vec<&str> = self.templates.keys().map(String::as_str).collect();
+                return Err(bad(
+                    &format!("models.{name}.template"),
+                    format!("no template `{template}`"),
+                    &format!("name one of the templates: {}", known.join(", ")),
+                ));
+            }
+            if let Some(r) = &m.repository {
+                if !r.is_dir() {
+                    return Err(bad(
+                        &format!("models.{name}.repository"),
+                        format!("no folder at `{}`", r.display()),
+                        "name a folder with one subfolder per version: 1/, 2/, …",
+                    ));
+                }
+            }
+            if m.max_queue == 0 {
+                return Err(bad(&format!("models.{name}.max_queue"), "must be at least 1".into(), "e.g. 512"));
+            }
+        }
         for p in &self.pipelines {
             if !p.is_file() {
                 return Err(bad("pipelines", format!("no file at `{}`", p.display()), "name topology files, e.g. [\"topologies/rides_kafka.toml\"]"));
             }
         }
         Ok(())
+    }
+
+    /// The models served online: the `models` table, or one per template.
+    pub fn served_models(&self) -> BTreeMap<String, ModelConfig> {
+        match &self.models {
+            Some(m) => m.clone(),
+            None => self.templates.keys().map(|t| (t.clone(), ModelConfig::of_template(t))).collect(),
+        }
     }
 
     /// The bearer tokens: `tokens_file`'s lines and `SLUICE_TOKENS`.

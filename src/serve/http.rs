@@ -30,6 +30,8 @@ pub struct App {
     pub tokens: Vec<String>,
     /// The serve config's pipelines, running for the process's life.
     pub pipelines: Vec<sluice::engine::Job>,
+    /// The models answered online, by name.
+    pub models: BTreeMap<String, Arc<crate::serve::models::Served>>,
 }
 
 /// An API error: its status, a stable code, a message and how to fix it.
@@ -41,7 +43,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>, hint: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>, hint: impl Into<String>) -> ApiError {
         ApiError { status, code, message: message.into(), hint: hint.into() }
     }
 }
@@ -77,11 +79,13 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/answers", get(answers))
         .route("/v1/jobs/{id}/dead_letters", get(dead_letters))
+        .merge(crate::serve::oip::routes())
         .layer(axum::middleware::from_fn_with_state(app.clone(), auth));
     Router::new()
         .route("/", get(|| async { axum::response::Html(include_str!("page.html")) }))
         .route("/v2/health/live", get(|| async { Json(json!({"live": true})) }))
         .route("/v2/health/ready", get(ready))
+        .route("/v2", get(crate::serve::oip::server_metadata))
         .route("/metrics", get(metrics))
         .merge(api)
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route", "the job API lives under /v1/jobs") })

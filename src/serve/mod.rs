@@ -4,6 +4,8 @@
 pub mod config;
 pub mod http;
 pub mod jobs;
+pub mod models;
+pub mod oip;
 pub mod store;
 
 use config::ServeConfig;
@@ -29,6 +31,17 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
         metrics_recorder: true,
         signals_grace: Some(Duration::from_millis(config.shutdown_grace_ms)),
     })?;
+    // The models answered online. One with a repository points its template at the version it
+    // serves, so the template's jobs share its service.
+    let mut models = BTreeMap::new();
+    for (name, m) in config.served_models() {
+        let template = m.template.clone().unwrap_or_else(|| name.clone());
+        let (_, topology) = templates.get_mut(&template).ok_or_else(|| anyhow::anyhow!("models.{name}.template: no template `{template}`"))?;
+        let served = models::Served::start(&engine, &name, &m, &template, topology)?;
+        tracing::info!(model = %name, version = %served.version(), "model served online");
+        models.insert(name, Arc::new(served));
+    }
+    models::watch(models.values().cloned().collect(), Duration::from_millis(config.model_poll_ms.max(10)));
     // The pipelines that run for the process's life: their failure is theirs, logged.
     let mut pipelines = Vec::new();
     for path in &config.pipelines {
@@ -39,7 +52,7 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
     }
     let listen = config.listen.clone();
     let jobs = jobs::Jobs::open(config, engine)?;
-    let app = Arc::new(http::App { jobs: jobs.clone(), templates, tokens, pipelines: pipelines.clone() });
+    let app = Arc::new(http::App { jobs: jobs.clone(), templates, tokens, pipelines: pipelines.clone(), models });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("sluice-http").enable_all().build()?;
     let served = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(&listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

@@ -21,15 +21,24 @@ pub struct BatchPolicy {
 /// closed and empty: the service shuts down.
 pub fn collect<U>(rx: &Receiver<U>, policy: &BatchPolicy, weight: impl Fn(&U) -> usize) -> Option<Vec<U>> {
     let first = rx.recv().ok()?;
+    Some(collect_after(first, rx, policy, weight, || false))
+}
+
+/// Fills a batch that starts with `first`, as `policy` says; stops waiting for it to fill as
+/// soon as `interrupt()` says other work waits (an interactive request), checked every
+/// millisecond.
+pub fn collect_after<U>(first: U, rx: &Receiver<U>, policy: &BatchPolicy, weight: impl Fn(&U) -> usize, interrupt: impl Fn() -> bool) -> Vec<U> {
     let mut units = weight(&first);
     let mut items = vec![first];
     let deadline = Instant::now() + policy.max_delay;
-    while units < policy.max_batch {
-        match rx.recv_deadline(deadline) {
+    while units < policy.max_batch && !interrupt() {
+        let step = (Instant::now() + Duration::from_millis(1)).min(deadline);
+        match rx.recv_deadline(step) {
             Ok(u) => {
                 units += weight(&u);
                 items.push(u);
             }
+            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
             Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
         }
     }
@@ -44,7 +53,7 @@ pub fn collect<U>(rx: &Receiver<U>, policy: &BatchPolicy, weight: impl Fn(&U) ->
             Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
         }
     }
-    Some(items)
+    items
 }
 
 /// Sorts units by cost (stable, so equal costs keep arrival order) and cuts them into batches of

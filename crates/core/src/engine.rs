@@ -7,6 +7,7 @@
 //! inference service, so their requests are batched together.
 
 use crate::inference::InferenceHandle;
+use crate::online::{Loader, OnlineModel, OnlineService, OnlineSettings};
 use crate::operators::decode::{decode, DecodeSettings};
 use crate::operators::{infer::infer, key_by_id::key_by_id, operator_span, sink::durable_sink};
 use crate::progress::{self, Progress};
@@ -234,6 +235,15 @@ impl Engine {
             t.unpark();
         }
         Ok(Job { shared })
+    }
+
+    /// Serves `topology`'s model online: its task decodes and prepares each request, and the
+    /// units run in the interactive lane of the model service its jobs share.
+    pub fn online(&self, topology: &Topology, settings: OnlineSettings) -> Result<Arc<dyn OnlineModel>, RunError> {
+        if let Some(e) = lock(&self.inner.broken).clone() {
+            return Err(RunError::WorkerPanicked(e));
+        }
+        topology.task.online(OnlineStart { inner: &self.inner, topology, settings })
     }
 
     /// The inference services running: one per model file, task settings, execution and
@@ -508,9 +518,43 @@ impl<'e> JobStart<'e> {
     /// the one `start` starts.
     pub fn install<T: Task>(self, start: impl FnOnce() -> Result<Started<T>, RunError>) -> Result<Installed, RunError> {
         let t = self.topology;
-        let key = format!("{:?} {:?} {:?}", t.task, t.execution, t.batching);
-        let (task, handle) = self.inner.models.get_or_start(&key, start)?;
+        let (task, handle) = self.inner.models.get_or_start(&service_key(t), start)?;
         prepare(self.inner, self.job, t, task, handle, self.opts).map(Installed)
+    }
+}
+
+/// The key of a topology's model service: jobs and online models with the same model file, task
+/// settings, execution and batching share one service, so their requests are batched together.
+fn service_key(t: &Topology) -> String {
+    format!("{:?} {:?} {:?}", t.task, t.execution, t.batching)
+}
+
+/// A model being served online, handed to its task ([`TaskConfig::online`](crate::topology::TaskConfig::online)).
+pub struct OnlineStart<'e> {
+    inner: &'e Inner,
+    topology: &'e Topology,
+    settings: OnlineSettings,
+}
+
+impl<'e> OnlineStart<'e> {
+    /// The topology whose task, execution and batching the model is served with.
+    pub fn topology(&self) -> &'e Topology {
+        self.topology
+    }
+
+    /// Serves the model on the inference service for its model file, task settings, execution
+    /// and batching (the jobs' on it, or the one `start` starts); `loader` opens new versions.
+    pub fn serve<T: Task>(self, start: impl FnOnce() -> Result<Started<T>, RunError>, loader: Loader<T::Model>) -> Result<Arc<dyn OnlineModel>, RunError> {
+        let (task, handle) = self.inner.models.get_or_start(&service_key(self.topology), start)?;
+        Ok(Arc::new(OnlineService {
+            task,
+            handle,
+            settings: self.settings,
+            kind: self.topology.task.kind(),
+            loader,
+            in_flight: Default::default(),
+            loading: Default::default(),
+        }))
     }
 }
 

@@ -1,12 +1,15 @@
 //! The per-process inference service: it owns the ONNX Runtime session(s) on threads of its own,
 //! forms dynamic batches across all timely workers, and wakes each worker when its results are
-//! ready. A worker thread submits and returns at once; it never blocks on a model.
+//! ready. A worker thread submits and returns at once; it never blocks on a model. Interactive
+//! (online) requests have a lane of their own that runs ahead of the streams' and jobs' bulk
+//! lane, and a new model version is swapped in between batches.
 
 use crate::batcher::{self, BatchPolicy};
 use crossbeam_channel::{Receiver, Sender};
+use std::collections::{BinaryHeap, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 use timely::scheduling::SyncActivator;
@@ -37,6 +40,12 @@ pub enum InferenceError {
     /// The inference service stopped (its model thread panicked) before running the unit.
     #[error("inference service stopped")]
     Stopped,
+    /// The interactive request was canceled (its caller went away) before the unit ran.
+    #[error("the request was canceled before it ran")]
+    Canceled,
+    /// The interactive request's deadline passed before the unit ran.
+    #[error("the request's timeout passed before it ran")]
+    Expired,
 }
 
 impl InferenceError {
@@ -68,24 +77,47 @@ pub struct Completion<O> {
     pub result: Result<O, InferenceError>,
 }
 
-/// Where a requester (one timely operator) receives its completions, and how it is woken. The
-/// service sends one message per model run per requester, holding every completion of that run.
+/// What one model run sends one requester: its units' results and the model (`name@version`)
+/// that made them, which changes when a new version is swapped in.
+pub struct Delivery<O> {
+    pub model: Arc<str>,
+    pub completions: Vec<Completion<O>>,
+}
+
+/// Where a requester receives its completions: a timely operator's channel (woken by its
+/// activator), or a callback run on the model thread (an online request's collector).
+enum Route<O> {
+    Channel { tx: Sender<Delivery<O>>, activator: Option<SyncActivator> },
+    Call(Box<dyn Fn(Delivery<O>) + Send + Sync>),
+}
+
+/// Where a requester receives its completions, and how it is woken. The service sends one
+/// message per model run per requester, holding every completion of that run.
 pub struct ReplyTo<O> {
-    tx: Sender<Vec<Completion<O>>>,
-    activator: Option<SyncActivator>,
+    route: Route<O>,
 }
 
 impl<O> ReplyTo<O> {
     /// A reply address; `activator` wakes the requesting operator when results arrive.
-    pub fn new(activator: Option<SyncActivator>) -> (Arc<Self>, Receiver<Vec<Completion<O>>>) {
+    pub fn new(activator: Option<SyncActivator>) -> (Arc<Self>, Receiver<Delivery<O>>) {
         let (tx, rx) = crossbeam_channel::unbounded();
-        (Arc::new(ReplyTo { tx, activator }), rx)
+        (Arc::new(ReplyTo { route: Route::Channel { tx, activator } }), rx)
     }
 
-    fn send(&self, completions: Vec<Completion<O>>) {
-        let _ = self.tx.send(completions);
-        if let Some(a) = &self.activator {
-            let _ = a.activate();
+    /// A reply address that hands each delivery to `f`, on the model thread.
+    pub fn call(f: impl Fn(Delivery<O>) + Send + Sync + 'static) -> Arc<Self> {
+        Arc::new(ReplyTo { route: Route::Call(Box::new(f)) })
+    }
+
+    fn send(&self, delivery: Delivery<O>) {
+        match &self.route {
+            Route::Channel { tx, activator } => {
+                let _ = tx.send(delivery);
+                if let Some(a) = activator {
+                    let _ = a.activate();
+                }
+            }
+            Route::Call(f) => f(delivery),
         }
     }
 }
@@ -97,89 +129,389 @@ pub struct Unit<U> {
     pub unit: U,
 }
 
-/// What a worker sends in one message: the units of a whole chunk of requests and where to reply.
+/// What an interactive request asks of the service beyond its units: its priority (lower runs
+/// first, as Triton's priority levels), its deadline, and whether its caller still waits. Units
+/// of a request that is canceled or past its deadline are dropped before they reach the model.
+#[derive(Debug)]
+pub struct Interest {
+    pub priority: u32,
+    pub deadline: Option<Instant>,
+    canceled: AtomicBool,
+}
+
+impl Interest {
+    pub fn new(priority: u32, deadline: Option<Instant>) -> Arc<Interest> {
+        Arc::new(Interest { priority, deadline, canceled: AtomicBool::new(false) })
+    }
+
+    /// The caller stopped waiting (it disconnected, or gave up): what is still queued is dropped.
+    pub fn cancel(&self) {
+        self.canceled.store(true, Ordering::Relaxed);
+    }
+
+    fn dropped(&self, now: Instant) -> Option<InferenceError> {
+        if self.canceled.load(Ordering::Relaxed) {
+            Some(InferenceError::Canceled)
+        } else if self.deadline.is_some_and(|d| d <= now) {
+            Some(InferenceError::Expired)
+        } else {
+            None
+        }
+    }
+}
+
+/// What a worker sends in one message: the units of a whole chunk of requests and where to
+/// reply; an interactive submission also carries its request's [`Interest`].
 struct Submission<U, O> {
     units: Vec<Unit<U>>,
     reply: Arc<ReplyTo<O>>,
+    interest: Option<Arc<Interest>>,
+}
+
+/// What the service has done since it started: model runs, the units they ran (interactive ones
+/// among them), and the interactive units dropped before running (canceled, past their deadline).
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    pub runs: AtomicU64,
+    pub units: AtomicU64,
+    pub online_units: AtomicU64,
+    pub canceled_units: AtomicU64,
+    pub expired_units: AtomicU64,
+    /// Time spent in model runs, in microseconds.
+    pub run_micros: AtomicU64,
+}
+
+/// A new version waiting to be swapped in: one model per model thread, and its label.
+struct NextVersion<M> {
+    generation: u64,
+    models: Vec<M>,
+    label: Arc<str>,
+}
+
+/// The service's model version: each model thread swaps in the newest between two batches, so a
+/// batch in flight finishes on the version it started on.
+struct Versions<M> {
+    generation: AtomicU64,
+    next: Mutex<NextVersion<M>>,
 }
 
 /// A cloneable handle to submit units to the service. The service stops once every handle is dropped.
 pub struct InferenceHandle<M: Model> {
-    tx: Sender<Submission<M::Unit, M::Out>>,
+    bulk: Sender<Submission<M::Unit, M::Out>>,
+    online: Sender<Submission<M::Unit, M::Out>>,
     queued: Arc<AtomicI64>,
+    stats: Arc<ServiceStats>,
+    versions: Arc<Versions<M>>,
+    threads: usize,
 }
 
 impl<M: Model> Clone for InferenceHandle<M> {
     fn clone(&self) -> Self {
-        InferenceHandle { tx: self.tx.clone(), queued: self.queued.clone() }
+        InferenceHandle {
+            bulk: self.bulk.clone(),
+            online: self.online.clone(),
+            queued: self.queued.clone(),
+            stats: self.stats.clone(),
+            versions: self.versions.clone(),
+            threads: self.threads,
+        }
     }
 }
 
 impl<M: Model> InferenceHandle<M> {
-    /// Queues `units` (of any number of requests) in one message; their completions arrive on
-    /// `reply`'s channel, addressed by ticket and index.
+    /// Queues `units` (of any number of requests) in one message on the bulk lane (streams and
+    /// jobs); their completions arrive on `reply`'s channel, addressed by ticket and index.
     pub fn submit(&self, units: Vec<Unit<M::Unit>>, reply: &Arc<ReplyTo<M::Out>>) {
-        if units.is_empty() {
+        self.send(&self.bulk, Submission { units, reply: reply.clone(), interest: None });
+    }
+
+    /// Queues one interactive request's units on the lane that runs ahead of bulk work, in order
+    /// of `interest.priority`; they are dropped unrun if it is canceled or its deadline passes.
+    pub fn submit_online(&self, units: Vec<Unit<M::Unit>>, reply: &Arc<ReplyTo<M::Out>>, interest: Arc<Interest>) {
+        self.send(&self.online, Submission { units, reply: reply.clone(), interest: Some(interest) });
+    }
+
+    fn send(&self, lane: &Sender<Submission<M::Unit, M::Out>>, sub: Submission<M::Unit, M::Out>) {
+        if sub.units.is_empty() {
             return;
         }
-        self.queued.fetch_add(units.len() as i64, Ordering::Relaxed);
-        if let Err(err) = self.tx.send(Submission { units, reply: reply.clone() }) {
+        self.queued.fetch_add(sub.units.len() as i64, Ordering::Relaxed);
+        if let Err(err) = lane.send(sub) {
             // The service is gone (a model thread panicked): answer with an error, never drop.
             let sub = err.into_inner();
             let failed = sub.units.into_iter().map(|u| Completion { ticket: u.ticket, index: u.index, result: Err(InferenceError::Stopped) }).collect();
-            sub.reply.send(failed);
+            sub.reply.send(Delivery { model: self.label(), completions: failed });
         }
+    }
+
+    /// What the service has run.
+    pub fn stats(&self) -> &ServiceStats {
+        &self.stats
+    }
+
+    /// Units queued and not yet taken into a batch.
+    pub fn queued(&self) -> i64 {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// The label (`name@version`) of the newest version given to the service.
+    pub fn label(&self) -> Arc<str> {
+        lock(&self.versions.next).label.clone()
+    }
+
+    /// Model threads: a new version brings one model for each.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Swaps in a new version: each model thread takes one of `models` before its next batch (a
+    /// batch in flight finishes on the old one), and its answers carry `label`.
+    pub fn swap(&self, models: Vec<M>, label: Arc<str>) -> Result<(), String> {
+        if models.len() != self.threads {
+            return Err(format!("a new version needs one model for each of the {} model threads, got {}", self.threads, models.len()));
+        }
+        let mut next = lock(&self.versions.next);
+        let generation = next.generation + 1;
+        *next = NextVersion { generation, models, label };
+        self.versions.generation.store(generation, Ordering::Release);
+        Ok(())
     }
 }
 
 /// Starts one model thread per model (each its own session): with several, one thread forms and
 /// copies the next batch while another's runs, so that many model runs are in flight. The
-/// threads share one queue. Returns the handle and the threads to join after the last handle is
-/// dropped.
-pub fn start<M: Model>(models: Vec<M>, policy: BatchPolicy) -> Result<(InferenceHandle<M>, Vec<JoinHandle<()>>), InferenceError> {
-    let (tx, rx) = crossbeam_channel::unbounded::<Submission<M::Unit, M::Out>>();
+/// threads share one queue per lane. Their answers carry `label` until a new version is swapped
+/// in. Returns the handle and the threads to join after the last handle is dropped.
+pub fn start<M: Model>(models: Vec<M>, policy: BatchPolicy, label: Arc<str>) -> Result<(InferenceHandle<M>, Vec<JoinHandle<()>>), InferenceError> {
+    let (bulk, bulk_rx) = crossbeam_channel::unbounded::<Submission<M::Unit, M::Out>>();
+    let (online, online_rx) = crossbeam_channel::unbounded::<Submission<M::Unit, M::Out>>();
     let queued = Arc::new(AtomicI64::new(0));
+    let stats = Arc::new(ServiceStats::default());
+    let versions =
+        Arc::new(Versions { generation: AtomicU64::new(0), next: Mutex::new(NextVersion { generation: 0, models: Vec::new(), label: label.clone() }) });
+    let threads = models.len();
     let mut joins = Vec::new();
     for (i, model) in models.into_iter().enumerate() {
-        let rx = rx.clone();
-        let queued = queued.clone();
+        let lanes = Lanes { bulk: bulk_rx.clone(), online: online_rx.clone() };
+        let shared = Shared { queued: queued.clone(), stats: stats.clone(), versions: versions.clone() };
+        let label = label.clone();
         let join = std::thread::Builder::new()
             .name(format!("sluice-inference-{i}"))
-            .spawn(move || serve(model, rx, policy, queued))
+            .spawn(move || serve(model, label, lanes, policy, shared))
             .map_err(|e| InferenceError::Spawn(Arc::new(e)))?;
         joins.push(join);
     }
-    Ok((InferenceHandle { tx, queued }, joins))
+    Ok((InferenceHandle { bulk, online, queued, stats, versions, threads }, joins))
 }
 
-fn serve<M: Model>(mut model: M, rx: Receiver<Submission<M::Unit, M::Out>>, policy: BatchPolicy, queued: Arc<AtomicI64>) {
+struct Lanes<U, O> {
+    bulk: Receiver<Submission<U, O>>,
+    online: Receiver<Submission<U, O>>,
+}
+
+struct Shared<M> {
+    queued: Arc<AtomicI64>,
+    stats: Arc<ServiceStats>,
+    versions: Arc<Versions<M>>,
+}
+
+/// An interactive submission waiting on one model thread, ordered by priority, then arrival.
+struct Waiting<U, O> {
+    priority: u32,
+    seq: u64,
+    sub: Submission<U, O>,
+}
+
+impl<U, O> PartialEq for Waiting<U, O> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.priority, self.seq) == (other.priority, other.seq)
+    }
+}
+impl<U, O> Eq for Waiting<U, O> {}
+impl<U, O> PartialOrd for Waiting<U, O> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<U, O> Ord for Waiting<U, O> {
+    /// The heap is a max-heap: the lowest priority number, then the earliest, is the greatest.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (other.priority, other.seq).cmp(&(self.priority, self.seq))
+    }
+}
+
+/// Batches cut from bulk submissions, waiting on one model thread, with the replies their
+/// units are addressed to (by index).
+struct BulkBatches<U, O> {
+    replies: Arc<Vec<Arc<ReplyTo<O>>>>,
+    batches: VecDeque<Vec<(usize, Unit<U>)>>,
+}
+
+/// One model thread. Before each batch it takes a newer version if one was given. Interactive
+/// submissions run first, in priority order, batched with one another; bulk submissions are
+/// collected as [`batcher`] says and cut into batches of similar cost, and an interactive
+/// request that arrives meanwhile waits for at most the one bulk batch in flight.
+fn serve<M: Model>(mut model: M, mut label: Arc<str>, lanes: Lanes<M::Unit, M::Out>, policy: BatchPolicy, shared: Shared<M>) {
     let invariant = model.batch_invariant();
-    let run_size = if invariant { policy.max_batch } else { 1 };
+    let mut run_size = if invariant { policy.max_batch } else { 1 };
     let latency = metrics::histogram!(crate::metrics::INFERENCE_LATENCY);
     let batch_size = metrics::histogram!(crate::metrics::BATCH_SIZE);
     let queue = metrics::gauge!(crate::metrics::INFERENCE_QUEUE);
     let mut inject_panic = crate::fault::injected(crate::fault::Fault::ModelPanic);
-    while let Some(subs) = batcher::collect(&rx, &policy, |s| s.units.len()) {
-        let replies: Vec<Arc<ReplyTo<M::Out>>> = subs.iter().map(|s| s.reply.clone()).collect();
-        let mut units: Vec<(usize, Unit<M::Unit>)> = Vec::with_capacity(subs.iter().map(|s| s.units.len()).sum());
-        for (r, sub) in subs.into_iter().enumerate() {
-            units.extend(sub.units.into_iter().map(|u| (r, u)));
-        }
-        queued.fetch_sub(units.len() as i64, Ordering::Relaxed);
-        queue.set(queued.load(Ordering::Relaxed).max(0) as f64);
-        for batch in batcher::group_by_cost(units, |(_, u)| M::cost(&u.unit), run_size) {
-            let inputs: Vec<&M::Unit> = batch.iter().map(|(_, u)| &u.unit).collect();
-            let started = Instant::now();
-            if std::mem::take(&mut inject_panic) {
-                panic!("injected fault: the model panicked (SLUICE_FAULT=model-panic)");
+    let mut generation = 0u64;
+    let mut waiting: BinaryHeap<Waiting<M::Unit, M::Out>> = BinaryHeap::new();
+    let mut bulk: VecDeque<BulkBatches<M::Unit, M::Out>> = VecDeque::new();
+    let mut seq = 0u64;
+    let mut bulk_open = true;
+    let mut online_open = true;
+    loop {
+        // A newer version: swap it in between batches.
+        let newest = shared.versions.generation.load(Ordering::Acquire);
+        if newest != generation {
+            let mut next = lock(&shared.versions.next);
+            if next.generation == newest {
+                if let Some(m) = next.models.pop() {
+                    model = m;
+                    run_size = if model.batch_invariant() { policy.max_batch } else { 1 };
+                    label = next.label.clone();
+                    tracing::info!(model = %label, "model version swapped in");
+                }
             }
-            let outs = run_isolating(&mut model, &inputs);
-            latency.record(started.elapsed().as_secs_f64());
-            batch_size.record(inputs.len() as f64);
-            drop(inputs);
-            deliver(batch, outs, &replies);
+            generation = newest;
         }
+        while let Ok(sub) = lanes.online.try_recv() {
+            seq += 1;
+            waiting.push(Waiting { priority: sub.interest.as_ref().map_or(u32::MAX, |i| i.priority), seq, sub });
+        }
+        let run: Option<(Arc<Vec<Arc<ReplyTo<M::Out>>>>, Vec<(usize, Unit<M::Unit>)>)> = if !waiting.is_empty() {
+            // No bulk work waits behind them: give other interactive requests `max_delay` to join.
+            if bulk.is_empty() && waiting_units(&waiting) < run_size {
+                let deadline = Instant::now() + policy.max_delay;
+                while waiting_units(&waiting) < run_size {
+                    match lanes.online.recv_deadline(deadline) {
+                        Ok(sub) => {
+                            seq += 1;
+                            waiting.push(Waiting { priority: sub.interest.as_ref().map_or(u32::MAX, |i| i.priority), seq, sub });
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            online_batch(&mut waiting, run_size, &shared, &label)
+        } else if let Some(front) = bulk.front_mut() {
+            let batch = front.batches.pop_front();
+            let replies = front.replies.clone();
+            if front.batches.is_empty() {
+                bulk.pop_front();
+            }
+            batch.map(|b| (replies, b))
+        } else {
+            // Idle: wait for either lane.
+            if !bulk_open && !online_open {
+                return;
+            }
+            let mut select = crossbeam_channel::Select::new();
+            let b = bulk_open.then(|| select.recv(&lanes.bulk));
+            let o = online_open.then(|| select.recv(&lanes.online));
+            let op = select.select();
+            let index = op.index();
+            if Some(index) == o {
+                match op.recv(&lanes.online) {
+                    Ok(sub) => {
+                        seq += 1;
+                        waiting.push(Waiting { priority: sub.interest.as_ref().map_or(u32::MAX, |i| i.priority), seq, sub });
+                    }
+                    Err(_) => online_open = false,
+                }
+            } else if Some(index) == b {
+                match op.recv(&lanes.bulk) {
+                    Ok(first) => {
+                        let subs = batcher::collect_after(first, &lanes.bulk, &policy, |s| s.units.len(), || !lanes.online.is_empty());
+                        let replies: Vec<Arc<ReplyTo<M::Out>>> = subs.iter().map(|s| s.reply.clone()).collect();
+                        let mut units: Vec<(usize, Unit<M::Unit>)> = Vec::with_capacity(subs.iter().map(|s| s.units.len()).sum());
+                        for (r, sub) in subs.into_iter().enumerate() {
+                            units.extend(sub.units.into_iter().map(|u| (r, u)));
+                        }
+                        shared.queued.fetch_sub(units.len() as i64, Ordering::Relaxed);
+                        queue.set(shared.queued.load(Ordering::Relaxed).max(0) as f64);
+                        let batches = batcher::group_by_cost(units, |(_, u)| M::cost(&u.unit), run_size);
+                        bulk.push_back(BulkBatches { replies: Arc::new(replies), batches: batches.into() });
+                    }
+                    Err(_) => bulk_open = false,
+                }
+            }
+            continue;
+        };
+        let Some((replies, batch)) = run else { continue };
+        if batch.is_empty() {
+            continue;
+        }
+        let inputs: Vec<&M::Unit> = batch.iter().map(|(_, u)| &u.unit).collect();
+        let started = Instant::now();
+        if std::mem::take(&mut inject_panic) {
+            panic!("injected fault: the model panicked (SLUICE_FAULT=model-panic)");
+        }
+        let outs = run_isolating(&mut model, &inputs);
+        let took = started.elapsed();
+        latency.record(took.as_secs_f64());
+        batch_size.record(inputs.len() as f64);
+        shared.stats.runs.fetch_add(1, Ordering::Relaxed);
+        shared.stats.units.fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        shared.stats.run_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        drop(inputs);
+        deliver(batch, outs, &replies, &label);
     }
+}
+
+fn waiting_units<U, O>(waiting: &BinaryHeap<Waiting<U, O>>) -> usize {
+    waiting.iter().map(|w| w.sub.units.len()).sum()
+}
+
+/// The next interactive batch: whole submissions in priority order, up to `run_size` units (a
+/// submission larger than that runs in batches of its own). Submissions canceled or past their
+/// deadline are answered with that error and never reach the model.
+#[allow(clippy::type_complexity)]
+fn online_batch<M: Model>(
+    waiting: &mut BinaryHeap<Waiting<M::Unit, M::Out>>,
+    run_size: usize,
+    shared: &Shared<M>,
+    label: &Arc<str>,
+) -> Option<(Arc<Vec<Arc<ReplyTo<M::Out>>>>, Vec<(usize, Unit<M::Unit>)>)> {
+    let now = Instant::now();
+    let mut replies = Vec::new();
+    let mut batch: Vec<(usize, Unit<M::Unit>)> = Vec::new();
+    while let Some(top) = waiting.peek() {
+        if !batch.is_empty() && batch.len() + top.sub.units.len() > run_size {
+            break;
+        }
+        let mut w = waiting.pop().expect("peeked");
+        if let Some(why) = w.sub.interest.as_ref().and_then(|i| i.dropped(now)) {
+            let n = w.sub.units.len();
+            shared.queued.fetch_sub(n as i64, Ordering::Relaxed);
+            let counter = if matches!(why, InferenceError::Canceled) { &shared.stats.canceled_units } else { &shared.stats.expired_units };
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            let failed = w.sub.units.into_iter().map(|u| Completion { ticket: u.ticket, index: u.index, result: Err(why.clone()) }).collect();
+            w.sub.reply.send(Delivery { model: label.clone(), completions: failed });
+            continue;
+        }
+        if w.sub.units.len() > run_size {
+            // Too large for one batch: run its first `run_size` units now, the rest stays first.
+            let rest = w.sub.units.split_off(run_size);
+            let head = std::mem::replace(&mut w.sub.units, rest);
+            shared.queued.fetch_sub(head.len() as i64, Ordering::Relaxed);
+            shared.stats.online_units.fetch_add(head.len() as u64, Ordering::Relaxed);
+            replies.push(w.sub.reply.clone());
+            batch.extend(head.into_iter().map(|u| (0, u)));
+            waiting.push(w);
+            break;
+        }
+        let r = replies.len();
+        shared.queued.fetch_sub(w.sub.units.len() as i64, Ordering::Relaxed);
+        shared.stats.online_units.fetch_add(w.sub.units.len() as u64, Ordering::Relaxed);
+        replies.push(w.sub.reply);
+        batch.extend(w.sub.units.into_iter().map(|u| (r, u)));
+    }
+    Some((Arc::new(replies), batch))
 }
 
 /// One model run whose output count is checked.
@@ -229,16 +561,20 @@ fn split_run<M: Model>(model: &mut M, units: &[&M::Unit], error: InferenceError)
 }
 
 /// Sends each unit's result to its requester: one message per requester.
-fn deliver<U, O>(batch: Vec<(usize, Unit<U>)>, results: Vec<Result<O, InferenceError>>, replies: &[Arc<ReplyTo<O>>]) {
+fn deliver<U, O>(batch: Vec<(usize, Unit<U>)>, results: Vec<Result<O, InferenceError>>, replies: &[Arc<ReplyTo<O>>], label: &Arc<str>) {
     let mut by_reply: Vec<Vec<Completion<O>>> = (0..replies.len()).map(|_| Vec::new()).collect();
     for ((r, u), result) in batch.into_iter().zip(results) {
         by_reply[r].push(Completion { ticket: u.ticket, index: u.index, result });
     }
     for (r, completions) in by_reply.into_iter().enumerate() {
         if !completions.is_empty() {
-            replies[r].send(completions);
+            replies[r].send(Delivery { model: label.clone(), completions });
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
@@ -271,14 +607,14 @@ mod tests {
         let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let s2 = sizes.clone();
         let policy = BatchPolicy { max_batch: 4, max_delay: Duration::from_millis(20), lookahead: 2 };
-        let (handle, joins) = start(vec![Doubler { sizes: s2, invariant }], policy).unwrap();
+        let (handle, joins) = start(vec![Doubler { sizes: s2, invariant }], policy, Arc::from("doubler@1")).unwrap();
         let (reply, rx) = ReplyTo::new(None);
         let units = |ticket: u64, values: Vec<usize>| values.into_iter().enumerate().map(|(index, unit)| Unit { ticket, index, unit }).collect();
         handle.submit(units(1, vec![5, 1, 3]), &reply);
         handle.submit(units(2, vec![2, 4, 6, 8, 10]), &reply);
         let mut got: Vec<(u64, usize, usize)> = Vec::new();
         while got.len() < 8 {
-            for c in rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+            for c in rx.recv_timeout(Duration::from_secs(10)).unwrap().completions {
                 got.push((c.ticket, c.index, c.result.unwrap()));
             }
         }
@@ -395,14 +731,14 @@ mod tests {
         let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
         let models = (0..2).map(|name| Slow { name, runs: runs.clone() }).collect();
         let policy = BatchPolicy { max_batch: 4, max_delay: Duration::from_millis(1), lookahead: 1 };
-        let (handle, joins) = start(models, policy).unwrap();
+        let (handle, joins) = start(models, policy, Arc::from("slow@1")).unwrap();
         let (reply, rx) = ReplyTo::new(None);
         for ticket in 0..8u64 {
             handle.submit((0..4).map(|index| Unit { ticket, index, unit: index }).collect(), &reply);
         }
         let mut got = 0;
         while got < 32 {
-            got += rx.recv_timeout(Duration::from_secs(10)).unwrap().len();
+            got += rx.recv_timeout(Duration::from_secs(10)).unwrap().completions.len();
         }
         drop(handle);
         for j in joins {

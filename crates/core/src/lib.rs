@@ -15,6 +15,7 @@ pub mod hash;
 pub mod inference;
 pub mod json;
 pub mod metrics;
+pub mod online;
 pub mod operators;
 pub mod ortlib;
 pub mod progress;

@@ -22,6 +22,8 @@ struct Pending<T: Task> {
     outs: Outs<<T::Model as Model>::Out>,
     remaining: usize,
     error: Option<InferenceError>,
+    /// The model version that ran the request's last unit.
+    model: Option<Arc<str>>,
 }
 
 /// A request's model outputs as they arrive. Most requests are one unit, held without a `Vec`.
@@ -112,7 +114,7 @@ pub fn infer<'s, T: Task>(
                             let request_units = request_units.into_iter();
                             let n = request_units.len();
                             units.extend(request_units.enumerate().map(|(index, unit)| Unit { ticket, index, unit }));
-                            pending.push_back(Some(Pending { time, env, prepared, outs: Outs::new(n), remaining: n, error: None }));
+                            pending.push_back(Some(Pending { time, env, prepared, outs: Outs::new(n), remaining: n, error: None, model: None }));
                             admitted += 1;
                         }
                         Err((reason, detail)) => {
@@ -138,8 +140,8 @@ pub fn infer<'s, T: Task>(
             });
             // Results the service has delivered since the last activation.
             let mut finished: Vec<u64> = Vec::new();
-            while let Ok(batch) = completions.try_recv() {
-                for c in batch {
+            while let Ok(delivery) = completions.try_recv() {
+                for c in delivery.completions {
                     let Some(Some(p)) = c.ticket.checked_sub(first_ticket).and_then(|i| pending.get_mut(i as usize)) else {
                         continue;
                     };
@@ -149,6 +151,7 @@ pub fn infer<'s, T: Task>(
                     }
                     p.remaining -= 1;
                     if p.remaining == 0 {
+                        p.model = Some(delivery.model.clone());
                         finished.push(c.ticket);
                     }
                 }
@@ -186,7 +189,7 @@ pub fn infer<'s, T: Task>(
                         id: env.id,
                         values,
                         passthrough: env.passthrough,
-                        model: model_label.clone(),
+                        model: p.model.unwrap_or_else(|| model_label.clone()),
                         pos: env.pos,
                         ingest_ms: env.ingest_ms,
                         raw: env.raw,

@@ -4,8 +4,9 @@
 
 use super::registry::TaskKind;
 use super::{Refusal, Task};
-use crate::engine::{Installed, JobStart};
+use crate::engine::{Installed, JobStart, OnlineStart, Started};
 use crate::inference::{InferenceError, Model};
+use crate::online::{Loader, OnlineModel};
 use crate::record::{Column, ColumnKind, DeadReason, Value};
 use crate::runtime::RunError;
 use crate::topology::{BatchInvariance, Padding, Provider, Topology};
@@ -252,6 +253,20 @@ impl Task for ExtractiveQa {
             None => vec![Value::Text(String::new()), Value::Int(0), Value::Int(0), Value::Float(0.0)],
         }
     }
+
+    fn online_inputs(&self) -> Vec<crate::online::InputInfo> {
+        ["question", "context"].iter().map(|n| crate::online::InputInfo { name: n.to_string(), datatype: "BYTES" }).collect()
+    }
+
+    fn probe_fields(&self) -> Vec<(String, String)> {
+        vec![("question".into(), "What is checked?".into()), ("context".into(), "A new model version is checked before it serves.".into())]
+    }
+
+    /// Every QA model is loaded against the task's inputs and outputs (ids, mask, type ids;
+    /// start and end logits), so one that loads fits.
+    fn accepts(&self, _model: &QaModel) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// How a batch's tensors are shaped: how far rows are padded, and whether the row count is.
@@ -363,23 +378,41 @@ impl TaskKind for QaKind<'_> {
 
     fn start(&self, job: JobStart<'_>) -> Result<Installed, RunError> {
         let topology = job.topology();
-        job.install(|| {
-            let label = super::model_label(&crate::runtime::model_name_or_folder(self.model_name, self.model), self.model)?;
-            let task = Arc::new(ExtractiveQa::new(self.tokenizer, self.settings.clone(), label)?);
-            let invariant = match topology.batching.batch_invariant {
-                BatchInvariance::Auto => !super::uses_dynamic_quantization(self.model),
-                BatchInvariance::Yes => true,
-                BatchInvariance::No => false,
-            };
-            if !invariant {
-                tracing::info!("{} uses dynamic quantization: running one window per model call so answers do not depend on batch-mates", self.model.display());
-            }
+        job.install(|| self.service(topology))
+    }
+
+    fn online(&self, start: OnlineStart<'_>) -> Result<Arc<dyn OnlineModel>, RunError> {
+        let topology = start.topology();
+        start.serve(|| self.service(topology), self.loader(topology))
+    }
+}
+
+impl QaKind<'_> {
+    /// Opens one model per model thread from a model file, as this topology runs it.
+    fn loader(&self, topology: &Topology) -> Loader<QaModel> {
+        let invariant = match topology.batching.batch_invariant {
+            BatchInvariance::Auto => !super::uses_dynamic_quantization(self.model),
+            BatchInvariance::Yes => true,
+            BatchInvariance::No => false,
+        };
+        if !invariant {
+            tracing::info!("{} uses dynamic quantization: running one window per model call so answers do not depend on batch-mates", self.model.display());
+        }
+        let (topology, max_seq_len) = (topology.clone(), self.settings.max_seq_len);
+        Arc::new(move |path: &Path| {
             let exec = &topology.execution;
-            let shapes = |provider| crate::runtime::qa_shapes(topology, provider, self.settings.max_seq_len);
-            let models = crate::runtime::open_models(exec, || QaModel::load(self.model, shapes, invariant, exec), QaModel::provider)?;
-            let (handle, joins) = crate::inference::start(models, crate::runtime::policy(topology))?;
-            Ok((task, handle, joins))
+            let shapes = |provider| crate::runtime::qa_shapes(&topology, provider, max_seq_len);
+            crate::runtime::open_models(exec, || QaModel::load(path, shapes, invariant, exec), QaModel::provider)
         })
+    }
+
+    /// Starts the model service: the task (with its tokenizer), its models, and their threads.
+    fn service(&self, topology: &Topology) -> Result<Started<ExtractiveQa>, RunError> {
+        let label = super::model_label(&crate::runtime::model_name_or_folder(self.model_name, self.model), self.model)?;
+        let task = Arc::new(ExtractiveQa::new(self.tokenizer, self.settings.clone(), label)?);
+        let models = self.loader(topology)(self.model)?;
+        let (handle, joins) = crate::inference::start(models, crate::runtime::policy(topology), Arc::from(task.model_label()))?;
+        Ok((task, handle, joins))
     }
 }
 

@@ -23,7 +23,7 @@ pub trait Task: Send + Sync + 'static {
     /// The model this task runs.
     type Model: Model;
     /// State kept on the worker between submission and answer (e.g. token offsets).
-    type Prepared: 'static;
+    type Prepared: Send + 'static;
     /// The model units one request becomes: a `Vec` for a task that splits a request (QA's
     /// windows), an array of one for a task that does not, which then costs no allocation.
     type Units: IntoIterator<Item = <Self::Model as Model>::Unit, IntoIter: ExactSizeIterator>;
@@ -52,6 +52,15 @@ pub trait Task: Send + Sync + 'static {
     fn prepare(&self, request: &Self::Request) -> Result<(Self::Prepared, Self::Units), Refusal>;
     /// Turns the model's outputs for one request, one per unit in order, into answer values.
     fn finish(&self, request: &Self::Request, prepared: Self::Prepared, outs: &[<Self::Model as Model>::Out]) -> Vec<Value>;
+
+    /// The inputs an online request gives, one value per row each, as the Open Inference
+    /// Protocol names them.
+    fn online_inputs(&self) -> Vec<crate::online::InputInfo>;
+    /// The fields of a request that a new model version must answer before it is swapped in.
+    fn probe_fields(&self) -> Vec<(String, String)>;
+    /// Whether a newly loaded model fits this task as it was started (the same inputs and
+    /// outputs), so that requests decoded for the old version run on it.
+    fn accepts(&self, model: &Self::Model) -> Result<(), String>;
 }
 
 /// `name@version`, the version being the first 12 hex digits of the model file's SHA-256.

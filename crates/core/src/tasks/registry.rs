@@ -7,10 +7,12 @@
 
 use super::extractive_qa::{QaKind, QaSettings};
 use super::tabular::TabularKind;
-use crate::engine::{Installed, JobStart};
+use crate::engine::{Installed, JobStart, OnlineStart};
 use crate::inference::InferenceError;
+use crate::online::OnlineModel;
 use crate::runtime::RunError;
 use crate::topology::{TaskConfig, Topology};
+use std::sync::Arc;
 
 /// What the engine, the CLI and the server need of a task, apart from running it.
 pub trait TaskKind {
@@ -28,6 +30,11 @@ pub trait TaskKind {
     /// Starts a job on this task: builds the task and starts its model service (through
     /// [`JobStart::install`], which shares a running one), and prepares the job's dataflow.
     fn start(&self, job: JobStart<'_>) -> Result<Installed, RunError>;
+
+    /// Serves this task's model online: its model service (through [`OnlineStart::serve`],
+    /// which shares the one the jobs on the same model and settings use) and a loader for new
+    /// versions of its model file.
+    fn online(&self, start: OnlineStart<'_>) -> Result<Arc<dyn OnlineModel>, RunError>;
 }
 
 /// The task a topology's `[task]` table configures: one line per task.
@@ -66,6 +73,26 @@ impl TaskConfig {
     /// and settings, and its dataflow). Called by [`Engine::submit`](crate::engine::Engine::submit).
     pub fn start(&self, job: JobStart<'_>) -> Result<Installed, RunError> {
         kind_of(self).start(job)
+    }
+
+    /// Serves this task's model online, sharing its model service with the jobs on it. Called
+    /// by [`Engine::online`](crate::engine::Engine::online).
+    pub fn online(&self, start: OnlineStart<'_>) -> Result<Arc<dyn OnlineModel>, RunError> {
+        kind_of(self).online(start)
+    }
+
+    /// The model file the task runs.
+    pub fn model(&self) -> &std::path::Path {
+        match self {
+            TaskConfig::ExtractiveQa { model, .. } | TaskConfig::Tabular { model, .. } => model,
+        }
+    }
+
+    /// Runs the task on another model file (a version from a model repository).
+    pub fn set_model(&mut self, path: std::path::PathBuf) {
+        match self {
+            TaskConfig::ExtractiveQa { model, .. } | TaskConfig::Tabular { model, .. } => *model = path,
+        }
     }
 }
 

@@ -4,9 +4,10 @@
 
 use super::registry::TaskKind;
 use super::{Refusal, Task};
-use crate::engine::{Installed, JobStart};
+use crate::engine::{Installed, JobStart, OnlineStart, Started};
 use crate::inference::{InferenceError, Model};
 use crate::json::{JsonFields, TextValue};
+use crate::online::{Loader, OnlineModel};
 use crate::record::{Column, ColumnKind, DeadReason, Value};
 use crate::runtime::RunError;
 use crate::topology::Topology;
@@ -41,7 +42,7 @@ pub enum InputKind {
 }
 
 /// A model input: its name, element kind and rank (1 for `[N]`, 2 for `[N, 1]`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct InputSpec {
     pub name: String,
     pub kind: InputKind,
@@ -196,6 +197,29 @@ impl Task for Tabular {
     fn finish(&self, _request: &TabularRequest, _prepared: (), outs: &[f64]) -> Vec<Value> {
         vec![Value::Float(outs.first().copied().unwrap_or(f64::NAN))]
     }
+
+    fn online_inputs(&self) -> Vec<crate::online::InputInfo> {
+        let datatype = |k: InputKind| match k {
+            InputKind::I64 => "INT64",
+            InputKind::I32 => "INT32",
+            InputKind::F32 => "FP32",
+            InputKind::F64 => "FP64",
+            InputKind::Str => "BYTES",
+        };
+        self.specs.iter().map(|s| crate::online::InputInfo { name: s.name.clone(), datatype: datatype(s.kind) }).collect()
+    }
+
+    fn probe_fields(&self) -> Vec<(String, String)> {
+        self.specs.iter().map(|s| (s.name.clone(), "1".to_string())).collect()
+    }
+
+    fn accepts(&self, model: &TabularModel) -> Result<(), String> {
+        if model.specs != self.specs {
+            let show = |specs: &[InputSpec]| specs.iter().map(|s| format!("{} {:?}", s.name, s.kind)).collect::<Vec<_>>().join(", ");
+            return Err(format!("its inputs ({}) are not the serving version's ({})", show(&model.specs), show(&self.specs)));
+        }
+        Ok(())
+    }
 }
 
 /// The ONNX model behind the tabular task.
@@ -249,14 +273,29 @@ impl TaskKind for TabularKind<'_> {
 
     fn start(&self, job: JobStart<'_>) -> Result<Installed, RunError> {
         let topology = job.topology();
-        job.install(|| {
-            let label = super::model_label(&crate::runtime::model_name_or_folder(self.model_name, self.model), self.model)?;
-            let exec = &topology.execution;
-            let models = crate::runtime::open_models(exec, || TabularModel::load(self.model, self.output.as_deref(), exec), TabularModel::provider)?;
-            let task = Arc::new(Tabular::new(&models[0], label));
-            let (handle, joins) = crate::inference::start(models, crate::runtime::policy(topology))?;
-            Ok((task, handle, joins))
-        })
+        job.install(|| self.service(topology))
+    }
+
+    fn online(&self, start: OnlineStart<'_>) -> Result<Arc<dyn OnlineModel>, RunError> {
+        let topology = start.topology();
+        start.serve(|| self.service(topology), self.loader(topology))
+    }
+}
+
+impl TabularKind<'_> {
+    /// Opens one model per model thread from a model file, as this topology runs it.
+    fn loader(&self, topology: &Topology) -> Loader<TabularModel> {
+        let (output, exec) = (self.output.clone(), topology.execution.clone());
+        Arc::new(move |path: &Path| crate::runtime::open_models(&exec, || TabularModel::load(path, output.as_deref(), &exec), TabularModel::provider))
+    }
+
+    /// Starts the model service: the task, its models, and the threads that run them.
+    fn service(&self, topology: &Topology) -> Result<Started<Tabular>, RunError> {
+        let label = super::model_label(&crate::runtime::model_name_or_folder(self.model_name, self.model), self.model)?;
+        let models = self.loader(topology)(self.model)?;
+        let task = Arc::new(Tabular::new(&models[0], label));
+        let (handle, joins) = crate::inference::start(models, crate::runtime::policy(topology), Arc::from(task.model_label()))?;
+        Ok((task, handle, joins))
     }
 }
 
