@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what sluice needs outside Cargo into ~/.cache/sluice (override with SLUICE_CACHE):
 #   a Python venv holding the `onnxruntime` wheel, whose libonnxruntime.so sluice loads at run time.
-# With --test it also installs what the tests' Python reference needs (tokenizers, transformers, numpy).
+# With --test it also installs what the tests' Python reference needs (tokenizers, transformers, numpy)
+#   and the Open Inference Protocol's reference client (tritonclient[http]).
 # With --models it also installs what scripts/optimize_model.py needs to make the GPU variants of a
 #   model (onnx; sympy for onnxruntime.transformers' symbolic shape inference; tokenizers, numpy).
 # With --gpu it also makes a second venv, $SLUICE_CACHE/venv-gpu, holding the `onnxruntime-gpu` wheel
@@ -54,6 +55,8 @@ extra_packages() {
   fi
   if [ "$test" = 1 ]; then
     "$py" -c "import transformers" 2>/dev/null || echo "transformers"
+    # The reference Open Inference Protocol client, for tests/online.rs.
+    "$py" -c "import tritonclient.http" 2>/dev/null || echo "tritonclient[http]"
   fi
   if [ "$models" = 1 ]; then
     "$py" -c "import onnx" 2>/dev/null || echo "onnx"

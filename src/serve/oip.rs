@@ -56,17 +56,17 @@ fn oip_error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// The model, if it is known and loaded; 404 otherwise (as Triton answers for a model that is
 /// not loaded), and 404 for a version that is not the one serving.
-fn served<'a>(app: &'a App, name: &str, version: Option<&str>) -> Result<&'a Arc<Served>, Response> {
+fn served<'a>(app: &'a App, name: &str, version: Option<&str>) -> Result<&'a Arc<Served>, Box<Response>> {
     let Some(m) = app.models.get(name) else {
-        return Err(oip_error(StatusCode::NOT_FOUND, format!("unknown model `{name}`; GET /v2/repository/index lists the models")));
+        return Err(Box::new(oip_error(StatusCode::NOT_FOUND, format!("unknown model `{name}`; GET /v2/repository/index lists the models"))));
     };
     if !m.ready() {
-        return Err(oip_error(StatusCode::NOT_FOUND, format!("model `{name}` is not loaded; POST /v2/repository/models/{name}/load loads it")));
+        return Err(Box::new(oip_error(StatusCode::NOT_FOUND, format!("model `{name}` is not loaded; POST /v2/repository/models/{name}/load loads it"))));
     }
     if let Some(v) = version {
         let serving = m.version();
         if v != serving {
-            return Err(oip_error(StatusCode::NOT_FOUND, format!("model `{name}` version `{v}` is not serving (version `{serving}` is)")));
+            return Err(Box::new(oip_error(StatusCode::NOT_FOUND, format!("model `{name}` version `{v}` is not serving (version `{serving}` is)"))));
         }
     }
     Ok(m)
@@ -96,28 +96,28 @@ fn metadata_of(m: &Served) -> Value {
 async fn metadata(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
     match served(&app, &name, None) {
         Ok(m) => Json(metadata_of(m)).into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
 async fn metadata_version(State(app): State<Arc<App>>, Path((name, version)): Path<(String, String)>) -> Response {
     match served(&app, &name, Some(&version)) {
         Ok(m) => Json(metadata_of(m)).into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
 async fn ready(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
     match served(&app, &name, None) {
         Ok(_) => StatusCode::OK.into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
 async fn ready_version(State(app): State<Arc<App>>, Path((name, version)): Path<(String, String)>) -> Response {
     match served(&app, &name, Some(&version)) {
         Ok(_) => StatusCode::OK.into_response(),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
@@ -213,7 +213,7 @@ async fn infer_version(State(app): State<Arc<App>>, Path((name, version)): Path<
 async fn infer_on(app: Arc<App>, name: String, version: Option<String>, headers: HeaderMap, body: Bytes) -> Response {
     let m = match served(&app, &name, version.as_deref()) {
         Ok(m) => m.clone(),
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let bad = |m: String| oip_error(StatusCode::BAD_REQUEST, m);
     let json_len = match headers.get(HEADER_LENGTH).map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok())) {
@@ -253,7 +253,7 @@ async fn infer_on(app: Arc<App>, name: String, version: Option<String>, headers:
     };
     let reply = match run(&m, OnlineRequest { rows, priority, timeout }).await {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let mut values: Vec<Vec<Cell>> = Vec::with_capacity(n);
     for (i, row) in reply.rows.into_iter().enumerate() {
@@ -337,17 +337,17 @@ fn schedule(parameters: &Map<String, Value>) -> Result<(u32, Option<Duration>), 
 
 /// Runs an online request and waits for its answer. The ticket lives in this future: when the
 /// caller disconnects the server drops the future, and the ticket cancels what has not run.
-async fn run(m: &Served, request: OnlineRequest) -> Result<OnlineReply, Response> {
+async fn run(m: &Served, request: OnlineRequest) -> Result<OnlineReply, Box<Response>> {
     let timeout = request.timeout.unwrap_or(DEFAULT_TIMEOUT);
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let ticket = m.model.infer(request, Box::new(move |r| drop(tx.send(r)))).map_err(online_error)?;
+    let ticket = m.model.infer(request, Box::new(move |r| drop(tx.send(r)))).map_err(|e| Box::new(online_error(e)))?;
     let outcome = tokio::time::timeout(timeout, rx).await;
     drop(ticket);
     match outcome {
         Ok(Ok(Ok(reply))) => Ok(reply),
-        Ok(Ok(Err(e))) => Err(online_error(e)),
-        Ok(Err(_)) => Err(oip_error(StatusCode::SERVICE_UNAVAILABLE, "the model's inference service stopped")),
-        Err(_) => Err(oip_error(StatusCode::GATEWAY_TIMEOUT, format!("no answer within the request's timeout of {} ms", timeout.as_millis()))),
+        Ok(Ok(Err(e))) => Err(Box::new(online_error(e))),
+        Ok(Err(_)) => Err(Box::new(oip_error(StatusCode::SERVICE_UNAVAILABLE, "the model's inference service stopped"))),
+        Err(_) => Err(Box::new(oip_error(StatusCode::GATEWAY_TIMEOUT, format!("no answer within the request's timeout of {} ms", timeout.as_millis())))),
     }
 }
 
@@ -410,13 +410,13 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
 /// a 4-byte length and that many bytes.
 fn binary_texts(name: &str, datatype: &str, bytes: &[u8]) -> Result<Vec<String>, String> {
     fn fixed<const N: usize>(bytes: &[u8], f: impl Fn([u8; N]) -> String) -> Result<Vec<String>, String> {
-        if bytes.len() % N != 0 {
+        if !bytes.len().is_multiple_of(N) {
             return Err(format!("{} bytes is not a whole number of {N}-byte elements", bytes.len()));
         }
         Ok(bytes.chunks_exact(N).map(|c| f(c.try_into().expect("chunks of N"))).collect())
     }
     let texts = match datatype {
-        "BOOL" => fixed::<1>(bytes, |b| (b[0] != 0).then_some("1").unwrap_or("0").to_string()),
+        "BOOL" => fixed::<1>(bytes, |b| if b[0] != 0 { "1" } else { "0" }.to_string()),
         "INT8" => fixed::<1>(bytes, |b| i8::from_le_bytes(b).to_string()),
         "UINT8" => fixed::<1>(bytes, |b| b[0].to_string()),
         "INT16" => fixed::<2>(bytes, |b| i16::from_le_bytes(b).to_string()),
@@ -571,7 +571,7 @@ async fn answer(State(app): State<Arc<App>>, Query(q): Query<AnswerQuery>, body:
     };
     let reply = match run(&m, request).await {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let model = reply.model.clone();
     let values = match reply.rows.into_iter().next() {

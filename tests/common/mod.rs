@@ -72,6 +72,7 @@ pub fn answers_by_id(dir: &Path) -> BTreeMap<String, serde_json::Value> {
 pub mod blackbox;
 pub mod kafka;
 pub mod rides;
+pub mod serve;
 
 /// Runs `f` with a client of the test Postgres.
 fn with_client<T>(f: impl AsyncFnOnce(tokio_postgres::Client) -> T) -> T {

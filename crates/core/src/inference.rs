@@ -175,6 +175,8 @@ pub struct ServiceStats {
     pub runs: AtomicU64,
     pub units: AtomicU64,
     pub online_units: AtomicU64,
+    /// Interactive units submitted: each is run, canceled or expired.
+    pub online_submitted: AtomicU64,
     pub canceled_units: AtomicU64,
     pub expired_units: AtomicU64,
     /// Time spent in model runs, in microseconds.
@@ -228,6 +230,7 @@ impl<M: Model> InferenceHandle<M> {
     /// Queues one interactive request's units on the lane that runs ahead of bulk work, in order
     /// of `interest.priority`; they are dropped unrun if it is canceled or its deadline passes.
     pub fn submit_online(&self, units: Vec<Unit<M::Unit>>, reply: &Arc<ReplyTo<M::Out>>, interest: Arc<Interest>) {
+        self.stats.online_submitted.fetch_add(units.len() as u64, Ordering::Relaxed);
         self.send(&self.online, Submission { units, reply: reply.clone(), interest: Some(interest) });
     }
 
@@ -340,6 +343,9 @@ impl<U, O> Ord for Waiting<U, O> {
     }
 }
 
+/// One model run's units, each with the index of its reply address in the list beside them.
+type Run<U, O> = (Arc<Vec<Arc<ReplyTo<O>>>>, Vec<(usize, Unit<U>)>);
+
 /// Batches cut from bulk submissions, waiting on one model thread, with the replies their
 /// units are addressed to (by index).
 struct BulkBatches<U, O> {
@@ -383,7 +389,7 @@ fn serve<M: Model>(mut model: M, mut label: Arc<str>, lanes: Lanes<M::Unit, M::O
             seq += 1;
             waiting.push(Waiting { priority: sub.interest.as_ref().map_or(u32::MAX, |i| i.priority), seq, sub });
         }
-        let run: Option<(Arc<Vec<Arc<ReplyTo<M::Out>>>>, Vec<(usize, Unit<M::Unit>)>)> = if !waiting.is_empty() {
+        let run: Option<Run<M::Unit, M::Out>> = if !waiting.is_empty() {
             // No bulk work waits behind them: give other interactive requests `max_delay` to join.
             if bulk.is_empty() && waiting_units(&waiting) < run_size {
                 let deadline = Instant::now() + policy.max_delay;
@@ -470,13 +476,12 @@ fn waiting_units<U, O>(waiting: &BinaryHeap<Waiting<U, O>>) -> usize {
 /// The next interactive batch: whole submissions in priority order, up to `run_size` units (a
 /// submission larger than that runs in batches of its own). Submissions canceled or past their
 /// deadline are answered with that error and never reach the model.
-#[allow(clippy::type_complexity)]
 fn online_batch<M: Model>(
     waiting: &mut BinaryHeap<Waiting<M::Unit, M::Out>>,
     run_size: usize,
     shared: &Shared<M>,
     label: &Arc<str>,
-) -> Option<(Arc<Vec<Arc<ReplyTo<M::Out>>>>, Vec<(usize, Unit<M::Unit>)>)> {
+) -> Option<Run<M::Unit, M::Out>> {
     let now = Instant::now();
     let mut replies = Vec::new();
     let mut batch: Vec<(usize, Unit<M::Unit>)> = Vec::new();
@@ -748,5 +753,111 @@ mod tests {
         assert!(runs.iter().any(|r| r.0 == 0) && runs.iter().any(|r| r.0 == 1), "both models ran: {runs:?}");
         let overlapping = runs.iter().any(|a| runs.iter().any(|b| a.0 != b.0 && a.1 < b.2 && b.1 < a.2));
         assert!(overlapping, "a run of one model overlapped a run of the other");
+    }
+
+    /// Records the units of each run, in order, and takes `run_ms` per run.
+    struct Recorder {
+        runs: Arc<std::sync::Mutex<Vec<Vec<usize>>>>,
+        run_ms: u64,
+    }
+
+    impl Model for Recorder {
+        type Unit = usize;
+        type Out = usize;
+        fn cost(_: &usize) -> usize {
+            1
+        }
+        fn batch_invariant(&self) -> bool {
+            true
+        }
+        fn run(&mut self, units: &[&usize]) -> Result<Vec<usize>, InferenceError> {
+            self.runs.lock().unwrap().push(units.iter().map(|u| **u).collect());
+            std::thread::sleep(Duration::from_millis(self.run_ms));
+            Ok(units.iter().map(|u| **u).collect())
+        }
+    }
+
+    fn units(ticket: u64, values: impl IntoIterator<Item = usize>) -> Vec<Unit<usize>> {
+        values.into_iter().enumerate().map(|(index, unit)| Unit { ticket, index, unit }).collect()
+    }
+
+    #[test]
+    fn an_interactive_request_waits_for_at_most_the_bulk_batch_in_flight() {
+        let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let policy = BatchPolicy { max_batch: 4, max_delay: Duration::from_millis(1), lookahead: 8 };
+        let (handle, joins) = start(vec![Recorder { runs: runs.clone(), run_ms: 20 }], policy, Arc::from("m@1")).unwrap();
+        let (bulk, bulk_rx) = ReplyTo::new(None);
+        // A backlog of 8 bulk batches (0..32), then, once the first is running, one interactive unit.
+        handle.submit(units(1, 0..32), &bulk);
+        std::thread::sleep(Duration::from_millis(5));
+        let (online, online_rx) = ReplyTo::new(None);
+        handle.submit_online(units(2, [1000]), &online, Interest::new(1, None));
+        let got = online_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!((got.completions[0].result.as_ref().ok(), &*got.model), (Some(&1000), "m@1"));
+        let mut bulk_done = 0;
+        while bulk_done < 32 {
+            bulk_done += bulk_rx.recv_timeout(Duration::from_secs(10)).unwrap().completions.len();
+        }
+        drop(handle);
+        joins.into_iter().for_each(|j| j.join().unwrap());
+        let runs = runs.lock().unwrap().clone();
+        let at = runs.iter().position(|r| r == &vec![1000]).expect("the interactive unit ran");
+        assert!(at <= 1, "the interactive unit ran after {at} bulk batches, not after at most the one in flight: {runs:?}");
+        assert_eq!(runs.len(), 9, "8 bulk batches and the interactive one: {runs:?}");
+    }
+
+    #[test]
+    fn canceled_and_expired_interactive_units_never_reach_the_model() {
+        let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let policy = BatchPolicy { max_batch: 4, max_delay: Duration::from_millis(1), lookahead: 1 };
+        let (handle, joins) = start(vec![Recorder { runs: runs.clone(), run_ms: 50 }], policy, Arc::from("m@1")).unwrap();
+        let (reply, rx) = ReplyTo::new(None);
+        // Keep the model busy, then queue three interactive requests: one canceled, one past its
+        // deadline by the time the model is free, one that runs.
+        handle.submit_online(units(1, [1]), &reply, Interest::new(1, None));
+        std::thread::sleep(Duration::from_millis(10));
+        let canceled = Interest::new(1, None);
+        handle.submit_online(units(2, [2, 2]), &reply, canceled.clone());
+        handle.submit_online(units(3, [3]), &reply, Interest::new(1, Some(Instant::now() + Duration::from_millis(5))));
+        handle.submit_online(units(4, [4]), &reply, Interest::new(1, None));
+        canceled.cancel();
+        let mut results = Vec::new();
+        while results.len() < 5 {
+            for c in rx.recv_timeout(Duration::from_secs(10)).unwrap().completions {
+                results.push((c.ticket, c.result.map_err(|e| e.to_string())));
+            }
+        }
+        let stats = (
+            handle.stats().units.load(Ordering::Relaxed),
+            handle.stats().canceled_units.load(Ordering::Relaxed),
+            handle.stats().expired_units.load(Ordering::Relaxed),
+        );
+        drop(handle);
+        joins.into_iter().for_each(|j| j.join().unwrap());
+        results.sort_by_key(|r| r.0);
+        assert_eq!(results[0], (1, Ok(1)));
+        assert_eq!(results[1], (2, Err(InferenceError::Canceled.to_string())));
+        assert_eq!(results[3], (3, Err(InferenceError::Expired.to_string())));
+        assert_eq!(results[4], (4, Ok(4)));
+        assert_eq!(runs.lock().unwrap().clone(), vec![vec![1], vec![4]], "only units 1 and 4 reached the model");
+        assert_eq!(stats, (2, 2, 1), "units run, canceled, expired");
+    }
+
+    #[test]
+    fn a_new_version_is_swapped_in_between_batches_and_named_in_its_answers() {
+        let runs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let policy = BatchPolicy { max_batch: 2, max_delay: Duration::from_millis(1), lookahead: 1 };
+        let (handle, joins) = start(vec![Recorder { runs: runs.clone(), run_ms: 1 }], policy, Arc::from("m@1")).unwrap();
+        let (reply, rx) = ReplyTo::new(None);
+        handle.submit(units(1, [1, 2]), &reply);
+        let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(handle.swap(vec![], Arc::from("m@2")).is_err(), "one model per model thread");
+        handle.swap(vec![Recorder { runs: runs.clone(), run_ms: 1 }], Arc::from("m@2")).unwrap();
+        assert_eq!(&*handle.label(), "m@2");
+        handle.submit(units(2, [3, 4]), &reply);
+        let second = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        drop(handle);
+        joins.into_iter().for_each(|j| j.join().unwrap());
+        assert_eq!((&*first.model, &*second.model), ("m@1", "m@2"));
     }
 }

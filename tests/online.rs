@@ -1,0 +1,380 @@
+//! Online inference against a real `sluice serve`: the Open Inference Protocol's reference
+//! client (Python `tritonclient[http]`, installed by scripts/setup.sh --test) with binary tensors
+//! on and off gets the answers `sluice run` gives; `/v1/answer` answers a Kafka payload with the
+//! results topic's object; 256 concurrent clients each get their own answer while a 2M-ride job
+//! runs on the same model; a full queue refuses with 429 and `Retry-After`, losing nothing; a
+//! client that disconnects cancels its queued work; and a model repository's new version is
+//! swapped in under load while a broken one is refused.
+
+mod common;
+
+use common::blackbox::{json_lines, spawn_sluice};
+use common::repo;
+use common::serve::{Reply, Server};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn config(extra: &str) -> String {
+    format!("workers = 2\nshutdown_grace_ms = 20000\nmodel_poll_ms = 100\n[templates]\nqa = \"topologies/qa_csv.toml\"\nrides = \"topologies/rides_generator.toml\"\n{extra}\n")
+}
+
+/// The test venv's Python, with tritonclient[http] (scripts/setup.sh --test installs it).
+fn python() -> PathBuf {
+    let cache = std::env::var("SLUICE_CACHE").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/sluice"));
+    let py = cache.join("venv/bin/python");
+    let ok = Command::new(&py).args(["-c", "import tritonclient.http"]).status().is_ok_and(|s| s.success());
+    assert!(ok, "{} cannot import tritonclient.http: run `bash scripts/setup.sh --test` (scripts/test.sh does)", py.display());
+    py
+}
+
+fn rides_csv(rows: impl IntoIterator<Item = usize>) -> String {
+    let mut s = String::from("id,PULocationID,DOLocationID,trip_distance\n");
+    for i in rows {
+        s.push_str(&format!("r{i},{},{},{}\n", 1 + i % 263, 1 + (i * 7) % 263, 0.5 + (i % 97) as f64 * 0.25));
+    }
+    s
+}
+
+/// One OIP JSON request for rides `rows` (named inputs, one value per row).
+fn rides_request(id: &str, rows: &[usize]) -> Value {
+    let pu: Vec<i64> = rows.iter().map(|i| 1 + (*i % 263) as i64).collect();
+    let dol: Vec<i64> = rows.iter().map(|i| 1 + ((*i * 7) % 263) as i64).collect();
+    let dist: Vec<f64> = rows.iter().map(|i| 0.5 + (*i % 97) as f64 * 0.25).collect();
+    let n = rows.len();
+    json!({"id": id, "inputs": [
+        {"name": "PULocationID", "shape": [n], "datatype": "INT64", "data": pu},
+        {"name": "DOLocationID", "shape": [n], "datatype": "INT64", "data": dol},
+        {"name": "trip_distance", "shape": [n], "datatype": "FP64", "data": dist},
+    ]})
+}
+
+fn predictions(r: &Reply) -> Vec<f64> {
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    v["outputs"][0]["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+/// `sluice run` over a CSV with the template's task: its answers by ID.
+fn run_answers(dir: &Path, template: &str, csv: &Path) -> HashMap<String, Value> {
+    let out = dir.join(format!("run-{template}"));
+    let text = std::fs::read_to_string(repo().join(template)).unwrap();
+    let task = &text[text.find("[task]").unwrap()..];
+    let topology =
+        format!("name = \"ref\"\n[source]\ntype = \"csv\"\npath = {csv:?}\nmax_field_bytes = 100000\n{}\n[[sinks]]\ntype = \"jsonl\"\ndir = {out:?}\n", task)
+            .replace("models/", &format!("{}/models/", repo().display()))
+            .replace("listen = \"127.0.0.1:9464\"", "");
+    let mut run = spawn_sluice(dir, &topology, &[], &[]);
+    let status = run.wait_timeout(Duration::from_secs(300)).expect("sluice run ended");
+    assert!(status.success(), "{}", run.stderr_tail());
+    json_lines(&out, "answers").into_iter().map(|v| (v["id"].as_str().unwrap().to_string(), v)).collect()
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-5 * b.abs().max(1.0)
+}
+
+#[test]
+fn tritonclient_with_binary_data_on_and_off_gets_the_answers_sluice_run_gives() {
+    let py = python();
+    let dir = tempfile::tempdir().unwrap();
+    let rides = dir.path().join("rides.csv");
+    std::fs::write(&rides, rides_csv(0..300)).unwrap();
+    let qa = repo().join("samples/questions.csv");
+    let server = Server::start(dir.path(), &config(""), &[]);
+    for (model, csv, template) in [("rides", &rides, "topologies/rides_generator.toml"), ("qa", &qa, "topologies/qa_csv.toml")] {
+        let out =
+            Command::new(&py).arg(repo().join("tests/online/triton_client.py")).args([&server.addr, model, csv.to_str().unwrap(), "16"]).output().unwrap();
+        assert!(out.status.success(), "tritonclient on {model}: {}\n{}", String::from_utf8_lossy(&out.stderr), server.stderr());
+        let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let meta = &lines[0]["metadata"];
+        assert_eq!(meta["name"], model, "{meta}");
+        assert!(meta["inputs"].as_array().unwrap().len() >= 2, "{meta}");
+        let expected = run_answers(dir.path(), template, csv);
+        assert!(!expected.is_empty());
+        for mode in ["binary", "json"] {
+            let got: Vec<&Value> = lines[1..].iter().filter(|l| l["mode"] == mode).collect();
+            assert_eq!(got.len(), expected.len(), "{model} {mode}: one answer per row");
+            for g in got {
+                let want = &expected[g["id"].as_str().unwrap()];
+                let version = want["model_version"].as_str().unwrap();
+                assert_eq!(g["model_version"], version, "{model} {mode}: the version `sluice run` names");
+                if model == "rides" {
+                    assert!(close(g["prediction"].as_f64().unwrap(), want["prediction"].as_f64().unwrap()), "{model} {mode}: {g} vs {want}");
+                } else {
+                    assert_eq!(
+                        (&g["answer"], &g["start_char"], &g["end_char"]),
+                        (&want["answer"], &want["start_char"], &want["end_char"]),
+                        "{model} {mode}: {g} vs {want}"
+                    );
+                    assert!(close(g["score"].as_f64().unwrap(), want["score"].as_f64().unwrap()), "{model} {mode}: {g} vs {want}");
+                }
+            }
+        }
+    }
+    // The protocol's errors: unknown model 404, bad tensors 400, as {"error": "..."}.
+    let r = server.post_json("/v2/models/nope/infer", &rides_request("x", &[1]));
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"].as_str().unwrap().contains("nope"));
+    let mut bad = rides_request("x", &[1, 2]);
+    bad["inputs"][1]["shape"] = json!([1]);
+    bad["inputs"][1]["data"] = json!([5]);
+    let r = server.post_json("/v2/models/rides/infer", &bad);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.json()["error"].as_str().unwrap().contains("DOLocationID"), "{}", r.text());
+    let v2 = server.get("/v2").json();
+    assert!(v2["extensions"].as_array().unwrap().contains(&json!("binary_tensor_data")), "{v2}");
+}
+
+#[test]
+fn v1_answer_takes_a_kafka_payload_and_gives_the_results_topic_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &config(""), &[]);
+    let payload = json!({"id": "ride-7", "PULocationID": 8, "DOLocationID": 57, "trip_distance": 2.25});
+    let r = server.post_json("/v1/answer?model=rides", &payload);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let a = r.json();
+    let keys: HashSet<&str> = a.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, HashSet::from(["id", "prediction", "model", "model_version", "ingest_ms"]), "{a}");
+    assert_eq!((a["id"].as_str(), a["model"].as_str()), (Some("ride-7"), Some("rides")));
+    // The same row over the protocol gives the same prediction and version. Row 7 of
+    // rides_request is PU 8, DO 50: build the row by hand instead.
+    let oip = json!({"inputs": [
+        {"name": "PULocationID", "shape": [1], "datatype": "INT64", "data": [8]},
+        {"name": "DOLocationID", "shape": [1], "datatype": "INT64", "data": [57]},
+        {"name": "trip_distance", "shape": [1], "datatype": "FP64", "data": [2.25]},
+    ]});
+    let r = server.post_json("/v2/models/rides/infer", &oip);
+    assert!(close(predictions(&r)[0], a["prediction"].as_f64().unwrap()));
+    assert_eq!(r.json()["model_version"], a["model_version"]);
+    // A payload a stream would dead-letter is refused with the same reason.
+    let r = server.post_json("/v1/answer?model=rides", &json!({"id": "bad", "PULocationID": 8, "trip_distance": 1.0}));
+    assert_eq!((r.status, r.error_code()), (400, "missing_field".to_string()), "{}", r.text());
+    // Two models: a request must name one.
+    let r = server.post_json("/v1/answer", &payload);
+    assert_eq!((r.status, r.error_code()), (400, "no_model".to_string()));
+}
+
+#[test]
+fn concurrent_clients_each_get_their_own_answer_while_a_two_million_ride_job_runs_on_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Arc::new(Server::start(dir.path(), &config(""), &[]));
+    // What each row's answer is, asked alone, before any load.
+    let rows: Vec<usize> = (0..1024).collect();
+    let expected = predictions(&server.post_json("/v2/models/rides/infer", &rides_request("all", &rows)));
+    let job = server.post_json("/v1/jobs", &json!({"template": "rides", "source": {"type": "generator", "count": 2_000_000, "seed": 3}}));
+    assert_eq!(job.status, 202, "{}", job.text());
+    let job_id = job.json()["job_id"].as_str().unwrap().to_string();
+    // Wait until the job is answering, so the clients meet it on the model.
+    let started = Instant::now();
+    while server.get(&format!("/v1/jobs/{job_id}")).json()["counts"]["answered"].as_u64().unwrap() == 0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the job never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let clients: Vec<_> = (0..256)
+        .map(|c| {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                (0..4)
+                    .map(|k| {
+                        let row = (c * 4 + k) % 1024;
+                        let r = server.post_json("/v2/models/rides/infer", &rides_request(&format!("c{c}-{k}"), &[row]));
+                        assert_eq!(r.json()["id"], format!("c{c}-{k}"), "the request's id echoed");
+                        (row, predictions(&r)[0])
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for c in clients {
+        for (row, got) in c.join().unwrap() {
+            assert!(close(got, expected[row]), "row {row}: {got} vs {}", expected[row]);
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 1024);
+    let j = server.get(&format!("/v1/jobs/{job_id}")).json();
+    assert_eq!(j["status"], "running", "the online requests were answered while the job ran: {j}");
+    let stats = server.get("/v2/models/rides/stats").json();
+    assert!(stats["stats"]["online_units"].as_u64().unwrap() >= 2048, "{stats}");
+    assert!(stats["stats"]["units"].as_u64().unwrap() > stats["stats"]["online_units"].as_u64().unwrap(), "the job's rows ran on the same service: {stats}");
+}
+
+/// A QA context long enough for `windows` windows of 384 tokens.
+fn long_context(windows: usize) -> String {
+    "The river carries silt from the mountains to the delta, where farmers grow rice in the wet season. ".repeat(windows * 14)
+}
+
+fn qa_request(id: &str, context: &str) -> Value {
+    json!({"id": id, "inputs": [
+        {"name": "question", "shape": [1], "datatype": "BYTES", "data": ["Where do farmers grow rice?"]},
+        {"name": "context", "shape": [1], "datatype": "BYTES", "data": [context]},
+    ]})
+}
+
+#[test]
+fn past_the_queue_bound_requests_get_429_with_retry_after_and_none_is_lost_or_answered_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[models.qa]\nmax_queue = 4\n[models.rides]\n";
+    let server = Arc::new(Server::start(dir.path(), &config(extra), &[]));
+    let context = Arc::new(long_context(3));
+    let want = server.post_json("/v2/models/qa/infer", &qa_request("first", &context));
+    assert_eq!(want.status, 200, "{}", want.text());
+    let answer = want.json()["outputs"][0]["data"][0].clone();
+    let windows = server.get("/v2/models/qa/stats").json()["stats"]["online_units"].as_u64().unwrap();
+    assert!(windows >= 3, "a long context is several windows: {windows}");
+    let clients: Vec<_> = (0..48)
+        .map(|i| {
+            let (server, context) = (server.clone(), context.clone());
+            std::thread::spawn(move || (i, server.post_json("/v2/models/qa/infer", &qa_request(&format!("q{i}"), &context))))
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for c in clients {
+        let (i, r) = c.join().unwrap();
+        match r.status {
+            200 => {
+                let v = r.json();
+                assert_eq!(v["id"], format!("q{i}"), "each answer to its own request");
+                assert_eq!(v["outputs"][0]["data"][0], answer);
+                ok += 1;
+            }
+            429 => {
+                assert_eq!(r.headers.get("retry-after").map(String::as_str), Some("1"), "{:?}", r.headers);
+                assert!(r.json()["error"].as_str().unwrap().contains("queue is full"), "{}", r.text());
+                refused += 1;
+            }
+            other => panic!("request {i}: {other} {}", r.text()),
+        }
+    }
+    assert_eq!(ok + refused, 48);
+    assert!(refused > 0 && ok >= 4, "{ok} answered, {refused} refused");
+    let stats = server.get("/v2/models/qa/stats").json()["stats"].clone();
+    assert_eq!(stats["online_units"].as_u64().unwrap(), windows * (ok as u64 + 1), "only admitted requests ran, each once: {stats}");
+    assert_eq!(stats["online_submitted"], stats["online_units"], "{stats}");
+    assert_eq!(stats["in_flight"], 0);
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_its_queued_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &config(""), &[]);
+    let context = long_context(6);
+    // Twelve clients queue long requests, then hang up before most have run.
+    let mut sockets = Vec::new();
+    for i in 0..12 {
+        let body = qa_request(&format!("gone{i}"), &context).to_string();
+        let mut s = std::net::TcpStream::connect(&server.addr).unwrap();
+        write!(s, "POST /v2/models/qa/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        sockets.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    for s in &sockets {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    drop(sockets);
+    // Once the model is idle again every unit was either run or dropped unrun.
+    let started = Instant::now();
+    let stats = loop {
+        let s = server.get("/v2/models/qa/stats").json()["stats"].clone();
+        if s["in_flight"] == 0 {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "requests still in flight: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (submitted, ran, canceled) =
+        (stats["online_submitted"].as_u64().unwrap(), stats["online_units"].as_u64().unwrap(), stats["canceled_units"].as_u64().unwrap());
+    assert_eq!(submitted % 12, 0, "every request has the same windows: {stats}");
+    assert_eq!(ran + canceled, submitted, "each unit run or dropped: {stats}");
+    assert!(canceled >= submitted / 2, "the hung-up requests' queued units were not run: {stats}");
+    // The server still answers.
+    assert_eq!(server.post_json("/v2/models/qa/infer", &qa_request("after", &long_context(1))).status, 200);
+}
+
+#[test]
+fn a_new_version_is_swapped_in_under_load_and_a_broken_one_is_refused_while_the_old_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo_dir = dir.path().join("rides-repo");
+    std::fs::create_dir_all(repo_dir.join("1")).unwrap();
+    std::fs::copy(repo().join("models/rides/model.onnx"), repo_dir.join("1/model.onnx")).unwrap();
+    let extra = format!("[models.rides]\nrepository = {repo_dir:?}\n[models.qa]\n");
+    let server = Arc::new(Server::start(dir.path(), &config(&extra), &[]));
+    assert_eq!(server.get("/v2/models/rides/versions/1/ready").status, 200);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Eight clients, about 1,000 requests a second together, each noting the version per answer.
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            let (server, stop) = (server.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seen: Vec<String> = Vec::new();
+                let mut failed = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let r = server.post_json("/v2/models/rides/infer", &rides_request(&format!("c{c}"), &[c]));
+                    if r.status == 200 {
+                        seen.push(r.json()["model_version"].as_str().unwrap().to_string());
+                    } else {
+                        failed.push(format!("{} {}", r.status, r.text()));
+                    }
+                    std::thread::sleep(Duration::from_millis(8));
+                }
+                (seen, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    // Version 2 appears whole (written beside, then renamed in).
+    std::fs::create_dir_all(repo_dir.join("tmp2")).unwrap();
+    std::fs::copy(repo().join("models/rides/model.onnx"), repo_dir.join("tmp2/model.onnx")).unwrap();
+    std::fs::rename(repo_dir.join("tmp2"), repo_dir.join("2")).unwrap();
+    let started = Instant::now();
+    while server.get("/v2/repository/index").json()[1]["version"] != "2" {
+        assert!(started.elapsed() < Duration::from_secs(30), "version 2 not loaded: {}", server.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // A broken version 3 is refused; 2 keeps serving.
+    std::fs::create_dir_all(repo_dir.join("tmp3")).unwrap();
+    std::fs::write(repo_dir.join("tmp3/model.onnx"), b"not an onnx model").unwrap();
+    std::fs::rename(repo_dir.join("tmp3"), repo_dir.join("3")).unwrap();
+    let started = Instant::now();
+    let index = loop {
+        let index = server.get("/v2/repository/index").json();
+        if index[1]["reason"].is_string() {
+            break index;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "version 3 neither loaded nor refused: {index}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!((&index[1]["name"], &index[1]["version"], &index[1]["state"]), (&json!("rides"), &json!("2"), &json!("READY")), "{index}");
+    assert!(index[1]["reason"].as_str().unwrap().starts_with("version 3 refused"), "{index}");
+    std::thread::sleep(Duration::from_millis(500));
+    // Loading it by name is refused the same way, with the reason.
+    let r = server.call("POST", "/v2/repository/models/rides/load", &[("Content-Type", "application/json")], br#"{"parameters": {"version": "3"}}"#);
+    assert_eq!(r.status, 400, "{}", r.text());
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (seen, failed) = c.join().unwrap();
+        assert!(failed.is_empty(), "no request failed: {failed:?}");
+        let switch = seen.iter().position(|v| v == "2").expect("each client saw version 2");
+        assert!(switch > 0, "each client saw version 1 first");
+        assert!(seen[..switch].iter().all(|v| v == "1") && seen[switch..].iter().all(|v| v == "2"), "one switch from 1 to 2: {seen:?}");
+        total += seen.len();
+    }
+    assert!(total > 500, "{total} requests");
+    assert_eq!(server.get("/v2/models/rides/versions/2/ready").status, 200);
+    assert_eq!(server.get("/v2/models/rides/versions/1/ready").status, 404);
+    // Unload: 404 until loaded again; load goes back to the newest good version.
+    assert_eq!(server.call("POST", "/v2/repository/models/rides/unload", &[], b"").status, 200);
+    assert_eq!(server.post_json("/v2/models/rides/infer", &rides_request("x", &[1])).status, 404);
+    let r = server.call("POST", "/v2/repository/models/rides/load", &[("Content-Type", "application/json")], br#"{"parameters": {"version": "2"}}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(server.post_json("/v2/models/rides/infer", &rides_request("x", &[1])).json()["model_version"], "2");
+}
