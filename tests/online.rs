@@ -102,7 +102,7 @@ fn tritonclient_with_binary_data_on_and_off_gets_the_answers_sluice_run_gives() 
             assert_eq!(got.len(), expected.len(), "{model} {mode}: one answer per row");
             for g in got {
                 let want = &expected[g["id"].as_str().unwrap()];
-                let version = want["model_version"].as_str().unwrap();
+                let version = want["model"].as_str().unwrap().split_once('@').unwrap().1;
                 assert_eq!(g["model_version"], version, "{model} {mode}: the version `sluice run` names");
                 if model == "rides" {
                     assert!(close(g["prediction"].as_f64().unwrap(), want["prediction"].as_f64().unwrap()), "{model} {mode}: {g} vs {want}");

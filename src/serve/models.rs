@@ -26,6 +26,9 @@ pub struct Served {
     pub model: Arc<dyn OnlineModel>,
     /// The template it runs with.
     pub template: String,
+    /// The name in its answers' labels (`name@version`): the served name for a repository, the
+    /// task's model name for a single file (as `sluice run` labels it).
+    label_name: String,
     repository: Option<PathBuf>,
     /// The model file: the template's, or its file name inside each version folder.
     file: PathBuf,
@@ -78,17 +81,22 @@ impl Served {
         };
         let model = engine.online(topology, settings)?;
         let path = topology.task.model().to_path_buf();
-        let version = match newest {
+        let label = model.info().label;
+        let (label_name, version) = match newest {
             Some(v) => {
                 model.load_version(&path, &format!("{name}@{v}")).map_err(|e| anyhow::anyhow!("models.{name}: version {v}: {e}"))?;
-                v
+                (name.to_string(), v)
             }
-            None => model.info().label.split_once('@').map_or("", |(_, v)| v).to_string(),
+            None => {
+                let (n, v) = label.split_once('@').unwrap_or((&label, ""));
+                (n.to_string(), v.to_string())
+            }
         };
         Ok(Served {
             name: name.to_string(),
             model,
             template: template.to_string(),
+            label_name,
             repository: config.repository.clone(),
             file,
             watch: config.watch,
@@ -169,14 +177,14 @@ impl Served {
 
     /// A single file's version: the first 12 hex digits of its SHA-256.
     fn file_version(&self) -> Result<String, String> {
-        let label = sluice::tasks::model_label(&self.name, &self.file).map_err(|e| e.to_string())?;
+        let label = sluice::tasks::model_label(&self.label_name, &self.file).map_err(|e| e.to_string())?;
         Ok(label.split_once('@').map_or("", |(_, v)| v).to_string())
     }
 
     fn swap_to(&self, version: &str) -> Result<(), String> {
         let path = self.version_path(version);
         let at = stamp(&path);
-        match self.model.load_version(&path, &format!("{}@{version}", self.name)) {
+        match self.model.load_version(&path, &format!("{}@{version}", self.label_name)) {
             Ok(label) => {
                 tracing::info!(model = %label, "serving version {version}");
                 let mut s = lock(&self.state);

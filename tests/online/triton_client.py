@@ -24,6 +24,9 @@ assert client.is_model_ready(model), "model not ready"
 meta = client.get_model_metadata(model)
 print(json.dumps({"metadata": meta}), flush=True)
 inputs_meta = meta["inputs"]
+# Rows a stream would dead-letter (a missing or empty input) are left out: `sluice run` gives
+# them no answer, and over the protocol they would fail their whole batch.
+rows = [r for r in rows if all((r.get(i["name"]) or "").strip() for i in inputs_meta)]
 outputs_meta = meta["outputs"]
 
 NP = {"BYTES": np.object_, "FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
