@@ -155,6 +155,9 @@ fn v1_answer_takes_a_kafka_payload_and_gives_the_results_topic_object() {
     // A payload a stream would dead-letter is refused with the same reason.
     let r = server.post_json("/v1/answer?model=rides", &json!({"id": "bad", "PULocationID": 8, "trip_distance": 1.0}));
     assert_eq!((r.status, r.error_code()), (400, "missing_field".to_string()), "{}", r.text());
+    // `request_id`, as a Kafka request carries it, is the ID too.
+    let r = server.post_json("/v1/answer?model=rides", &json!({"request_id": "rq-1", "PULocationID": 8, "DOLocationID": 57, "trip_distance": 2.25}));
+    assert_eq!(r.json()["id"], "rq-1", "{}", r.text());
     // Two models: a request must name one.
     let r = server.post_json("/v1/answer", &payload);
     assert_eq!((r.status, r.error_code()), (400, "no_model".to_string()));
@@ -377,4 +380,69 @@ fn a_new_version_is_swapped_in_under_load_and_a_broken_one_is_refused_while_the_
     let r = server.call("POST", "/v2/repository/models/rides/load", &[("Content-Type", "application/json")], br#"{"parameters": {"version": "2"}}"#);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(server.post_json("/v2/models/rides/infer", &rides_request("x", &[1])).json()["model_version"], "2");
+}
+
+#[test]
+fn http_clients_and_a_kafka_stream_on_the_same_model_each_get_their_own_answers() {
+    use common::kafka;
+    let dir = tempfile::tempdir().unwrap();
+    let (topic, results, dead) = (kafka::unique("online_in"), kafka::unique("online_out"), kafka::unique("online_dead"));
+    kafka::create_topics(&[&topic, &results, &dead], 2);
+    // The rides template's task and batching, so the stream shares the HTTP model's service.
+    let pipeline = format!(
+        "name = \"rides_stream\"\n[source]\ntype = \"kafka\"\nbrokers = \"{b}\"\ntopic = \"{topic}\"\nepoch_ms = 20\n[task]\ntype = \"tabular\"\nmodel = \"models/rides/model.onnx\"\n[batching]\nmax_batch = 512\nmax_delay_ms = 2\n[runtime]\nprogress = false\n[[sinks]]\ntype = \"kafka\"\nbrokers = \"{b}\"\ntopic = \"{results}\"\ndead_letter_topic = \"{dead}\"\n",
+        b = kafka::brokers()
+    );
+    let pipeline_path = dir.path().join("stream.toml");
+    std::fs::write(&pipeline_path, pipeline).unwrap();
+    let server = Arc::new(Server::start(dir.path(), &format!("pipelines = [{pipeline_path:?}]\n{}", config("")), &[]));
+    let rows: Vec<usize> = (0..1024).collect();
+    let expected = Arc::new(predictions(&server.post_json("/v2/models/rides/infer", &rides_request("all", &rows))));
+    let n = 20_000usize;
+    let producer = std::thread::spawn(move || {
+        let p = kafka::producer();
+        let messages: Vec<(String, Vec<u8>)> = (0..n)
+            .map(|i| {
+                let r = i % 1024;
+                let payload = json!({"request_id": format!("k{i}"), "PULocationID": 1 + r % 263, "DOLocationID": 1 + (r * 7) % 263, "trip_distance": 0.5 + (r % 97) as f64 * 0.25});
+                (format!("k{i}"), payload.to_string().into_bytes())
+            })
+            .collect();
+        kafka::produce(&p, &topic, &messages);
+    });
+    let clients: Vec<_> = (0..256)
+        .map(|c| {
+            let (server, expected) = (server.clone(), expected.clone());
+            std::thread::spawn(move || {
+                for k in 0..4 {
+                    let row = (c * 4 + k + 512) % 1024;
+                    let r = server.post_json("/v2/models/rides/infer", &rides_request(&format!("c{c}-{k}"), &[row]));
+                    assert_eq!(r.json()["id"], format!("c{c}-{k}"));
+                    let got = predictions(&r)[0];
+                    assert!(close(got, expected[row]), "client {c} row {row}: {got} vs {}", expected[row]);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    producer.join().unwrap();
+    let got = kafka::read_topic(&results, n, Duration::from_secs(120));
+    let mut by_id: HashMap<String, f64> = HashMap::new();
+    for (_, payload, _) in &got {
+        let v: Value = serde_json::from_slice(payload).unwrap();
+        by_id.insert(v["id"].as_str().unwrap().to_string(), v["prediction"].as_f64().unwrap());
+    }
+    assert_eq!(by_id.len(), n, "every streamed ride answered once on the results topic");
+    for (id, p) in &by_id {
+        let row = id[1..].parse::<usize>().unwrap_or_else(|_| panic!("result id {id:?}")) % 1024;
+        assert!(close(*p, expected[row]), "{id}: {p} vs {}", expected[row]);
+    }
+    let stats = server.get("/v2/models/rides/stats").json()["stats"].clone();
+    assert!(stats["online_units"].as_u64().unwrap() >= 1024 + 1024, "{stats}");
+    assert!(
+        stats["units"].as_u64().unwrap() >= stats["online_units"].as_u64().unwrap() + n as u64,
+        "the stream's rides ran on the HTTP model's service: {stats}"
+    );
 }

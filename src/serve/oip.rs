@@ -515,7 +515,8 @@ pub struct AnswerQuery {
     timeout_ms: Option<u64>,
 }
 
-/// `POST /v1/answer`: the JSON a Kafka or Pub/Sub request carries (with an optional `id`),
+/// `POST /v1/answer`: the JSON a Kafka or Pub/Sub request carries (with an optional `id` or
+/// `request_id`),
 /// answered with the object the results topic carries: the ID, the task's outputs, the model
 /// and its version, and the ingest time. Job-API errors (`{"error": {code, message, hint}}`).
 async fn answer(State(app): State<Arc<App>>, Query(q): Query<AnswerQuery>, body: Bytes) -> Response {
@@ -550,7 +551,8 @@ async fn answer(State(app): State<Arc<App>>, Query(q): Query<AnswerQuery>, body:
         Err(_) => return ApiError::new(StatusCode::BAD_REQUEST, "not_json", "the body is not UTF-8 JSON", "send the request's JSON object").into_response(),
     };
     let id = match serde_json::from_str::<HashMap<String, Value>>(&text) {
-        Ok(obj) => match obj.get("id") {
+        // `id`, or `request_id` as a Kafka or Pub/Sub request carries it by default.
+        Ok(obj) => match obj.get("id").or_else(|| obj.get("request_id")) {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
             None | Some(Value::Null) => next_id(),
