@@ -8,6 +8,7 @@
 //!
 //! usage: oip_load --url HOST:PORT [--path /v2/models/rides/infer] [--connections 64]
 //!                 [--seconds 10] [--warmup 2] [--rate REQ_PER_S] [--label NAME]
+//!                 [--bodies FILE]   (one request body per line, sent in turn, in place of rides)
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -24,11 +25,12 @@ struct Args {
     warmup: f64,
     rate: Option<f64>,
     label: String,
+    bodies: Option<String>,
 }
 
 fn args() -> Args {
     let mut a =
-        Args { url: String::new(), path: "/v2/models/rides/infer".into(), connections: 64, seconds: 10.0, warmup: 2.0, rate: None, label: String::new() };
+        Args { url: String::new(), path: "/v2/models/rides/infer".into(), connections: 64, seconds: 10.0, warmup: 2.0, rate: None, label: String::new(), bodies: None };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -40,6 +42,7 @@ fn args() -> Args {
             "--warmup" => a.warmup = v().parse().expect("--warmup S"),
             "--rate" => a.rate = Some(v().parse().expect("--rate R")),
             "--label" => a.label = v(),
+            "--bodies" => a.bodies = Some(v()),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -132,7 +135,10 @@ impl Conn {
 
 fn main() {
     let a = args();
-    let bodies: Arc<Vec<Vec<u8>>> = Arc::new((0..1024).map(body).collect());
+    let bodies: Arc<Vec<Vec<u8>>> = Arc::new(match &a.bodies {
+        Some(f) => std::fs::read_to_string(f).expect("--bodies FILE").lines().filter(|l| !l.is_empty()).map(|l| l.as_bytes().to_vec()).collect(),
+        None => (0..1024).map(body).collect(),
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicU64::new(0));
     let measuring_from = Instant::now() + Duration::from_secs_f64(a.warmup);
