@@ -29,8 +29,16 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut a =
-        Args { url: String::new(), path: "/v2/models/rides/infer".into(), connections: 64, seconds: 10.0, warmup: 2.0, rate: None, label: String::new(), bodies: None };
+    let mut a = Args {
+        url: String::new(),
+        path: "/v2/models/rides/infer".into(),
+        connections: 64,
+        seconds: 10.0,
+        warmup: 2.0,
+        rate: None,
+        label: String::new(),
+        bodies: None,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));

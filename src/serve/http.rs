@@ -744,8 +744,8 @@ fn view(r: &JobRecord) -> JobView {
 /// The OpenAPI document of the job API.
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    info(title = "sluice serve", description = "The job API of sluice: upload files, run jobs, follow them, fetch their answers."),
-    paths(submit, upload, list, status, cancel, answers, dead_letters, templates, pipelines, openapi),
+    info(title = "sluice serve", description = "The job API of sluice: upload files, run jobs, follow them, fetch their answers; and online answers. The Open Inference Protocol routes under /v2 follow the KServe v2 specification."),
+    paths(submit, upload, list, status, cancel, answers, dead_letters, templates, pipelines, openapi, crate::serve::oip::answer),
     components(schemas(JobView, Counts, Accepted, JobList, ErrorBody, ErrorDetail, SubmitRequest, UploadForm, TemplateView, Templates, PipelineView, Pipelines)),
     modifiers(&Bearer)
 )]

@@ -508,10 +508,13 @@ fn tensor_rows(inputs: &[InputTensor], binary: &[u8], model_inputs: &[&str]) -> 
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 pub struct AnswerQuery {
+    /// The model (optional when the server serves one).
     model: Option<String>,
+    /// 1 runs first; default 10.
     priority: Option<u32>,
+    /// 504 past it; queued work is dropped.
     timeout_ms: Option<u64>,
 }
 
@@ -519,7 +522,13 @@ pub struct AnswerQuery {
 /// `request_id`),
 /// answered with the object the results topic carries: the ID, the task's outputs, the model
 /// and its version, and the ingest time. Job-API errors (`{"error": {code, message, hint}}`).
-async fn answer(State(app): State<Arc<App>>, Query(q): Query<AnswerQuery>, body: Bytes) -> Response {
+#[utoipa::path(post, path = "/v1/answer", params(AnswerQuery),
+    request_body(description = "the JSON object a Kafka or Pub/Sub request carries, e.g. {\"request_id\": \"r1\", \"PULocationID\": 8, \"DOLocationID\": 57, \"trip_distance\": 2.25}", content_type = "application/json"),
+    responses((status = 200, description = "the answer object the results topic carries: id, outputs, model, model_version, ingest_ms"),
+        (status = 400, description = "a payload a stream would dead-letter, with its reason as the code"), (status = 404, description = "no such model, or not loaded"),
+        (status = 429, description = "the model's queue is full; Retry-After"), (status = 504, description = "past the timeout")),
+    security(("bearer" = [])))]
+pub async fn answer(State(app): State<Arc<App>>, Query(q): Query<AnswerQuery>, body: Bytes) -> Response {
     use crate::serve::http::ApiError;
     let name = match (&q.model, app.models.len()) {
         (Some(n), _) => n.clone(),
