@@ -446,3 +446,125 @@ fn http_clients_and_a_kafka_stream_on_the_same_model_each_get_their_own_answers(
         "the stream's rides ran on the HTTP model's service: {stats}"
     );
 }
+
+/// The ride model with its prediction doubled (one `Mul` after its output): a second version
+/// whose answers differ from the first's.
+fn doubled_model(to: &Path) {
+    let script = r#"
+import sys
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+m = onnx.load(sys.argv[1])
+name = m.graph.output[0].name
+for n in m.graph.node:
+    for i, o in enumerate(n.output):
+        if o == name:
+            n.output[i] = name + "_v1"
+m.graph.initializer.append(numpy_helper.from_array(np.array([2.0], dtype=np.float32), "v2_scale"))
+m.graph.node.append(helper.make_node("Mul", [name + "_v1", "v2_scale"], [name]))
+onnx.save(m, sys.argv[2])
+"#;
+    let out = Command::new(python()).args(["-c", script, repo().join("models/rides/model.onnx").to_str().unwrap(), to.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "cannot make the doubled model: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Each ID's latest answer in a JSON-lines output folder (an upsert replaces, a delete removes).
+fn live_answers(dir: &Path) -> HashMap<String, Value> {
+    let mut live = HashMap::new();
+    for v in json_lines(dir, "answers") {
+        let id = v["id"].as_str().unwrap().to_string();
+        if v["op"] == "delete" {
+            live.remove(&id);
+        } else {
+            live.insert(id, v);
+        }
+    }
+    live
+}
+
+fn put_version(repo_dir: &Path, version: u32, model: &Path) {
+    let tmp = repo_dir.join(format!("tmp{version}"));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(model, tmp.join("model.onnx")).unwrap();
+    std::fs::rename(&tmp, repo_dir.join(version.to_string())).unwrap();
+}
+
+#[test]
+fn with_recompute_every_live_row_of_a_watched_folder_is_answered_again_by_the_new_version_and_a_restart_finishes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (repo_dir, data, out) = (dir.path().join("repo"), dir.path().join("data"), dir.path().join("out"));
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("a.csv"), rides_csv(0..120)).unwrap();
+    std::fs::write(data.join("b.csv"), rides_csv(1000..1080)).unwrap();
+    std::fs::create_dir_all(repo_dir.join("1")).unwrap();
+    std::fs::copy(repo().join("models/rides/model.onnx"), repo_dir.join("1/model.onnx")).unwrap();
+    let doubled = dir.path().join("doubled.onnx");
+    doubled_model(&doubled);
+    // The rides template's task and batching over a watched folder, recomputed on a model change.
+    let pipeline = format!(
+        "name = \"rides_folder\"\n[source]\ntype = \"files\"\npath = {data:?}\nwatch = true\npoll_ms = 100\nsettle_ms = 100\n[task]\ntype = \"tabular\"\nmodel = \"models/rides/model.onnx\"\n[batching]\nmax_batch = 512\nmax_delay_ms = 2\n[runtime]\nprogress = false\non_model_change = \"recompute\"\n[[sinks]]\ntype = \"jsonl\"\ndir = {out:?}\n"
+    );
+    let pipeline_path = dir.path().join("folder.toml");
+    std::fs::write(&pipeline_path, pipeline).unwrap();
+    let serve = format!("pipelines = [{pipeline_path:?}]\n{}", config(&format!("[models.rides]\nrepository = {repo_dir:?}\n[models.qa]\n")));
+    let wait_all = |label: &str, what: &str| {
+        let started = Instant::now();
+        loop {
+            let live = live_answers(&out);
+            if live.len() == 200 && live.values().all(|v| v["model"] == label) {
+                return live;
+            }
+            let by: HashSet<String> = live.values().map(|v| v["model"].as_str().unwrap_or_default().to_string()).collect();
+            assert!(started.elapsed() < Duration::from_secs(60), "{what}: {} live answers by {by:?}", live.len());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut server = Server::start(dir.path(), &serve, &[]);
+    let v1 = wait_all("rides@1", "version 1's answers");
+    // Version 2 (predictions doubled) appears: every live row is answered again by it.
+    put_version(&repo_dir, 2, &doubled);
+    let v2 = wait_all("rides@2", "every row recomputed by version 2");
+    for (id, a) in &v2 {
+        let (p1, p2) = (v1[id]["prediction"].as_f64().unwrap(), a["prediction"].as_f64().unwrap());
+        assert!(close(p2, 2.0 * p1), "{id}: {p2} is not version 2's answer (2 x {p1})");
+    }
+    // The same as a fresh `sluice run` with version 2.
+    let fresh_out = dir.path().join("fresh");
+    let topology = format!(
+        "name = \"fresh\"\n[source]\ntype = \"files\"\npath = {data:?}\nwatch = false\n[task]\ntype = \"tabular\"\nmodel = {:?}\n[[sinks]]\ntype = \"jsonl\"\ndir = {fresh_out:?}\n",
+        repo_dir.join("2/model.onnx")
+    );
+    let mut run = spawn_sluice(dir.path(), &topology, &[], &[]);
+    assert!(run.wait_timeout(Duration::from_secs(120)).expect("sluice run ended").success(), "{}", run.stderr_tail());
+    let fresh = live_answers(&fresh_out);
+    assert_eq!(fresh.len(), 200);
+    for (id, a) in &fresh {
+        assert!(close(v2[id]["prediction"].as_f64().unwrap(), a["prediction"].as_f64().unwrap()), "{id}: recomputed {} vs fresh {}", v2[id], a);
+    }
+    // A change while the server is down: version 3 (the first model again) is there at the
+    // restart, and the restart answers every row with it.
+    server.kill9();
+    put_version(&repo_dir, 3, &repo().join("models/rides/model.onnx"));
+    let _server = Server::start(dir.path(), &serve, &[]);
+    let v3 = wait_all("rides@3", "every row recomputed by version 3 after the restart");
+    for (id, a) in &v3 {
+        assert!(close(a["prediction"].as_f64().unwrap(), v1[id]["prediction"].as_f64().unwrap()), "{id}");
+    }
+}
+
+#[test]
+fn recompute_on_a_source_that_cannot_answer_its_rows_again_is_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let topology = format!(
+        "name = \"gen\"\n[source]\ntype = \"generator\"\ncount = 10\n[task]\ntype = \"tabular\"\nmodel = \"{}/models/rides/model.onnx\"\n[runtime]\non_model_change = \"recompute\"\n[[sinks]]\ntype = \"jsonl\"\ndir = {:?}\n",
+        repo().display(),
+        dir.path().join("out")
+    );
+    let mut run = spawn_sluice(dir.path(), &topology, &[], &[]);
+    let status = run.wait_timeout(Duration::from_secs(60)).expect("sluice run ended");
+    assert!(!status.success());
+    let err = run.stderr();
+    assert!(err.contains("on_model_change = \"recompute\" needs a source that can answer every live row again"), "{err}");
+    assert!(err.contains("watch = true"), "{err}");
+}

@@ -45,7 +45,12 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
     // The pipelines that run for the process's life: their failure is theirs, logged.
     let mut pipelines = Vec::new();
     for path in &config.pipelines {
-        let t = sluice::registry::load(path)?;
+        let mut t = sluice::registry::load(path)?;
+        // A pipeline on a served model's file runs on the version the model serves (and shares
+        // its service when its task, batching and execution are the template's).
+        if let Some(m) = models.values().find(|m| m.file() == t.task.model() && m.started_on != m.file()) {
+            t.task.set_model(m.started_on.clone());
+        }
         let job = engine.submit(&t.name, &t, JobOptions::default())?;
         tracing::info!(pipeline = %t.name, "pipeline running");
         pipelines.push(job);

@@ -32,6 +32,9 @@ pub struct Served {
     repository: Option<PathBuf>,
     /// The model file: the template's, or its file name inside each version folder.
     file: PathBuf,
+    /// The file the model's service started on (the repository's version then): the one a
+    /// pipeline on the same model names, to share the service.
+    pub started_on: PathBuf,
     watch: bool,
     state: Mutex<State>,
 }
@@ -98,10 +101,16 @@ impl Served {
             template: template.to_string(),
             label_name,
             repository: config.repository.clone(),
+            started_on: path.clone(),
             file,
             watch: config.watch,
             state: Mutex::new(State { ready: true, version, stamp: stamp(&path), path, pinned: None, refused: None }),
         })
+    }
+
+    /// The template's model file (for a repository, the name each version's file has).
+    pub fn file(&self) -> &Path {
+        &self.file
     }
 
     fn file_name(&self) -> &Path {

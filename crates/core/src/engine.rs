@@ -632,7 +632,19 @@ fn prepare<T: Task>(
         // A quarter of the grace: the pace is measured under the load of the moment, and a busier
         // machine at the stop drains slower.
         drain_within: Some(Duration::from_millis(rt.shutdown_grace_ms / 4)),
+        model: None,
     };
+    let mut harness = harness;
+    if rt.on_model_change == crate::topology::OnModelChange::Recompute {
+        if !source.recomputes() {
+            return Err(RunError::Source(crate::source::SourceError::Config(format!(
+                "{}: runtime.on_model_change = \"recompute\" needs a source that can answer every live row again (a watched files source: type = \"files\", watch = true); {} cannot\n  hint: remove on_model_change, or read the rows from a watched folder",
+                topology.name,
+                source.describe()
+            ))));
+        }
+        harness.model = Some(Arc::new(handle.clone()));
+    }
     // A table that supplies changes retracts the answer of a row that fails (a fresh read would
     // give it none).
     let retract = source.keying() == Keying::Changes;

@@ -281,6 +281,16 @@ impl<M: Model> InferenceHandle<M> {
     }
 }
 
+impl<M: Model> crate::source::ModelVersion for InferenceHandle<M> {
+    fn generation(&self) -> u64 {
+        self.versions.generation.load(Ordering::Acquire)
+    }
+
+    fn label(&self) -> Arc<str> {
+        InferenceHandle::label(self)
+    }
+}
+
 /// Starts one model thread per model (each its own session): with several, one thread forms and
 /// copies the next batch while another's runs, so that many model runs are in flight. The
 /// threads share one queue per lane. Their answers carry `label` until a new version is swapped

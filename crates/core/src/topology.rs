@@ -341,6 +341,20 @@ pub struct RuntimeConfig {
     /// arriving again unchanged is answered once. Tables remember every ID.
     #[serde(default = "default_dedupe_window")]
     pub dedupe_window: usize,
+    /// What a new model version does to the answers already made: `new_requests` (the default)
+    /// answers later requests with it; `recompute` (a watched-files source) answers every live
+    /// row again with it, replacing its answer in every sink.
+    #[serde(default)]
+    pub on_model_change: OnModelChange,
+}
+
+/// See [`RuntimeConfig::on_model_change`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnModelChange {
+    #[default]
+    NewRequests,
+    Recompute,
 }
 
 fn default_max_id_bytes() -> usize {
@@ -388,6 +402,7 @@ impl Default for RuntimeConfig {
             max_dead_letter_bytes: default_max_dead_letter_bytes(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
             dedupe_window: default_dedupe_window(),
+            on_model_change: OnModelChange::default(),
         }
     }
 }

@@ -164,6 +164,9 @@ impl SourceFactory for FilesFactory {
     fn keying(&self) -> Keying {
         Keying::Changes
     }
+    fn recomputes(&self) -> bool {
+        self.config.watch
+    }
     fn epoch_every(&self) -> Option<Duration> {
         self.config.watch.then(|| Duration::from_millis(self.config.epoch_ms))
     }
@@ -300,6 +303,7 @@ impl FilesFactory {
                 owners.waiting.insert(name.clone());
             }
         }
+        let answered_by = resume.iter().find(|c| c.scope == model_scope(&own) && c.shard == "model").map(|c| c.position.clone());
         let mut source = FilesSource {
             store,
             scope: own,
@@ -326,6 +330,8 @@ impl FilesFactory {
             passed_over: 0,
             owners,
             wake: false,
+            answered_by,
+            recompute: None,
         };
         if !has_own {
             // Every adopted manifest is stored in full in this worker's scope.
@@ -463,9 +469,25 @@ struct Reading {
     gone: u64,
     /// Rows passed over in unchanged blocks.
     passed: u64,
+    /// Every row is sent again (a new model version answers it).
+    recomputing: bool,
 }
 
+/// A recompute under way: the model version answering now, and the files still to read again.
+struct Recompute {
+    model: String,
+    files: HashSet<String>,
+}
+
+/// The version a file's manifest takes while it waits to be read again for a recompute: no
+/// listing has this tag, so the next listing reads it.
+const RECOMPUTE_TAG: &str = "\u{1}recompute";
+
 struct FilesSource {
+    /// The model version that answered this worker's rows, as stored with its checkpoints
+    /// (`on_model_change = "recompute"`).
+    answered_by: Option<String>,
+    recompute: Option<Recompute>,
     store: Store,
     /// This worker's scope for its manifests in this era.
     scope: String,
@@ -617,6 +639,7 @@ impl FilesSource {
         match work {
             Work::Remove(name) => {
                 self.queued.remove(&name);
+                self.recomputed(&name, true);
                 let old = self.known.remove(&name).unwrap_or_default();
                 let no = self.owners.number(&name);
                 self.owners.waiting.remove(&name);
@@ -643,6 +666,7 @@ impl FilesSource {
                     rows: 0,
                     changed: 0,
                     passed: 0,
+                    recomputing: false,
                 });
             }
             Work::Read(l) => {
@@ -655,6 +679,7 @@ impl FilesSource {
                 match opened {
                     Ok((reader, parquet)) => {
                         let old = self.known.remove(&l.name).unwrap_or_default();
+                        let recomputing = self.recompute.as_ref().is_some_and(|r| r.files.contains(&l.name));
                         self.current = Some(Reading {
                             name: name.clone(),
                             reader,
@@ -663,7 +688,7 @@ impl FilesSource {
                             eof: false,
                             row: 0,
                             header: None,
-                            diff: Some(Diff::new(&name, old, l.tag).routed(self.route)),
+                            diff: Some(Diff::new(&name, old, l.tag).routed(self.route).recomputing(recomputing)),
                             done: None,
                             parquet,
                             started: Instant::now(),
@@ -672,6 +697,7 @@ impl FilesSource {
                             changed: 0,
                             gone: 0,
                             passed: 0,
+                            recomputing,
                         });
                     }
                     // Gone between the listing and now, or unreadable: the next listing decides.
@@ -718,8 +744,16 @@ impl FilesSource {
                     r.started.elapsed().as_millis(),
                     r.passed
                 );
+                // A file read before the recompute began is read again; one read for it is done.
+                let pending = self.recompute.as_ref().is_some_and(|p| p.files.contains(&shard));
+                if pending && !r.recomputing && !manifest.version.is_empty() {
+                    manifest.version = RECOMPUTE_TAG.into();
+                }
                 if !manifest.version.is_empty() {
                     self.known.insert(r.name.to_string(), manifest);
+                }
+                if r.recomputing || manifest_gone(&self.known, &shard) {
+                    self.recomputed(&shard, true);
                 }
             }
             return Ok(());
@@ -1183,6 +1217,32 @@ impl<'b> Framer<'b> for Slice<'_, 'b, '_> {
     }
 }
 
+fn manifest_gone(known: &HashMap<String, Manifest>, file: &str) -> bool {
+    !known.contains_key(file)
+}
+
+impl FilesSource {
+    /// `file` was read again for the recompute (or went away): once no file is left, the model
+    /// version is stored with the next checkpoints, so a restart knows every row has its answer.
+    fn recomputed(&mut self, file: &str, done: bool) {
+        let Some(r) = self.recompute.as_mut() else { return };
+        if done {
+            r.files.remove(file);
+        }
+        if r.files.is_empty() {
+            let r = self.recompute.take().expect("a recompute");
+            tracing::info!(worker = self.worker, model = %r.model, "files: every live row is answered by the new model version");
+            self.ready.push(Checkpoint { scope: model_scope(&self.scope), shard: "model".into(), position: r.model.clone() });
+            self.answered_by = Some(r.model);
+        }
+    }
+}
+
+/// The scope of the model version that answered a worker's rows.
+fn model_scope(scope: &str) -> String {
+    format!("{scope} (model)")
+}
+
 impl Source for FilesSource {
     fn poll(&mut self, _epoch: u64, budget: usize, out: &mut Vec<RawRecord>) -> Result<Poll, SourceError> {
         let now = now_ms();
@@ -1239,6 +1299,30 @@ impl Source for FilesSource {
 
     fn wants_checkpoint(&self) -> bool {
         !self.ready.is_empty()
+    }
+
+    /// A new model version (or the first one this worker's rows were not answered by, after a
+    /// restart): every known file is read again with every row sent, and the version is stored
+    /// once all are.
+    fn answer_with(&mut self, model: &str) {
+        if self.recompute.as_ref().map_or(self.answered_by.as_deref() == Some(model), |r| r.model == model) {
+            return;
+        }
+        let mut files: HashSet<String> = self.known.keys().cloned().collect();
+        files.extend(self.current.as_ref().map(|r| r.name.to_string()));
+        files.extend(self.queued.iter().cloned());
+        if self.answered_by.is_some() || !files.is_empty() {
+            tracing::info!(worker = self.worker, model, files = files.len(), "files: a new model version: answering every live row again");
+        }
+        for (name, m) in self.known.iter_mut() {
+            if files.contains(name) {
+                m.version = RECOMPUTE_TAG.into();
+            }
+        }
+        self.recompute = Some(Recompute { model: model.to_string(), files });
+        // List at the next poll: the files whose tag was cleared are read again.
+        self.listed_at = None;
+        self.recomputed("", false);
     }
 }
 

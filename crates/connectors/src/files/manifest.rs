@@ -472,6 +472,9 @@ pub struct Diff {
     /// Whether the last row sent replaces an answer of its ID's (a changed row, not a new or a
     /// waiting one).
     last_replaces: bool,
+    /// A new model version answers every row again: an unchanged row is sent too, replacing
+    /// its answer, and no block is passed over.
+    recompute: bool,
 }
 
 /// What a diff makes of one row of the new version.
@@ -508,7 +511,14 @@ impl Diff {
             route: Route::ALL,
             last: 0,
             last_replaces: false,
+            recompute: false,
         }
+    }
+
+    /// Sends every row, unchanged ones too (their answers are made again by a new model).
+    pub fn recomputing(mut self, yes: bool) -> Self {
+        self.recompute = yes;
+        self
     }
 
     /// Answers only the rows of `route` (the others are recorded and come out as
@@ -589,7 +599,15 @@ impl Diff {
         row.at = at | (row.at & CHANGED);
         // A waiting row's content is WAITING, which no row's hash equals: it is offered again.
         if row.content == content {
-            return Seen::Same;
+            if !self.recompute {
+                return Seen::Same;
+            }
+            // Recomputed: the same row, answered again, replacing its answer.
+            self.last_replaces = true;
+            if !self.mine(named, content, k) {
+                return Seen::Foreign;
+            }
+            return Seen::Send(id(&self.file));
         }
         self.last_replaces = row.content != WAITING;
         row.content = content;
@@ -609,6 +627,9 @@ impl Diff {
     /// boundary of the new version) starts with its bytes: its rows are seen, unchanged, with no
     /// framing or hashing of their own. Returns the block's bytes and rows.
     pub fn skip(&mut self, data: &[u8], seed: u64) -> Option<(usize, usize)> {
+        if self.recompute {
+            return None;
+        }
         let blocks = &self.m.blocks;
         if self.next_block > 0 && blocks[self.next_block - 1].first as usize > self.cursor {
             // A moved row sent the cursor back (found through the index).

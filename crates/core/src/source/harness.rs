@@ -35,6 +35,14 @@ pub struct HarnessSettings {
     /// A worker admits no more records than it has been measured to make durable in this long,
     /// so a stop drains within the shutdown grace even when each record is slow.
     pub drain_within: Option<Duration>,
+    /// The model version to tell the source about (`on_model_change = "recompute"`).
+    pub model: Option<Arc<dyn crate::source::ModelVersion>>,
+}
+
+impl std::fmt::Debug for dyn crate::source::ModelVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ModelVersion({})", self.label())
+    }
 }
 
 /// A job-stopping error raised on a worker or sink thread (a source or sink that cannot work as
@@ -263,6 +271,7 @@ pub fn source_harness<'s>(
             backoff: FIRST_BACKOFF,
             last_record: Instant::now(),
             buf: Vec::new(),
+            model_told: None,
         },
     };
     builder.build_reschedule(move |caps| {
@@ -324,6 +333,8 @@ struct State {
     /// When the source last supplied records (or was built), for `idle_exit`.
     last_record: Instant,
     buf: Vec<RawRecord>,
+    /// The model generation the source was last told of ([`HarnessSettings::model`]).
+    model_told: Option<u64>,
 }
 
 /// The epoch records are read into now, and how many it holds.
@@ -480,6 +491,13 @@ impl Harness {
     /// an idle source leaves, and schedules the next activation.
     fn read(&mut self) {
         let Phase::Reading(source) = &mut self.phase else { return };
+        if let Some(model) = &self.state.settings.model {
+            let generation = model.generation();
+            if self.state.model_told != Some(generation) {
+                self.state.model_told = Some(generation);
+                source.answer_with(&model.label());
+            }
+        }
         let Some(budget) = self.state.admit(source.as_mut()) else { return };
         let polled = self.state.poll(source.as_mut(), budget);
         self.state.close_epochs(source.as_mut(), &polled);
@@ -724,8 +742,14 @@ mod tests {
             let records = Rc::new(std::cell::RefCell::new(Vec::new()));
             let checkpoints = Rc::new(std::cell::RefCell::new(Vec::new()));
             let (r, c) = (records.clone(), checkpoints.clone());
-            let settings =
-                HarnessSettings { epoch_records: 4, max_epochs_in_flight: 4, max_records_in_flight: 6, max_bytes_in_flight: 1 << 20, drain_within: None };
+            let settings = HarnessSettings {
+                epoch_records: 4,
+                max_epochs_in_flight: 4,
+                max_records_in_flight: 6,
+                max_bytes_in_flight: 1 << 20,
+                drain_within: None,
+                model: None,
+            };
             worker.dataflow::<u64, _, _>(|scope| {
                 let (recs, cps) = source_harness(
                     scope,

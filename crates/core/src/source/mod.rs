@@ -121,6 +121,20 @@ pub trait Source: 'static {
     fn total_hint(&self) -> Option<u64> {
         None
     }
+    /// The model version (`name@version`) that answers from now on, told when the reading
+    /// starts and whenever it changes, for a pipeline with `on_model_change = "recompute"`. A
+    /// source that recomputes ([`SourceFactory::recomputes`]) supplies again every live row that
+    /// another version answered, and stores the version with its checkpoints once all are, so a
+    /// restart finishes what was left.
+    fn answer_with(&mut self, _model: &str) {}
+}
+
+/// The model version a pipeline's answers come from, as its source harness follows it.
+pub trait ModelVersion: Send + Sync {
+    /// Changes whenever a new version is given to the model service.
+    fn generation(&self) -> u64;
+    /// `name@version` of the newest version.
+    fn label(&self) -> std::sync::Arc<str>;
 }
 
 /// How the engine keys a source's records by ID.
@@ -151,6 +165,11 @@ pub trait SourceFactory: Send + Sync + 'static {
     fn resumable(&self) -> bool;
     /// Whether this is a table or a stream.
     fn keying(&self) -> Keying;
+    /// Whether its sources answer every live row again on a model change
+    /// ([`Source::answer_with`]); only those can run `on_model_change = "recompute"`.
+    fn recomputes(&self) -> bool {
+        false
+    }
     /// Clock epochs: close an epoch every this long (streams, so idle workers never hold back
     /// busy ones). `None`: close one every `runtime.epoch_records` records.
     fn epoch_every(&self) -> Option<Duration> {
