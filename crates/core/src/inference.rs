@@ -364,7 +364,9 @@ struct BulkBatches<U, O> {
 }
 
 /// One model thread. Before each batch it takes a newer version if one was given. Interactive
-/// submissions run first, in priority order, batched with one another; bulk submissions are
+/// submissions run first, in priority order, batched with one another as they wait (no delay:
+/// a request arriving at an idle model runs at once, and those arriving during a run form the
+/// next batch, so the batch grows with the load); bulk submissions are
 /// collected as [`batcher`] says and cut into batches of similar cost, and an interactive
 /// request that arrives meanwhile waits for at most the one bulk batch in flight.
 fn serve<M: Model>(mut model: M, mut label: Arc<str>, lanes: Lanes<M::Unit, M::Out>, policy: BatchPolicy, shared: Shared<M>) {
@@ -400,19 +402,6 @@ fn serve<M: Model>(mut model: M, mut label: Arc<str>, lanes: Lanes<M::Unit, M::O
             waiting.push(Waiting { priority: sub.interest.as_ref().map_or(u32::MAX, |i| i.priority), seq, sub });
         }
         let run: Option<Run<M::Unit, M::Out>> = if !waiting.is_empty() {
-            // No bulk work waits behind them: give other interactive requests `max_delay` to join.
-            if bulk.is_empty() && waiting_units(&waiting) < run_size {
-                let deadline = Instant::now() + policy.max_delay;
-                while waiting_units(&waiting) < run_size {
-                    match lanes.online.recv_deadline(deadline) {
-                        Ok(sub) => {
-                            seq += 1;
-                            waiting.push(Waiting { priority: sub.interest.as_ref().map_or(u32::MAX, |i| i.priority), seq, sub });
-                        }
-                        Err(_) => break,
-                    }
-                }
-            }
             online_batch(&mut waiting, run_size, &shared, &label)
         } else if let Some(front) = bulk.front_mut() {
             let batch = front.batches.pop_front();
@@ -477,10 +466,6 @@ fn serve<M: Model>(mut model: M, mut label: Arc<str>, lanes: Lanes<M::Unit, M::O
         drop(inputs);
         deliver(batch, outs, &replies, &label);
     }
-}
-
-fn waiting_units<U, O>(waiting: &BinaryHeap<Waiting<U, O>>) -> usize {
-    waiting.iter().map(|w| w.sub.units.len()).sum()
 }
 
 /// The next interactive batch: whole submissions in priority order, up to `run_size` units (a
