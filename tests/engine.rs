@@ -26,9 +26,16 @@ fn lines(dir: &std::path::Path) -> usize {
 #[test]
 fn jobs_share_one_engine_and_one_model_service_and_end_on_their_own() {
     let dir = tempfile::tempdir().unwrap();
-    let engine =
-        Engine::start(EngineSettings { workers: 2, process: 0, hosts: Vec::new(), metrics_listen: None, metrics_recorder: false, signals_grace: None })
-            .unwrap();
+    let engine = Engine::start(EngineSettings {
+        workers: 2,
+        process: 0,
+        hosts: Vec::new(),
+        metrics_listen: None,
+        metrics_recorder: false,
+        signals_grace: None,
+        worker_nice: 0,
+    })
+    .unwrap();
     let counts = [50_000u64, 120_000, 7];
     let jobs: Vec<_> = counts
         .iter()

@@ -46,6 +46,10 @@ pub struct ServeConfig {
     /// version.
     #[serde(default = "default_model_poll_ms")]
     pub model_poll_ms: u64,
+    /// The nice value (0 to 19) of the threads that run jobs and pipelines: online requests
+    /// come first for the CPU, and bulk work takes what they leave. 0: the same priority.
+    #[serde(default = "default_bulk_nice")]
+    pub bulk_nice: i32,
     /// How long SIGTERM gives the jobs to drain.
     #[serde(default = "default_grace")]
     pub shutdown_grace_ms: u64,
@@ -79,6 +83,9 @@ impl ModelConfig {
     }
 }
 
+fn default_bulk_nice() -> i32 {
+    10
+}
 fn default_true() -> bool {
     true
 }
@@ -196,6 +203,13 @@ impl ServeConfig {
         }
         if self.workers == 0 {
             return Err(bad("workers", "must be at least 1".into(), "use the machine's cores, e.g. 2"));
+        }
+        if !(0..=19).contains(&self.bulk_nice) {
+            return Err(bad(
+                "bulk_nice",
+                format!("{} is not a nice value from 0 to 19", self.bulk_nice),
+                "e.g. 10 (bulk work yields to online requests), or 0",
+            ));
         }
         if self.limits.max_running_jobs == 0 {
             return Err(bad("limits.max_running_jobs", "must be at least 1".into(), "e.g. 2"));

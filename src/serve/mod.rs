@@ -30,6 +30,7 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
         metrics_listen: None,
         metrics_recorder: true,
         signals_grace: Some(Duration::from_millis(config.shutdown_grace_ms)),
+        worker_nice: config.bulk_nice,
     })?;
     // The models answered online. One with a repository points its template at the version it
     // serves, so the template's jobs share its service.

@@ -44,6 +44,10 @@ pub struct EngineSettings {
     /// After SIGTERM or SIGINT, how long the jobs have to drain before the process exits
     /// non-zero; `None` leaves signals alone (tests that run an engine in-process).
     pub signals_grace: Option<Duration>,
+    /// The nice value of the timely worker threads (and the threads they start): the jobs' and
+    /// pipelines' bulk work. `sluice serve` raises it so that online requests (its HTTP threads
+    /// and the model threads, at the process's own) come first for the CPU; 0 leaves it.
+    pub worker_nice: i32,
 }
 
 /// Where a job is in its life.
@@ -719,6 +723,12 @@ impl<T: Task> Install for Prepared<T> {
 /// `step_or_park` loop would return once no dataflow is left).
 fn worker_loop(worker: &mut timely::worker::Worker, inner: &Arc<Inner>) -> Result<(), RunError> {
     lock(&inner.threads).push(std::thread::current());
+    if inner.settings.worker_nice != 0 {
+        // This thread only: Linux keeps a nice value per thread.
+        if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), inner.settings.worker_nice) {
+            tracing::warn!("cannot set the worker threads' nice value to {}: {e}", inner.settings.worker_nice);
+        }
+    }
     let mut installed = 0usize;
     let mut running: Vec<(Arc<JobShared>, ProbeHandle<u64>)> = Vec::new();
     loop {

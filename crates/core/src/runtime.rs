@@ -81,6 +81,7 @@ pub fn run(topology: &Topology, opts: &RunOptions) -> Result<Summary, RunError> 
         metrics_listen: topology.metrics.listen.clone(),
         metrics_recorder: false,
         signals_grace: Some(Duration::from_millis(topology.runtime.shutdown_grace_ms)),
+        worker_nice: 0,
     };
     let engine = Engine::start(settings)?;
     let job = engine.submit(&topology.name, topology, JobOptions { progress_bar: opts.progress, opened: None, ended: None })?;
