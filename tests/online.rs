@@ -568,3 +568,87 @@ fn recompute_on_a_source_that_cannot_answer_its_rows_again_is_refused_with_the_f
     assert!(err.contains("on_model_change = \"recompute\" needs a source that can answer every live row again"), "{err}");
     assert!(err.contains("watch = true"), "{err}");
 }
+
+#[test]
+fn a_request_past_its_timeout_gets_504_and_its_work_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Arc::new(Server::start(dir.path(), &config(""), &[]));
+    let context = Arc::new(long_context(6));
+    // Keep the QA model busy, then ask with a timeout of 50 microseconds.
+    let busy: Vec<_> = (0..4)
+        .map(|i| {
+            let (server, context) = (server.clone(), context.clone());
+            std::thread::spawn(move || server.post_json("/v2/models/qa/infer", &qa_request(&format!("busy{i}"), &context)).status)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut late = qa_request("late", &context);
+    late["parameters"] = json!({"timeout": 50});
+    let r = server.post_json("/v2/models/qa/infer", &late);
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(r.json()["error"].as_str().unwrap().contains("timeout"), "{}", r.text());
+    for b in busy {
+        assert_eq!(b.join().unwrap(), 200);
+    }
+    let started = Instant::now();
+    let stats = loop {
+        let s = server.get("/v2/models/qa/stats").json()["stats"].clone();
+        if s["in_flight"] == 0 {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "{s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let per_request = stats["online_submitted"].as_u64().unwrap() / 5;
+    assert_eq!(stats["online_units"].as_u64().unwrap(), 4 * per_request, "the late request's units never ran: {stats}");
+    assert_eq!(stats["canceled_units"].as_u64().unwrap() + stats["expired_units"].as_u64().unwrap(), per_request, "{stats}");
+}
+
+#[test]
+fn a_rewritten_model_file_is_a_new_version_named_by_its_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("rides/model.onnx");
+    std::fs::create_dir_all(model.parent().unwrap()).unwrap();
+    std::fs::copy(repo().join("models/rides/model.onnx"), &model).unwrap();
+    let template = std::fs::read_to_string(repo().join("topologies/rides_generator.toml")).unwrap().replace("models/rides/model.onnx", model.to_str().unwrap());
+    let template_path = dir.path().join("rides.toml");
+    std::fs::write(&template_path, template).unwrap();
+    let serve = format!("workers = 2\nmodel_poll_ms = 100\n[templates]\nrides = {template_path:?}\n");
+    let server = Server::start(dir.path(), &serve, &[]);
+    let first = server.post_json("/v2/models/rides/infer", &rides_request("a", &[5])).json();
+    // The file is replaced (written beside, renamed over) by the doubled model.
+    let doubled = dir.path().join("doubled.onnx");
+    doubled_model(&doubled);
+    std::fs::rename(&doubled, &model).unwrap();
+    let started = Instant::now();
+    let second = loop {
+        let r = server.post_json("/v2/models/rides/infer", &rides_request("b", &[5])).json();
+        if r["model_version"] != first["model_version"] {
+            break r;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the rewritten file was not loaded: {}", server.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (p1, p2) = (first["outputs"][0]["data"][0].as_f64().unwrap(), second["outputs"][0]["data"][0].as_f64().unwrap());
+    assert!(close(p2, 2.0 * p1), "{p2} vs 2 x {p1}");
+    assert_eq!(second["model_version"].as_str().unwrap().len(), 12, "a digest's first 12 hex digits: {second}");
+    // A job on the template now runs on the new version too: its answers name it.
+    let job = server.post_json("/v1/jobs", &json!({"template": "rides", "source": {"type": "generator", "count": 100, "seed": 1}}));
+    let id = job.json()["job_id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    while server.get(&format!("/v1/jobs/{id}")).json()["status"] != "succeeded" {
+        assert!(started.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let answers = server.get(&format!("/v1/jobs/{id}/answers?limit=1000")).text();
+    let want = format!("rides@{}", second["model_version"].as_str().unwrap());
+    assert_eq!(answers.lines().count(), 100);
+    for line in answers.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["model"], want.as_str(), "{line}");
+    }
+    // SIGTERM with models served and watched: the server stops cleanly (their services stop
+    // once nothing holds them).
+    let mut server = server;
+    assert_eq!(server.terminate(Duration::from_secs(30)).and_then(|s| s.code()), Some(0), "{}", server.stderr());
+}

@@ -75,6 +75,9 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
             .await?;
         anyhow::Ok(())
     });
+    // The connections' tasks hold the app and with it the online models' handles on their
+    // inference services, which stop (and the engine with them) only once no handle is left.
+    drop(rt);
     jobs.stop();
     jobs.wait_stopped();
     for p in pipelines {

@@ -263,15 +263,22 @@ fn repo_versions(repo: &Path, file_name: &Path) -> Vec<String> {
     found.into_iter().map(|v| v.to_string()).collect()
 }
 
-/// Checks every watched model every `every` until the process ends.
+/// Checks every watched model every `every` while the server holds them: the watcher keeps no
+/// model alive (a model's inference service stops once nothing holds it, at shutdown).
 pub fn watch(models: Vec<Arc<Served>>, every: Duration) {
     if !models.iter().any(|m| m.watch) {
         return;
     }
+    let models: Vec<std::sync::Weak<Served>> = models.iter().map(Arc::downgrade).collect();
     let _ = std::thread::Builder::new().name("sluice-model-watch".into()).spawn(move || loop {
         std::thread::sleep(every);
-        for m in &models {
+        let mut alive = 0;
+        for m in models.iter().filter_map(std::sync::Weak::upgrade) {
+            alive += 1;
             m.poll();
+        }
+        if alive == 0 {
+            return;
         }
     });
 }
