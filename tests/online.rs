@@ -209,6 +209,20 @@ fn concurrent_clients_each_get_their_own_answer_while_a_two_million_ride_job_run
     assert!(stats["stats"]["units"].as_u64().unwrap() > stats["stats"]["online_units"].as_u64().unwrap(), "the job's rows ran on the same service: {stats}");
 }
 
+/// A model's service statistics once no online request is in flight (each one answered,
+/// refused, or its units dropped).
+fn idle_stats(server: &Server, model: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let s = server.get(&format!("/v2/models/{model}/stats")).json()["stats"].clone();
+        if s["in_flight"] == 0 {
+            return s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "requests still in flight: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A QA context long enough for `windows` windows of 384 tokens.
 fn long_context(windows: usize) -> String {
     "The river carries silt from the mountains to the delta, where farmers grow rice in the wet season. ".repeat(windows * 14)
@@ -283,15 +297,7 @@ fn a_client_that_disconnects_cancels_its_queued_work() {
     }
     drop(sockets);
     // Once the model is idle again every unit was either run or dropped unrun.
-    let started = Instant::now();
-    let stats = loop {
-        let s = server.get("/v2/models/qa/stats").json()["stats"].clone();
-        if s["in_flight"] == 0 {
-            break s;
-        }
-        assert!(started.elapsed() < Duration::from_secs(120), "requests still in flight: {s}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let stats = idle_stats(&server, "qa");
     let (submitted, ran, canceled) =
         (stats["online_submitted"].as_u64().unwrap(), stats["online_units"].as_u64().unwrap(), stats["canceled_units"].as_u64().unwrap());
     assert_eq!(submitted % 12, 0, "every request has the same windows: {stats}");
@@ -590,15 +596,7 @@ fn a_request_past_its_timeout_gets_504_and_its_work_is_dropped() {
     for b in busy {
         assert_eq!(b.join().unwrap(), 200);
     }
-    let started = Instant::now();
-    let stats = loop {
-        let s = server.get("/v2/models/qa/stats").json()["stats"].clone();
-        if s["in_flight"] == 0 {
-            break s;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "{s}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let stats = idle_stats(&server, "qa");
     let per_request = stats["online_submitted"].as_u64().unwrap() / 5;
     assert_eq!(stats["online_units"].as_u64().unwrap(), 4 * per_request, "the late request's units never ran: {stats}");
     assert_eq!(stats["canceled_units"].as_u64().unwrap() + stats["expired_units"].as_u64().unwrap(), per_request, "{stats}");
