@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use sluice::json::TextValue;
 use sluice::online::{OnlineError, OnlineReply, OnlineRequest, Row};
 use sluice::record::{ColumnKind, Value as Cell};
 use std::collections::HashMap;
@@ -32,11 +33,11 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
         .route("/v2/models/{name}", get(metadata))
-        .route("/v2/models/{name}/versions/{version}", get(metadata_version))
+        .route("/v2/models/{name}/versions/{version}", get(metadata))
         .route("/v2/models/{name}/ready", get(ready))
-        .route("/v2/models/{name}/versions/{version}/ready", get(ready_version))
+        .route("/v2/models/{name}/versions/{version}/ready", get(ready))
         .route("/v2/models/{name}/infer", post(infer))
-        .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
+        .route("/v2/models/{name}/versions/{version}/infer", post(infer))
         .route("/v2/models/{name}/stats", get(stats))
         .route("/v2/repository/index", get(index).post(index))
         .route("/v2/repository/models/{name}/load", post(load))
@@ -93,29 +94,24 @@ fn metadata_of(m: &Served) -> Value {
     })
 }
 
-async fn metadata(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
-    match served(&app, &name, None) {
+/// A model route's path: its `name`, and the `version` when the route names one.
+type ModelPath = Path<HashMap<String, String>>;
+
+fn name_version(p: &HashMap<String, String>) -> (&str, Option<&str>) {
+    (p.get("name").map(String::as_str).unwrap_or_default(), p.get("version").map(String::as_str))
+}
+
+async fn metadata(State(app): State<Arc<App>>, Path(p): ModelPath) -> Response {
+    let (name, version) = name_version(&p);
+    match served(&app, name, version) {
         Ok(m) => Json(metadata_of(m)).into_response(),
         Err(r) => *r,
     }
 }
 
-async fn metadata_version(State(app): State<Arc<App>>, Path((name, version)): Path<(String, String)>) -> Response {
-    match served(&app, &name, Some(&version)) {
-        Ok(m) => Json(metadata_of(m)).into_response(),
-        Err(r) => *r,
-    }
-}
-
-async fn ready(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
-    match served(&app, &name, None) {
-        Ok(_) => StatusCode::OK.into_response(),
-        Err(r) => *r,
-    }
-}
-
-async fn ready_version(State(app): State<Arc<App>>, Path((name, version)): Path<(String, String)>) -> Response {
-    match served(&app, &name, Some(&version)) {
+async fn ready(State(app): State<Arc<App>>, Path(p): ModelPath) -> Response {
+    let (name, version) = name_version(&p);
+    match served(&app, name, version) {
         Ok(_) => StatusCode::OK.into_response(),
         Err(r) => *r,
     }
@@ -202,12 +198,9 @@ struct InferRequest {
     outputs: Option<Vec<RequestedOutput>>,
 }
 
-async fn infer(State(app): State<Arc<App>>, Path(name): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
-    infer_on(app, name, None, headers, body).await
-}
-
-async fn infer_version(State(app): State<Arc<App>>, Path((name, version)): Path<(String, String)>, headers: HeaderMap, body: Bytes) -> Response {
-    infer_on(app, name, Some(version), headers, body).await
+async fn infer(State(app): State<Arc<App>>, Path(p): ModelPath, headers: HeaderMap, body: Bytes) -> Response {
+    let (name, version) = name_version(&p);
+    infer_on(app.clone(), name.to_string(), version.map(String::from), headers, body).await
 }
 
 async fn infer_on(app: Arc<App>, name: String, version: Option<String>, headers: HeaderMap, body: Bytes) -> Response {
@@ -283,7 +276,7 @@ async fn infer_on(app: Arc<App>, name: String, version: Option<String>, headers:
             }
             out["parameters"] = json!({"binary_data_size": binary.len() - before});
         } else {
-            out["data"] = Value::Array(cells.map(cell_json).collect());
+            out["data"] = Value::Array(cells.map(Cell::to_json).collect());
         }
         outputs.push(out);
     }
@@ -304,14 +297,6 @@ async fn infer_on(app: Arc<App>, name: String, version: Option<String>, headers:
         .header(HEADER_LENGTH, json_len)
         .body(Body::from(body))
         .expect("a response with plain headers builds")
-}
-
-fn cell_json(c: &Cell) -> Value {
-    match c {
-        Cell::Text(s) => Value::String(s.clone()),
-        Cell::Int(i) => json!(i),
-        Cell::Float(x) => json!(x),
-    }
 }
 
 /// The request's `priority` (1 runs first; 0 or none is the default level) and `timeout`
@@ -559,14 +544,13 @@ pub async fn answer(State(app): State<Arc<App>>, Query(q): Query<AnswerQuery>, b
         Ok(t) => t.to_string(),
         Err(_) => return ApiError::new(StatusCode::BAD_REQUEST, "not_json", "the body is not UTF-8 JSON", "send the request's JSON object").into_response(),
     };
-    let id = match serde_json::from_str::<HashMap<String, Value>>(&text) {
-        // `id`, or `request_id` as a Kafka or Pub/Sub request carries it by default.
-        Ok(obj) => match obj.get("id").or_else(|| obj.get("request_id")) {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            None | Some(Value::Null) => next_id(),
-            Some(other) => {
-                return ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", format!("`id` must be a string or a number, got {other}"), "").into_response()
+    // `id`, or `request_id` as a Kafka or Pub/Sub request carries it by default.
+    let id = match sluice::json::JsonFields::parse(&text) {
+        Ok(obj) => match obj.get("id").or_else(|| obj.get("request_id")).filter(|raw| raw.get() != "null").map(sluice::json::text_value) {
+            Some(TextValue::String(s)) | Some(TextValue::Number(s)) => s,
+            None => next_id(),
+            Some(TextValue::Other) => {
+                return ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", "`id` must be a string or a number", "").into_response();
             }
         },
         Err(e) => {

@@ -2,7 +2,7 @@
 //! units or whatever arrived within `max_delay`; when a backlog is waiting, look further ahead and
 //! group units of similar cost (sequence length) so each batch pads as little as possible.
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use crossbeam_channel::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 /// How batches are formed.
@@ -21,25 +21,32 @@ pub struct BatchPolicy {
 /// closed and empty: the service shuts down.
 pub fn collect<U>(rx: &Receiver<U>, policy: &BatchPolicy, weight: impl Fn(&U) -> usize) -> Option<Vec<U>> {
     let first = rx.recv().ok()?;
-    Some(collect_after(first, rx, policy, weight, || false))
+    Some(collect_after::<U, ()>(first, rx, policy, weight, None))
 }
 
 /// Fills a batch that starts with `first`, as `policy` says; stops waiting for it to fill as
-/// soon as `interrupt()` says other work waits (an interactive request), checked every
-/// millisecond.
-pub fn collect_after<U>(first: U, rx: &Receiver<U>, policy: &BatchPolicy, weight: impl Fn(&U) -> usize, interrupt: impl Fn() -> bool) -> Vec<U> {
+/// soon as `interrupt` holds something (an interactive request waits).
+pub fn collect_after<U, I>(first: U, rx: &Receiver<U>, policy: &BatchPolicy, weight: impl Fn(&U) -> usize, interrupt: Option<&Receiver<I>>) -> Vec<U> {
     let mut units = weight(&first);
     let mut items = vec![first];
     let deadline = Instant::now() + policy.max_delay;
-    while units < policy.max_batch && !interrupt() {
-        let step = (Instant::now() + Duration::from_millis(1)).min(deadline);
-        match rx.recv_deadline(step) {
-            Ok(u) => {
-                units += weight(&u);
-                items.push(u);
-            }
-            Err(RecvTimeoutError::Timeout) if Instant::now() < deadline => {}
-            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+    while units < policy.max_batch {
+        let mut select = crossbeam_channel::Select::new();
+        let bulk = select.recv(rx);
+        if let Some(i) = interrupt {
+            select.recv(i);
+        }
+        match select.ready_deadline(deadline) {
+            Ok(ready) if ready == bulk => match rx.try_recv() {
+                Ok(u) => {
+                    units += weight(&u);
+                    items.push(u);
+                }
+                Err(TryRecvError::Empty) => {}
+                Err(TryRecvError::Disconnected) => break,
+            },
+            // The interrupt lane holds something, or the deadline passed.
+            Ok(_) | Err(_) => break,
         }
     }
     // A backlog is already waiting: take a few batches of it so they can be grouped by length.

@@ -431,7 +431,7 @@ fn serve<M: Model>(mut model: M, mut label: Arc<str>, lanes: Lanes<M::Unit, M::O
             } else if Some(index) == b {
                 match op.recv(&lanes.bulk) {
                     Ok(first) => {
-                        let subs = batcher::collect_after(first, &lanes.bulk, &policy, |s| s.units.len(), || !lanes.online.is_empty());
+                        let subs = batcher::collect_after(first, &lanes.bulk, &policy, |s| s.units.len(), Some(&lanes.online));
                         let replies: Vec<Arc<ReplyTo<M::Out>>> = subs.iter().map(|s| s.reply.clone()).collect();
                         let mut units: Vec<(usize, Unit<M::Unit>)> = Vec::with_capacity(subs.iter().map(|s| s.units.len()).sum());
                         for (r, sub) in subs.into_iter().enumerate() {

@@ -186,10 +186,7 @@ fn finish<T: Task>(task: &T, c: &mut Collect<T>) -> Result<OnlineReply, OnlineEr
     Ok(OnlineReply { model, rows })
 }
 
-impl<T: Task> OnlineModel for OnlineService<T>
-where
-    T::Prepared: Send,
-{
+impl<T: Task> OnlineModel for OnlineService<T> {
     fn info(&self) -> ModelInfo {
         ModelInfo { kind: self.kind, inputs: self.task.online_inputs(), outputs: self.task.output_columns(), label: self.handle.label() }
     }

@@ -639,7 +639,7 @@ impl FilesSource {
         match work {
             Work::Remove(name) => {
                 self.queued.remove(&name);
-                self.recomputed(&name, true);
+                self.recomputed(&name);
                 let old = self.known.remove(&name).unwrap_or_default();
                 let no = self.owners.number(&name);
                 self.owners.waiting.remove(&name);
@@ -752,8 +752,8 @@ impl FilesSource {
                 if !manifest.version.is_empty() {
                     self.known.insert(r.name.to_string(), manifest);
                 }
-                if r.recomputing || manifest_gone(&self.known, &shard) {
-                    self.recomputed(&shard, true);
+                if r.recomputing || !self.known.contains_key(&shard) {
+                    self.recomputed(&shard);
                 }
             }
             return Ok(());
@@ -1217,19 +1217,19 @@ impl<'b> Framer<'b> for Slice<'_, 'b, '_> {
     }
 }
 
-fn manifest_gone(known: &HashMap<String, Manifest>, file: &str) -> bool {
-    !known.contains_key(file)
-}
-
 impl FilesSource {
-    /// `file` was read again for the recompute (or went away): once no file is left, the model
-    /// version is stored with the next checkpoints, so a restart knows every row has its answer.
-    fn recomputed(&mut self, file: &str, done: bool) {
-        let Some(r) = self.recompute.as_mut() else { return };
-        if done {
+    /// `file` was read again for the recompute (or went away).
+    fn recomputed(&mut self, file: &str) {
+        if let Some(r) = self.recompute.as_mut() {
             r.files.remove(file);
         }
-        if r.files.is_empty() {
+        self.finish_recompute();
+    }
+
+    /// Once no file is left to read again, the model version is stored with the next
+    /// checkpoints, so a restart knows every row has its answer.
+    fn finish_recompute(&mut self) {
+        if self.recompute.as_ref().is_some_and(|r| r.files.is_empty()) {
             let r = self.recompute.take().expect("a recompute");
             tracing::info!(worker = self.worker, model = %r.model, "files: every live row is answered by the new model version");
             self.ready.push(Checkpoint { scope: model_scope(&self.scope), shard: "model".into(), position: r.model.clone() });
@@ -1322,7 +1322,7 @@ impl Source for FilesSource {
         self.recompute = Some(Recompute { model: model.to_string(), files });
         // List at the next poll: the files whose tag was cleared are read again.
         self.listed_at = None;
-        self.recomputed("", false);
+        self.finish_recompute();
     }
 }
 
