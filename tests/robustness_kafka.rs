@@ -302,23 +302,24 @@ struct ThreeSinks {
     p: Sluice,
 }
 
-fn three_sinks(prefix: &str, source_extra: &str) -> ThreeSinks {
+/// A pipeline into JSON lines, a results topic (with `kafka_extra` lines in its `[[sinks]]`) and Postgres.
+fn three_sinks(prefix: &str, source_extra: &str, kafka_extra: &str) -> ThreeSinks {
     let name = unique(prefix);
     let (topic, results, dead) = (format!("{name}_rides"), format!("{name}_results"), format!("{name}_dead"));
     let table = format!("{name}_answers");
     create_topics(&[&topic, &results, &dead], 1);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let sinks = jsonl_sink(&out) + &kafka_sink(&results, Some(&dead)) + &pg_sink(&table, &format!("{table}_dead"));
+    let sinks = jsonl_sink(&out) + &kafka_sink(&results, Some(&dead)) + kafka_extra + "\n" + &pg_sink(&table, &format!("{table}_dead"));
     let p = start(dir.path(), &rides_topo(&name, &topic, source_extra, &sinks), 1);
     ThreeSinks { name, topic, results, table, out, _dir: dir, p }
 }
 
 /// Spec 9: the same request (same ID, same content) in two epochs gives one answer in every sink,
-/// and JSON-lines answers carry `"op": "upsert"`.
+/// and JSON-lines answers carry `"op": "upsert"`. The results topic's messages carry no header by default.
 #[test]
 fn the_same_id_in_two_epochs_gives_one_answer_in_every_sink() {
-    let mut s = three_sinks("rk_twice", "");
+    let mut s = three_sinks("rk_twice", "", "");
     let prod = producer_default();
     let r1 = format!("{}-r1", s.name);
     let marker = format!("{}-marker", s.name);
@@ -343,6 +344,10 @@ fn the_same_id_in_two_epochs_gives_one_answer_in_every_sink() {
     if r1_msgs != 1 {
         problems.push(format!("results topic: {r1_msgs} messages for r1, expected 1"));
     }
+    // Without `id_header`, the ID is in the key only.
+    if let Some(g) = topic.iter().find(|g| !g.headers.is_empty()) {
+        problems.push(format!("results topic: headers {:?} on {}, expected none without id_header", g.headers.keys().collect::<Vec<_>>(), g.key_str()));
+    }
     let rows: i64 = query(&format!("SELECT count(*) FROM {} WHERE id = '{r1}'", quote(&s.table)))[0].get(0);
     if rows != 1 {
         problems.push(format!("Postgres: {rows} rows for r1, expected 1"));
@@ -352,10 +357,11 @@ fn the_same_id_in_two_epochs_gives_one_answer_in_every_sink() {
 }
 
 /// Spec 10: a tombstone (key k1, no value) deletes k1's answer in every sink: no Postgres row, a
-/// `{"op":"delete","id":"k1"}` JSON line after its upsert, a tombstone on the results topic after its answer.
+/// `{"op":"delete","id":"k1"}` JSON line after its upsert, a tombstone on the results topic after
+/// its answer (both with the `request_id` header the sink's `id_header` asks for).
 #[test]
 fn a_tombstone_deletes_the_answer_in_every_sink() {
-    let mut s = three_sinks("rk_delete", "id = { from = \"key\" }");
+    let mut s = three_sinks("rk_delete", "id = { from = \"key\" }", "id_header = true");
     let prod = producer_default();
     let k1 = format!("{}-k1", s.name);
     let marker = format!("{}-marker", s.name);
@@ -390,6 +396,11 @@ fn a_tombstone_deletes_the_answer_in_every_sink() {
             "results topic: expected k1's answer then a tombstone; k1's messages have payloads {:?}",
             k1_msgs.iter().map(|g| g.payload.as_ref().map(|p| String::from_utf8_lossy(p).to_string())).collect::<Vec<_>>()
         )),
+    }
+    // With `id_header = true`, the answer and the tombstone both carry the ID in a header too.
+    let headers: Vec<Option<String>> = k1_msgs.iter().map(|g| g.header("request_id")).collect();
+    if headers.len() != 2 || headers.iter().any(|h| h.as_deref() != Some(k1.as_str())) {
+        problems.push(format!("results topic: k1's messages carry request_id headers {headers:?}, expected [{k1:?}; 2]"));
     }
     s.p.kill();
     assert!(problems.is_empty(), "{}", problems.join("\n"));

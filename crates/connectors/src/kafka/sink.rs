@@ -1,5 +1,5 @@
-//! The Kafka results sink: every answer goes to the results topic keyed by its request ID, with
-//! the ID also in a `request_id` header, through an idempotent producer. An epoch counts as
+//! The Kafka results sink: every answer goes to the results topic keyed by its request ID (and,
+//! with `id_header = true`, in a `request_id` header too), through an idempotent producer. An epoch counts as
 //! written only when every message is acknowledged; otherwise the whole epoch is sent again, so
 //! the topic is at-least-once and a duplicate carries the same ID. Dead letters go to their own
 //! topic with the reason in a header and the original bytes as the payload. A delete is a
@@ -104,7 +104,7 @@ fn wait_drained(pending: impl Fn() -> u64, timeout: Duration) -> Result<(), u64>
     }
 }
 
-/// `[[sinks]] type = "kafka"`: answers keyed by request ID (also in a `request_id` header); at-least-once.
+/// `[[sinks]] type = "kafka"`: answers keyed by request ID; at-least-once.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSinkConfig {
@@ -118,6 +118,12 @@ pub struct KafkaSinkConfig {
     /// Use Kafka's idempotent producer.
     #[serde(default = "default_true")]
     pub idempotent: bool,
+    /// Also put the request ID in a `request_id` header of every answer and tombstone (the key
+    /// always holds it). Off by default: the header is a copy of the key, and librdkafka
+    /// allocates, writes and frees it per message, which was an eighth of the worker's CPU in a
+    /// profile of the ride drain (docs/benchmarks.md).
+    #[serde(default)]
+    pub id_header: bool,
     /// librdkafka producer properties applied over sluice's defaults, e.g. `client = { "linger.ms" = "5" }`.
     #[serde(default)]
     pub client: std::collections::BTreeMap<String, String>,
@@ -142,7 +148,8 @@ impl SinkFactory for KafkaSinkConfig {
 
     fn writer(&self, ctx: &SinkContext, _worker: usize) -> Result<Box<dyn SinkWriter>, SinkError> {
         let brokers = sluice_core::topology::expand_env(&self.brokers);
-        let w = KafkaWriter::new(&brokers, &self.topic, self.dead_letter_topic.as_deref(), self.idempotent, &self.client, ctx.columns)?;
+        let mut w = KafkaWriter::new(&brokers, &self.topic, self.dead_letter_topic.as_deref(), self.idempotent, &self.client, ctx.columns)?;
+        w.id_header = self.id_header;
         Ok(Box::new(w))
     }
 }
@@ -156,6 +163,8 @@ pub struct KafkaWriter {
     topic: String,
     dead_letter_topic: Option<String>,
     json: ResultJson,
+    /// Put the request ID in a `request_id` header as well as in the key.
+    pub id_header: bool,
 }
 
 impl KafkaWriter {
@@ -204,12 +213,16 @@ impl KafkaWriter {
             topic: topic.to_string(),
             dead_letter_topic: dead_letter_topic.map(String::from),
             json: ResultJson::new(columns),
+            id_header: false,
         })
     }
 
     /// Hands one message (`None`: a tombstone) to the producer, waiting while its queue is full.
-    fn send(&self, topic: &str, key: &[u8], payload: Option<&[u8]>, headers: OwnedHeaders) -> Result<(), SinkError> {
-        let mut record = BaseRecord::to(topic).key(key).headers(headers);
+    fn send(&self, topic: &str, key: &[u8], payload: Option<&[u8]>, headers: Option<OwnedHeaders>) -> Result<(), SinkError> {
+        let mut record = BaseRecord::to(topic).key(key);
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
         if let Some(p) = payload {
             record = record.payload(p);
         }
@@ -238,7 +251,7 @@ impl KafkaWriter {
         let mut buf = Vec::with_capacity(256);
         for c in &batch.changes {
             let id = c.id();
-            let headers = OwnedHeaders::new_with_capacity(1).insert(Header { key: ID_HEADER, value: Some(id.as_bytes()) });
+            let headers = self.id_header.then(|| OwnedHeaders::new_with_capacity(1).insert(Header { key: ID_HEADER, value: Some(id.as_bytes()) }));
             match c {
                 Change::Upsert(a) => {
                     buf.clear();
@@ -258,7 +271,7 @@ impl KafkaWriter {
                     .insert(Header { key: "source", value: Some(position.as_bytes()) })
                     .insert(Header { key: "raw_len", value: Some(raw_len.as_bytes()) })
                     .insert(Header { key: "raw_sha256", value: Some(d.raw_sha256.as_bytes()) });
-                self.send(dead_topic, position.as_bytes(), Some(&d.raw), headers)?;
+                self.send(dead_topic, position.as_bytes(), Some(&d.raw), Some(headers))?;
             }
         }
         Ok(())
@@ -316,7 +329,7 @@ impl SinkWriter for KafkaWriter {
 
 impl SinkConnector for KafkaSinkConfig {
     const TYPE: &'static str = "kafka";
-    const ABOUT: &'static str = "Kafka: answers keyed by request ID (also in a `request_id` header); at-least-once";
+    const ABOUT: &'static str = "Kafka: answers keyed by request ID (with `id_header = true`, also in a `request_id` header); at-least-once";
     fn check(&self) -> Result<(), ConfigError> {
         if self.brokers.is_empty() || self.topic.is_empty() {
             return Err(ConfigError::new("", "needs `brokers` and `topic`", "e.g. brokers = \"127.0.0.1:19092\", topic = \"ride-durations\""));
