@@ -266,11 +266,14 @@ const MAX_GROUP: usize = 16;
 fn merge(queued: Vec<Group>) -> Group {
     let mut acks = Vec::new();
     let mut merged = EpochBatch::default();
+    // Sized once: growing it group by group copied every earlier group's changes again.
+    let changes: usize = queued.iter().map(|(b, _)| b.changes.len()).sum();
     for (mut b, a) in queued {
         acks.extend(a);
-        if merged.changes.is_empty() {
+        if merged.changes.is_empty() && b.changes.capacity() >= changes {
             std::mem::swap(&mut merged.changes, &mut b.changes);
         } else {
+            merged.changes.reserve(changes - merged.changes.len());
             merged.changes.append(&mut b.changes);
         }
         merged.dead.append(&mut b.dead);
