@@ -2,6 +2,7 @@
 //! client (with the load generator's Kafka side).
 
 pub mod client;
+pub mod fetch;
 pub mod mock;
 pub mod sink;
 pub mod source;

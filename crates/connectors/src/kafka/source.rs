@@ -15,6 +15,7 @@
 //! made) for longer than `missing_topic_grace_ms`.
 
 use super::base_config;
+use super::fetch::{FetchQueue, Fetched};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -153,7 +154,8 @@ impl SourceFactory for KafkaFactory {
 
 /// One worker's share of the topic.
 pub struct KafkaSource {
-    consumer: BaseConsumer,
+    /// The consumer, with the queue its partitions' messages are read from in batches.
+    fetch: FetchQueue,
     /// A client of its own for the topic's metadata: on its own connections, a metadata request
     /// never waits behind the consumer's fetches (Tansu holds a fetch of a deleted topic open,
     /// and the consumer's metadata requests on that connection with it).
@@ -241,7 +243,7 @@ impl KafkaSource {
         let resume: HashMap<i32, i64> =
             resume.iter().filter(|c| c.scope == *topic).filter_map(|c| Some((c.shard.parse::<i32>().ok()?, c.position.parse::<i64>().ok()?))).collect();
         let mut me = KafkaSource {
-            consumer,
+            fetch: FetchQueue::new(consumer),
             metadata,
             topic,
             worker,
@@ -284,7 +286,7 @@ impl KafkaSource {
         // all it holds arrived since they began (or was skipped by a first run's `latest`):
         // it is read from its beginning, else what arrived on it while sluice was down is lost.
         let resumed = !resume.is_empty();
-        let committed = if resumed { None } else { me.consumer.committed_offsets(tpl, Duration::from_secs(2)).ok() };
+        let committed = if resumed { None } else { me.fetch.consumer().committed_offsets(tpl, Duration::from_secs(2)).ok() };
         let mut assign = TopicPartitionList::new();
         for p in &mine {
             let offset = match resume.get(p) {
@@ -301,7 +303,10 @@ impl KafkaSource {
             }
             assign.add_partition_offset(&me.topic, *p, offset).map_err(|e| SourceError::Config(format!("bad offset for partition {p}: {e}")))?;
         }
-        me.consumer.assign(&assign).map_err(|e| transient(format!("cannot assign partitions: {e}")))?;
+        for p in &mine {
+            me.fetch.take(&me.topic, *p).map_err(transient)?;
+        }
+        me.fetch.consumer().assign(&assign).map_err(|e| transient(format!("cannot assign partitions: {e}")))?;
         me.owned = mine.into_iter().collect();
         me.partitions = count;
         tracing::info!(topic = %me.topic, partitions = ?me.owned, "worker {worker} owns its partitions");
@@ -340,8 +345,8 @@ impl KafkaSource {
 
     /// Counts a consumer error, logs it (at most once per [`ERROR_LOG_EVERY`]), and says whether
     /// the run must stop.
-    fn consumer_error(&mut self, e: &rdkafka::error::KafkaError) -> Result<(), SourceError> {
-        let (kind, fatal) = error_kind(e.rdkafka_error_code());
+    fn consumer_error(&mut self, code: Option<rdkafka::types::RDKafkaErrorCode>, e: &str) -> Result<(), SourceError> {
+        let (kind, fatal) = error_kind(code);
         metrics::counter!(sluice_core::metrics::SOURCE_ERRORS, "connector" => "kafka", "kind" => kind).increment(1);
         self.errors_unlogged += 1;
         if self.last_error_log.is_none_or(|t| t.elapsed() >= ERROR_LOG_EVERY) {
@@ -392,7 +397,13 @@ impl KafkaSource {
             let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Beginning);
         }
         if !added.is_empty() {
-            if let Err(e) = self.consumer.incremental_assign(&tpl) {
+            for p in &added {
+                if let Err(e) = self.fetch.take(&self.topic, *p) {
+                    tracing::warn!("kafka source: {e}; trying again later");
+                    return Ok(());
+                }
+            }
+            if let Err(e) = self.fetch.consumer().incremental_assign(&tpl) {
                 tracing::warn!("kafka source: cannot assign new partitions {added:?}: {e}; trying again later");
                 return Ok(());
             }
@@ -406,6 +417,37 @@ impl KafkaSource {
     fn header(m: &rdkafka::message::BorrowedMessage<'_>, name: &str) -> Option<Vec<u8>> {
         m.headers().and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value).map(|v| v.to_vec()))
     }
+}
+
+/// Most messages taken from librdkafka in one batch.
+const FETCH_BATCH: usize = 1024;
+
+/// A fetched message as the harness takes it.
+#[allow(clippy::too_many_arguments)]
+fn raw_record(
+    topic: &Arc<str>,
+    id_from: &IdFrom,
+    max_message_bytes: usize,
+    partition: i32,
+    offset: i64,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    header: impl FnOnce(&str) -> Option<Vec<u8>>,
+    ingest_ms: u64,
+) -> RawRecord {
+    let id = match id_from {
+        IdFrom::Key => key.map(|k| k.to_vec()),
+        IdFrom::Header { name } => header(name),
+        IdFrom::Field { .. } | IdFrom::Position => None,
+    };
+    let (bytes, body) = match payload {
+        None => (Vec::new(), Body::Delete),
+        Some(p) if p.len() > max_message_bytes => {
+            (p.to_vec(), Body::Refused(DeadReason::OversizeMessage, format!("message is {} bytes; the limit is {max_message_bytes}", p.len())))
+        }
+        Some(p) => (p.to_vec(), Body::Json),
+    };
+    RawRecord { bytes, body, pos: SourcePos::offset(topic.clone(), partition, offset.max(0) as u64), id, ingest_ms }
 }
 
 fn missing_error(topic: &str, since: Instant) -> SourceError {
@@ -427,29 +469,35 @@ impl Source for KafkaSource {
             self.refresh_partitions()?;
         }
         let now = now_ms();
+        // The consumer's own queue: client errors, and a message that was fetched before its
+        // partition's queue was forwarded.
+        match self.fetch.consumer().poll(Duration::ZERO) {
+            None => {}
+            Some(Err(e)) => self.consumer_error(e.rdkafka_error_code(), &e.to_string())?,
+            Some(Ok(m)) => {
+                self.next.insert(m.partition(), m.offset() + 1);
+                let header = |name: &str| Self::header(&m, name);
+                out.push(raw_record(&self.topic, &self.id_from, self.max_message_bytes, m.partition(), m.offset(), m.key(), m.payload(), header, now));
+            }
+        }
+        let mut errors = Vec::new();
         while out.len() < budget {
-            let m = match self.consumer.poll(Duration::ZERO) {
-                None => return Ok(Poll::Idle(Duration::from_millis(1))),
-                Some(Err(e)) => {
-                    self.consumer_error(&e)?;
-                    return Ok(Poll::Idle(Duration::from_millis(1)));
+            let room = (budget - out.len()).min(FETCH_BATCH);
+            let KafkaSource { fetch, topic, id_from, max_message_bytes, next, .. } = self;
+            let read = fetch.read(room, |item| match item {
+                Fetched::Message(m) => {
+                    next.insert(m.partition, m.offset + 1);
+                    let header = |name: &str| m.header(name).map(<[u8]>::to_vec);
+                    out.push(raw_record(topic, id_from, *max_message_bytes, m.partition, m.offset, m.key, m.payload, header, now));
                 }
-                Some(Ok(m)) => m,
-            };
-            let id = match &self.id_from {
-                IdFrom::Key => m.key().map(|k| k.to_vec()),
-                IdFrom::Header { name } => Self::header(&m, name),
-                IdFrom::Field { .. } | IdFrom::Position => None,
-            };
-            let (bytes, body) = match m.payload() {
-                None => (Vec::new(), Body::Delete),
-                Some(p) if p.len() > self.max_message_bytes => {
-                    (p.to_vec(), Body::Refused(DeadReason::OversizeMessage, format!("message is {} bytes; the limit is {}", p.len(), self.max_message_bytes)))
-                }
-                Some(p) => (p.to_vec(), Body::Json),
-            };
-            self.next.insert(m.partition(), m.offset() + 1);
-            out.push(RawRecord { bytes, body, pos: SourcePos::offset(self.topic.clone(), m.partition(), m.offset().max(0) as u64), id, ingest_ms: now });
+                Fetched::Error { code, partition, text } => errors.push((code, format!("partition {partition}: {text}"))),
+            });
+            for (code, text) in errors.drain(..) {
+                self.consumer_error(Some(code), &text)?;
+            }
+            if read < room {
+                return Ok(Poll::Idle(Duration::from_millis(1)));
+            }
         }
         Ok(Poll::More)
     }
@@ -476,7 +524,7 @@ impl Source for KafkaSource {
         for (p, o) in &latest {
             let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(*o));
         }
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+        if let Err(e) = self.fetch.consumer().commit(&tpl, CommitMode::Async) {
             tracing::debug!("broker offset commit failed (the durable offsets are in the sink): {e}");
         }
     }
