@@ -103,23 +103,41 @@ enum Decision<P> {
     Unchanged,
 }
 
-/// What becomes of one record, given the state of its ID.
+/// What becomes of one record, decided in place: a record to run keeps its place in the batch
+/// (with its sequence number set), a delete or an unchanged record leaves it.
+enum Verdict {
+    Run,
+    Delete,
+    Unchanged,
+}
+
+/// Judges `env` against the state of its ID and gives a change its sequence number.
 /// `stateless`: the source supplies only changes, so every record is one.
-fn decide<P>(mut env: Envelope<P>, seen: &mut Seen, seq: &mut u64, stateless: bool) -> Decision<P> {
+fn judge<P>(env: &mut Envelope<P>, seen: &mut Seen, seq: &mut u64, stateless: bool) -> Verdict {
     let key = id_hash(&env.id);
     if env.payload.is_none() {
         if !stateless {
             seen.forget(key);
         }
         *seq += 1;
-        return Decision::Delete(Deleted { id: env.id, pos: env.pos, ingest_ms: env.ingest_ms, seq: *seq });
+        env.seq = *seq;
+        return Verdict::Delete;
     }
     if !stateless && !seen.changed(key, env.content) {
-        return Decision::Unchanged;
+        return Verdict::Unchanged;
     }
     *seq += 1;
     env.seq = *seq;
-    Decision::Run(env)
+    Verdict::Run
+}
+
+/// What becomes of one record, given the state of its ID.
+fn decide<P>(mut env: Envelope<P>, seen: &mut Seen, seq: &mut u64, stateless: bool) -> Decision<P> {
+    match judge(&mut env, seen, seq, stateless) {
+        Verdict::Run => Decision::Run(env),
+        Verdict::Delete => Decision::Delete(Deleted { id: env.id, pos: env.pos, ingest_ms: env.ingest_ms, seq: env.seq }),
+        Verdict::Unchanged => Decision::Unchanged,
+    }
 }
 
 /// Keys `requests` by ID. Outputs: requests to run (with a payload), and deletes. Each
@@ -187,14 +205,25 @@ where
                     // In the order supplied: a change source's delete and re-add of an ID (a
                     // file renamed) apply in that order.
                     Keying::Stream | Keying::Changes => {
-                        let (rcap, dcap) = (cap.delayed(&time, 0), cap.delayed(&time, 1));
-                        let (mut rs, mut ds) = (reqs.session(&rcap), dels.session(&dcap));
-                        for env in data.drain(..) {
-                            match decide(env, &mut seen, &mut seq, stateless) {
-                                Decision::Run(env) => rs.give(env),
-                                Decision::Delete(d) => ds.give(d),
-                                Decision::Unchanged => unchanged.increment(1),
+                        // Decided in place: the batch goes on as it is, without the records
+                        // that leave it, instead of each record being moved into a new one.
+                        let mut deletes = Vec::new();
+                        data.retain_mut(|env| match judge(env, &mut seen, &mut seq, stateless) {
+                            Verdict::Run => true,
+                            Verdict::Delete => {
+                                deletes.push(Deleted { id: std::mem::take(&mut env.id), pos: env.pos.clone(), ingest_ms: env.ingest_ms, seq: env.seq });
+                                false
                             }
+                            Verdict::Unchanged => {
+                                unchanged.increment(1);
+                                false
+                            }
+                        });
+                        if !data.is_empty() {
+                            reqs.session(&cap.delayed(&time, 0)).give_container(data);
+                        }
+                        if !deletes.is_empty() {
+                            dels.session(&cap.delayed(&time, 1)).give_iterator(deletes.into_iter());
                         }
                     }
                     Keying::Table => {
